@@ -1,0 +1,44 @@
+"""Perceptio: a vision-language model that writes segmentation and depth tokens before it answers.
+
+Importing the package registers its classes with transformers' Auto classes.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .modeling_perceptio import (
+    PerceptioConfig,
+    PerceptioDepthTokenizer,
+    PerceptioDepthTokenizerConfig,
+    PerceptioForConditionalGeneration,
+)
+from .processing import PerceptioImageProcessor, PerceptioProcessor
+
+__version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    AutoConfig.register(PerceptioConfig.model_type, PerceptioConfig, exist_ok=True)
+    AutoConfig.register(PerceptioDepthTokenizerConfig.model_type, PerceptioDepthTokenizerConfig, exist_ok=True)
+    AutoModel.register(PerceptioConfig, PerceptioForConditionalGeneration, exist_ok=True)
+    AutoModel.register(PerceptioDepthTokenizerConfig, PerceptioDepthTokenizer, exist_ok=True)
+    AutoModelForImageTextToText.register(PerceptioConfig, PerceptioForConditionalGeneration, exist_ok=True)
+    AutoImageProcessor.register(PerceptioConfig, image_processor_classes={"pil": PerceptioImageProcessor}, exist_ok=True)
+    AutoProcessor.register(PerceptioConfig, PerceptioProcessor, exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "PerceptioConfig",
+    "PerceptioDepthTokenizer",
+    "PerceptioDepthTokenizerConfig",
+    "PerceptioForConditionalGeneration",
+    "PerceptioImageProcessor",
+    "PerceptioProcessor",
+]

@@ -1,0 +1,13 @@
+"""Perceptio model code. Every module here ships flat to the Hub, so it imports only same-folder modules."""
+
+from .configuration_perceptio import PerceptioConfig
+from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from .modeling_perceptio import PerceptioForConditionalGeneration
+from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+
+__all__ = [
+    "PerceptioConfig",
+    "PerceptioDepthTokenizerConfig",
+    "PerceptioDepthTokenizer",
+    "PerceptioForConditionalGeneration",
+]

@@ -1,0 +1,140 @@
+"""Configuration of Perceptio: InternVL plus a SAM2 grounding encoder, a depth tokenizer and spatial tokens."""
+
+from __future__ import annotations
+
+from transformers import InternVLConfig, PreTrainedConfig, Sam2Config
+from transformers.configuration_utils import SubConfigSpec
+
+from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+
+
+class PerceptioConfig(InternVLConfig):
+    r"""
+    Configuration of [`PerceptioForConditionalGeneration`].
+
+    Everything of [`InternVLConfig`] (vision tower, text model, projector, image tokens) plus:
+
+    Args:
+        sam2_config (`Sam2Config` or `dict`): the SAM2 model whose mask decoder the `[SEG]` hidden states prompt.
+        depth_tokenizer_config (`PerceptioDepthTokenizerConfig` or `dict`, *optional*): the VQ-VAE whose codes are
+            the depth tokens. `None` makes a segmentation-only model: depth features then raise a `ValueError`.
+        seg_token_id (`int`, *optional*): id of `[SEG]`.
+        depth_start_token_id, depth_end_token_id (`int`, *optional*): ids of `<DEPTH_START>` and `<DEPTH_END>`.
+        depth_code_token_offset (`int`, *optional*): id of `<DEPTH_0>`; code `k` has id `offset + k`.
+        num_depth_codes (`int`, defaults to 128): K, the number of depth code tokens (the codebook size).
+        num_depth_tokens (`int`, defaults to 100): N, the number of codes in one depth block (the code grid size).
+        mask_loss_weight (`float`, defaults to 1.0): λ_mask in the total loss.
+        mask_bce_weight, mask_dice_weight (`float`, defaults to 2.0 and 0.5): weights inside `loss_mask`.
+        mask_dice_epsilon (`float`, defaults to 1.0): smoothing of the Dice loss.
+        depth_marker_loss_weight, depth_token_loss_weight, depth_count_loss_weight, depth_recon_loss_weight
+            (`float`, defaults to 1.0): λ of the four depth-token objectives (DESIGN.md §5).
+        depth_soft_merge_temperature (`float`, defaults to 1.0): τ of the soft-merged depth reconstruction.
+    """
+
+    model_type = "perceptio"
+    sub_configs_defaults = {
+        **InternVLConfig.sub_configs_defaults,
+        "sam2_config": SubConfigSpec(Sam2Config),
+        "depth_tokenizer_config": SubConfigSpec(PerceptioDepthTokenizerConfig, optional=True),
+    }
+
+    sam2_config: dict | PreTrainedConfig | None = None
+    depth_tokenizer_config: dict | PreTrainedConfig | None = None
+    seg_token_id: int | None = None
+    depth_start_token_id: int | None = None
+    depth_end_token_id: int | None = None
+    depth_code_token_offset: int | None = None
+    num_depth_codes: int = 128
+    num_depth_tokens: int = 100
+    mask_loss_weight: float | int = 1.0
+    mask_bce_weight: float | int = 2.0
+    mask_dice_weight: float | int = 0.5
+    mask_dice_epsilon: float | int = 1.0
+    depth_marker_loss_weight: float | int = 1.0
+    depth_token_loss_weight: float | int = 1.0
+    depth_count_loss_weight: float | int = 1.0
+    depth_recon_loss_weight: float | int = 1.0
+    depth_soft_merge_temperature: float | int = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_spatial_tokens()
+
+    @property
+    def has_depth_tokenizer(self) -> bool:
+        """Whether this checkpoint carries a depth tokenizer (and so can read and write depth blocks)."""
+        return self.depth_tokenizer_config is not None
+
+    @property
+    def depth_code_token_ids(self) -> range:
+        """Ids of `<DEPTH_0>` … `<DEPTH_{K-1}>` (contiguous)."""
+        if self.depth_code_token_offset is None:
+            raise ValueError("depth_code_token_offset is not set: this config has no depth code tokens.")
+        return range(self.depth_code_token_offset, self.depth_code_token_offset + self.num_depth_codes)
+
+    def check_spatial_tokens(self) -> None:
+        """Raise a `ValueError` naming the field when the spatial-token fields disagree with each other."""
+        for name in ("num_depth_codes", "num_depth_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in (
+            "mask_loss_weight",
+            "mask_bce_weight",
+            "mask_dice_weight",
+            "depth_marker_loss_weight",
+            "depth_token_loss_weight",
+            "depth_count_loss_weight",
+            "depth_recon_loss_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        if self.mask_dice_epsilon <= 0 or self.depth_soft_merge_temperature <= 0:
+            raise ValueError(
+                "mask_dice_epsilon and depth_soft_merge_temperature must be > 0, got "
+                f"{self.mask_dice_epsilon!r} and {self.depth_soft_merge_temperature!r}."
+            )
+        if self.depth_tokenizer_config is not None:
+            tokenizer_config = self.depth_tokenizer_config
+            if self.num_depth_tokens != tokenizer_config.num_tokens:
+                raise ValueError(
+                    f"num_depth_tokens ({self.num_depth_tokens}) must equal the depth tokenizer's grid size "
+                    f"({tokenizer_config.grid_size}x{tokenizer_config.grid_size} = {tokenizer_config.num_tokens})."
+                )
+            if self.num_depth_codes != tokenizer_config.num_codes:
+                raise ValueError(
+                    f"num_depth_codes ({self.num_depth_codes}) must equal the depth tokenizer's codebook size "
+                    f"({tokenizer_config.num_codes})."
+                )
+        vocab_size = self.text_config.vocab_size
+        for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "depth_code_token_offset"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < vocab_size:
+                raise ValueError(f"{name} ({value}) must lie inside the vocabulary [0, {vocab_size}).")
+        if self.depth_code_token_offset is not None and self.depth_code_token_offset + self.num_depth_codes > vocab_size:
+            raise ValueError(
+                f"depth code ids [{self.depth_code_token_offset}, {self.depth_code_token_offset + self.num_depth_codes})"
+                f" must lie inside the vocabulary [0, {vocab_size}): depth_code_token_offset + num_depth_codes is too "
+                "large."
+            )
+        self._check_distinct_spatial_ids()
+
+    def _check_distinct_spatial_ids(self) -> None:
+        named_ids = {
+            name: getattr(self, name)
+            for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "image_token_id")
+            if getattr(self, name) is not None
+        }
+        seen: dict[int, str] = {}
+        for name, token_id in named_ids.items():
+            if token_id in seen:
+                raise ValueError(f"{name} and {seen[token_id]} share the id {token_id}; spatial tokens need their own.")
+            seen[token_id] = name
+        if self.depth_code_token_offset is not None:
+            codes = self.depth_code_token_ids
+            for name, token_id in named_ids.items():
+                if token_id in codes:
+                    raise ValueError(f"{name} ({token_id}) falls inside the depth code ids [{codes.start}, {codes.stop}).")
+
+
+__all__ = ["PerceptioConfig"]

@@ -1,0 +1,339 @@
+"""PerceptioForConditionalGeneration: InternVL that prompts SAM2 with its `[SEG]` states and reads depth tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import InternVLForConditionalGeneration, Sam2Model
+from transformers.models.internvl.modeling_internvl import (
+    InternVLCausalLMOutputWithPast,
+    InternVLModel,
+    InternVLPreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_perceptio import PerceptioConfig
+from .loss_perceptio import resize_masks_to_logits, segmentation_loss
+from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+
+# Inputs that only the training forward and the post-generation mask stage use; generation steps never need them.
+POST_GENERATION_INPUTS = ("sam_pixel_values", "gt_masks")
+
+
+@dataclass
+class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
+    r"""
+    loss_lm (`torch.FloatTensor`, *optional*): next-token cross-entropy on the assistant tokens.
+    loss_mask (`torch.FloatTensor`, *optional*): BCE + Dice of the `[SEG]` masks (0 when the batch has none).
+    loss_marker, loss_token, loss_count, loss_depth_recon (`torch.FloatTensor`, *optional*): the depth-token terms.
+    pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, the low-res mask logits (num_seg, h, w) of its
+        `[SEG]` tokens, best-IoU mask of SAM2's multimask output.
+    pred_mask_scores (`list[torch.FloatTensor]`, *optional*): per sample, SAM2's predicted IoU of each mask.
+    """
+
+    loss_lm: torch.FloatTensor | None = None
+    loss_mask: torch.FloatTensor | None = None
+    loss_marker: torch.FloatTensor | None = None
+    loss_token: torch.FloatTensor | None = None
+    loss_count: torch.FloatTensor | None = None
+    loss_depth_recon: torch.FloatTensor | None = None
+    pred_masks: list[torch.FloatTensor] | None = None
+    pred_mask_scores: list[torch.FloatTensor] | None = None
+
+
+@dataclass
+class PerceptioMaskOutput(ModelOutput):
+    """Masks of one batch: per sample, low-res logits (num_seg, h, w) and predicted IoU (num_seg,)."""
+
+    mask_logits: list[torch.FloatTensor] | None = None
+    mask_scores: list[torch.FloatTensor] | None = None
+
+
+class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
+    r"""
+    InternVL with three additions: `grounding_encoder` (transformers' `Sam2Model`), `text_hidden_fcs` (maps the
+    LLM's last hidden state at each `[SEG]` to a SAM2 prompt embedding) and `depth_tokenizer` (the VQ-VAE whose codes
+    are the depth tokens; frozen; `None` on a segmentation-only checkpoint).
+    """
+
+    config_class = PerceptioConfig
+    # The composite loss is already a per-token mean; Trainer must not rescale it by the number of items.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: PerceptioConfig):
+        InternVLPreTrainedModel.__init__(self, config)
+        self.model = InternVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.grounding_encoder = Sam2Model(config.sam2_config)
+        hidden_size = config.text_config.hidden_size
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, config.sam2_config.mask_decoder_config.hidden_size),
+        )
+        self.depth_tokenizer = (
+            PerceptioDepthTokenizer(config.depth_tokenizer_config) if config.has_depth_tokenizer else None
+        )
+        if self.depth_tokenizer is not None:
+            self.depth_tokenizer.requires_grad_(False)
+        self.post_init()
+
+    def require_depth_tokenizer(self) -> PerceptioDepthTokenizer:
+        """The depth tokenizer, or a `ValueError` on a checkpoint that has none."""
+        if self.depth_tokenizer is None:
+            raise ValueError(
+                "This checkpoint has no depth tokenizer (config.depth_tokenizer_config is None): it is "
+                "segmentation-only and cannot read or write depth blocks."
+            )
+        return self.depth_tokenizer
+
+    def initialize_new_token_embeddings(self, token_ids: list[int]) -> None:
+        """Set the embedding (and untied LM-head) rows of newly added tokens to the mean of the other rows."""
+        embeddings = self.get_input_embeddings().weight
+        if not token_ids:
+            raise ValueError("token_ids is empty; pass the ids of the tokens that were added.")
+        if min(token_ids) < 0 or max(token_ids) >= embeddings.shape[0]:
+            raise ValueError(f"token ids must lie in [0, {embeddings.shape[0]}), got {min(token_ids)}..{max(token_ids)}.")
+        matrices = [embeddings]
+        output_embeddings = self.get_output_embeddings().weight
+        if output_embeddings.data_ptr() != embeddings.data_ptr():
+            matrices.append(output_embeddings)
+        new_rows = torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+        new_rows[torch.tensor(token_ids, device=embeddings.device)] = True
+        with torch.no_grad():
+            for matrix in matrices:
+                matrix[new_rows] = matrix[~new_rows].mean(0, keepdim=True).to(matrix.dtype)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        for name in POST_GENERATION_INPUTS:
+            model_inputs.pop(name, None)
+        return model_inputs
+
+    def sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """SAM2 feature pyramid (B, C, h, w) per level, with gradients (unlike `Sam2Model.get_image_embeddings`).
+
+        The mask decoder's `conv_s0`/`conv_s1` run inside the image-feature step, so a no-grad call would freeze them.
+        """
+        if sam_pixel_values.ndim != 4 or sam_pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"sam_pixel_values must have shape (batch, 3, size, size), got {tuple(sam_pixel_values.shape)}."
+            )
+        sam = self.grounding_encoder
+        features = sam.get_image_features(sam_pixel_values.to(self.dtype)).fpn_hidden_states
+        features[-1] = features[-1] + sam.no_memory_embedding
+        batch_size = sam_pixel_values.shape[0]
+        return [
+            feature.permute(1, 2, 0).reshape(batch_size, -1, *size)
+            for feature, size in zip(features, sam.backbone_feature_sizes)
+        ]
+
+    def decode_masks(
+        self, image_embeddings: list[torch.Tensor], prompt_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All `[SEG]` prompts of one image through the SAM2 mask decoder in one call.
+
+        `image_embeddings` is one image's pyramid (each level (1, C, h, w)); `prompt_embeddings` is (n, C). Each
+        prompt is appended to the sparse embedding of an empty point (label −1); of the multimask output the mask
+        with the best predicted IoU is kept. Returns logits (n, h', w') and scores (n,).
+        """
+        sam = self.grounding_encoder
+        num_prompts = prompt_embeddings.shape[0]
+        device = prompt_embeddings.device
+        points = torch.zeros(1, num_prompts, 1, 2, dtype=image_embeddings[-1].dtype, device=device)
+        labels = -torch.ones(1, num_prompts, 1, dtype=torch.int32, device=device)
+        sparse, dense = sam.prompt_encoder(points, labels, None, None)
+        prompts = prompt_embeddings.to(sparse.dtype).view(1, num_prompts, 1, -1)
+        sparse = torch.cat([sparse, prompts], dim=2)
+        mask_logits, iou_scores, _, _ = sam.mask_decoder(
+            image_embeddings=image_embeddings[-1],
+            image_positional_embeddings=sam.get_image_wide_positional_embeddings(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            high_resolution_features=image_embeddings[:-1],
+        )
+        best = iou_scores[0].argmax(-1)
+        rows = torch.arange(num_prompts, device=device)
+        return mask_logits[0, rows, best], iou_scores[0, rows, best]
+
+    def predict_masks(
+        self, seg_hidden_states: list[torch.Tensor], sam_pixel_values: torch.Tensor
+    ) -> PerceptioMaskOutput:
+        """Masks for each sample's `[SEG]` hidden states (num_seg, d); the SAM2 image encoder runs once per image."""
+        if len(seg_hidden_states) != sam_pixel_values.shape[0]:
+            raise ValueError(
+                f"Got [SEG] states for {len(seg_hidden_states)} samples but {sam_pixel_values.shape[0]} SAM2 images."
+            )
+        image_embeddings = self.sam_image_embeddings(sam_pixel_values)
+        mask_logits, mask_scores = [], []
+        for index, hidden in enumerate(seg_hidden_states):
+            if hidden.shape[0] == 0:
+                low_res = image_embeddings[0].shape[-1]
+                mask_logits.append(image_embeddings[-1].new_zeros(0, low_res, low_res))
+                mask_scores.append(image_embeddings[-1].new_zeros(0))
+                continue
+            sample_embeddings = [level[index : index + 1] for level in image_embeddings]
+            logits, scores = self.decode_masks(sample_embeddings, self.text_hidden_fcs(hidden))
+            mask_logits.append(logits)
+            mask_scores.append(scores)
+        return PerceptioMaskOutput(mask_logits=mask_logits, mask_scores=mask_scores)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        sam_pixel_values: torch.FloatTensor | None = None,
+        gt_masks: list[torch.Tensor] | None = None,
+        **kwargs,
+    ) -> PerceptioCausalLMOutputWithPast:
+        r"""
+        sam_pixel_values (`torch.FloatTensor` of shape `(batch, 3, S, S)`, *optional*): the SAM2 view of the image
+            each sample's `[SEG]` tokens segment (`PerceptioProcessor` makes it).
+        gt_masks (`list[torch.Tensor]`, *optional*): per sample, its ground-truth masks (num_seg, H, W), one per
+            `[SEG]` in order; any size (they are resized to the mask logits).
+        labels (`torch.LongTensor`, *optional*): next-token targets, -100 outside the assistant answer.
+
+        Generation kwargs (the cache and friends) pass through to InternVL untouched.
+        """
+        self._check_image_tokens(input_ids, pixel_values)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states if logits_to_keep == 0 else self._keep(hidden_states, logits_to_keep))
+
+        masks, loss_mask = self._mask_stage(input_ids, hidden_states, sam_pixel_values, gt_masks, labels)
+        loss = loss_lm = None
+        if labels is not None:
+            loss_lm = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            loss = loss_lm + self.config.mask_loss_weight * loss_mask
+        return PerceptioCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            loss_lm=loss_lm,
+            loss_mask=loss_mask,
+            pred_masks=masks.mask_logits if masks is not None else None,
+            pred_mask_scores=masks.mask_scores if masks is not None else None,
+        )
+
+    @staticmethod
+    def _keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(logits_to_keep, int):
+            return hidden_states[:, -logits_to_keep:, :]
+        return hidden_states[:, logits_to_keep, :]
+
+    def _check_image_tokens(self, input_ids: torch.LongTensor | None, pixel_values: torch.Tensor | None) -> None:
+        if input_ids is None or pixel_values is None:
+            return
+        per_sample = (input_ids == self.config.image_token_id).sum(-1).tolist()
+        expected = pixel_values.shape[0] * self.config.image_seq_length
+        if sum(per_sample) != expected or any(count % self.config.image_seq_length for count in per_sample):
+            bad = [index for index, count in enumerate(per_sample) if count % self.config.image_seq_length] or list(
+                range(len(per_sample))
+            )
+            raise ValueError(
+                f"Image tokens do not match the images: samples {bad} have {[per_sample[i] for i in bad]} image-context "
+                f"tokens, but {pixel_values.shape[0]} tiles × image_seq_length {self.config.image_seq_length} = "
+                f"{expected} are needed in total. Build inputs with PerceptioProcessor so each <image> is expanded."
+            )
+
+    def _mask_stage(
+        self,
+        input_ids: torch.LongTensor | None,
+        hidden_states: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None,
+        gt_masks: list[torch.Tensor] | None,
+        labels: torch.LongTensor | None,
+    ) -> tuple[PerceptioMaskOutput | None, torch.Tensor | None]:
+        """Masks from the `[SEG]` states of a teacher-forced sequence, and `loss_mask` when training."""
+        training = labels is not None or gt_masks is not None
+        if input_ids is None or self.config.seg_token_id is None:
+            return None, hidden_states.new_zeros(()) if training else None
+        seg_positions = input_ids == self.config.seg_token_id
+        seg_counts = seg_positions.sum(-1).tolist()
+        self._check_masks_match_seg_tokens(seg_counts, gt_masks, sam_pixel_values, training)
+        if sam_pixel_values is None:
+            return None, hidden_states.new_zeros(()) if training else None
+        if sam_pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"sam_pixel_values has {sam_pixel_values.shape[0]} images for a batch of {input_ids.shape[0]} samples; "
+                "give one SAM2 image per sample."
+            )
+        seg_hidden = [hidden_states[index][seg_positions[index]] for index in range(input_ids.shape[0])]
+        if training and sum(seg_counts) == 0:
+            return None, self._zero_weight_mask_loss(hidden_states, sam_pixel_values)
+        masks = self.predict_masks(seg_hidden, sam_pixel_values)
+        if not training or gt_masks is None:
+            return masks, hidden_states.new_zeros(()) if training else None
+        logits = torch.cat(masks.mask_logits)
+        targets = torch.cat(
+            [
+                resize_masks_to_logits(sample_masks.to(logits.device), tuple(logits.shape[-2:]))
+                for sample_masks in gt_masks
+                if len(sample_masks)
+            ]
+        )
+        loss = segmentation_loss(
+            logits,
+            targets.to(logits.dtype),
+            self.config.mask_bce_weight,
+            self.config.mask_dice_weight,
+            self.config.mask_dice_epsilon,
+        )
+        return masks, loss
+
+    def _zero_weight_mask_loss(self, hidden_states: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        # A batch without [SEG] still runs the mask path (weight 0) so every process in DDP/DeepSpeed builds the same
+        # graph and reduces the same gradients.
+        dummy_states = [hidden_states[0, :1]] + [hidden_states[index, :0] for index in range(1, hidden_states.shape[0])]
+        masks = self.predict_masks(dummy_states, sam_pixel_values)
+        return masks.mask_logits[0].sum() * 0.0
+
+    @staticmethod
+    def _check_masks_match_seg_tokens(
+        seg_counts: list[int],
+        gt_masks: list[torch.Tensor] | None,
+        sam_pixel_values: torch.Tensor | None,
+        training: bool,
+    ) -> None:
+        if training and sam_pixel_values is None:
+            with_seg = [index for index, count in enumerate(seg_counts) if count]
+            if with_seg:
+                raise ValueError(
+                    f"Samples {with_seg} have [SEG] tokens but no sam_pixel_values were given; the mask decoder needs "
+                    "the SAM2 view of the image (PerceptioProcessor returns it)."
+                )
+        if gt_masks is None:
+            return
+        if len(gt_masks) != len(seg_counts):
+            raise ValueError(f"gt_masks has {len(gt_masks)} entries for a batch of {len(seg_counts)} samples.")
+        for index, (count, sample_masks) in enumerate(zip(seg_counts, gt_masks)):
+            if count != len(sample_masks):
+                raise ValueError(
+                    f"Sample {index} has {count} [SEG] token(s) but {len(sample_masks)} ground-truth mask(s); "
+                    "each [SEG] needs exactly one mask."
+                )
+            if len(sample_masks) and sample_masks.ndim != 3:
+                raise ValueError(
+                    f"Sample {index}: gt_masks must be (num_seg, H, W), got shape {tuple(sample_masks.shape)}."
+                )
+
+
+__all__ = ["PerceptioForConditionalGeneration", "PerceptioCausalLMOutputWithPast", "PerceptioMaskOutput"]

@@ -1,0 +1,151 @@
+"""Tiny Perceptio models for tests, docs and CPU experiments — built locally, no network.
+
+A tiny model has a real byte-level BPE tokenizer (trained with `tokenizers` on the text bundled in
+`perceptio/assets/tiny_corpus.txt`), the tiny InternVL / SAM2 / depth-tokenizer configurations of DESIGN.md §10,
+and random weights.
+
+>>> from perceptio.tiny_models import build_tiny_perceptio
+>>> model, processor = build_tiny_perceptio(seed=0)
+>>> model.config.num_depth_tokens
+16
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Sam2Config
+
+from .modeling_perceptio.configuration_perceptio import PerceptioConfig
+from .modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from .modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+from .processing.image_processing_perceptio import PerceptioImageProcessor
+from .processing.processing_perceptio import PerceptioProcessor
+
+TINY_VOCAB_SIZE = 1024
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_NUM_DEPTH_CODES = 32
+
+
+def tiny_corpus() -> str:
+    """The text the tiny tokenizer is trained on (ships with the package)."""
+    return resources.files("perceptio.assets").joinpath("tiny_corpus.txt").read_text(encoding="utf-8")
+
+
+def train_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on the bundled corpus (deterministic; about a second on one core)."""
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be at least 300 (256 bytes + specials + merges), got {vocab_size}.")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(tiny_corpus().splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+
+
+def tiny_depth_tokenizer_config(num_codes: int = TINY_NUM_DEPTH_CODES) -> PerceptioDepthTokenizerConfig:
+    """A 32×32 depth tokenizer with a 4×4 code grid (N = 16)."""
+    return PerceptioDepthTokenizerConfig(
+        image_size=32,
+        hidden_channels=[8, 16, 16],
+        num_residual_blocks=1,
+        codebook_dim=16,
+        num_codes=num_codes,
+    )
+
+
+def tiny_sam2_config() -> Sam2Config:
+    """DESIGN.md §10's SAM2: 128² input, ≈0.5M parameters."""
+    return Sam2Config(
+        vision_config={
+            "backbone_config": {
+                "model_type": "sam2_hiera_det_model",
+                "hidden_size": 12,
+                "blocks_per_stage": [1, 2, 7, 2],
+                "embed_dim_per_stage": [12, 24, 48, 96],
+                "num_attention_heads_per_stage": [1, 2, 4, 8],
+                "window_size_per_stage": [8, 4, 14, 7],
+                "global_attention_blocks": [5, 7, 9],
+                "image_size": [128, 128],
+            },
+            "backbone_channel_list": [96, 48, 24, 12],
+            "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]],
+            "fpn_hidden_size": 32,
+        },
+        prompt_encoder_config={"hidden_size": 32, "image_size": 128, "patch_size": 16, "mask_input_channels": 8},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 4, "iou_head_hidden_dim": 32},
+    )
+
+
+def tiny_perceptio_config(vocab_size: int, spatial_ids, with_depth_tokenizer: bool = True) -> PerceptioConfig:
+    """The tiny InternVL (qwen2 text, hidden 128, 4 layers) + tiny SAM2 + tiny depth tokenizer."""
+    depth_config = tiny_depth_tokenizer_config(spatial_ids.num_depth_codes) if with_depth_tokenizer else None
+    return PerceptioConfig(
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab_size,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "image_size": 64,
+            "patch_size": 4,
+        },
+        image_seq_length=64,
+        image_token_id=spatial_ids.image_context,
+        tie_word_embeddings=False,
+        sam2_config=tiny_sam2_config(),
+        depth_tokenizer_config=depth_config,
+        seg_token_id=spatial_ids.seg,
+        depth_start_token_id=spatial_ids.depth_start,
+        depth_end_token_id=spatial_ids.depth_end,
+        depth_code_token_offset=spatial_ids.depth_code_offset,
+        num_depth_codes=spatial_ids.num_depth_codes,
+        num_depth_tokens=depth_config.num_tokens if depth_config is not None else 16,
+    )
+
+
+def build_tiny_processor(num_depth_codes: int = TINY_NUM_DEPTH_CODES, max_num_tiles: int = 2) -> PerceptioProcessor:
+    """A processor with the tiny tokenizer, 64-pixel tiles and a 128-pixel SAM2 input."""
+    image_processor = PerceptioImageProcessor(tile_size=64, max_num_tiles=max_num_tiles, sam_image_size=128)
+    return PerceptioProcessor(
+        image_processor=image_processor,
+        tokenizer=train_tiny_tokenizer(),
+        num_depth_codes=num_depth_codes,
+        image_seq_length=64,
+    )
+
+
+def build_tiny_perceptio(
+    seed: int = 0, with_depth_tokenizer: bool = True, max_num_tiles: int = 2
+) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
+    """A randomly initialised tiny Perceptio and its processor (a few MB; builds in about a second on CPU)."""
+    processor = build_tiny_processor(max_num_tiles=max_num_tiles)
+    config = tiny_perceptio_config(len(processor.tokenizer), processor.spatial_ids, with_depth_tokenizer)
+    torch.manual_seed(seed)
+    model = PerceptioForConditionalGeneration(config)
+    model.eval()
+    return model, processor

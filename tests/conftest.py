@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny Perceptio (random weights, real tokenizer, real SAM2) built once per session."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from perceptio.tiny_models import build_tiny_perceptio
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """(model, processor) shared read-only across the session; copy before mutating."""
+    return build_tiny_perceptio(seed=0)
+
+
+@pytest.fixture()
+def tiny_model(tiny_pair):
+    """A private copy of the tiny model, safe to train or modify."""
+    return copy.deepcopy(tiny_pair[0])
+
+
+@pytest.fixture()
+def tiny_processor(tiny_pair):
+    return tiny_pair[1]
+
+
+@pytest.fixture()
+def rgb_image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(48, 72, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,122 @@
+"""PerceptioForConditionalGeneration: forward/backward, the [SEG] → SAM2 path, bad input, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForImageTextToText
+
+
+
+def _segmentation_example(processor, image, num_seg=2, with_depth=True):
+    codes = list(range(16)) if with_depth else None
+    target = processor.format_target(num_seg, codes, "Here they are.")
+    return processor.build_training_example("Segment the cubes.", target, images=image)
+
+
+def _forward(model, example, masks):
+    return model(
+        input_ids=example["input_ids"][None],
+        pixel_values=example["pixel_values"],
+        sam_pixel_values=example["sam_pixel_values"],
+        labels=example["labels"][None],
+        gt_masks=masks,
+    )
+
+
+def test_forward_backward_reports_every_component(tiny_model, tiny_processor, rgb_image):
+    tiny_model.train()
+    example = _segmentation_example(tiny_processor, rgb_image)
+    masks = [torch.from_numpy(np.random.default_rng(1).random((2, 48, 72)) > 0.5)]
+    output = _forward(tiny_model, example, masks)
+    for name in ("loss", "loss_lm", "loss_mask"):
+        value = getattr(output, name)
+        assert value is not None and torch.isfinite(value), name
+    assert output.loss_mask > 0
+    assert torch.allclose(output.loss, output.loss_lm + tiny_model.config.mask_loss_weight * output.loss_mask)
+    assert [tuple(m.shape) for m in output.pred_masks] == [(2, 32, 32)]
+    output.loss.backward()
+    assert tiny_model.text_hidden_fcs[0].weight.grad.abs().sum() > 0
+    assert tiny_model.grounding_encoder.mask_decoder.conv_s0.weight.grad.abs().sum() > 0
+
+
+def test_mask_loss_alone_reaches_llm_embeddings(tiny_model, tiny_processor, rgb_image):
+    example = _segmentation_example(tiny_processor, rgb_image, with_depth=False)
+    masks = [torch.ones(2, 10, 10)]
+    output = _forward(tiny_model, example, masks)
+    output.loss_mask.backward()
+    embedding_grad = tiny_model.get_input_embeddings().weight.grad
+    assert embedding_grad is not None and embedding_grad.abs().sum() > 0
+
+
+def test_batch_without_seg_keeps_mask_path_in_graph(tiny_model, tiny_processor, rgb_image):
+    example = tiny_processor.build_training_example("What colour?", "Red.", images=rgb_image)
+    output = _forward(tiny_model, example, [torch.zeros(0, 4, 4)])
+    assert output.loss_mask == 0
+    output.loss.backward()
+    decoder_grad = tiny_model.grounding_encoder.mask_decoder.iou_token.weight.grad
+    assert decoder_grad is not None and torch.all(decoder_grad == 0)
+
+
+def test_more_seg_tokens_than_masks_names_the_sample(tiny_model, tiny_processor, rgb_image):
+    example = _segmentation_example(tiny_processor, rgb_image, num_seg=2)
+    with pytest.raises(ValueError, match="Sample 0 has 2 \\[SEG\\] token\\(s\\) but 1 ground-truth mask"):
+        _forward(tiny_model, example, [torch.ones(1, 8, 8)])
+
+
+def test_seg_without_sam_pixel_values_is_rejected(tiny_model, tiny_processor, rgb_image):
+    example = _segmentation_example(tiny_processor, rgb_image)
+    with pytest.raises(ValueError, match="Samples \\[0\\] have \\[SEG\\] tokens but no sam_pixel_values"):
+        tiny_model(input_ids=example["input_ids"][None], pixel_values=example["pixel_values"], labels=example["labels"][None])
+
+
+def test_image_token_mismatch_names_the_sample(tiny_model, tiny_processor, rgb_image):
+    example = _segmentation_example(tiny_processor, rgb_image)
+    input_ids = example["input_ids"][None].clone()
+    first_image_token = (input_ids[0] == tiny_model.config.image_token_id).nonzero()[0, 0]
+    input_ids[0, first_image_token] = tiny_processor.tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="samples \\[0\\]"):
+        tiny_model(input_ids=input_ids, pixel_values=example["pixel_values"])
+
+
+def test_segmentation_only_checkpoint_rejects_depth_features():
+    from perceptio.tiny_models import build_tiny_perceptio
+
+    model, _ = build_tiny_perceptio(with_depth_tokenizer=False)
+    assert model.depth_tokenizer is None
+    with pytest.raises(ValueError, match="no depth tokenizer"):
+        model.require_depth_tokenizer()
+
+
+def test_save_and_load_give_bitwise_equal_logits_and_masks(tiny_pair, tiny_processor, rgb_image, tmp_path):
+    model = tiny_pair[0]
+    example = _segmentation_example(tiny_processor, rgb_image)
+    inputs = {
+        "input_ids": example["input_ids"][None],
+        "pixel_values": example["pixel_values"],
+        "sam_pixel_values": example["sam_pixel_values"],
+    }
+    with torch.no_grad():
+        before = model(**inputs)
+    model.save_pretrained(tmp_path)
+    for auto_class in (AutoModel, AutoModelForImageTextToText):
+        loaded = auto_class.from_pretrained(tmp_path).eval()
+        assert type(loaded).__name__ == "PerceptioForConditionalGeneration"
+        with torch.no_grad():
+            after = loaded(**inputs)
+        assert torch.equal(before.logits, after.logits)
+        assert torch.equal(before.pred_masks[0], after.pred_masks[0])
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+
+
+def test_new_token_rows_start_at_the_mean(tiny_model):
+    embeddings = tiny_model.get_input_embeddings().weight
+    new_ids = [3, 7]
+    keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
+    keep[new_ids] = False
+    expected = embeddings.detach()[keep].mean(0)
+    tiny_model.initialize_new_token_embeddings(new_ids)
+    assert torch.allclose(embeddings[3], expected) and torch.allclose(embeddings[7], expected)
+    assert torch.allclose(tiny_model.get_output_embeddings().weight[3], tiny_model.get_output_embeddings().weight[keep].mean(0))

@@ -1,0 +1,173 @@
+"""PerceptioProcessor: image modes and sizes, prompts, spatial tokens, targets and labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from perceptio import PerceptioProcessor
+from perceptio.processing.image_processing_perceptio import to_rgb_array
+from perceptio.processing.processing_perceptio import IGNORE_INDEX
+from perceptio.processing.spatial_tokens_perceptio import (
+    depth_code_tokens,
+    format_assistant_target,
+    strip_spatial_tokens,
+)
+
+PIL_MODES = ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I", "F"]
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _pil_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    return base.convert(mode)
+
+
+@st.composite
+def user_images(draw):
+    width = draw(st.integers(1, 300))
+    height = draw(st.integers(1, 300))
+    kind = draw(st.sampled_from(["pil", "numpy_uint8", "numpy_float", "numpy_gray", "tensor"]))
+    seed = draw(st.integers(0, 10))
+    rng = np.random.default_rng(seed)
+    if kind == "pil":
+        return _pil_image(draw(st.sampled_from(PIL_MODES)), width, height, seed)
+    if kind == "numpy_uint8":
+        channels = draw(st.sampled_from([1, 3, 4]))
+        return rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    if kind == "numpy_float":
+        return rng.random((height, width, 3)).astype(np.float32)
+    if kind == "numpy_gray":
+        return rng.integers(0, 256, size=(height, width), dtype=np.uint8)
+    return torch.rand(draw(st.sampled_from([1, 3, 4])), height, width)
+
+
+prompts = st.text(min_size=1, max_size=40).filter(lambda text: text.strip() and "<image>" not in text)
+
+
+@SETTINGS
+@given(image=user_images(), prompt=prompts, max_num_tiles=st.integers(1, 3))
+def test_valid_inputs_give_consistent_shapes_and_token_counts(tiny_processor, image, prompt, max_num_tiles):
+    inputs = tiny_processor(images=[image], text=[prompt], max_num_tiles=max_num_tiles)
+    num_tiles = inputs["pixel_values"].shape[0]
+    assert 1 <= num_tiles <= max_num_tiles + (1 if max_num_tiles > 1 else 0)
+    assert inputs["pixel_values"].shape[1:] == (3, 64, 64)
+    assert inputs["sam_pixel_values"].shape == (1, 3, 128, 128)
+    image_context_id = tiny_processor.spatial_ids.image_context
+    assert int((inputs["input_ids"] == image_context_id).sum()) == num_tiles * tiny_processor.image_seq_length
+    assert torch.isfinite(inputs["pixel_values"]).all()
+    assert inputs["attention_mask"].shape == inputs["input_ids"].shape
+
+
+@SETTINGS
+@given(
+    bad=st.one_of(
+        st.integers(),
+        st.text(),
+        st.just(np.zeros((0, 5, 3), dtype=np.uint8)),
+        st.just(np.zeros((4, 4, 2), dtype=np.uint8)),
+        st.just(np.zeros((4, 4, 3), dtype=np.int64)),
+        st.just(np.full((4, 4, 3), 2.0, dtype=np.float32)),
+        st.just(np.full((4, 4, 3), np.nan, dtype=np.float32)),
+        st.just(torch.zeros(2, 4, 4)),
+        st.just(Image.new("RGB", (0, 0))),
+        st.lists(st.integers(), max_size=2),
+    )
+)
+def test_invalid_images_raise_value_error(tiny_processor, bad):
+    with pytest.raises(ValueError):
+        tiny_processor(images=[bad], text=["<image>\nWhat is this?"])
+
+
+@pytest.mark.parametrize(
+    ("images", "text", "message"),
+    [
+        (None, "<image>\nhi", "no images"),
+        ("IMG", "<image><image>\nhi", "placeholder"),
+        ("IMG", "", "empty"),
+        ("IMG", "   ", "empty"),
+        ("IMG", 3, "string"),
+        ("IMG", [], "empty list"),
+        ("IMG", ["fine", None], "Prompt 1"),
+    ],
+)
+def test_invalid_prompts_raise_value_error(tiny_processor, rgb_image, images, text, message):
+    images = rgb_image if images == "IMG" else images
+    with pytest.raises(ValueError, match=message):
+        tiny_processor(images=images, text=text)
+
+
+def test_images_are_assigned_to_placeholders_in_order(tiny_processor, rgb_image):
+    small = np.zeros((8, 8, 3), dtype=np.uint8)
+    inputs = tiny_processor(images=[rgb_image, small], text=["<image> and <image>: compare"], max_num_tiles=1)
+    context = tiny_processor.spatial_ids.image_context
+    assert int((inputs["input_ids"] == context).sum()) == 2 * tiny_processor.image_seq_length
+
+
+def test_left_and_right_padding(tiny_processor):
+    left = tiny_processor(text=["short", "a much longer prompt than the other"], padding_side="left")
+    right = tiny_processor(text=["short", "a much longer prompt than the other"], padding_side="right")
+    assert left["attention_mask"][0, 0] == 0 and left["attention_mask"][0, -1] == 1
+    assert right["attention_mask"][0, 0] == 1 and right["attention_mask"][0, -1] == 0
+    with pytest.raises(ValueError, match="padding_side"):
+        tiny_processor(text="x", padding_side="middle")
+
+
+def test_pil_modes_convert_to_rgb():
+    for mode in PIL_MODES:
+        array = to_rgb_array(_pil_image(mode, 5, 3, 0))
+        assert array.shape == (3, 5, 3) and array.dtype == np.uint8
+    transparent = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert (to_rgb_array(transparent) == 255).all()
+
+
+def test_spatial_tokens_have_contiguous_ids_and_survive_save_load(tiny_processor, tmp_path):
+    ids = tiny_processor.spatial_ids
+    vocab = tiny_processor.tokenizer.get_vocab()
+    codes = [vocab[token] for token in depth_code_tokens(tiny_processor.num_depth_codes)]
+    assert codes == list(range(ids.depth_code_offset, ids.depth_code_offset + tiny_processor.num_depth_codes))
+    tiny_processor.save_pretrained(tmp_path)
+    loaded = PerceptioProcessor.from_pretrained(tmp_path)
+    assert loaded.spatial_ids == ids
+    assert loaded.image_processor.to_dict() == tiny_processor.image_processor.to_dict()
+    sample = tiny_processor(text="[SEG]<DEPTH_START><DEPTH_3><DEPTH_END> done")["input_ids"]
+    assert torch.equal(loaded(text="[SEG]<DEPTH_START><DEPTH_3><DEPTH_END> done")["input_ids"], sample)
+    assert sample[0, :4].tolist() == [ids.seg, ids.depth_start, ids.depth_code_id(3), ids.depth_end]
+
+
+@SETTINGS
+@given(
+    num_seg=st.integers(0, 4),
+    codes=st.one_of(st.none(), st.lists(st.integers(0, 31), min_size=16, max_size=16)),
+    answer=st.text(max_size=30).filter(lambda text: "[SEG]" not in text and "<DEPTH" not in text and "<|" not in text),
+)
+def test_targets_tokenize_in_order_and_labels_cover_only_them(tiny_processor, num_seg, codes, answer):
+    assume(num_seg or codes or answer)
+    target = tiny_processor.format_target(num_seg, codes, answer)
+    example = tiny_processor.build_training_example("Describe.", target)
+    labels, input_ids = example["labels"], example["input_ids"]
+    supervised = input_ids[labels != IGNORE_INDEX].tolist()
+    ids = tiny_processor.spatial_ids
+    expected_prefix = [ids.seg] * num_seg
+    if codes is not None:
+        expected_prefix += [ids.depth_start] + [ids.depth_code_id(code) for code in codes] + [ids.depth_end]
+    assert supervised[: len(expected_prefix)] == expected_prefix
+    assert supervised[-1] == tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (labels[: len(labels) - len(supervised)] == IGNORE_INDEX).all()
+    assert strip_spatial_tokens(tiny_processor.tokenizer.decode(supervised[:-1])) == answer.strip()
+
+
+def test_target_format_rejects_bad_input():
+    with pytest.raises(ValueError, match="num_seg"):
+        format_assistant_target(-1, None, "a", num_depth_codes=4)
+    with pytest.raises(ValueError, match="\\[0, 4\\)"):
+        format_assistant_target(0, [1, 4], "a", num_depth_codes=4)
+    with pytest.raises(ValueError, match="exactly 3 codes"):
+        format_assistant_target(0, [1, 2], "a", num_depth_codes=4, num_depth_tokens=3)
+    with pytest.raises(ValueError, match="plain text"):
+        format_assistant_target(0, None, "a [SEG]", num_depth_codes=4)
