@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -37,3 +39,114 @@ def segmentation_loss(
         mask_logits, targets, dice_epsilon
     )
     return per_mask.mean()
+
+
+@dataclass(frozen=True)
+class DepthTokenIds:
+    """The ids the depth-token objectives need."""
+
+    start: int
+    end: int
+    code_offset: int
+    num_codes: int
+    num_tokens: int
+
+
+@dataclass
+class DepthBlocks:
+    """Where the depth blocks of a labelled batch are, as index tensors into the (unshifted) labels."""
+
+    samples: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.samples.numel())
+
+
+def find_depth_blocks(labels: torch.LongTensor, ids: DepthTokenIds) -> DepthBlocks:
+    """Locate the supervised depth blocks (`<DEPTH_START>`, N codes, `<DEPTH_END>`) of each sample.
+
+    Raises a `ValueError` naming the sample when a block is unterminated, holds a number of codes other than N or
+    anything that is not a code, or when a sample has more than one block.
+    """
+    samples, starts, ends = [], [], []
+    for sample_index, row in enumerate(labels.tolist()):
+        block_starts = [position for position, token in enumerate(row) if token == ids.start]
+        if len(block_starts) > 1:
+            raise ValueError(f"Sample {sample_index} has {len(block_starts)} depth blocks; at most one is allowed.")
+        if not block_starts:
+            if ids.end in row:
+                raise ValueError(f"Sample {sample_index} has <DEPTH_END> without <DEPTH_START>.")
+            continue
+        start = block_starts[0]
+        if ids.end not in row[start:]:
+            raise ValueError(f"Sample {sample_index}: its depth block has no <DEPTH_END>.")
+        end = start + row[start:].index(ids.end)
+        inside = row[start + 1 : end]
+        non_codes = [token for token in inside if not ids.code_offset <= token < ids.code_offset + ids.num_codes]
+        if non_codes:
+            raise ValueError(
+                f"Sample {sample_index}: its depth block holds non-code tokens {non_codes[:5]}; only <DEPTH_k> with k "
+                f"in [0, {ids.num_codes}) may stand between <DEPTH_START> and <DEPTH_END>."
+            )
+        if len(inside) != ids.num_tokens:
+            raise ValueError(
+                f"Sample {sample_index}: its depth block has {len(inside)} codes but exactly {ids.num_tokens} "
+                "(num_depth_tokens) are needed."
+            )
+        samples.append(sample_index)
+        starts.append(start)
+        ends.append(end)
+    device = labels.device
+    return DepthBlocks(
+        samples=torch.tensor(samples, dtype=torch.long, device=device),
+        starts=torch.tensor(starts, dtype=torch.long, device=device),
+        ends=torch.tensor(ends, dtype=torch.long, device=device),
+    )
+
+
+def depth_marker_loss(logits: torch.Tensor, labels: torch.LongTensor, blocks: DepthBlocks) -> torch.Tensor:
+    """Cross-entropy (full vocabulary) at the steps that must emit `<DEPTH_START>` and `<DEPTH_END>`."""
+    samples = torch.cat([blocks.samples, blocks.samples])
+    targets = torch.cat([blocks.starts, blocks.ends])
+    # The logit at position t predicts the label at t + 1.
+    return F.cross_entropy(logits[samples, targets - 1].float(), labels[samples, targets])
+
+
+def _code_positions(blocks: DepthBlocks, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(samples, label positions) of every code, block-major: shape (num_blocks * N,) each."""
+    offsets = torch.arange(1, num_tokens + 1, device=blocks.starts.device)
+    positions = (blocks.starts[:, None] + offsets[None, :]).reshape(-1)
+    samples = blocks.samples[:, None].expand(-1, num_tokens).reshape(-1)
+    return samples, positions
+
+
+def depth_code_logits(logits: torch.Tensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.Tensor:
+    """The K code logits at the N code steps of each block: (num_blocks, N, K) — a slice, never a vocab copy."""
+    samples, positions = _code_positions(blocks, ids.num_tokens)
+    code_slice = logits[samples, positions - 1, ids.code_offset : ids.code_offset + ids.num_codes]
+    return code_slice.reshape(len(blocks), ids.num_tokens, ids.num_codes)
+
+
+def depth_token_loss(code_logits: torch.Tensor, labels: torch.LongTensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.Tensor:
+    """Cross-entropy over the K code logits only (restricted softmax) at every code step."""
+    samples, positions = _code_positions(blocks, ids.num_tokens)
+    targets = labels[samples, positions] - ids.code_offset
+    return F.cross_entropy(code_logits.reshape(-1, ids.num_codes).float(), targets)
+
+
+def depth_count_loss(logits: torch.Tensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.Tensor:
+    """Mean over blocks of ((Σ_t p_t − N) / N)², p_t the probability mass on the K codes at each step from the first
+    code to `<DEPTH_END>` — a differentiable penalty on emitting too many or too few codes."""
+    span = ids.num_tokens + 1
+    offsets = torch.arange(1, span + 1, device=blocks.starts.device)
+    positions = (blocks.starts[:, None] + offsets[None, :]).reshape(-1)
+    samples = blocks.samples[:, None].expand(-1, span).reshape(-1)
+    step_logits = logits[samples, positions - 1].float()
+    code_mass = torch.exp(
+        torch.logsumexp(step_logits[:, ids.code_offset : ids.code_offset + ids.num_codes], dim=-1)
+        - torch.logsumexp(step_logits, dim=-1)
+    )
+    totals = code_mass.view(len(blocks), span).sum(-1)
+    return (((totals - ids.num_tokens) / ids.num_tokens) ** 2).mean()

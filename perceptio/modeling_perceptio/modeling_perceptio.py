@@ -15,11 +15,22 @@ from transformers.models.internvl.modeling_internvl import (
 from transformers.utils import ModelOutput
 
 from .configuration_perceptio import PerceptioConfig
-from .loss_perceptio import resize_masks_to_logits, segmentation_loss
+from .loss_perceptio import (
+    DepthBlocks,
+    DepthTokenIds,
+    depth_code_logits,
+    depth_count_loss,
+    depth_marker_loss,
+    depth_token_loss,
+    find_depth_blocks,
+    resize_masks_to_logits,
+    segmentation_loss,
+)
 from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 
 # Inputs that only the training forward and the post-generation mask stage use; generation steps never need them.
-POST_GENERATION_INPUTS = ("sam_pixel_values", "gt_masks")
+POST_GENERATION_INPUTS = ("sam_pixel_values", "gt_masks", "depth_maps")
+DEPTH_LOSS_NAMES = ("loss_marker", "loss_token", "loss_count", "loss_depth_recon")
 
 
 @dataclass
@@ -192,6 +203,7 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
         logits_to_keep: int | torch.Tensor = 0,
         sam_pixel_values: torch.FloatTensor | None = None,
         gt_masks: list[torch.Tensor] | None = None,
+        depth_maps: list[torch.Tensor | None] | None = None,
         **kwargs,
     ) -> PerceptioCausalLMOutputWithPast:
         r"""
@@ -199,6 +211,9 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
             each sample's `[SEG]` tokens segment (`PerceptioProcessor` makes it).
         gt_masks (`list[torch.Tensor]`, *optional*): per sample, its ground-truth masks (num_seg, H, W), one per
             `[SEG]` in order; any size (they are resized to the mask logits).
+        depth_maps (`list[torch.Tensor | None]`, *optional*): per sample, the teacher's relative inverse depth (H, W)
+            (larger = nearer) that its depth block encodes, the target of the soft-merged reconstruction; `None` for a
+            sample uses its ground-truth codes decoded by the depth tokenizer instead.
         labels (`torch.LongTensor`, *optional*): next-token targets, -100 outside the assistant answer.
 
         Generation kwargs (the cache and friends) pass through to InternVL untouched.
@@ -217,9 +232,21 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
 
         masks, loss_mask = self._mask_stage(input_ids, hidden_states, sam_pixel_values, gt_masks, labels)
         loss = loss_lm = None
+        depth_losses = dict.fromkeys(DEPTH_LOSS_NAMES)
         if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("Training needs logits at every position: call with labels and logits_to_keep=0.")
             loss_lm = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-            loss = loss_lm + self.config.mask_loss_weight * loss_mask
+            depth_losses = self.depth_token_losses(logits, labels, depth_maps)
+            config = self.config
+            loss = (
+                loss_lm
+                + config.mask_loss_weight * loss_mask
+                + config.depth_marker_loss_weight * depth_losses["loss_marker"]
+                + config.depth_token_loss_weight * depth_losses["loss_token"]
+                + config.depth_count_loss_weight * depth_losses["loss_count"]
+                + config.depth_recon_loss_weight * depth_losses["loss_depth_recon"]
+            )
         return PerceptioCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -229,9 +256,69 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
             image_outputs=outputs.image_outputs,
             loss_lm=loss_lm,
             loss_mask=loss_mask,
+            **depth_losses,
             pred_masks=masks.mask_logits if masks is not None else None,
             pred_mask_scores=masks.mask_scores if masks is not None else None,
         )
+
+    def depth_token_ids(self) -> DepthTokenIds | None:
+        """The depth-token ids of this checkpoint, or `None` when its config defines no depth tokens."""
+        config = self.config
+        if config.depth_start_token_id is None or config.depth_end_token_id is None:
+            return None
+        if config.depth_code_token_offset is None:
+            return None
+        return DepthTokenIds(
+            start=config.depth_start_token_id,
+            end=config.depth_end_token_id,
+            code_offset=config.depth_code_token_offset,
+            num_codes=config.num_depth_codes,
+            num_tokens=config.num_depth_tokens,
+        )
+
+    def depth_token_losses(
+        self,
+        logits: torch.Tensor,
+        labels: torch.LongTensor,
+        depth_maps: list[torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`loss_marker`, `loss_token`, `loss_count` and `loss_depth_recon` of DESIGN.md §5 (0 without depth blocks)."""
+        ids = self.depth_token_ids()
+        blocks = find_depth_blocks(labels, ids) if ids is not None else None
+        if blocks is None or not len(blocks):
+            return {name: logits.new_zeros((), dtype=torch.float32) for name in DEPTH_LOSS_NAMES}
+        code_logits = depth_code_logits(logits, blocks, ids)
+        return {
+            "loss_marker": depth_marker_loss(logits, labels, blocks),
+            "loss_token": depth_token_loss(code_logits, labels, blocks, ids),
+            "loss_count": depth_count_loss(logits, blocks, ids),
+            "loss_depth_recon": self._depth_reconstruction_loss(code_logits, labels, blocks, ids, depth_maps),
+        }
+
+    def _depth_reconstruction_loss(
+        self,
+        code_logits: torch.Tensor,
+        labels: torch.LongTensor,
+        blocks: DepthBlocks,
+        ids: DepthTokenIds,
+        depth_maps: list[torch.Tensor | None] | None,
+    ) -> torch.Tensor:
+        # Soft merging: the frozen decoder turns softmax-mixed codebook entries into depth, so gradients reach the LLM.
+        tokenizer = self.require_depth_tokenizer()
+        if depth_maps is not None and len(depth_maps) != labels.shape[0]:
+            raise ValueError(f"depth_maps has {len(depth_maps)} entries for a batch of {labels.shape[0]} samples.")
+        predicted = tokenizer.decode_soft(code_logits, tau=float(self.config.depth_soft_merge_temperature))
+        with torch.no_grad():
+            targets = []
+            for block, sample in enumerate(blocks.samples.tolist()):
+                depth = depth_maps[sample] if depth_maps is not None else None
+                if depth is None:
+                    start = int(blocks.starts[block])
+                    codes = labels[sample, start + 1 : start + 1 + ids.num_tokens] - ids.code_offset
+                    targets.append(tokenizer.decode(codes[None])[0])
+                else:
+                    targets.append(tokenizer.normalize(depth.to(predicted.device, torch.float32)[None])[0][0])
+        return (predicted.float() - torch.stack(targets).float()).abs().mean()
 
     @staticmethod
     def _keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

@@ -328,7 +328,7 @@ class PerceptioDepthTokenizer(PerceptioDepthTokenizerPreTrainedModel):
         latents = weights @ self.codebook.float()
         return self._decode_latent_rows(latents)
 
-    def forward(self, depth: torch.Tensor, **kwargs) -> PerceptioDepthTokenizerOutput:
+    def forward(self, depth: torch.Tensor) -> PerceptioDepthTokenizerOutput:
         """Encode, quantise (straight-through) and decode `depth`; in training mode also update the codebook by EMA
         and revive dead codes. Returns losses and codebook statistics."""
         target, _ = self.normalize(depth)

@@ -1,0 +1,413 @@
+"""Perceptio generation: the spatial-token grammar, `[SEG]` hidden-state capture and `predict` (DESIGN.md §6).
+
+`model.generate` stays transformers' own generation loop; this module only adds a `LogitsProcessor` (the grammar)
+and two hooks (the `[SEG]` states) around it, then turns the generated tokens into masks and a depth map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
+    r"""
+    Masks the logits so that every generated sequence obeys Perceptio's spatial grammar:
+
+    - depth codes `<DEPTH_k>` appear only inside a depth block;
+    - after `<DEPTH_START>` come exactly `num_depth_tokens` codes, then `<DEPTH_END>` (nothing else, not even EOS);
+    - at most `max_depth_blocks` depth blocks per sequence (one per image; 0 forbids depth blocks);
+    - `[SEG]` only before the first depth block.
+
+    The state of each row is recomputed from its generated ids at every step (vectorised), so the processor holds no
+    per-row memory and stays correct when beam search reorders rows. Only ids after `prompt_length` are read, so
+    spatial tokens quoted in a prompt do not count.
+
+    Args:
+        seg_token_id: id of `[SEG]`.
+        depth_start_token_id, depth_end_token_id: ids of `<DEPTH_START>` and `<DEPTH_END>`.
+        depth_code_token_offset: id of `<DEPTH_0>`; code `k` is `offset + k`.
+        num_depth_codes: K, the number of code tokens.
+        num_depth_tokens: N, the number of codes in a block.
+        prompt_length: length of the (padded) prompt; generated ids start there.
+        max_depth_blocks: depth blocks allowed per sequence.
+    """
+
+    def __init__(
+        self,
+        seg_token_id: int,
+        depth_start_token_id: int,
+        depth_end_token_id: int,
+        depth_code_token_offset: int,
+        num_depth_codes: int,
+        num_depth_tokens: int,
+        prompt_length: int,
+        max_depth_blocks: int = 1,
+    ):
+        for name, value in (
+            ("seg_token_id", seg_token_id),
+            ("depth_start_token_id", depth_start_token_id),
+            ("depth_end_token_id", depth_end_token_id),
+            ("depth_code_token_offset", depth_code_token_offset),
+            ("prompt_length", prompt_length),
+            ("max_depth_blocks", max_depth_blocks),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        for name, value in (("num_depth_codes", num_depth_codes), ("num_depth_tokens", num_depth_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        code_ids = range(depth_code_token_offset, depth_code_token_offset + num_depth_codes)
+        markers = {"seg_token_id": seg_token_id, "depth_start_token_id": depth_start_token_id,
+                   "depth_end_token_id": depth_end_token_id}
+        if len(set(markers.values())) != len(markers) or any(value in code_ids for value in markers.values()):
+            raise ValueError(f"The spatial token ids {markers} must be distinct and outside the code ids {code_ids}.")
+        self.seg_token_id = seg_token_id
+        self.depth_start_token_id = depth_start_token_id
+        self.depth_end_token_id = depth_end_token_id
+        self.depth_code_token_offset = depth_code_token_offset
+        self.num_depth_codes = num_depth_codes
+        self.num_depth_tokens = num_depth_tokens
+        self.prompt_length = prompt_length
+        self.max_depth_blocks = max_depth_blocks
+
+    @classmethod
+    def from_config(cls, config, prompt_length: int, max_depth_blocks: int | None = None):
+        """The grammar of a `PerceptioConfig`; depth blocks are forbidden when the checkpoint has no depth tokenizer."""
+        missing = [
+            name
+            for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "depth_code_token_offset")
+            if getattr(config, name, None) is None
+        ]
+        if missing:
+            raise ValueError(f"The config lacks {missing}; the spatial grammar needs every spatial token id.")
+        if max_depth_blocks is None:
+            max_depth_blocks = 1 if config.has_depth_tokenizer else 0
+        return cls(
+            seg_token_id=config.seg_token_id,
+            depth_start_token_id=config.depth_start_token_id,
+            depth_end_token_id=config.depth_end_token_id,
+            depth_code_token_offset=config.depth_code_token_offset,
+            num_depth_codes=config.num_depth_codes,
+            num_depth_tokens=config.num_depth_tokens,
+            prompt_length=prompt_length,
+            max_depth_blocks=max_depth_blocks,
+        )
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] < self.prompt_length:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_length {self.prompt_length}."
+            )
+        generated = input_ids[:, self.prompt_length :]
+        is_code = (generated >= self.depth_code_token_offset) & (
+            generated < self.depth_code_token_offset + self.num_depth_codes
+        )
+        blocks_started = (generated == self.depth_start_token_id).sum(-1)
+        blocks_ended = (generated == self.depth_end_token_id).sum(-1)
+        # Under the grammar codes occur only inside blocks, so the open block holds all codes not in closed blocks.
+        codes_in_open_block = is_code.sum(-1) - blocks_ended * self.num_depth_tokens
+        in_block = blocks_started > blocks_ended
+        wants_code = in_block & (codes_in_open_block < self.num_depth_tokens)
+        wants_end = in_block & ~wants_code
+
+        vocab = scores.shape[-1]
+        token_ids = torch.arange(vocab, device=scores.device)
+        code_column = (token_ids >= self.depth_code_token_offset) & (
+            token_ids < self.depth_code_token_offset + self.num_depth_codes
+        )
+        end_column = token_ids == self.depth_end_token_id
+        start_column = token_ids == self.depth_start_token_id
+        seg_column = token_ids == self.seg_token_id
+
+        outside = ~in_block
+        forbidden = (outside[:, None] & (code_column | end_column)[None, :])
+        forbidden |= (outside & (blocks_started >= self.max_depth_blocks))[:, None] & start_column[None, :]
+        forbidden |= (outside & (blocks_started > 0))[:, None] & seg_column[None, :]
+        forbidden |= wants_code[:, None] & ~code_column[None, :]
+        forbidden |= wants_end[:, None] & ~end_column[None, :]
+        return scores.masked_fill(forbidden, float("-inf"))
+
+
+class PerceptioSegStateCapture:
+    """Forward hooks that keep the last-layer hidden state at each generated position whose *input* token is `[SEG]`.
+
+    A pre-hook on the model records the step's `input_ids`; a hook on the language model's final norm keeps only the
+    rows at `[SEG]` inputs, so no layer's full hidden states are stored. Positions are absolute (the KV cache feeds one
+    token per step after the prompt); `[SEG]`s inside the prompt are ignored.
+    """
+
+    def __init__(self, model, seg_token_id: int, prompt_length: int):
+        self.model = model
+        self.seg_token_id = seg_token_id
+        self.prompt_length = prompt_length
+        self.states: dict[tuple[int, int], torch.Tensor] = {}
+        self._step_input_ids: torch.Tensor | None = None
+        self._length = 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> PerceptioSegStateCapture:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._remember_input_ids, with_kwargs=True),
+            self.model.model.language_model.norm.register_forward_hook(self._keep_seg_rows),
+        ]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _remember_input_ids(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._step_input_ids = input_ids
+
+    def _keep_seg_rows(self, module, inputs, output: torch.Tensor) -> None:
+        input_ids = self._step_input_ids
+        if input_ids is None or output.shape[:2] != input_ids.shape:
+            return
+        # With a cache each step feeds one new token; without one the whole sequence is fed again from position 0.
+        offset = self._length if input_ids.shape[1] == 1 else 0
+        self._length = offset + input_ids.shape[1]
+        rows, columns = (input_ids == self.seg_token_id).nonzero(as_tuple=True)
+        for row, column in zip(rows.tolist(), columns.tolist()):
+            generated_index = offset + column - self.prompt_length
+            if generated_index >= 0:
+                self.states[(row, generated_index)] = output[row, column].detach()
+
+
+class PerceptioGenerationMixin:
+    r"""
+    Adds Perceptio's generation features to `PerceptioForConditionalGeneration`:
+
+    - `generate(...)`: transformers' `generate` with the spatial grammar on by default (`spatial_grammar=False`
+      switches it off). With `return_dict_in_generate=True` the output also carries `seg_hidden_states`: per row, the
+      last-layer states (num_seg, d) at the generated `[SEG]` tokens, in order.
+    - `predict(images, prompts, processor=None, **generate_kwargs)`: generation, masks and depth in one call.
+    """
+
+    def generate(self, *args, spatial_grammar: bool = True, **kwargs):
+        """`GenerationMixin.generate` plus the spatial grammar and, for dict outputs, the `[SEG]` hidden states."""
+        if not isinstance(spatial_grammar, bool):
+            raise ValueError(f"spatial_grammar must be True or False, got {spatial_grammar!r}.")
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        if input_ids is None:
+            return super().generate(*args, **kwargs)
+        prompt_length = input_ids.shape[1]
+        if spatial_grammar:
+            processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+            processors.append(PerceptioSpatialGrammarLogitsProcessor.from_config(self.config, prompt_length))
+            kwargs["logits_processor"] = processors
+        if not kwargs.get("return_dict_in_generate", False) or self.config.seg_token_id is None:
+            return super().generate(*args, **kwargs)
+        with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length) as capture:
+            output = super().generate(*args, **kwargs)
+        output.seg_hidden_states = self._seg_states_of_generation(output.sequences, capture, input_ids, kwargs)
+        return output
+
+    def predict(
+        self,
+        images: Any,
+        prompts: str | Sequence[str],
+        processor=None,
+        mask_threshold: float = 0.0,
+        **generate_kwargs,
+    ) -> list:
+        r"""
+        Answer each prompt about its image: text, one mask per `[SEG]`, the depth map of the depth block.
+
+        Args:
+            images: one image or a list (one per prompt); anything `PerceptioProcessor` accepts.
+            prompts: the user's question(s), plain text (the chat template is applied here).
+            processor (`PerceptioProcessor`, *optional*): defaults to `self.processor`, which `from_pretrained`
+                does not set: assign `model.processor = processor` once, or pass it here.
+            mask_threshold (`float`, defaults to 0.0): mask-logit threshold of the boolean masks.
+            generate_kwargs: passed to `generate` (`max_new_tokens`, `do_sample`, `num_beams`, `spatial_grammar`…).
+
+        Returns:
+            `list[PerceptioPrediction]`, one per prompt (× `num_return_sequences`). Masks and depth are at the
+            original image size; depth is in the tokenizer's normalised [-1, 1] space (larger = nearer), or `None`
+            when there is no complete depth block (`depth_truncated` tells a block cut by `max_new_tokens`).
+        """
+        processor = self._resolve_processor(processor)
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
+        if prompt_list is None:
+            raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}.")
+        if len(image_list) != len(prompt_list) or not prompt_list:
+            raise ValueError(
+                f"Got {len(image_list)} image(s) and {len(prompt_list)} prompt(s); give one image per prompt "
+                "(at least one)."
+            )
+        inputs = processor(images=image_list, text=[processor.format_prompt(prompt) for prompt in prompt_list])
+        original_sizes = processor.image_sizes(image_list)
+        return self.predict_from_inputs(
+            inputs, processor=processor, original_sizes=original_sizes, mask_threshold=mask_threshold,
+            **generate_kwargs,
+        )
+
+    @torch.no_grad()
+    def predict_from_inputs(
+        self,
+        inputs,
+        processor=None,
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+        mask_threshold: float = 0.0,
+        **generate_kwargs,
+    ) -> list:
+        """`predict` on processor outputs (`input_ids`, `attention_mask`, `pixel_values`, `sam_pixel_values`).
+
+        `original_sizes` ((height, width) per sample) sets the size of masks and depth; `None` keeps SAM2's mask
+        size and the depth tokenizer's size. A `[SEG]` without `sam_pixel_values` raises a `ValueError`.
+        """
+        processor = self._resolve_processor(processor)
+        if "input_ids" not in inputs:
+            raise ValueError("inputs must contain input_ids (use the processor's output).")
+        for reserved in ("return_dict_in_generate", "input_ids"):
+            if reserved in generate_kwargs:
+                raise ValueError(f"{reserved} is set by predict; do not pass it.")
+        tokenizer = processor.tokenizer
+        generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        sam_pixel_values = inputs.get("sam_pixel_values")
+        generation_inputs = {key: value for key, value in inputs.items() if key != "sam_pixel_values"}
+        output = self.generate(**generation_inputs, return_dict_in_generate=True, **generate_kwargs)
+        prompt_length = inputs["input_ids"].shape[1]
+        generated = output.sequences[:, prompt_length:]
+        copies = generated.shape[0] // inputs["input_ids"].shape[0]
+        num_depth_tokens = self.config.num_depth_tokens
+        parsed = [processor.parse_generation(row, num_depth_tokens) for row in generated]
+        seg_states = output.seg_hidden_states
+        self._check_seg_states_match(parsed, seg_states)
+        masks = self._masks_of_generation(seg_states, sam_pixel_values, copies)
+        depth_maps = self._depth_maps_of_generation(parsed)
+        sizes = None if original_sizes is None else [size for size in original_sizes for _ in range(copies)]
+        return processor.post_process_generation(
+            generated,
+            original_sizes=sizes,
+            mask_logits=None if masks is None else masks.mask_logits,
+            mask_scores=None if masks is None else masks.mask_scores,
+            depth_maps=depth_maps,
+            mask_threshold=mask_threshold,
+            num_depth_tokens=num_depth_tokens,
+        )
+
+    def _resolve_processor(self, processor):
+        processor = processor if processor is not None else getattr(self, "processor", None)
+        if processor is None:
+            raise ValueError(
+                "predict needs a PerceptioProcessor: pass processor=... or set model.processor = "
+                "AutoProcessor.from_pretrained(path, trust_remote_code=True)."
+            )
+        for method in ("post_process_generation", "parse_generation", "image_sizes", "format_prompt"):
+            if not callable(getattr(processor, method, None)):
+                raise ValueError(f"processor must be a PerceptioProcessor (it lacks {method}); got {type(processor).__name__}.")
+        return processor
+
+    def _seg_states_of_generation(
+        self, sequences: torch.LongTensor, capture: PerceptioSegStateCapture, input_ids: torch.Tensor, kwargs: dict
+    ) -> list[torch.Tensor]:
+        """Per row, the states at its generated `[SEG]`s: captured by the hooks, or teacher-forced where the hooks
+        could not see them (beam search reorders rows; a `[SEG]` cut off as the last token is never an input)."""
+        prompt_length = input_ids.shape[1]
+        generated = sequences[:, prompt_length:]
+        num_beams = kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", None)
+        num_beams = num_beams or self.generation_config.num_beams or 1
+        positions = [
+            (generated[row] == self.config.seg_token_id).nonzero(as_tuple=True)[0].tolist()
+            for row in range(generated.shape[0])
+        ]
+        states: list[torch.Tensor | None] = [None] * generated.shape[0]
+        if num_beams == 1:
+            for row, row_positions in enumerate(positions):
+                if all((row, index) in capture.states for index in row_positions):
+                    states[row] = self._stack_states([capture.states[(row, index)] for index in row_positions])
+        missing = [row for row, value in enumerate(states) if value is None]
+        if missing:
+            forced = self.teacher_forced_seg_states(sequences, input_ids, kwargs, missing)
+            for row, value in zip(missing, forced):
+                states[row] = value
+        return states
+
+    def _stack_states(self, states: list[torch.Tensor]) -> torch.Tensor:
+        if states:
+            return torch.stack(states)
+        return torch.zeros(0, self.config.text_config.hidden_size, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def teacher_forced_seg_states(
+        self, sequences: torch.LongTensor, input_ids: torch.Tensor, inputs: dict, rows: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Last-layer states at the generated `[SEG]`s of `rows`, from one forward of prompt + generated ids.
+
+        `inputs` holds the prompt's `attention_mask` and `pixel_values`; rows may be expanded copies of the prompts
+        (beams, `num_return_sequences`), whose tiles are looked up from the prompt they copy.
+        """
+        prompt_length = input_ids.shape[1]
+        copies = sequences.shape[0] // input_ids.shape[0]
+        sources = [row // copies for row in rows]
+        prompt_mask = inputs.get("attention_mask")
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(input_ids)
+        generated_length = sequences.shape[1] - prompt_length
+        attention_mask = torch.cat(
+            [prompt_mask[sources], prompt_mask.new_ones(len(rows), generated_length)], dim=1
+        )
+        pixel_values = self._tiles_of_prompts(input_ids, inputs.get("pixel_values"), sources)
+        with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length) as capture:
+            self(input_ids=sequences[list(rows)], attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
+        return [
+            self._stack_states(
+                [capture.states[(index, int(position))] for position in
+                 (sequences[row, prompt_length:] == self.config.seg_token_id).nonzero(as_tuple=True)[0]]
+            )
+            for index, row in enumerate(rows)
+        ]
+
+    def _tiles_of_prompts(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, sources: Sequence[int]
+    ) -> torch.Tensor | None:
+        if pixel_values is None:
+            return None
+        tiles = ((input_ids == self.config.image_token_id).sum(-1) // self.config.image_seq_length).tolist()
+        starts = [sum(tiles[:index]) for index in range(len(tiles))]
+        indices = [tile for source in sources for tile in range(starts[source], starts[source] + tiles[source])]
+        return pixel_values[indices]
+
+    def _check_seg_states_match(self, parsed: list, seg_states: list[torch.Tensor]) -> None:
+        for row, (sample, states) in enumerate(zip(parsed, seg_states)):
+            if sample.num_seg_tokens != states.shape[0]:
+                raise ValueError(
+                    f"Sample {row}: {sample.num_seg_tokens} [SEG] token(s) before end of text but {states.shape[0]} "
+                    "generated; text after the end-of-turn token is not parsed, so generate with an eos token."
+                )
+
+    def _masks_of_generation(self, seg_states: list[torch.Tensor], sam_pixel_values: torch.Tensor | None, copies: int):
+        with_seg = [row for row, states in enumerate(seg_states) if states.shape[0]]
+        if not with_seg:
+            return None
+        if sam_pixel_values is None:
+            raise ValueError(
+                f"Samples {with_seg} generated [SEG] tokens but no sam_pixel_values were given, so no mask can be "
+                "decoded; pass each sample's image (PerceptioProcessor returns sam_pixel_values) or generate with "
+                "spatial_grammar on a prompt that does not ask for segmentation."
+            )
+        sam_pixel_values = sam_pixel_values.to(self.device).repeat_interleave(copies, dim=0)
+        return self.predict_masks(seg_states, sam_pixel_values)
+
+    def _depth_maps_of_generation(self, parsed: list) -> list[torch.Tensor | None]:
+        with_depth = [row for row, sample in enumerate(parsed) if sample.depth_codes is not None]
+        depth_maps: list[torch.Tensor | None] = [None] * len(parsed)
+        if not with_depth:
+            return depth_maps
+        tokenizer = self.require_depth_tokenizer()
+        codes = torch.tensor([parsed[row].depth_codes for row in with_depth], device=self.device)
+        for row, depth in zip(with_depth, tokenizer.decode(codes)):
+            depth_maps[row] = depth
+        return depth_maps
+
+
+__all__ = ["PerceptioGenerationMixin", "PerceptioSegStateCapture", "PerceptioSpatialGrammarLogitsProcessor"]

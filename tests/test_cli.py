@@ -1,0 +1,35 @@
+"""The `perceptio` command: every subcommand has --help with an example; export works end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from perceptio.cli import COMMAND_MODULES, build_parser, main
+
+
+def test_every_registered_subcommand_has_help_with_an_example(capsys):
+    parser = build_parser()
+    registered = parser._subparsers._group_actions[0].choices
+    assert set(registered) <= set(COMMAND_MODULES)
+    for name in registered:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "example" in capsys.readouterr().out.lower(), name
+
+
+def test_export_tiny_writes_a_loadable_folder(tmp_path):
+    output = tmp_path / "tiny"
+    assert main(["export", "--tiny", "--output-dir", str(output)]) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"].endswith("PerceptioForConditionalGeneration")
+    assert main(["export", "--tiny", "--output-dir", str(output)]) == 2
+
+
+def test_console_script_runs():
+    completed = subprocess.run([sys.executable, "-m", "perceptio.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and "COMMAND" in completed.stdout

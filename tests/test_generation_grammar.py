@@ -1,0 +1,184 @@
+"""The spatial grammar LogitsProcessor: a reference check on random prefixes, and generation under random logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LogitsProcessor
+
+from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
+
+SEG, START, END, OFFSET, K, N, VOCAB = 3, 4, 5, 10, 6, 3, 20
+TEXT_TOKENS = [0, 1, 2, 6, 7, 8, 9, 16, 17, 18, 19]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models run far faster on one thread than on cores shared with other test runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def grammar(prompt_length: int = 0, max_depth_blocks: int = 1) -> PerceptioSpatialGrammarLogitsProcessor:
+    return PerceptioSpatialGrammarLogitsProcessor(SEG, START, END, OFFSET, K, N, prompt_length, max_depth_blocks)
+
+
+def allowed_next(generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1):
+    """Reference: the set of tokens the grammar allows after `generated` (None = any non-spatial token too)."""
+    blocks, in_block, count = 0, False, 0
+    for token in generated:
+        if token == start:
+            blocks, in_block, count = blocks + 1, True, 0
+        elif token in codes:
+            count += 1
+        elif token == end:
+            in_block = False
+    if in_block:
+        return {end} if count == n else set(codes)
+    spatial = {start} if blocks < max_blocks else set()
+    if blocks == 0:
+        spatial.add(seg)
+    return spatial | {"text"}
+
+
+def obeys_grammar(generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1):
+    for index, token in enumerate(generated):
+        allowed = allowed_next(generated[:index], seg, start, end, codes, n, max_blocks)
+        is_spatial = token in (seg, start, end) or token in codes
+        if (token not in allowed) if is_spatial else ("text" not in allowed):
+            return False
+    return True
+
+
+@st.composite
+def grammatical_prefixes(draw):
+    """Random sequences built by walking the grammar (so every state, including a full block, is reached)."""
+    generated = []
+    for _ in range(draw(st.integers(0, 14))):
+        allowed = allowed_next(generated, SEG, START, END, range(OFFSET, OFFSET + K), N)
+        choices = sorted(token for token in allowed if token != "text")
+        if "text" in allowed:
+            choices += TEXT_TOKENS
+        generated.append(draw(st.sampled_from(choices)))
+    return generated
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(grammatical_prefixes(), min_size=1, max_size=4), st.integers(0, 3))
+def test_allowed_tokens_match_the_reference_for_every_row(prefixes, prompt_length):
+    length = max(map(len, prefixes))
+    prompt = torch.full((len(prefixes), prompt_length), SEG)  # spatial tokens in the prompt must not count
+    rows = prefixes
+    # Rows of one batch have equal length: shorter ones start with neutral text tokens, which change no state.
+    padded = torch.tensor([[7] * (length - len(row)) + row for row in rows])
+    input_ids = torch.cat([prompt, padded], dim=1)
+    scores = grammar(prompt_length)(input_ids, torch.zeros(len(rows), VOCAB))
+    for row_index, row in enumerate(rows):
+        generated = [7] * (length - len(row)) + row
+        expected = allowed_next(generated, SEG, START, END, range(OFFSET, OFFSET + K), N)
+        allowed = {token for token in range(VOCAB) if scores[row_index, token] > float("-inf")}
+        spatial_expected = {token for token in expected if token != "text"}
+        spatial_allowed = {token for token in allowed if token in (SEG, START, END) or OFFSET <= token < OFFSET + K}
+        assert spatial_allowed == spatial_expected
+        assert ("text" in expected) == bool(allowed - spatial_allowed)
+        assert ("text" in expected) == (allowed - spatial_allowed == set(TEXT_TOKENS))
+
+
+def test_several_depth_blocks_when_allowed():
+    codes = list(range(OFFSET, OFFSET + N))
+    one_block = [START, *codes, END]
+    scores = grammar(max_depth_blocks=2)(torch.tensor([one_block]), torch.zeros(1, VOCAB))
+    assert scores[0, START] == 0 and scores[0, SEG] == float("-inf")
+    scores = grammar(max_depth_blocks=1)(torch.tensor([one_block]), torch.zeros(1, VOCAB))
+    assert scores[0, START] == float("-inf")
+
+
+def test_zero_depth_blocks_forbids_the_block():
+    scores = grammar(max_depth_blocks=0)(torch.tensor([[SEG]]), torch.zeros(1, VOCAB))
+    assert scores[0, START] == float("-inf") and scores[0, SEG] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_depth_tokens": 0}, "num_depth_tokens"),
+        ({"prompt_length": -1}, "prompt_length"),
+        ({"seg_token_id": START}, "distinct"),
+        ({"depth_end_token_id": OFFSET + 1}, "outside the code ids"),
+    ],
+)
+def test_bad_grammar_arguments_raise(kwargs, message):
+    arguments = dict(seg_token_id=SEG, depth_start_token_id=START, depth_end_token_id=END,
+                     depth_code_token_offset=OFFSET, num_depth_codes=K, num_depth_tokens=N, prompt_length=0)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        PerceptioSpatialGrammarLogitsProcessor(**arguments)
+
+
+def test_input_shorter_than_prompt_raises():
+    with pytest.raises(ValueError, match="prompt_length"):
+        grammar(prompt_length=5)(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, VOCAB))
+
+
+class RandomSpatialLogits(LogitsProcessor):
+    """Replaces the model's logits with seeded noise that strongly favours the spatial tokens."""
+
+    def __init__(self, seed: int, spatial_ids: list[int], eos_token_id: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.spatial_ids = spatial_ids
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores):
+        noise = torch.randn(scores.shape, generator=self.generator) * 3
+        noise[:, self.spatial_ids] += 6
+        noise[:, self.eos_token_id] -= 4
+        return noise
+
+
+@pytest.mark.parametrize(
+    "mode", [{"do_sample": False}, {"do_sample": True, "top_k": 0}, {"num_beams": 3, "do_sample": False}]
+)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_generated_sequences_obey_the_grammar(tiny_pair, mode, seed):
+    model, processor = tiny_pair
+    config = model.config
+    codes = range(config.depth_code_token_offset, config.depth_code_token_offset + config.num_depth_codes)
+    spatial = [config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, *codes]
+    inputs = processor(text=["a b", "c d e f"])
+    output = model.generate(
+        **inputs,
+        logits_processor=[RandomSpatialLogits(seed, spatial, processor.tokenizer.eos_token_id)],
+        max_new_tokens=config.num_depth_tokens + 8,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        **mode,
+    )
+    generated = output[:, inputs["input_ids"].shape[1] :].tolist()
+    ids = (config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, codes, config.num_depth_tokens)
+    assert all(obeys_grammar(row, *ids) for row in generated)
+    # The noise favours spatial tokens, so the grammar was actually exercised.
+    assert any(token in codes for row in generated for token in row)
+
+
+def test_without_the_grammar_random_logits_break_it(tiny_pair):
+    model, processor = tiny_pair
+    config = model.config
+    codes = range(config.depth_code_token_offset, config.depth_code_token_offset + config.num_depth_codes)
+    spatial = [config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, *codes]
+    inputs = processor(text=["a b"])
+    output = model.generate(
+        **inputs, logits_processor=[RandomSpatialLogits(0, spatial, processor.tokenizer.eos_token_id)],
+        max_new_tokens=12, spatial_grammar=False, pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    ids = (config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, codes, config.num_depth_tokens)
+    assert not obeys_grammar(output[0, inputs["input_ids"].shape[1] :].tolist(), *ids)
+
+
+def test_spatial_grammar_must_be_a_bool(tiny_pair):
+    model, processor = tiny_pair
+    with pytest.raises(ValueError, match="spatial_grammar"):
+        model.generate(**processor(text=["a"]), spatial_grammar="yes", max_new_tokens=1)
