@@ -1,0 +1,20 @@
+"""Benchmark runners behind `perceptio eval TASK`: each writes a per-sample JSONL (resumable) and a JSON summary."""
+
+from .blink_depth import run_blink_depth
+from .hardblink import run_hardblink
+from .refcoco import REFCOCO_TASKS, run_refcoco
+from .resumable_run import BadSampleError, ResumableRun, RunSettings
+from .synthetic import run_synthetic
+
+EVALUATION_TASKS: tuple[str, ...] = (*REFCOCO_TASKS, "blink-depth", "hardblink", "synthetic")
+
+__all__ = [
+    "EVALUATION_TASKS",
+    "BadSampleError",
+    "ResumableRun",
+    "RunSettings",
+    "run_blink_depth",
+    "run_hardblink",
+    "run_refcoco",
+    "run_synthetic",
+]

@@ -1,0 +1,157 @@
+"""The project's synthetic test split: referring cIoU/gIoU, depth-block accuracy, relative-depth accuracy.
+
+Reads a split of `perceptio.data.synthetic_dataset.build_synthetic_dataset` (a `save_to_disk` folder or the
+`DatasetDict` itself, split "test" by default). Each row is asked its own `prompt`, then:
+
+- "referring" rows: the union of the predicted masks against the union of the ground-truth masks (an object the
+  sentence refers to, or several for a plural sentence), pooled into cIoU and gIoU;
+- every row whose answer has a depth block: the decoded depth against the ground truth converted to the tokenizer's
+  space (relative inverse depth 1/z, min-max normalised per image to [-1, 1], larger = nearer) at the original size.
+  RMSE and pair-order accuracy are read in that space, AbsRel and delta < 1.25 after `normalized_to_positive` (the
+  [1, 2] shift of `depth_metrics`); AbsRel, RMSE and delta are averaged over images, pair-order pairs are pooled
+  (`DEPTH_PAIRS_PER_IMAGE` pairs per image, drawn with seed 0, whose true values differ by more than
+  `DEPTH_PAIR_MARGIN`);
+- "relative_depth" rows: the strictly parsed letter against the answer, with accuracy per point count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+
+from ...data.synthetic_dataset import sample_spatial_targets
+from ..depth_metrics import abs_rel, delta1, normalized_to_positive, pair_order_counts, rmse
+from ..segmentation_metrics import mask_intersection_union
+from .choice_scoring import choice_record, choice_summary, choice_summary_by
+from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
+from .refcoco import referring_summary
+from .resumable_run import BadSampleError, ResumableRun, RunSettings, batches
+from .shared_image_prediction import predict_batch
+
+SYNTHETIC_COLUMNS: tuple[str, ...] = ("image", "prompt", "answer", "masks", "depth", "use_depth_block", "task", "meta")
+DEPTH_PAIRS_PER_IMAGE = 1000
+DEPTH_PAIR_MARGIN = 0.05
+DEPTH_PAIR_SEED = 0
+
+
+def normalised_inverse_depth(inverse_depth: np.ndarray) -> np.ndarray:
+    """Min-max normalise a relative inverse depth map to [-1, 1] (a constant map becomes 0), as the tokenizer does."""
+    inverse_depth = np.asarray(inverse_depth, dtype=np.float64)
+    low, high = float(inverse_depth.min()), float(inverse_depth.max())
+    if high - low <= 0:
+        return np.zeros_like(inverse_depth)
+    return 2 * (inverse_depth - low) / (high - low) - 1
+
+
+def depth_figures(predicted: np.ndarray, target: np.ndarray) -> dict[str, float | int]:
+    """One image's AbsRel, RMSE, delta < 1.25 and pair-order counts (both maps normalised, larger = nearer)."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    if predicted.shape != target.shape:
+        raise ValueError(f"predicted depth {predicted.shape} and ground truth {target.shape} differ in size.")
+    predicted_positive, target_positive = normalized_to_positive(predicted), normalized_to_positive(target)
+    correct, counted = pair_order_counts(
+        predicted, target, num_pairs=DEPTH_PAIRS_PER_IMAGE, margin=DEPTH_PAIR_MARGIN, seed=DEPTH_PAIR_SEED
+    )
+    return {
+        "abs_rel": abs_rel(predicted_positive, target_positive),
+        "rmse": rmse(predicted, target),
+        "delta1": delta1(predicted_positive, target_positive),
+        "pair_correct": correct,
+        "pair_counted": counted,
+    }
+
+
+def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, Any]:
+    """The JSONL record of one row: what its task scores, plus the depth figures when a depth block was written."""
+    task, meta = row["task"], json.loads(row["meta"])
+    targets = sample_spatial_targets(row)
+    record: dict[str, Any] = {
+        "sample_id": str(index),
+        "row": index,
+        "task": task,
+        "prediction": prediction.text,
+        "num_masks": len(prediction.masks),
+        "use_depth_block": bool(row["use_depth_block"]),
+        "has_depth": prediction.depth is not None,
+    }
+    if task == "referring":
+        predicted = np.zeros(targets.inverse_depth.shape, dtype=bool)
+        for mask in prediction.masks:
+            predicted |= np.asarray(mask) > 0
+        record["intersection"], record["union"] = mask_intersection_union(predicted, targets.masks.any(axis=0))
+    if task == "relative_depth":
+        record.update(choice_record(str(index), prediction.text, row["answer"], int(meta["num_points"]),
+                                    num_points=int(meta["num_points"])))
+    if prediction.depth is not None:
+        record["depth"] = depth_figures(prediction.depth, normalised_inverse_depth(targets.inverse_depth))
+    return record
+
+
+def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Referring cIoU/gIoU, depth figures over images with a depth block, relative-depth accuracy by point count."""
+    referring = [record for record in records if record["task"] == "referring"]
+    relative_depth = [record for record in records if record["task"] == "relative_depth"]
+    with_depth = [record["depth"] for record in records if "depth" in record]
+    pairs_counted = sum(figures["pair_counted"] for figures in with_depth)
+    depth = {
+        "num_maps": len(with_depth),
+        "num_missing": sum(record["use_depth_block"] and not record["has_depth"] for record in records),
+        "abs_rel": float(np.mean([figures["abs_rel"] for figures in with_depth])) if with_depth else None,
+        "rmse": float(np.mean([figures["rmse"] for figures in with_depth])) if with_depth else None,
+        "delta1": float(np.mean([figures["delta1"] for figures in with_depth])) if with_depth else None,
+        "pair_order_accuracy": (
+            sum(figures["pair_correct"] for figures in with_depth) / pairs_counted if pairs_counted else None
+        ),
+        "num_pairs": pairs_counted,
+    }
+    by_points = choice_summary_by(relative_depth, "num_points")
+    return {
+        "num_samples": len(records),
+        "referring": referring_summary(referring),
+        "depth": depth,
+        "relative_depth": {**choice_summary(relative_depth), "by_num_points": by_points},
+    }
+
+
+def run_synthetic(
+    model,
+    processor,
+    data: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    settings: RunSettings,
+    split: str | None = "test",
+) -> dict[str, Any]:
+    """Evaluate on a synthetic split; returns (and writes) the summary (see the module docstring)."""
+    dataset = load_split(data, split)
+    require_columns(dataset, SYNTHETIC_COLUMNS, "synthetic scenes")
+    dataset = rows_without_decoding(dataset, ["image"])
+    run = ResumableRun("synthetic", settings)
+    num_rows = settings.selected_count(len(dataset))
+    selected_ids = [str(index) for index in range(num_rows)]
+    progress = run.progress(num_rows, unit="sample")
+    pending = [index for index in range(num_rows) if not run.is_done(str(index))]
+    progress.update(num_rows - len(pending))
+    for batch in batches(pending, settings.batch_size):
+        readable = []
+        for index in batch:
+            row = dataset[index]
+            try:
+                readable.append((index, row, decode_rgb_image(row["image"], f"row {index}")))
+            except BadSampleError as error:
+                run.skip(error)
+                progress.update(1)
+        if not readable:
+            continue
+        predictions = predict_batch(
+            model, processor, [image for _, _, image in readable], [row["prompt"] for _, row, _ in readable],
+            settings.predict_kwargs(),
+        )
+        for (index, row, _), prediction in zip(readable, predictions):
+            run.add(synthetic_record(index, row, prediction))
+        progress.update(len(readable))
+    progress.close()
+    return run.finish(synthetic_summary(run.selected_records(selected_ids)))

@@ -1,0 +1,311 @@
+"""End-to-end tests of the benchmark runners on tiny fixtures written in the real layouts, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessor
+
+from perceptio.data.synthetic_dataset import build_synthetic_dataset, sample_spatial_targets
+from perceptio.evaluation.depth_metrics import abs_rel, delta1, normalized_to_positive, pair_order_counts, rmse
+from perceptio.evaluation.multiple_choice import multiple_choice_accuracy
+from perceptio.evaluation.runners import RunSettings, run_blink_depth, run_hardblink, run_refcoco, run_synthetic
+from perceptio.evaluation.runners.coco_masks import segmentation_to_mask
+from perceptio.evaluation.runners.synthetic import normalised_inverse_depth
+from perceptio.evaluation.segmentation_metrics import ciou, giou, mask_intersection_union
+from perceptio.tiny_models import build_tiny_perceptio
+
+pycocotools = pytest.importorskip("pycocotools")
+
+
+class ScriptedAnswer(LogitsProcessor):
+    """Forces every generated sequence to be `script` (then EOS), so the tiny random model writes [SEG]s/depth."""
+
+    def __init__(self, script: list[int]):
+        self.script = script
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is None or input_ids.shape[1] <= self.prompt_length:
+            self.prompt_length = input_ids.shape[1]
+        step = input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.script[min(step, len(self.script) - 1)]] = 0
+        return forced
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny_perceptio(seed=0)
+    return model.eval(), processor
+
+
+def _script(processor, model, seg: bool = False, depth: bool = False, text: str = "(A)") -> list[int]:
+    config = model.config
+    ids = [config.seg_token_id] if seg else []
+    if depth:
+        codes = [config.depth_code_token_offset + (index % config.num_depth_codes) for index in range(config.num_depth_tokens)]
+        ids += [config.depth_start_token_id, *codes, config.depth_end_token_id]
+    ids += processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [processor.tokenizer.eos_token_id]
+
+
+def _settings(tmp_path, model, processor, script, **overrides) -> RunSettings:
+    return RunSettings(
+        output_dir=tmp_path / "out", batch_size=overrides.pop("batch_size", 4), max_new_tokens=len(script) + 1,
+        show_progress=False, generate_kwargs={"logits_processor": [ScriptedAnswer(script)]}, **overrides,
+    )
+
+
+@pytest.fixture
+def recorded_predictions(tiny, monkeypatch):
+    """Every PerceptioPrediction the runners get, in order."""
+    model, _ = tiny
+    predictions = []
+    original = model.predict
+
+    def recording(*args, **kwargs):
+        output = original(*args, **kwargs)
+        predictions.extend(output)
+        return output
+
+    monkeypatch.setattr(model, "predict", recording)
+    return predictions
+
+
+def _image(seed: int, size=(40, 48)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+# --- RefCOCO ---------------------------------------------------------------------------------------------------
+
+
+def _per_object_refcoco(path):
+    images = [_image(0), _image(0), _image(1)]
+    split = datasets.Dataset.from_dict(
+        {
+            "question_id": ["0", "1", "2"],
+            "image": images,
+            "answer": [["left dog", "the brown dog"], ["right cat"], ["a chair"]],
+            "segmentation": [[2, 2, 20, 2, 20, 30, 2, 30], [25, 5, 45, 5, 45, 35, 25, 35], [0, 0, 47, 0, 47, 39]],
+            "file_name": ["a.jpg", "a.jpg", "b.jpg"],
+        },
+        features=datasets.Features(
+            {
+                "question_id": datasets.Value("string"),
+                "image": datasets.Image(),
+                "answer": datasets.Sequence(datasets.Value("string")),
+                "segmentation": datasets.Sequence(datasets.Value("float32")),
+                "file_name": datasets.Value("string"),
+            }
+        ),
+    )
+    datasets.DatasetDict({"val": split}).save_to_disk(str(path))
+    return split
+
+
+def test_refcoco_per_object_summary_equals_metrics_and_resumes(tiny, recorded_predictions, tmp_path):
+    model, processor = tiny
+    split = _per_object_refcoco(tmp_path / "refcoco")
+    script = _script(processor, model, seg=True, text="ok")
+    settings = _settings(tmp_path, model, processor, script)
+    summary = run_refcoco(model, processor, str(tmp_path / "refcoco"), settings, split="val")
+
+    targets = [segmentation_to_mask(row["segmentation"], 40, 48) for row in split for _ in row["answer"]]
+    assert len(recorded_predictions) == len(targets) == 4
+    counts = [mask_intersection_union(np.any(p.masks, axis=0), t) for p, t in zip(recorded_predictions, targets)]
+    assert summary["ciou"] == pytest.approx(ciou(*zip(*counts)))
+    assert summary["giou"] == pytest.approx(giou(*zip(*counts)))
+    assert summary["num_samples"] == 4 and summary["num_skipped"] == 0 and summary["layout"] == "per_object"
+    assert json.loads((tmp_path / "out" / "refcoco_summary.json").read_text())["ciou"] == summary["ciou"]
+    assert len((tmp_path / "out" / "refcoco_samples.jsonl").read_text().splitlines()) == 4
+
+    recorded_predictions.clear()
+    again = run_refcoco(model, processor, str(tmp_path / "refcoco"), settings, split="val")
+    assert recorded_predictions == []
+    assert again["ciou"] == summary["ciou"] and again["num_samples"] == 4
+
+
+def test_refcoco_per_image_layout_runs_sam2_encoder_once_per_image(tiny, recorded_predictions, tmp_path):
+    model, processor = tiny
+    references = [
+        {"sentences": ["left half", "the left part"], "segmentation": [[0, 0, 24, 0, 24, 40, 0, 40]]},
+        {"sentences": ["top strip"], "segmentation": [[0, 0, 48, 0, 48, 10, 0, 10], [0, 5, 48, 5, 48, 12, 0, 12]]},
+    ]
+    split = datasets.Dataset.from_dict({"image": [_image(3), _image(4)], "references": [references, references[:1]]})
+    encoded_rows = []
+    handle = model.grounding_encoder.vision_encoder.register_forward_hook(
+        lambda module, args, output: encoded_rows.append(args[0].shape[0])
+    )
+    try:
+        summary = run_refcoco(model, processor, split, _settings(tmp_path, model, processor, _script(processor, model, seg=True)))
+    finally:
+        handle.remove()
+    assert summary["layout"] == "per_image" and summary["num_samples"] == 5 and summary["num_images"] == 2
+    assert sum(encoded_rows) == 2  # two images, five sentences
+    targets = [segmentation_to_mask(reference["segmentation"], 40, 48) for reference in references for _ in reference["sentences"]]
+    targets += [targets[0], targets[0]]
+    counts = [mask_intersection_union(np.any(p.masks, axis=0), t) for p, t in zip(recorded_predictions, targets)]
+    assert summary["ciou"] == pytest.approx(ciou(*zip(*counts)))
+
+
+def test_refcoco_bad_input_names_the_problem(tiny, tmp_path):
+    model, processor = tiny
+    _per_object_refcoco(tmp_path / "refcoco")
+    settings = _settings(tmp_path, model, processor, _script(processor, model, seg=True))
+    with pytest.raises(ValueError, match=r"Split 'testA' is not in the dataset; it has \['val'\]"):
+        run_refcoco(model, processor, str(tmp_path / "refcoco"), settings, split="testA")
+    no_sentences = datasets.Dataset.from_dict({"image": [_image(0)], "segmentation": [[0, 0, 5, 0, 5, 5]]})
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['answer'\]"):
+        run_refcoco(model, processor, no_sentences, settings)
+
+
+# --- BLINK and HardBLINK ---------------------------------------------------------------------------------------
+
+
+def test_blink_depth_summary_equals_metric(tiny, recorded_predictions, tmp_path):
+    model, processor = tiny
+    split = datasets.Dataset.from_dict(
+        {
+            "idx": ["val_Relative_Depth_1", "val_Relative_Depth_2", "val_Relative_Depth_3"],
+            "question": ["Which point is closer to the camera?"] * 3,
+            "image_1": [_image(5), _image(6), _image(7)],
+            "choices": [["A", "B"]] * 3,
+            "answer": ["(A)", "(B)", "(A)"],
+        }
+    )
+    datasets.DatasetDict({"val": split}).save_to_disk(str(tmp_path / "blink"))
+    settings = _settings(tmp_path, model, processor, _script(processor, model, text="(A)"), batch_size=2)
+    summary = run_blink_depth(model, processor, str(tmp_path / "blink"), settings)
+    texts = [prediction.text for prediction in recorded_predictions]
+    assert summary["accuracy"] == pytest.approx(multiple_choice_accuracy(texts, split["answer"], 2))
+    assert summary["accuracy"] == pytest.approx(2 / 3) and summary["num_samples"] == 3
+
+
+def _hardblink(root, corrupt: tuple[int, int] | None = None):
+    for points in (3, 4, 5):
+        (root / "images" / f"blink{points}pointscenter").mkdir(parents=True)
+        (root / "questions").mkdir(exist_ok=True)
+        (root / "answers").mkdir(exist_ok=True)
+        questions, answers = [], []
+        for index in range(2):
+            path = root / "images" / f"blink{points}pointscenter" / f"{index}.png"
+            if corrupt == (points, index):
+                path.write_bytes(b"not a png")
+            else:
+                _image(points * 10 + index).save(path)
+            questions.append({"question_id": index, "image": f"{index}.png", "text": "Which point is the closest to the camera?"})
+            answers.append({"question_id": index, "text": "(A)" if index == 0 else f"({'ABCDE'[points - 1]})"})
+        (root / "questions" / f"blink_{points}pointscenter_questions_long.jsonl").write_text(
+            "\n".join(json.dumps(question) for question in questions) + "\n"
+        )
+        (root / "answers" / f"blink_{points}pointscenter_answers.jsonl").write_text(
+            "\n".join(json.dumps(answer) for answer in answers) + "\n"
+        )
+
+
+def test_hardblink_accuracy_per_point_count_and_mean(tiny, recorded_predictions, tmp_path):
+    model, processor = tiny
+    _hardblink(tmp_path / "hardblink")
+    settings = _settings(tmp_path, model, processor, _script(processor, model, text="(A)"))
+    summary = run_hardblink(model, processor, tmp_path / "hardblink", settings)
+    texts = [prediction.text for prediction in recorded_predictions]
+    per_count = {
+        str(points): multiple_choice_accuracy(texts[2 * i : 2 * i + 2], ["(A)", f"({'ABCDE'[points - 1]})"], points)
+        for i, points in enumerate((3, 4, 5))
+    }
+    assert {key: value["accuracy"] for key, value in summary["by_num_points"].items()} == pytest.approx(per_count)
+    assert summary["mean_accuracy"] == pytest.approx(sum(per_count.values()) / 3)
+    assert summary["num_samples"] == 6
+
+
+def test_hardblink_corrupt_image_errors_or_is_counted(tiny, tmp_path):
+    model, processor = tiny
+    _hardblink(tmp_path / "hardblink", corrupt=(4, 1))
+    script = _script(processor, model, text="(A)")
+    with pytest.raises(ValueError, match=r"blink4pointscenter/1\.png.*fails to decode"):
+        run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script))
+    summary = run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script, skip_bad=True))
+    assert summary["num_skipped"] == 1 and summary["num_samples"] == 5
+    assert "blink_4pointscenter_questions_long.jsonl, line 2" in summary["skipped"][0]["error"]
+    (tmp_path / "hardblink" / "answers" / "blink_5pointscenter_answers.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"blink_5pointscenter_answers\.jsonl does not exist"):
+        run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script))
+
+
+# --- synthetic -------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_summary_equals_metric_functions(tiny, recorded_predictions, tmp_path):
+    model, processor = tiny
+    data = build_synthetic_dataset(0, 0, 4, image_size=64, seed=0, cache_dir=str(tmp_path / "cache"))
+    split = data["test"]
+    script = _script(processor, model, seg=True, depth=True, text="(A)")
+    summary = run_synthetic(model, processor, data, _settings(tmp_path, model, processor, script))
+    assert summary["num_samples"] == 4 and len(recorded_predictions) == 4
+
+    referring_counts, depth_figures, correct, counted = [], [], 0, 0
+    relative_texts, relative_answers, relative_points = [], [], []
+    for row, prediction in zip(split, recorded_predictions):
+        targets = sample_spatial_targets(row)
+        if row["task"] == "referring":
+            referring_counts.append(mask_intersection_union(np.any(prediction.masks, axis=0), targets.masks.any(0)))
+        if row["task"] == "relative_depth":
+            relative_texts.append(prediction.text)
+            relative_answers.append(row["answer"])
+            relative_points.append(json.loads(row["meta"])["num_points"])
+        target = normalised_inverse_depth(targets.inverse_depth)
+        assert prediction.depth is not None and prediction.depth.shape == target.shape
+        predicted = prediction.depth.astype(np.float64)
+        depth_figures.append(
+            (
+                abs_rel(normalized_to_positive(predicted), normalized_to_positive(target)),
+                rmse(predicted, target),
+                delta1(normalized_to_positive(predicted), normalized_to_positive(target)),
+            )
+        )
+        pair = pair_order_counts(predicted, target, num_pairs=1000, margin=0.05, seed=0)
+        correct, counted = correct + pair[0], counted + pair[1]
+    assert summary["referring"]["ciou"] == pytest.approx(ciou(*zip(*referring_counts)))
+    means = np.mean(depth_figures, axis=0)
+    assert [summary["depth"][key] for key in ("abs_rel", "rmse", "delta1")] == pytest.approx(list(means))
+    assert summary["depth"]["pair_order_accuracy"] == pytest.approx(correct / counted)
+    assert summary["relative_depth"]["accuracy"] == pytest.approx(
+        multiple_choice_accuracy(relative_texts, relative_answers, relative_points)
+    )
+
+
+def test_synthetic_missing_column_names_it(tiny, tmp_path):
+    model, processor = tiny
+    data = build_synthetic_dataset(0, 0, 1, image_size=64, seed=0, cache_dir=str(tmp_path / "cache"))
+    settings = _settings(tmp_path, model, processor, _script(processor, model))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['depth'\]"):
+        run_synthetic(model, processor, data["test"].remove_columns("depth"), settings)
+
+
+def test_run_settings_reject_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        RunSettings(output_dir=tmp_path, limit=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        RunSettings(output_dir=tmp_path, batch_size=-1)
+
+
+def test_eval_command_runs_hardblink_on_a_saved_checkpoint(tiny, tmp_path, capsys):
+    from perceptio.cli import main
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    _hardblink(tmp_path / "hardblink")
+    argv = ["eval", "hardblink", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "hardblink"),
+            "--output-dir", str(tmp_path / "out"), "--limit", "1", "--max-new-tokens", "3", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "hardblink_summary.json").read_text())
+    assert summary["num_samples"] == 3 and set(summary["by_num_points"]) == {"3", "4", "5"}
+    assert main(["eval", "hardblink", "--model", str(tmp_path / "nowhere"), "--data", "x"]) == 2
+    assert "not a Perceptio checkpoint folder" in capsys.readouterr().err
