@@ -5,6 +5,7 @@ Importing the package registers its classes with transformers' Auto classes.
 
 from transformers import (
     AutoConfig,
+    pipelines,
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
@@ -17,7 +18,9 @@ from .modeling_perceptio import (
     PerceptioDepthTokenizerConfig,
     PerceptioForConditionalGeneration,
 )
+from .modeling_perceptio.pipeline_perceptio import PerceptioSpatialPipeline
 from .processing import PerceptioImageProcessor, PerceptioProcessor
+from .processing.post_processing_perceptio import PerceptioPrediction
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,9 @@ def _register_auto_classes() -> None:
     AutoModelForImageTextToText.register(PerceptioConfig, PerceptioForConditionalGeneration, exist_ok=True)
     AutoImageProcessor.register(PerceptioConfig, image_processor_classes={"pil": PerceptioImageProcessor}, exist_ok=True)
     AutoProcessor.register(PerceptioConfig, PerceptioProcessor, exist_ok=True)
+    pipelines.PIPELINE_REGISTRY.register_pipeline(
+        "perceptio-spatial", pipeline_class=PerceptioSpatialPipeline, pt_model=AutoModelForImageTextToText
+    )
 
 
 _register_auto_classes()
@@ -40,5 +46,7 @@ __all__ = [
     "PerceptioDepthTokenizerConfig",
     "PerceptioForConditionalGeneration",
     "PerceptioImageProcessor",
+    "PerceptioPrediction",
     "PerceptioProcessor",
+    "PerceptioSpatialPipeline",
 ]

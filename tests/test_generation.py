@@ -79,7 +79,8 @@ def test_predict_returns_one_mask_per_seg_and_depth_at_the_original_size(tiny_pa
     assert second.masks[0].shape == (64, 40)
     assert first.depth.shape == (48, 72) and first.depth.dtype == np.float32
     assert np.all(np.abs(first.depth) <= 1.0) and first.depth.std() > 0
-    assert first.depth_codes == [(3 * i + 1) % model.config.num_depth_codes for i in range(model.config.num_depth_tokens)]
+    config = model.config
+    assert first.depth_codes == [(3 * i + 1) % config.num_depth_codes for i in range(config.num_depth_tokens)]
     assert second.depth is None and second.depth_codes is None and not second.depth_truncated
     assert first.text.startswith("The cube.") and "[SEG]" not in first.text and "DEPTH" not in first.text
     assert first.token_ids[: len(scripts[0]) - 1] == scripts[0][:-1]

@@ -30,15 +30,21 @@ def test_forward_backward_reports_every_component(tiny_model, tiny_processor, rg
     example = _segmentation_example(tiny_processor, rgb_image)
     masks = [torch.from_numpy(np.random.default_rng(1).random((2, 48, 72)) > 0.5)]
     output = _forward(tiny_model, example, masks)
-    for name in ("loss", "loss_lm", "loss_mask"):
+    components = ("loss_lm", "loss_mask", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
+    for name in ("loss", *components):
         value = getattr(output, name)
-        assert value is not None and torch.isfinite(value), name
-    assert output.loss_mask > 0
-    assert torch.allclose(output.loss, output.loss_lm + tiny_model.config.mask_loss_weight * output.loss_mask)
+        assert value is not None and torch.isfinite(value) and value > 0, name
+    config = tiny_model.config
+    weights = (1.0, config.mask_loss_weight, config.depth_marker_loss_weight, config.depth_token_loss_weight,
+               config.depth_count_loss_weight, config.depth_recon_loss_weight)
+    expected = sum(weight * getattr(output, name) for weight, name in zip(weights, components))
+    assert torch.allclose(output.loss, expected)
     assert [tuple(m.shape) for m in output.pred_masks] == [(2, 32, 32)]
     output.loss.backward()
     assert tiny_model.text_hidden_fcs[0].weight.grad.abs().sum() > 0
-    assert tiny_model.grounding_encoder.mask_decoder.conv_s0.weight.grad.abs().sum() > 0
+    decoder = tiny_model.grounding_encoder.mask_decoder
+    assert decoder.conv_s0.weight.grad.abs().sum() > 0
+    assert decoder.iou_prediction_head.proj_out.weight.grad.abs().sum() > 0, "the IoU head learns from the IoU loss"
 
 
 def test_mask_loss_alone_reaches_llm_embeddings(tiny_model, tiny_processor, rgb_image):

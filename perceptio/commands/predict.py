@@ -71,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
         render_depth(prediction.depth).save(output_dir / DEPTH_FILE)
         result["depth_image"] = DEPTH_FILE
     (output_dir / JSON_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{prediction.text!r}: {len(prediction.masks)} mask(s), depth {'yes' if prediction.depth is not None else 'no'}"
-          f" -> {output_dir}")
+    depth = "yes" if prediction.depth is not None else "no"
+    print(f"{prediction.text!r}: {len(prediction.masks)} mask(s), depth {depth} -> {output_dir}")
     return 0

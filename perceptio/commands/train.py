@@ -6,7 +6,6 @@ Runs unchanged under `accelerate launch` / DeepSpeed: the Trainer reads the dist
 from __future__ import annotations
 
 import argparse
-import logging
 
 EXAMPLE = """example:
   perceptio train --config examples/configs/tiny-cpu.yaml
@@ -14,7 +13,12 @@ EXAMPLE = """example:
   accelerate launch --num_processes 8 -m perceptio.cli train --config examples/configs/perceptio-8b-lora.yaml
 """
 
-logger = logging.getLogger(__name__)
+
+OBJECTIVE_UNREACHED_MODULES = (
+    "grounding_encoder.mask_decoder.iou_prediction_head",
+    "grounding_encoder.mask_decoder.pred_obj_score_head",
+    "grounding_encoder.prompt_encoder.mask_embed",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,6 +104,10 @@ def prepare_trainable_parameters(model, model_args):
         model.model.vision_tower.requires_grad_(False)
     if model_args.freeze_sam2_image_encoder:
         model.grounding_encoder.vision_encoder.requires_grad_(False)
+    # No loss reaches these (the best mask is picked by argmax IoU; no mask prompts are given); trainable parameters
+    # without gradients would break DDP with find_unused_parameters=False.
+    for name in OBJECTIVE_UNREACHED_MODULES:
+        model.get_submodule(name).requires_grad_(False)
     return model
 
 

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..modeling_perceptio import PerceptioForConditionalGeneration
+from ..modeling_perceptio.pipeline_perceptio import custom_pipelines_config
 from ..processing import PerceptioProcessor
 
 HUB_CODE_PACKAGES = ("modeling_perceptio", "processing")
@@ -60,10 +61,17 @@ def export_pretrained(
     for source in hub_source_files():
         shutil.copyfile(source, output_dir / source.name)
     _add_auto_map(output_dir / "config.json", MODEL_AUTO_MAP)
+    _add_custom_pipelines(output_dir / "config.json")
     for name in PROCESSOR_CONFIG_FILES:
         if (output_dir / name).exists():
             _add_auto_map(output_dir / name, PROCESSOR_AUTO_MAP)
     return output_dir
+
+
+def _add_custom_pipelines(path: Path) -> None:
+    content = json.loads(path.read_text(encoding="utf-8"))
+    content["custom_pipelines"] = {**content.get("custom_pipelines", {}), **custom_pipelines_config()}
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:

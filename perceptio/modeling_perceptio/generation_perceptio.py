@@ -13,6 +13,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 
+# Rows of the grammar's forbidden-token table for the two in-block states (outside states are 0-3, see the table).
+WANTS_CODE = 4
+WANTS_END = 5
+
+
 class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
     r"""
     Masks the logits so that every generated sequence obeys Perceptio's spatial grammar:
@@ -73,6 +78,7 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         self.num_depth_tokens = num_depth_tokens
         self.prompt_length = prompt_length
         self.max_depth_blocks = max_depth_blocks
+        self._forbidden_table: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, config, prompt_length: int, max_depth_blocks: int | None = None):
@@ -97,6 +103,31 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
             max_depth_blocks=max_depth_blocks,
         )
 
+    def _forbidden_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """(num_states, vocab) table: which tokens each grammar state forbids (built once per vocabulary size)."""
+        if self._forbidden_table is not None and self._forbidden_table.shape[1] == vocab_size:
+            return self._forbidden_table.to(device)
+        token_ids = torch.arange(vocab_size)
+        code = (token_ids >= self.depth_code_token_offset) & (
+            token_ids < self.depth_code_token_offset + self.num_depth_codes
+        )
+        end = token_ids == self.depth_end_token_id
+        start = token_ids == self.depth_start_token_id
+        seg = token_ids == self.seg_token_id
+        outside = code | end
+        table = torch.stack(
+            [
+                outside,  # no block yet, more allowed
+                outside | seg,  # after a block, more allowed
+                outside | start,  # no block yet, none allowed
+                outside | start | seg,  # after the last allowed block
+                ~code,  # inside a block, codes missing
+                ~end,  # inside a block, all codes written
+            ]
+        )
+        self._forbidden_table = table.to(device)
+        return self._forbidden_table
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] < self.prompt_length:
             raise ValueError(
@@ -113,22 +144,9 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         in_block = blocks_started > blocks_ended
         wants_code = in_block & (codes_in_open_block < self.num_depth_tokens)
         wants_end = in_block & ~wants_code
-
-        vocab = scores.shape[-1]
-        token_ids = torch.arange(vocab, device=scores.device)
-        code_column = (token_ids >= self.depth_code_token_offset) & (
-            token_ids < self.depth_code_token_offset + self.num_depth_codes
-        )
-        end_column = token_ids == self.depth_end_token_id
-        start_column = token_ids == self.depth_start_token_id
-        seg_column = token_ids == self.seg_token_id
-
-        outside = ~in_block
-        forbidden = (outside[:, None] & (code_column | end_column)[None, :])
-        forbidden |= (outside & (blocks_started >= self.max_depth_blocks))[:, None] & start_column[None, :]
-        forbidden |= (outside & (blocks_started > 0))[:, None] & seg_column[None, :]
-        forbidden |= wants_code[:, None] & ~code_column[None, :]
-        forbidden |= wants_end[:, None] & ~end_column[None, :]
+        outside_state = (blocks_started > 0).long() + 2 * (blocks_started >= self.max_depth_blocks).long()
+        state = torch.where(wants_code, WANTS_CODE, torch.where(wants_end, WANTS_END, outside_state))
+        forbidden = self._forbidden_tokens(scores.shape[-1], scores.device)[state]
         return scores.masked_fill(forbidden, float("-inf"))
 
 
@@ -187,21 +205,28 @@ class PerceptioGenerationMixin:
       switches it off). With `return_dict_in_generate=True` the output also carries `seg_hidden_states`: per row, the
       last-layer states (num_seg, d) at the generated `[SEG]` tokens, in order.
     - `predict(images, prompts, processor=None, **generate_kwargs)`: generation, masks and depth in one call.
+
+    A `[SEG]` that is the last generated token (cut off by `max_new_tokens`) is never fed back as an input, so the
+    hooks cannot see its state; it (and every `[SEG]` under beam search, whose rows are reordered) gets its state from
+    one teacher-forced forward of its sequence instead of being dropped, so every `[SEG]` gets a mask.
     """
 
     def generate(self, *args, spatial_grammar: bool = True, **kwargs):
-        """`GenerationMixin.generate` plus the spatial grammar and, for dict outputs, the `[SEG]` hidden states."""
+        """`GenerationMixin.generate` plus the spatial grammar and, for dict outputs, the `[SEG]` hidden states.
+
+        The `[SEG]` states need `input_ids`; a prompt given only as `inputs_embeds` gets the grammar (its output
+        holds only new tokens) but no `seg_hidden_states`.
+        """
         if not isinstance(spatial_grammar, bool):
             raise ValueError(f"spatial_grammar must be True or False, got {spatial_grammar!r}.")
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        if input_ids is None:
-            return super().generate(*args, **kwargs)
-        prompt_length = input_ids.shape[1]
+        prompt_length = 0 if input_ids is None else input_ids.shape[1]
         if spatial_grammar:
             processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
             processors.append(PerceptioSpatialGrammarLogitsProcessor.from_config(self.config, prompt_length))
             kwargs["logits_processor"] = processors
-        if not kwargs.get("return_dict_in_generate", False) or self.config.seg_token_id is None:
+        capture_seg = kwargs.get("return_dict_in_generate", False) and self.config.seg_token_id is not None
+        if input_ids is None or not capture_seg:
             return super().generate(*args, **kwargs)
         with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length) as capture:
             output = super().generate(*args, **kwargs)
@@ -234,9 +259,9 @@ class PerceptioGenerationMixin:
         """
         processor = self._resolve_processor(processor)
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
-        if prompt_list is None:
+        if not isinstance(prompts, (str, list, tuple)):
             raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}.")
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(image_list) != len(prompt_list) or not prompt_list:
             raise ValueError(
                 f"Got {len(image_list)} image(s) and {len(prompt_list)} prompt(s); give one image per prompt "
@@ -260,8 +285,9 @@ class PerceptioGenerationMixin:
     ) -> list:
         """`predict` on processor outputs (`input_ids`, `attention_mask`, `pixel_values`, `sam_pixel_values`).
 
-        `original_sizes` ((height, width) per sample) sets the size of masks and depth; `None` keeps SAM2's mask
-        size and the depth tokenizer's size. A `[SEG]` without `sam_pixel_values` raises a `ValueError`.
+        `original_sizes` ((height, width) per prompt, `processor.image_sizes(images)`) is the size masks and depth
+        come back at; it may be `None` only when no sample has a `[SEG]` or a depth block. A `[SEG]` without
+        `sam_pixel_values` raises a `ValueError`.
         """
         processor = self._resolve_processor(processor)
         if "input_ids" not in inputs:
@@ -304,7 +330,9 @@ class PerceptioGenerationMixin:
             )
         for method in ("post_process_generation", "parse_generation", "image_sizes", "format_prompt"):
             if not callable(getattr(processor, method, None)):
-                raise ValueError(f"processor must be a PerceptioProcessor (it lacks {method}); got {type(processor).__name__}.")
+                raise ValueError(
+                    f"processor must be a PerceptioProcessor (it lacks {method}); got {type(processor).__name__}."
+                )
         return processor
 
     def _seg_states_of_generation(
@@ -358,7 +386,10 @@ class PerceptioGenerationMixin:
         )
         pixel_values = self._tiles_of_prompts(input_ids, inputs.get("pixel_values"), sources)
         with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length) as capture:
-            self(input_ids=sequences[list(rows)], attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
+            self(
+                input_ids=sequences[list(rows)], attention_mask=attention_mask, pixel_values=pixel_values,
+                logits_to_keep=1,
+            )
         return [
             self._stack_states(
                 [capture.states[(index, int(position))] for position in

@@ -31,6 +31,23 @@ def resize_masks_to_logits(masks: torch.Tensor, size: tuple[int, int]) -> torch.
     return masks.squeeze(1).clamp(0.0, 1.0)
 
 
+def mask_iou_prediction_loss(
+    candidate_logits: torch.Tensor, predicted_iou: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error between SAM2's predicted IoU of each candidate (M, C) and its actual IoU with the target.
+
+    It trains the IoU head that picks the best candidate at inference, as SAM's own training does; the actual IoU
+    (candidates (M, C, H, W) thresholded at 0 against targets (M, H, W) above 0.5) is a constant target.
+    """
+    with torch.no_grad():
+        predicted = candidate_logits > 0
+        truth = (targets > 0.5).unsqueeze(1)
+        intersection = (predicted & truth).flatten(2).sum(-1).float()
+        union = (predicted | truth).flatten(2).sum(-1).float()
+        actual_iou = torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
+    return F.mse_loss(predicted_iou.float(), actual_iou)
+
+
 def segmentation_loss(
     mask_logits: torch.Tensor, targets: torch.Tensor, bce_weight: float, dice_weight: float, dice_epsilon: float
 ) -> torch.Tensor:

@@ -15,6 +15,7 @@ from transformers.models.internvl.modeling_internvl import (
 from transformers.utils import ModelOutput
 
 from .configuration_perceptio import PerceptioConfig
+from .generation_perceptio import PerceptioGenerationMixin
 from .loss_perceptio import (
     DepthBlocks,
     DepthTokenIds,
@@ -23,6 +24,7 @@ from .loss_perceptio import (
     depth_marker_loss,
     depth_token_loss,
     find_depth_blocks,
+    mask_iou_prediction_loss,
     resize_masks_to_logits,
     segmentation_loss,
 )
@@ -56,13 +58,31 @@ class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
 
 @dataclass
 class PerceptioMaskOutput(ModelOutput):
-    """Masks of one batch: per sample, low-res logits (num_seg, h, w) and predicted IoU (num_seg,)."""
+    """Masks of one batch, per sample: the best-IoU low-res logits (num_seg, h, w) and their predicted IoU
+    (num_seg,), and every multimask candidate (num_seg, M, h, w) with its predicted IoU (num_seg, M)."""
 
     mask_logits: list[torch.FloatTensor] | None = None
     mask_scores: list[torch.FloatTensor] | None = None
+    candidate_logits: list[torch.FloatTensor] | None = None
+    candidate_scores: list[torch.FloatTensor] | None = None
 
 
-class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
+def distinct_images(images: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The distinct rows of `images` (B, ...) in first-seen order, and for each row the index of its distinct row."""
+    firsts: list[int] = []
+    image_of_row: list[int] = []
+    for row in range(images.shape[0]):
+        match = next((slot for slot, first in enumerate(firsts) if torch.equal(images[row], images[first])), None)
+        if match is None:
+            firsts.append(row)
+            match = len(firsts) - 1
+        image_of_row.append(match)
+    if len(firsts) == images.shape[0]:
+        return images, image_of_row
+    return images[firsts], image_of_row
+
+
+class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForConditionalGeneration):
     r"""
     InternVL with three additions: `grounding_encoder` (transformers' `Sam2Model`), `text_hidden_fcs` (maps the
     LLM's last hidden state at each `[SEG]` to a SAM2 prompt embedding) and `depth_tokenizer` (the VQ-VAE whose codes
@@ -117,8 +137,8 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
             for matrix in matrices:
                 matrix[new_rows] = matrix[~new_rows].mean(0, keepdim=True).to(matrix.dtype)
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+    def prepare_inputs_for_generation(self, *args, inputs_embeds: torch.Tensor | None = None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, inputs_embeds=inputs_embeds, **kwargs)
         for name in POST_GENERATION_INPUTS:
             model_inputs.pop(name, None)
         return model_inputs
@@ -147,8 +167,8 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
         """All `[SEG]` prompts of one image through the SAM2 mask decoder in one call.
 
         `image_embeddings` is one image's pyramid (each level (1, C, h, w)); `prompt_embeddings` is (n, C). Each
-        prompt is appended to the sparse embedding of an empty point (label −1); of the multimask output the mask
-        with the best predicted IoU is kept. Returns logits (n, h', w') and scores (n,).
+        prompt is appended to the sparse embedding of an empty point (label −1). Returns SAM2's multimask output:
+        candidate logits (n, M, h', w') and their predicted IoU (n, M).
         """
         sam = self.grounding_encoder
         num_prompts = prompt_embeddings.shape[0]
@@ -166,31 +186,39 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
             multimask_output=True,
             high_resolution_features=image_embeddings[:-1],
         )
-        best = iou_scores[0].argmax(-1)
-        rows = torch.arange(num_prompts, device=device)
-        return mask_logits[0, rows, best], iou_scores[0, rows, best]
+        return mask_logits[0], iou_scores[0]
 
     def predict_masks(
         self, seg_hidden_states: list[torch.Tensor], sam_pixel_values: torch.Tensor
     ) -> PerceptioMaskOutput:
-        """Masks for each sample's `[SEG]` hidden states (num_seg, d); the SAM2 image encoder runs once per image."""
+        """Masks for each sample's `[SEG]` hidden states (num_seg, d).
+
+        The SAM2 image encoder runs once per distinct image (samples asking about the same image share it), and all of
+        a sample's `[SEG]`s go through the mask decoder in one call; of each multimask output the candidate with the
+        best predicted IoU is kept.
+        """
         if len(seg_hidden_states) != sam_pixel_values.shape[0]:
             raise ValueError(
                 f"Got [SEG] states for {len(seg_hidden_states)} samples but {sam_pixel_values.shape[0]} SAM2 images."
             )
-        image_embeddings = self.sam_image_embeddings(sam_pixel_values)
-        mask_logits, mask_scores = [], []
-        for index, hidden in enumerate(seg_hidden_states):
+        distinct, image_of_sample = distinct_images(sam_pixel_values)
+        image_embeddings = self.sam_image_embeddings(distinct)
+        low_res = 4 * image_embeddings[-1].shape[-1]
+        output = PerceptioMaskOutput(mask_logits=[], mask_scores=[], candidate_logits=[], candidate_scores=[])
+        for hidden, image in zip(seg_hidden_states, image_of_sample):
             if hidden.shape[0] == 0:
-                low_res = image_embeddings[0].shape[-1]
-                mask_logits.append(image_embeddings[-1].new_zeros(0, low_res, low_res))
-                mask_scores.append(image_embeddings[-1].new_zeros(0))
-                continue
-            sample_embeddings = [level[index : index + 1] for level in image_embeddings]
-            logits, scores = self.decode_masks(sample_embeddings, self.text_hidden_fcs(hidden))
-            mask_logits.append(logits)
-            mask_scores.append(scores)
-        return PerceptioMaskOutput(mask_logits=mask_logits, mask_scores=mask_scores)
+                candidates = image_embeddings[-1].new_zeros(0, 1, low_res, low_res)
+                scores = image_embeddings[-1].new_zeros(0, 1)
+            else:
+                sample_embeddings = [level[image : image + 1] for level in image_embeddings]
+                candidates, scores = self.decode_masks(sample_embeddings, self.text_hidden_fcs(hidden))
+            best = scores.argmax(-1)
+            rows = torch.arange(best.shape[0], device=best.device)
+            output.mask_logits.append(candidates[rows, best])
+            output.mask_scores.append(scores[rows, best])
+            output.candidate_logits.append(candidates)
+            output.candidate_scores.append(scores)
+        return output
 
     def forward(
         self,
@@ -351,6 +379,8 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
     ) -> tuple[PerceptioMaskOutput | None, torch.Tensor | None]:
         """Masks from the `[SEG]` states of a teacher-forced sequence, and `loss_mask` when training."""
         training = labels is not None or gt_masks is not None
+        if not training and sam_pixel_values is None:
+            return None, None
         if input_ids is None or self.config.seg_token_id is None:
             return None, hidden_states.new_zeros(()) if training else None
         seg_positions = input_ids == self.config.seg_token_id
@@ -376,22 +406,23 @@ class PerceptioForConditionalGeneration(InternVLForConditionalGeneration):
                 for sample_masks in gt_masks
                 if len(sample_masks)
             ]
-        )
+        ).to(logits.dtype)
         loss = segmentation_loss(
             logits,
-            targets.to(logits.dtype),
+            targets,
             self.config.mask_bce_weight,
             self.config.mask_dice_weight,
             self.config.mask_dice_epsilon,
         )
-        return masks, loss
+        iou_loss = mask_iou_prediction_loss(torch.cat(masks.candidate_logits), torch.cat(masks.candidate_scores), targets)
+        return masks, loss + self.config.mask_iou_loss_weight * iou_loss
 
     def _zero_weight_mask_loss(self, hidden_states: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         # A batch without [SEG] still runs the mask path (weight 0) so every process in DDP/DeepSpeed builds the same
         # graph and reduces the same gradients.
         dummy_states = [hidden_states[0, :1]] + [hidden_states[index, :0] for index in range(1, hidden_states.shape[0])]
         masks = self.predict_masks(dummy_states, sam_pixel_values)
-        return masks.mask_logits[0].sum() * 0.0
+        return (masks.candidate_logits[0].sum() + masks.candidate_scores[0].sum()) * 0.0
 
     @staticmethod
     def _check_masks_match_seg_tokens(

@@ -9,6 +9,7 @@ import torch
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .post_processing_perceptio import PerceptioPostProcessingMixin
 from .spatial_tokens_perceptio import (
     IMAGE_CONTEXT_TOKEN,
     IMAGE_END_TOKEN,
@@ -38,7 +39,7 @@ DEFAULT_CHAT_TEMPLATE = (
 END_OF_TURN = "<|im_end|>"
 
 
-class PerceptioProcessor(ProcessorMixin):
+class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
     r"""
     Turns images and prompts into Perceptio inputs, and (image, prompt, target) triples into training examples.
 

@@ -163,7 +163,7 @@ def referring_to_samples(
             if not expressions or not all(isinstance(text, str) and text.strip() for text in expressions):
                 raise ValueError(f"{name}: {expression_column!r} must be a non-empty string or list of them.")
             masks = batch[mask_column][position]
-            masks = masks if isinstance(masks, (list, tuple)) else [masks]
+            masks = [masks] if _is_single_mask(masks) else list(masks)
             binary = masks_to_tensor([_mask_array(mask) for mask in masks], name).numpy()
             mask_images = [(mask * MASK_FOREGROUND_BYTE).astype(np.uint8) for mask in binary]
             for expression in expressions:
@@ -208,6 +208,15 @@ def build_joint_referring_depth_dataset(
     )
     with_depth = add_teacher_depth_column(samples, teacher, depth_column=INVERSE_DEPTH_COLUMN, cache_dir=cache_dir)
     return add_depth_code_column(with_depth, depth_tokenizer)
+
+
+def _is_single_mask(masks: Any) -> bool:
+    # Without an Image feature, `datasets` hands a 2-D mask over as a list of rows.
+    if hasattr(masks, "convert"):
+        return True
+    if isinstance(masks, (list, tuple)) and masks and hasattr(masks[0], "convert"):
+        return False
+    return np.asarray(masks).ndim == 2
 
 
 def _mask_array(mask: Any) -> np.ndarray:

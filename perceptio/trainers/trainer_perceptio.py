@@ -14,6 +14,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
+from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+
 logger = logging.getLogger(__name__)
 
 LOSS_COMPONENTS = ("loss_lm", "loss_mask", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
@@ -58,6 +60,16 @@ class PerceptioTrainer(Trainer):
             self._component_sums = None
             self._component_count = 0
         super().log(logs, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(model, PerceptioForConditionalGeneration):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # `save_pretrained` writes InternVL's checkpoint key layout (`language_model.model.*`), which the Trainer's
+        # raw, non-strict resume load would silently skip; `from_pretrained` converts it, and the strict load proves
+        # every weight came back.
+        restored = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        model.load_state_dict(restored.state_dict(), strict=True)
 
     def _record_components(self, outputs) -> None:
         values = torch.stack([_component(outputs, name).detach().float() for name in LOSS_COMPONENTS])

@@ -17,7 +17,6 @@ from ..answer_parsing import parse_reference_letter
 from .choice_scoring import choice_record, choice_summary
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .resumable_run import BadSampleError, ResumableRun, RunSettings, batches
-from .shared_image_prediction import predict_batch
 
 BLINK_SUBSET = "Relative_Depth"
 BLINK_DEPTH_COLUMNS: tuple[str, ...] = ("question", "image_1", "choices", "answer")
@@ -78,7 +77,7 @@ def run_blink_depth(
             continue
         images = [image for _, image, _, _, _ in questions]
         prompts = [format_choice_prompt(question, choices, prompt_template) for _, _, question, choices, _ in questions]
-        predictions = predict_batch(model, processor, images, prompts, settings.predict_kwargs())
+        predictions = model.predict(list(images), list(prompts), processor=processor, **settings.predict_kwargs())
         for (index, _, _, choices, answer), prediction in zip(questions, predictions):
             run.add(choice_record(str(index), prediction.text, answer, len(choices), row=index))
         progress.update(len(questions))

@@ -24,7 +24,6 @@ from ..answer_parsing import parse_reference_letter
 from .choice_scoring import choice_record, choice_summary, choice_summary_by
 from .dataset_inputs import decode_rgb_image
 from .resumable_run import BadSampleError, ResumableRun, RunSettings, batches
-from .shared_image_prediction import predict_batch
 
 HARDBLINK_POINT_COUNTS: tuple[int, ...] = (3, 4, 5)
 QUESTION_FORMATS: tuple[str, ...] = ("long", "short")
@@ -116,8 +115,9 @@ def run_hardblink(
                 progress.update(1)
         if not readable:
             continue
-        predictions = predict_batch(
-            model, processor, [item[2] for item in readable], [item[3] for item in readable], settings.predict_kwargs()
+        predictions = model.predict(
+            [item[2] for item in readable], [item[3] for item in readable], processor=processor,
+            **settings.predict_kwargs(),
         )
         for (sample_id, num_points, _, _, answer), prediction in zip(readable, predictions):
             run.add(choice_record(sample_id, prediction.text, answer, num_points, num_points=num_points))

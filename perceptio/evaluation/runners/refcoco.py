@@ -11,7 +11,7 @@ Two dataset layouts are read (a `datasets` split: a `save_to_disk` folder, a `lo
 Every sentence is one sample: the model is asked `prompt_template.format(sentence=...)` (default
 "Please segment {sentence}.") and the union of the masks of its `[SEG]`s (empty when it writes none) is scored
 against the object's binarised ground-truth mask at the original image size. All sentences of an image go into one
-`predict` call, in which the SAM2 image encoder runs once for the image (see `shared_image_prediction`).
+`predict` call, in which the SAM2 image encoder runs once for the image (`predict_masks` encodes each distinct image once).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from ..segmentation_metrics import ReferringSegmentationScore, mask_intersection
 from .coco_masks import segmentation_to_mask
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
-from .shared_image_prediction import predict_batch
 
 REFCOCO_TASKS: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog")
 DEFAULT_REFERRING_PROMPT = "Please segment {sentence}."
@@ -217,7 +216,7 @@ def run_refcoco(
         queries = [query for group in batch for query in group.queries]
         images = [group.image for group in batch for _ in group.queries]
         prompts = [prompt_template.format(sentence=query.sentence) for query in queries]
-        predictions = predict_batch(model, processor, images, prompts, settings.predict_kwargs())
+        predictions = model.predict(list(images), list(prompts), processor=processor, **settings.predict_kwargs())
         for query, prediction in zip(queries, predictions):
             run.add(referring_record(query, prediction))
         progress.update(len(batch))

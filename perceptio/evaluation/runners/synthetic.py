@@ -31,7 +31,6 @@ from .choice_scoring import choice_record, choice_summary, choice_summary_by
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .refcoco import referring_summary
 from .resumable_run import BadSampleError, ResumableRun, RunSettings, batches
-from .shared_image_prediction import predict_batch
 
 SYNTHETIC_COLUMNS: tuple[str, ...] = ("image", "prompt", "answer", "masks", "depth", "use_depth_block", "task", "meta")
 DEPTH_PAIRS_PER_IMAGE = 1000
@@ -146,9 +145,9 @@ def run_synthetic(
                 progress.update(1)
         if not readable:
             continue
-        predictions = predict_batch(
-            model, processor, [image for _, _, image in readable], [row["prompt"] for _, row, _ in readable],
-            settings.predict_kwargs(),
+        predictions = model.predict(
+            [image for _, _, image in readable], [row["prompt"] for _, row, _ in readable], processor=processor,
+            **settings.predict_kwargs(),
         )
         for (index, row, _), prediction in zip(readable, predictions):
             run.add(synthetic_record(index, row, prediction))

@@ -1,0 +1,71 @@
+"""Worker of tests/test_ddp.py: a few PerceptioTrainer steps of the tiny model; writes the log history as JSON.
+
+Run as `torchrun --nproc_per_node 2 tests/ddp_training_worker.py OUT.json STEPS` (DDP on CPU with gloo) or plainly
+with one process and gradient accumulation 2 for the single-process reference over the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from datasets import Dataset
+from PIL import Image
+from transformers import TrainingArguments
+
+from perceptio.commands.train import OBJECTIVE_UNREACHED_MODULES
+from perceptio.tiny_models import build_tiny_perceptio
+from perceptio.trainers.collator_perceptio import PerceptioDataCollator
+from perceptio.trainers.trainer_perceptio import PerceptioTrainer
+
+SIDE = 32
+
+
+def samples() -> list[dict]:
+    """Two samples: one with a mask and a depth block, one plain VQA (no masks, no depth block)."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((SIDE, SIDE), dtype=np.uint8)
+    mask[4:20, 6:22] = 255
+    image = Image.fromarray(rng.integers(0, 256, size=(SIDE, SIDE, 3), dtype=np.uint8))
+    depth = rng.uniform(1.0, 6.0, size=(SIDE, SIDE)).astype(np.float32)
+    return [
+        {"image": image, "prompt": "Segment the cube.", "answer": "Here.", "masks": [mask], "depth": depth, "use_depth_block": True},
+        {"image": image, "prompt": "What colour is it?", "answer": "Red.", "masks": [], "depth": depth, "use_depth_block": False},
+    ]
+
+
+def main(output: str, steps: int) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model, processor = build_tiny_perceptio(seed=0)
+    for name in OBJECTIVE_UNREACHED_MODULES:
+        model.get_submodule(name).requires_grad_(False)
+    args = TrainingArguments(
+        output_dir=os.path.dirname(output) or ".",
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2 // world_size,
+        max_steps=steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        # Strict: a process whose graph skipped the mask path would leave parameters unreduced and fail.
+        ddp_find_unused_parameters=False,
+    )
+    collator = PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer, max_num_tiles=1)
+    trainer = PerceptioTrainer(model=model, args=args, train_dataset=Dataset.from_list(samples()), data_collator=collator)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        with open(output, "w", encoding="utf-8") as handle:
+            json.dump(trainer.state.log_history, handle)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,144 @@
+"""Depth-token losses of DESIGN.md §5 against values worked out by hand on small logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perceptio.modeling_perceptio.loss_perceptio import (
+    DepthTokenIds,
+    depth_code_logits,
+    depth_count_loss,
+    depth_marker_loss,
+    depth_token_loss,
+    find_depth_blocks,
+)
+
+# Vocabulary of 12: text 0..3, codes 4..6 (K = 3), <DEPTH_START> = 10, <DEPTH_END> = 11; N = 2 codes per block.
+IDS = DepthTokenIds(start=10, end=11, code_offset=4, num_codes=3, num_tokens=2)
+VOCAB = 12
+# Labels: text, <DEPTH_START> at 2, codes 0 and 2 at 3 and 4, <DEPTH_END> at 5, text.
+LABELS = torch.tensor([[-100, 1, 10, 4, 6, 11, 2]])
+
+
+def zero_logits() -> torch.Tensor:
+    return torch.zeros(1, LABELS.shape[1], VOCAB)
+
+
+def test_find_depth_blocks_locates_the_block():
+    blocks = find_depth_blocks(LABELS, IDS)
+    assert blocks.samples.tolist() == [0]
+    assert blocks.starts.tolist() == [2]
+    assert blocks.ends.tolist() == [5]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ([10, 4, 5, 11, 10, 4, 5, 11], "2 depth blocks"),
+        ([1, 10, 4, 5, 2], "no <DEPTH_END>"),
+        ([1, 10, 4, 2, 11], "non-code tokens"),
+        ([1, 10, 4, 11], "has 1 codes but exactly 2"),
+        ([1, 2, 11], "<DEPTH_END> without <DEPTH_START>"),
+    ],
+)
+def test_find_depth_blocks_rejects_malformed_blocks_naming_the_sample(row, message):
+    valid = [1, 10, 4, 5, 11]
+    length = max(len(valid), len(row))
+    labels = torch.tensor([valid + [-100] * (length - len(valid)), row + [-100] * (length - len(row))])
+    with pytest.raises(ValueError, match=f"Sample 1.*{message}|Sample 1 has {message}"):
+        find_depth_blocks(labels, IDS)
+
+
+def test_loss_count_is_zero_when_code_mass_over_span_is_exactly_n():
+    # Code logits ln 6 against 9 zero logits: mass 3·6 / (3·6 + 9) = 2/3 at each of the N + 1 = 3 span steps, sum 2 = N.
+    logits = zero_logits()
+    logits[0, 2:5, 4:7] = math.log(6.0)
+    blocks = find_depth_blocks(LABELS, IDS)
+    assert depth_count_loss(logits, blocks, IDS).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_loss_count_penalises_too_little_code_mass():
+    # All-zero logits: mass 3/12 per step, 0.75 over the span; ((0.75 − 2) / 2)² = 0.390625.
+    blocks = find_depth_blocks(LABELS, IDS)
+    assert depth_count_loss(zero_logits(), blocks, IDS).item() == pytest.approx(0.390625, rel=1e-6)
+
+
+def test_loss_token_is_cross_entropy_over_the_code_slice_only():
+    logits = zero_logits()
+    logits[0, 2:4, 0] = 100.0  # a dominant text logit must not matter for the restricted softmax
+    logits[0, 2, 4] = math.log(2.0)  # step predicting code 0: p = 2 / (2 + 1 + 1) = 1/2
+    blocks = find_depth_blocks(LABELS, IDS)
+    code_logits = depth_code_logits(logits, blocks, IDS)
+    loss = depth_token_loss(code_logits, LABELS, blocks, IDS)
+    # −ln(1/2) and −ln(1/3) (uniform over K = 3 at the step predicting code 2), averaged.
+    assert loss.item() == pytest.approx((math.log(2.0) + math.log(3.0)) / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[0, 2:4, 4:7], torch.tensor([0, 2])).item(), rel=1e-6)
+
+
+def test_depth_code_logits_is_the_k_slice_at_code_steps():
+    logits = torch.randn(1, LABELS.shape[1], VOCAB)
+    blocks = find_depth_blocks(LABELS, IDS)
+    code_logits = depth_code_logits(logits, blocks, IDS)
+    assert code_logits.shape == (1, 2, 3)
+    assert torch.equal(code_logits[0], logits[0, 2:4, 4:7])
+
+
+def test_loss_marker_is_full_vocabulary_cross_entropy_at_the_boundaries():
+    logits = zero_logits()
+    logits[0, 4, 11] = math.log(11.0)  # step predicting <DEPTH_END>: p = 11 / (11 + 11) = 1/2
+    blocks = find_depth_blocks(LABELS, IDS)
+    # <DEPTH_START> at uniform logits: −ln(1/12); <DEPTH_END>: −ln(1/2).
+    assert depth_marker_loss(logits, LABELS, blocks).item() == pytest.approx((math.log(12.0) + math.log(2.0)) / 2, rel=1e-6)
+
+
+def _tiny_block_labels(model, codes: torch.Tensor) -> torch.Tensor:
+    config = model.config
+    row = [-100, 5, config.depth_start_token_id, *(codes + config.depth_code_token_offset).tolist(), config.depth_end_token_id, 6]
+    return torch.tensor([row])
+
+
+def test_loss_depth_recon_reaches_code_logits_and_not_the_frozen_decoder(tiny_pair):
+    model = tiny_pair[0]
+    config = model.config
+    codes = torch.arange(config.num_depth_tokens) % config.num_depth_codes
+    labels = _tiny_block_labels(model, codes)
+    logits = torch.randn(1, labels.shape[1], config.text_config.vocab_size, requires_grad=True)
+    depth = torch.rand(24, 24) + 0.5
+    loss = model.depth_token_losses(logits, labels, [depth])["loss_depth_recon"]
+    loss.backward()
+    code_steps = slice(2, 2 + config.num_depth_tokens)
+    code_ids = slice(config.depth_code_token_offset, config.depth_code_token_offset + config.num_depth_codes)
+    assert logits.grad[0, code_steps, code_ids].abs().sum() > 0
+    assert all(parameter.grad is None for parameter in model.depth_tokenizer.parameters())
+    assert not any(parameter.requires_grad for parameter in model.depth_tokenizer.parameters())
+
+
+def test_loss_depth_recon_is_l1_to_decoded_ground_truth_codes(tiny_pair):
+    model = tiny_pair[0]
+    config = model.config
+    codes = (torch.arange(config.num_depth_tokens) * 7) % config.num_depth_codes
+    labels = _tiny_block_labels(model, codes)
+    code_ids = slice(config.depth_code_token_offset, config.depth_code_token_offset + config.num_depth_codes)
+    with torch.no_grad():
+        target = model.depth_tokenizer.decode(codes[None])
+        # Near one-hot code logits on the target codes: the soft merge equals the hard decode, so L1 = 0.
+        confident = torch.zeros(1, labels.shape[1], config.text_config.vocab_size)
+        confident[0, 1 + torch.arange(1, config.num_depth_tokens + 1), code_ids.start + codes] = 60.0
+        assert model.depth_token_losses(confident, labels)["loss_depth_recon"].item() == pytest.approx(0.0, abs=1e-4)
+        # Uniform code logits: every grid cell is the codebook mean, L1 against the decoded targets.
+        uniform = torch.zeros(1, labels.shape[1], config.text_config.vocab_size)
+        mixed = model.depth_tokenizer.decode_soft(torch.zeros(1, config.num_depth_tokens, config.num_depth_codes))
+        expected = (mixed - target).abs().mean()
+        assert model.depth_token_losses(uniform, labels)["loss_depth_recon"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_depth_losses_are_zero_without_a_depth_block(tiny_pair):
+    model = tiny_pair[0]
+    labels = torch.tensor([[-100, 5, 6, 7]])
+    logits = torch.randn(1, 4, model.config.text_config.vocab_size)
+    losses = model.depth_token_losses(logits, labels)
+    assert all(value.item() == 0.0 for value in losses.values())

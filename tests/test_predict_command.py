@@ -1,0 +1,96 @@
+"""`perceptio predict`: the overlay, depth picture and JSON it writes, and its errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perceptio.cli import build_parser, main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models run far faster on one thread than on cores shared with other test runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_pair, tmp_path_factory):
+    """A tiny checkpoint whose generation config biases it to write one [SEG] and then a depth block."""
+    model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
+    config = model.config
+    seg, start = config.seg_token_id, config.depth_start_token_id
+    model.generation_config.sequence_bias = [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    path = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_predict_writes_overlay_depth_and_json(checkpoint, image_file, tmp_path):
+    output_dir = tmp_path / "out"
+    code = main(["predict", "--model", str(checkpoint), "--image", str(image_file), "--prompt", "Segment the cube.",
+                 "--output-dir", str(output_dir), "--max-new-tokens", "22"])
+    assert code == 0
+    result = json.loads((output_dir / "prediction.json").read_text())
+    assert result["num_masks"] == 1 and result["mask_size"] == [40, 70] and result["depth_size"] == [40, 70]
+    assert len(result["depth_codes"]) == 16 and not result["depth_truncated"]
+    overlay = Image.open(output_dir / result["overlay"])
+    depth = Image.open(output_dir / result["depth_image"])
+    assert overlay.size == depth.size == (70, 40) and overlay.mode == depth.mode == "RGB"
+    original = np.asarray(Image.open(image_file))
+    assert (np.asarray(overlay) != original).any() == (result["mask_areas"][0] > 0)
+
+
+def test_truncated_depth_writes_no_depth_picture(checkpoint, image_file, tmp_path):
+    code = main(["predict", "--model", str(checkpoint), "--image", str(image_file), "--prompt", "Depth?",
+                 "--output-dir", str(tmp_path), "--max-new-tokens", "5"])
+    result = json.loads((tmp_path / "prediction.json").read_text())
+    assert code == 0 and result["depth_truncated"] and result["depth_image"] is None
+    assert not (tmp_path / "depth.png").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--image": "missing.png"}, "does not exist"),
+        ({"--model": "nowhere"}, "no config.json"),
+        ({"--max-new-tokens": "0"}, "positive"),
+    ],
+)
+def test_bad_arguments_fail_with_a_message(checkpoint, image_file, tmp_path, capsys, change, message):
+    arguments = {"--model": str(checkpoint), "--image": str(image_file), "--prompt": "Hi",
+                 "--output-dir": str(tmp_path)}
+    for key, value in change.items():
+        arguments[key] = value if key == "--max-new-tokens" else str(tmp_path / value)
+    code = main(["predict", *[item for pair in arguments.items() for item in pair]])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_unreadable_image_fails_with_a_message(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    code = main(["predict", "--model", str(checkpoint), "--image", str(bad), "--prompt", "Hi", "--output-dir",
+                 str(tmp_path)])
+    assert code == 2 and "not an image" in capsys.readouterr().err
+
+
+def test_help_has_an_example(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "--help"])
+    assert "example:" in capsys.readouterr().out
