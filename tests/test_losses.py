@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from perceptio.modeling_perceptio.loss_perceptio import (
     DepthTokenIds,
     depth_code_logits,
+    depth_code_targets,
     depth_count_loss,
     depth_marker_loss,
     depth_token_loss,
     find_depth_blocks,
+    gather_block_steps,
 )
 
 # Vocabulary of 12: text 0..3, codes 4..6 (K = 3), <DEPTH_START> = 10, <DEPTH_END> = 11; N = 2 codes per block.
@@ -26,6 +28,12 @@ LABELS = torch.tensor([[-100, 1, 10, 4, 6, 11, 2]])
 
 def zero_logits() -> torch.Tensor:
     return torch.zeros(1, LABELS.shape[1], VOCAB)
+
+
+def block_steps(logits: torch.Tensor, labels: torch.Tensor = LABELS, ids: DepthTokenIds = IDS):
+    """The blocks of `labels` and the logits at their N + 2 steps."""
+    blocks = find_depth_blocks(labels, ids)
+    return blocks, gather_block_steps(logits, blocks, ids.num_tokens)
 
 
 def test_find_depth_blocks_locates_the_block():
@@ -57,23 +65,23 @@ def test_loss_count_is_zero_when_code_mass_over_span_is_exactly_n():
     # Code logits ln 6 against 9 zero logits: mass 3·6 / (3·6 + 9) = 2/3 at each of the N + 1 = 3 span steps, sum 2 = N.
     logits = zero_logits()
     logits[0, 2:5, 4:7] = math.log(6.0)
-    blocks = find_depth_blocks(LABELS, IDS)
-    assert depth_count_loss(logits, blocks, IDS).item() == pytest.approx(0.0, abs=1e-7)
+    _, step_logits = block_steps(logits)
+    assert depth_count_loss(step_logits, IDS).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_loss_count_penalises_too_little_code_mass():
     # All-zero logits: mass 3/12 per step, 0.75 over the span; ((0.75 − 2) / 2)² = 0.390625.
-    blocks = find_depth_blocks(LABELS, IDS)
-    assert depth_count_loss(zero_logits(), blocks, IDS).item() == pytest.approx(0.390625, rel=1e-6)
+    _, step_logits = block_steps(zero_logits())
+    assert depth_count_loss(step_logits, IDS).item() == pytest.approx(0.390625, rel=1e-6)
 
 
 def test_loss_token_is_cross_entropy_over_the_code_slice_only():
     logits = zero_logits()
     logits[0, 2:4, 0] = 100.0  # a dominant text logit must not matter for the restricted softmax
     logits[0, 2, 4] = math.log(2.0)  # step predicting code 0: p = 2 / (2 + 1 + 1) = 1/2
-    blocks = find_depth_blocks(LABELS, IDS)
-    code_logits = depth_code_logits(logits, blocks, IDS)
-    loss = depth_token_loss(code_logits, LABELS, blocks, IDS)
+    blocks, step_logits = block_steps(logits)
+    code_logits = depth_code_logits(step_logits, IDS)
+    loss = depth_token_loss(code_logits, depth_code_targets(LABELS, blocks, IDS))
     # −ln(1/2) and −ln(1/3) (uniform over K = 3 at the step predicting code 2), averaged.
     assert loss.item() == pytest.approx((math.log(2.0) + math.log(3.0)) / 2, rel=1e-6)
     assert loss.item() == pytest.approx(F.cross_entropy(logits[0, 2:4, 4:7], torch.tensor([0, 2])).item(), rel=1e-6)
@@ -81,18 +89,24 @@ def test_loss_token_is_cross_entropy_over_the_code_slice_only():
 
 def test_depth_code_logits_is_the_k_slice_at_code_steps():
     logits = torch.randn(1, LABELS.shape[1], VOCAB)
-    blocks = find_depth_blocks(LABELS, IDS)
-    code_logits = depth_code_logits(logits, blocks, IDS)
+    blocks, step_logits = block_steps(logits)
+    code_logits = depth_code_logits(step_logits, IDS)
     assert code_logits.shape == (1, 2, 3)
+    assert depth_code_targets(LABELS, blocks, IDS).tolist() == [[0, 2]]
     assert torch.equal(code_logits[0], logits[0, 2:4, 4:7])
 
 
 def test_loss_marker_is_full_vocabulary_cross_entropy_at_the_boundaries():
     logits = zero_logits()
     logits[0, 4, 11] = math.log(11.0)  # step predicting <DEPTH_END>: p = 11 / (11 + 11) = 1/2
-    blocks = find_depth_blocks(LABELS, IDS)
+    _, step_logits = block_steps(logits)
     # <DEPTH_START> at uniform logits: −ln(1/12); <DEPTH_END>: −ln(1/2).
-    assert depth_marker_loss(logits, LABELS, blocks).item() == pytest.approx((math.log(12.0) + math.log(2.0)) / 2, rel=1e-6)
+    assert depth_marker_loss(step_logits, IDS).item() == pytest.approx((math.log(12.0) + math.log(2.0)) / 2, rel=1e-6)
+
+
+def _model_depth_losses(model, logits, labels, depth_maps=None):
+    blocks, step_logits = block_steps(logits, labels, model.depth_token_ids())
+    return model.depth_losses_of_step_logits(step_logits, blocks, labels, depth_maps)
 
 
 def _tiny_block_labels(model, codes: torch.Tensor) -> torch.Tensor:
@@ -108,7 +122,7 @@ def test_loss_depth_recon_reaches_code_logits_and_not_the_frozen_decoder(tiny_pa
     labels = _tiny_block_labels(model, codes)
     logits = torch.randn(1, labels.shape[1], config.text_config.vocab_size, requires_grad=True)
     depth = torch.rand(24, 24) + 0.5
-    loss = model.depth_token_losses(logits, labels, [depth])["loss_depth_recon"]
+    loss = _model_depth_losses(model, logits, labels, [depth])["loss_depth_recon"]
     loss.backward()
     code_steps = slice(2, 2 + config.num_depth_tokens)
     code_ids = slice(config.depth_code_token_offset, config.depth_code_token_offset + config.num_depth_codes)
@@ -128,17 +142,29 @@ def test_loss_depth_recon_is_l1_to_decoded_ground_truth_codes(tiny_pair):
         # Near one-hot code logits on the target codes: the soft merge equals the hard decode, so L1 = 0.
         confident = torch.zeros(1, labels.shape[1], config.text_config.vocab_size)
         confident[0, 1 + torch.arange(1, config.num_depth_tokens + 1), code_ids.start + codes] = 60.0
-        assert model.depth_token_losses(confident, labels)["loss_depth_recon"].item() == pytest.approx(0.0, abs=1e-4)
+        assert _model_depth_losses(model, confident, labels)["loss_depth_recon"].item() == pytest.approx(0.0, abs=1e-4)
         # Uniform code logits: every grid cell is the codebook mean, L1 against the decoded targets.
         uniform = torch.zeros(1, labels.shape[1], config.text_config.vocab_size)
         mixed = model.depth_tokenizer.decode_soft(torch.zeros(1, config.num_depth_tokens, config.num_depth_codes))
         expected = (mixed - target).abs().mean()
-        assert model.depth_token_losses(uniform, labels)["loss_depth_recon"].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert _model_depth_losses(model, uniform, labels)["loss_depth_recon"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_depth_losses_are_zero_without_a_depth_block(tiny_pair):
     model = tiny_pair[0]
     labels = torch.tensor([[-100, 5, 6, 7]])
-    logits = torch.randn(1, 4, model.config.text_config.vocab_size)
-    losses = model.depth_token_losses(logits, labels)
+    hidden_states = torch.randn(1, 4, model.config.text_config.hidden_size)
+    losses = model.depth_token_losses(hidden_states, labels)
     assert all(value.item() == 0.0 for value in losses.values())
+
+
+def test_depth_terms_from_hidden_states_equal_those_from_full_logits(tiny_pair):
+    model = tiny_pair[0]
+    config = model.config
+    labels = _tiny_block_labels(model, torch.arange(config.num_depth_tokens) % config.num_depth_codes)
+    hidden_states = torch.randn(1, labels.shape[1], config.text_config.hidden_size)
+    with torch.no_grad():
+        from_hidden = model.depth_token_losses(hidden_states, labels)
+        from_logits = _model_depth_losses(model, model.lm_head(hidden_states), labels)
+    for name, value in from_hidden.items():
+        assert value.item() == pytest.approx(from_logits[name].item(), rel=1e-5), name

@@ -19,6 +19,7 @@ from perceptio.data.synthetic_tasks import (
     generate_task_sample,
     make_relative_depth_sample,
     referring_expressions,
+    DEPTH_REQUEST,
 )
 
 CONFIG = DEFAULT_TASK_CONFIG
@@ -143,16 +144,17 @@ def test_vqa_answers_follow_from_the_scene(seed):
     scene = render_scene(seed, image_size=48)
     rng = np.random.default_rng(seed)
     count = generate_task_sample(scene, "vqa_count", rng)
-    phrase = count.prompt[len("How many "): -len(" are there?")]
+    question = count.prompt.removesuffix(f" {DEPTH_REQUEST}")
+    phrase = question[len("How many "): -len(" are there?")]
     assert count.answer == str(len(matching(scene.objects, phrase)))
     colour = generate_task_sample(scene, "vqa_colour", rng)
     if colour is not None:
-        phrase = colour.prompt[len("What colour is the "): -1]
+        phrase = colour.prompt.removesuffix(f" {DEPTH_REQUEST}")[len("What colour is the "): -1]
         assert parse_phrase(phrase)["colour"] is None
         assert colour.answer == single(scene.objects, phrase).colour.capitalize()
     shape = generate_task_sample(scene, "vqa_shape", rng)
     if shape is not None:
-        phrase = shape.prompt[len("What shape is the "): -1]
+        phrase = shape.prompt.removesuffix(f" {DEPTH_REQUEST}")[len("What shape is the "): -1]
         assert parse_phrase(phrase)["shape"] is None
         assert shape.answer == single(scene.objects, phrase).shape.capitalize()
 
@@ -217,3 +219,16 @@ def test_invalid_builder_arguments_raise_value_error(kwargs, tmp_path):
     arguments = {"num_train": 1, "num_validation": 0, "num_test": 0, "image_size": 32, "seed": 0, "cache_dir": str(tmp_path)}
     with pytest.raises(ValueError):
         build_synthetic_dataset(**{**arguments, **kwargs})
+
+
+def test_samples_with_a_depth_block_ask_for_it_unless_they_are_depth_questions():
+    from perceptio.data.synthetic_dataset import generate_sample
+
+    samples = [generate_sample(seed=3, split="train", index=index, image_size=64) for index in range(40)]
+    for sample in samples:
+        asks = sample["prompt"].endswith(DEPTH_REQUEST)
+        if sample["task"] == "relative_depth":
+            assert sample["use_depth_block"] and not asks
+        else:
+            assert asks == sample["use_depth_block"]
+    assert any(sample["use_depth_block"] and sample["task"] != "relative_depth" for sample in samples)

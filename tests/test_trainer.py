@@ -333,4 +333,6 @@ def test_train_command_rejects_unknown_config_keys(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert cli_main(["train", "--config", str(path)]) == 2
     assert "unknown keys ['lora_rank']" in capsys.readouterr().err
-    assert cli_main(["train", "--recipe", "no-such-recipe"]) == 2
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--recipe", "no-such-recipe"])
+    assert cli_main(["train", "--recipe", "synthetic-tiny"]) == 2

@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained or `perceptio export`)")
+    parser.add_argument(
+        "--model", help="checkpoint folder (save_pretrained or `perceptio export`); default: the embedded checkpoint"
+    )
     parser.add_argument("--image", required=True, help="image file (anything PIL opens)")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     parser.add_argument("--output-dir", required=True)
@@ -39,38 +41,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
-    from perceptio.processing.visualization_perceptio import render_depth, render_mask_overlay
+    from perceptio.embedded_checkpoint import embedded_checkpoint_path
 
     if args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise ValueError("--max-new-tokens and --num-beams must be positive integers.")
-    model_dir, image_path = Path(args.model), Path(args.image)
+    model_dir = Path(args.model) if args.model is not None else embedded_checkpoint_path()
+    image_path = Path(args.image)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model {model_dir} is not a checkpoint folder (no config.json).")
-    if not image_path.is_file():
-        raise ValueError(f"--image {image_path} does not exist.")
-    try:
-        image = Image.open(image_path)
-        image.load()
-    except OSError as error:
-        raise ValueError(f"--image {image_path} is not an image PIL can read: {error}") from error
+    image = load_image_file(image_path)
     model = PerceptioForConditionalGeneration.from_pretrained(model_dir).to(torch.device(args.device)).eval()
     processor = PerceptioProcessor.from_pretrained(model_dir)
     (prediction,) = model.predict(
         [image], [args.prompt], processor=processor, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams, mask_threshold=args.mask_threshold,
     )
-    output_dir = Path(args.output_dir)
+    write_prediction_outputs(image, prediction, Path(args.output_dir), image=str(image_path), prompt=args.prompt)
+    return 0
+
+
+def load_image_file(path: Path):
+    """The image at `path`, decoded, or a `ValueError` naming the file."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise ValueError(f"--image {path} does not exist.")
+    try:
+        image = Image.open(path)
+        image.load()
+    except OSError as error:
+        raise ValueError(f"--image {path} is not an image PIL can read: {error}") from error
+    return image
+
+
+def write_prediction_outputs(picture, prediction, output_dir: Path, **record) -> dict:
+    """Write the overlay of `picture`, the depth PNG (when there is a depth map) and the JSON of one prediction.
+
+    `record` adds fields (the image path, the prompt) to the JSON. Returns the JSON's content.
+    """
+    from perceptio.processing.visualization_perceptio import render_depth, render_mask_overlay
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    render_mask_overlay(image, prediction.masks).save(output_dir / OVERLAY_FILE)
+    render_mask_overlay(picture, prediction.masks).save(output_dir / OVERLAY_FILE)
     result = prediction.to_json_dict()
-    result.update(image=str(image_path), prompt=args.prompt, overlay=OVERLAY_FILE, depth_image=None)
+    result.update(record, overlay=OVERLAY_FILE, depth_image=None)
     if prediction.depth is not None:
         render_depth(prediction.depth).save(output_dir / DEPTH_FILE)
         result["depth_image"] = DEPTH_FILE
     (output_dir / JSON_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    depth = "yes" if prediction.depth is not None else "no"
-    print(f"{prediction.text!r}: {len(prediction.masks)} mask(s), depth {depth} -> {output_dir}")
-    return 0
+    print(f"{prediction.text!r}: {len(prediction.masks)} mask(s), depth {'yes' if prediction.depth is not None else 'no'}"
+          f" -> {output_dir}")
+    return result

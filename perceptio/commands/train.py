@@ -1,4 +1,4 @@
-"""`perceptio train`: train Perceptio with `PerceptioTrainer` from a YAML configuration (or a named recipe).
+"""`perceptio train`: train Perceptio with `PerceptioTrainer` from a YAML configuration, or run a named recipe.
 
 Runs unchanged under `accelerate launch` / DeepSpeed: the Trainer reads the distributed environment itself.
 """
@@ -11,11 +11,13 @@ EXAMPLE = """example:
   perceptio train --config examples/configs/tiny-cpu.yaml
   perceptio train --config examples/configs/perceptio-8b-lora.yaml --resume
   accelerate launch --num_processes 8 -m perceptio.cli train --config examples/configs/perceptio-8b-lora.yaml
+  perceptio train --recipe synthetic-tiny --output-dir runs/synthetic-tiny      # the embedded checkpoint's recipe
+  perceptio train --recipe synthetic-tiny --ablation no-depth-tokens --output-dir runs/ablation-no-depth
 """
+RECIPES = ("synthetic-tiny",)
 
 
 OBJECTIVE_UNREACHED_MODULES = (
-    "grounding_encoder.mask_decoder.iou_prediction_head",
     "grounding_encoder.mask_decoder.pred_obj_score_head",
     "grounding_encoder.prompt_encoder.mask_embed",
 )
@@ -30,8 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML configuration file (sections: training, model, data, loss)")
-    parser.add_argument("--recipe", help="a named recipe (perceptio.trainers.training_config.TRAINING_RECIPES)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML configuration file (sections: training, model, data, loss)")
+    source.add_argument("--recipe", choices=RECIPES, help="a complete named recipe (data, tokenizer, model, training)")
+    parser.add_argument("--output-dir", help="with --recipe: where the recipe writes its data, model and summary")
+    parser.add_argument(
+        "--ablation", default="full", help="with --recipe: full, no-depth-tokens, no-seg or depth-lm-only"
+    )
+    parser.add_argument("--train-steps", type=int, help="with --recipe: override the recipe's training steps")
+    parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--resume", nargs="?", const=True, default=None, help="resume from CHECKPOINT, or from the latest in output_dir"
     )
@@ -39,10 +48,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recipe is not None:
+        return run_recipe(args)
     from perceptio.trainers.training_config import load_training_config
 
-    config = load_training_config(args.config, args.recipe)
-    train_perceptio(config, resume_from_checkpoint=args.resume)
+    train_perceptio(load_training_config(args.config), resume_from_checkpoint=args.resume)
+    return 0
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    """Run the named recipe end to end and print where its model and summary are."""
+    from dataclasses import replace
+
+    from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, run_synthetic_tiny_recipe
+
+    if args.output_dir is None:
+        raise ValueError("--recipe needs --output-dir (where the recipe writes its data, model and summary).")
+    if args.resume is not None:
+        raise ValueError("--resume applies to --config runs; a recipe reruns from its seed.")
+    recipe = SyntheticTinyRecipe(seed=args.seed)
+    if args.train_steps is not None:
+        recipe = replace(recipe, train_steps=args.train_steps)
+    summary = run_synthetic_tiny_recipe(args.output_dir, recipe, ablation=args.ablation)
+    print(
+        f"Recipe {args.recipe} ({args.ablation}) done in {summary['timings']['total_s'] / 60:.1f} min; model in "
+        f"{args.output_dir}/model, summary in {args.output_dir}/recipe_summary.json. Evaluate it with "
+        f"`perceptio eval synthetic --model {args.output_dir}/model --data {args.output_dir}/dataset`."
+    )
     return 0
 
 

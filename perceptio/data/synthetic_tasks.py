@@ -82,6 +82,7 @@ class TaskConfig:
 
 
 DEFAULT_TASK_CONFIG = TaskConfig()
+DEPTH_REQUEST = "Also estimate the depth of the scene."
 
 
 @dataclass
@@ -515,9 +516,16 @@ TASK_BUILDERS: dict[str, Callable[..., TaskSample | None]] = {
 def generate_task_sample(
     scene: SceneRender, task: str, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG
 ) -> TaskSample | None:
-    """Pose `task` on `scene`; None when this scene admits no unambiguous question of that task."""
+    """Pose `task` on `scene`; None when this scene admits no unambiguous question of that task.
+
+    A sample that carries a depth block without being a depth question asks for it in its prompt
+    (`DEPTH_REQUEST`), so the model can learn when to write one.
+    """
     if task not in TASK_BUILDERS:
         raise ValueError(f"task must be one of {TASK_NAMES}, got {task!r}")
     if not isinstance(scene, SceneRender):
         raise ValueError(f"scene must be a SceneRender, got {type(scene).__name__}")
-    return TASK_BUILDERS[task](scene, rng, config)
+    sample = TASK_BUILDERS[task](scene, rng, config)
+    if sample is not None and sample.use_depth_block and sample.task != "relative_depth":
+        sample.prompt = f"{sample.prompt} {DEPTH_REQUEST}"
+    return sample

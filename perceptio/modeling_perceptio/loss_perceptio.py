@@ -123,47 +123,48 @@ def find_depth_blocks(labels: torch.LongTensor, ids: DepthTokenIds) -> DepthBloc
     )
 
 
-def depth_marker_loss(logits: torch.Tensor, labels: torch.LongTensor, blocks: DepthBlocks) -> torch.Tensor:
-    """Cross-entropy (full vocabulary) at the steps that must emit `<DEPTH_START>` and `<DEPTH_END>`."""
-    samples = torch.cat([blocks.samples, blocks.samples])
-    targets = torch.cat([blocks.starts, blocks.ends])
-    # The logit at position t predicts the label at t + 1.
-    return F.cross_entropy(logits[samples, targets - 1].float(), labels[samples, targets])
+def gather_block_steps(values: torch.Tensor, blocks: DepthBlocks, num_tokens: int) -> torch.Tensor:
+    """Rows of `values` (B, L, X) at the N + 2 steps of each block that emit `<DEPTH_START>`, the N codes and
+    `<DEPTH_END>`: (num_blocks, N + 2, X). The step that emits the label at position t is position t − 1."""
+    offsets = torch.arange(num_tokens + 2, device=blocks.starts.device)
+    positions = blocks.starts[:, None] + offsets[None, :] - 1
+    samples = blocks.samples[:, None].expand_as(positions)
+    return values[samples, positions]
 
 
-def _code_positions(blocks: DepthBlocks, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(samples, label positions) of every code, block-major: shape (num_blocks * N,) each."""
-    offsets = torch.arange(1, num_tokens + 1, device=blocks.starts.device)
-    positions = (blocks.starts[:, None] + offsets[None, :]).reshape(-1)
-    samples = blocks.samples[:, None].expand(-1, num_tokens).reshape(-1)
-    return samples, positions
+def depth_marker_loss(step_logits: torch.Tensor, ids: DepthTokenIds) -> torch.Tensor:
+    """Cross-entropy (full vocabulary) at the steps that must emit `<DEPTH_START>` and `<DEPTH_END>`.
+
+    `step_logits` is (num_blocks, N + 2, V) from `gather_block_steps`.
+    """
+    boundaries = step_logits[:, [0, -1]].reshape(-1, step_logits.shape[-1]).float()
+    targets = torch.tensor([ids.start, ids.end], device=step_logits.device).repeat(step_logits.shape[0])
+    return F.cross_entropy(boundaries, targets)
 
 
-def depth_code_logits(logits: torch.Tensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.Tensor:
-    """The K code logits at the N code steps of each block: (num_blocks, N, K) — a slice, never a vocab copy."""
-    samples, positions = _code_positions(blocks, ids.num_tokens)
-    code_slice = logits[samples, positions - 1, ids.code_offset : ids.code_offset + ids.num_codes]
-    return code_slice.reshape(len(blocks), ids.num_tokens, ids.num_codes)
+def depth_code_logits(step_logits: torch.Tensor, ids: DepthTokenIds) -> torch.Tensor:
+    """The K code logits at the N code steps of each block: (num_blocks, N, K)."""
+    return step_logits[:, 1:-1, ids.code_offset : ids.code_offset + ids.num_codes]
 
 
-def depth_token_loss(code_logits: torch.Tensor, labels: torch.LongTensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.Tensor:
+def depth_code_targets(labels: torch.LongTensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.LongTensor:
+    """The ground-truth codes of each block: (num_blocks, N) in [0, K)."""
+    offsets = torch.arange(1, ids.num_tokens + 1, device=blocks.starts.device)
+    positions = blocks.starts[:, None] + offsets[None, :]
+    return labels[blocks.samples[:, None].expand_as(positions), positions] - ids.code_offset
+
+
+def depth_token_loss(code_logits: torch.Tensor, code_targets: torch.LongTensor) -> torch.Tensor:
     """Cross-entropy over the K code logits only (restricted softmax) at every code step."""
-    samples, positions = _code_positions(blocks, ids.num_tokens)
-    targets = labels[samples, positions] - ids.code_offset
-    return F.cross_entropy(code_logits.reshape(-1, ids.num_codes).float(), targets)
+    return F.cross_entropy(code_logits.reshape(-1, code_logits.shape[-1]).float(), code_targets.reshape(-1))
 
 
-def depth_count_loss(logits: torch.Tensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.Tensor:
+def depth_count_loss(step_logits: torch.Tensor, ids: DepthTokenIds) -> torch.Tensor:
     """Mean over blocks of ((Σ_t p_t − N) / N)², p_t the probability mass on the K codes at each step from the first
     code to `<DEPTH_END>` — a differentiable penalty on emitting too many or too few codes."""
-    span = ids.num_tokens + 1
-    offsets = torch.arange(1, span + 1, device=blocks.starts.device)
-    positions = (blocks.starts[:, None] + offsets[None, :]).reshape(-1)
-    samples = blocks.samples[:, None].expand(-1, span).reshape(-1)
-    step_logits = logits[samples, positions - 1].float()
+    span = step_logits[:, 1:].float()
     code_mass = torch.exp(
-        torch.logsumexp(step_logits[:, ids.code_offset : ids.code_offset + ids.num_codes], dim=-1)
-        - torch.logsumexp(step_logits, dim=-1)
+        torch.logsumexp(span[..., ids.code_offset : ids.code_offset + ids.num_codes], dim=-1)
+        - torch.logsumexp(span, dim=-1)
     )
-    totals = code_mass.view(len(blocks), span).sum(-1)
-    return (((totals - ids.num_tokens) / ids.num_tokens) ** 2).mean()
+    return (((code_mass.sum(-1) - ids.num_tokens) / ids.num_tokens) ** 2).mean()

@@ -20,10 +20,12 @@ from .loss_perceptio import (
     DepthBlocks,
     DepthTokenIds,
     depth_code_logits,
+    depth_code_targets,
     depth_count_loss,
     depth_marker_loss,
     depth_token_loss,
     find_depth_blocks,
+    gather_block_steps,
     mask_iou_prediction_loss,
     resize_masks_to_logits,
     segmentation_loss,
@@ -204,11 +206,12 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         distinct, image_of_sample = distinct_images(sam_pixel_values)
         image_embeddings = self.sam_image_embeddings(distinct)
         low_res = 4 * image_embeddings[-1].shape[-1]
+        num_candidates = self.grounding_encoder.mask_decoder.num_multimask_outputs
         output = PerceptioMaskOutput(mask_logits=[], mask_scores=[], candidate_logits=[], candidate_scores=[])
         for hidden, image in zip(seg_hidden_states, image_of_sample):
             if hidden.shape[0] == 0:
-                candidates = image_embeddings[-1].new_zeros(0, 1, low_res, low_res)
-                scores = image_embeddings[-1].new_zeros(0, 1)
+                candidates = image_embeddings[-1].new_zeros(0, num_candidates, low_res, low_res)
+                scores = image_embeddings[-1].new_zeros(0, num_candidates)
             else:
                 sample_embeddings = [level[image : image + 1] for level in image_embeddings]
                 candidates, scores = self.decode_masks(sample_embeddings, self.text_hidden_fcs(hidden))
@@ -265,7 +268,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("Training needs logits at every position: call with labels and logits_to_keep=0.")
             loss_lm = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-            depth_losses = self.depth_token_losses(logits, labels, depth_maps)
+            depth_losses = self.depth_token_losses(hidden_states, labels, depth_maps)
             config = self.config
             loss = (
                 loss_lm
@@ -306,44 +309,59 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
 
     def depth_token_losses(
         self,
-        logits: torch.Tensor,
+        hidden_states: torch.Tensor,
         labels: torch.LongTensor,
         depth_maps: list[torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`loss_marker`, `loss_token`, `loss_count` and `loss_depth_recon` of DESIGN.md §5 (0 without depth blocks)."""
+        """`loss_marker`, `loss_token`, `loss_count` and `loss_depth_recon` of DESIGN.md §5 (0 without depth blocks).
+
+        Only the N + 2 steps of each depth block go through the LM head again (from the last hidden states): the
+        terms never index the full (batch, length, vocabulary) logits, whose backward would scatter into a copy of
+        their whole size.
+        """
         ids = self.depth_token_ids()
         blocks = find_depth_blocks(labels, ids) if ids is not None else None
         if blocks is None or not len(blocks):
-            return {name: logits.new_zeros((), dtype=torch.float32) for name in DEPTH_LOSS_NAMES}
-        code_logits = depth_code_logits(logits, blocks, ids)
+            return {name: hidden_states.new_zeros((), dtype=torch.float32) for name in DEPTH_LOSS_NAMES}
+        step_logits = self.lm_head(gather_block_steps(hidden_states, blocks, ids.num_tokens))
+        return self.depth_losses_of_step_logits(step_logits, blocks, labels, depth_maps)
+
+    def depth_losses_of_step_logits(
+        self,
+        step_logits: torch.Tensor,
+        blocks: DepthBlocks,
+        labels: torch.LongTensor,
+        depth_maps: list[torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The four depth terms from the logits (num_blocks, N + 2, V) at the block steps of `blocks`."""
+        ids = self.depth_token_ids()
+        code_logits = depth_code_logits(step_logits, ids)
+        code_targets = depth_code_targets(labels, blocks, ids)
         return {
-            "loss_marker": depth_marker_loss(logits, labels, blocks),
-            "loss_token": depth_token_loss(code_logits, labels, blocks, ids),
-            "loss_count": depth_count_loss(logits, blocks, ids),
-            "loss_depth_recon": self._depth_reconstruction_loss(code_logits, labels, blocks, ids, depth_maps),
+            "loss_marker": depth_marker_loss(step_logits, ids),
+            "loss_token": depth_token_loss(code_logits, code_targets),
+            "loss_count": depth_count_loss(step_logits, ids),
+            "loss_depth_recon": self._depth_reconstruction_loss(code_logits, code_targets, blocks, depth_maps),
         }
 
     def _depth_reconstruction_loss(
         self,
         code_logits: torch.Tensor,
-        labels: torch.LongTensor,
+        code_targets: torch.LongTensor,
         blocks: DepthBlocks,
-        ids: DepthTokenIds,
         depth_maps: list[torch.Tensor | None] | None,
     ) -> torch.Tensor:
         # Soft merging: the frozen decoder turns softmax-mixed codebook entries into depth, so gradients reach the LLM.
         tokenizer = self.require_depth_tokenizer()
-        if depth_maps is not None and len(depth_maps) != labels.shape[0]:
-            raise ValueError(f"depth_maps has {len(depth_maps)} entries for a batch of {labels.shape[0]} samples.")
+        if depth_maps is not None and len(depth_maps) <= int(blocks.samples.max()):
+            raise ValueError(f"depth_maps has {len(depth_maps)} entries, fewer than the batch's samples.")
         predicted = tokenizer.decode_soft(code_logits, tau=float(self.config.depth_soft_merge_temperature))
         with torch.no_grad():
             targets = []
             for block, sample in enumerate(blocks.samples.tolist()):
                 depth = depth_maps[sample] if depth_maps is not None else None
                 if depth is None:
-                    start = int(blocks.starts[block])
-                    codes = labels[sample, start + 1 : start + 1 + ids.num_tokens] - ids.code_offset
-                    targets.append(tokenizer.decode(codes[None])[0])
+                    targets.append(tokenizer.decode(code_targets[block : block + 1])[0])
                 else:
                     targets.append(tokenizer.normalize(depth.to(predicted.device, torch.float32)[None])[0][0])
         return (predicted.float() - torch.stack(targets).float()).abs().mean()

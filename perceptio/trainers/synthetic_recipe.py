@@ -37,6 +37,8 @@ from .depth_tokenizer_trainer import train_depth_tokenizer
 from .trainer_perceptio import PerceptioTrainer
 
 ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only")
+# Saved next to the model (`output_dir/dataset`) for `perceptio eval synthetic`; the training split stays in the cache.
+EVALUATION_SPLITS = ("validation", "test")
 DEPTH_LOSS_WEIGHT_FIELDS = (
     "depth_marker_loss_weight",
     "depth_token_loss_weight",
@@ -51,7 +53,7 @@ class SyntheticTinyRecipe:
 
     seed: int = 0
     image_size: int = 128
-    num_train: int = 3000
+    num_train: int = 6000
     num_validation: int = 64
     num_test: int = 300
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
@@ -65,7 +67,7 @@ class SyntheticTinyRecipe:
     text_num_layers: int = 4
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
-    train_steps: int = 1200
+    train_steps: int = 3000
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
@@ -249,7 +251,8 @@ def run_synthetic_tiny_recipe(
     recipe: SyntheticTinyRecipe | None = None,
     ablation: str = "full",
 ) -> dict[str, Any]:
-    """Run the whole recipe and save `output_dir/model` (model + processor) and `output_dir/recipe_summary.json`.
+    """Run the whole recipe; save `output_dir/model` (model + processor), `output_dir/dataset` (the validation and
+    test splits, for `perceptio eval synthetic`) and `output_dir/recipe_summary.json`.
 
     Returns the summary: settings, timings, the depth tokenizer's evaluation and the training log.
     """
@@ -269,6 +272,7 @@ def run_synthetic_tiny_recipe(
         tasks=recipe.task_weights,
         cache_dir=str(output_dir / "dataset_cache"),
     )
+    DatasetDict({split: dataset[split] for split in EVALUATION_SPLITS}).save_to_disk(str(output_dir / "dataset"))
     timings["dataset_s"] = time.perf_counter() - started
     tokenizer_started = time.perf_counter()
     depth_tokenizer, tokenizer_evaluation = train_recipe_tokenizer(recipe, dataset["train"], output_dir / "depth_tokenizer")

@@ -8,15 +8,14 @@ loss:       # LossWeightArguments: λ of each loss term (unset keeps the checkpo
 ```
 
 `training` is parsed by transformers' `HfArgumentParser`, the other sections by the same rules (unknown keys are
-errors). Named recipes are complete configurations registered in `TRAINING_RECIPES`; a YAML file given with a
-recipe overrides the recipe's values key by key.
+errors).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,11 +129,6 @@ class PerceptioTrainingConfig:
     loss: LossWeightArguments
 
 
-# Named recipes: name -> function returning the raw {section: {key: value}} mapping of a full configuration.
-# `perceptio train --recipe NAME` runs one; register new ones here.
-TRAINING_RECIPES: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {}
-
-
 def parse_training_config(raw: Mapping[str, Any], source: str = "configuration") -> PerceptioTrainingConfig:
     """Parse a {section: {key: value}} mapping; unknown sections or keys raise a `ValueError` naming them."""
     if not isinstance(raw, Mapping):
@@ -158,20 +152,9 @@ def parse_training_config(raw: Mapping[str, Any], source: str = "configuration")
     return PerceptioTrainingConfig(**parsed)
 
 
-def load_training_config(
-    config_path: str | os.PathLike | None = None, recipe: str | None = None
-) -> PerceptioTrainingConfig:
-    """The configuration of a YAML file, of a named recipe, or of a recipe overridden by a YAML file."""
-    if config_path is None and recipe is None:
-        raise ValueError("give a YAML configuration (--config FILE.yaml) or a named recipe (--recipe NAME).")
-    raw: dict[str, dict[str, Any]] = {}
-    if recipe is not None:
-        if recipe not in TRAINING_RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; available recipes: {sorted(TRAINING_RECIPES) or 'none yet'}.")
-        raw = TRAINING_RECIPES[recipe]()
-    if config_path is not None:
-        raw = _merge_sections(raw, read_yaml(config_path))
-    return parse_training_config(raw, source=str(config_path or f"recipe {recipe!r}"))
+def load_training_config(config_path: str | os.PathLike) -> PerceptioTrainingConfig:
+    """The configuration of a YAML file."""
+    return parse_training_config(read_yaml(config_path), source=str(config_path))
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -186,15 +169,6 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(content, dict):
         raise ValueError(f"{path} must hold a mapping of sections {SECTIONS}.")
     return content
-
-
-def _merge_sections(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = {section: dict(values or {}) for section, values in base.items()}
-    for section, values in override.items():
-        if not isinstance(values or {}, Mapping):
-            raise ValueError(f"section {section!r} must be a mapping, got {type(values).__name__}.")
-        merged.setdefault(section, {}).update(values or {})
-    return merged
 
 
 def _parse_section(dataclass_type: type, values: dict[str, Any], where: str):
@@ -216,7 +190,6 @@ __all__ = [
     "LossWeightArguments",
     "ModelArguments",
     "PerceptioTrainingConfig",
-    "TRAINING_RECIPES",
     "load_training_config",
     "parse_training_config",
     "read_yaml",
