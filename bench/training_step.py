@@ -2,9 +2,9 @@
 
 Both variants run the identical forward pass (LLM, vision tower, SAM2 mask path) and a backward + optimizer step:
 
-- full: `model(**batch)` — loss_lm + loss_mask + the four depth-token terms (including the soft-merged VQ-VAE
+- full: `model(**batch)` — loss_lm + loss_mask + loss_mask_iou + the four depth-token terms (including the soft-merged VQ-VAE
   decoding), as trained;
-- LM + mask: the same call without `labels` (so the model computes `loss_mask` from `gt_masks` but none of the depth
+- LM + mask: the same call without `labels` (so the model computes `loss_mask` and `loss_mask_iou` from `gt_masks` but none of the depth
   terms), and `loss_lm` computed from the returned logits by the model's own `loss_function`: the depth losses are
   not just weighted 0 but never computed, and the model gets no extra code path.
 
@@ -76,7 +76,8 @@ def lm_and_mask_objective(model, batch) -> torch.Tensor:
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     outputs = model(**inputs)
     loss_lm = model.loss_function(logits=outputs.logits, labels=batch["labels"], vocab_size=model.config.text_config.vocab_size)
-    return loss_lm + model.config.mask_loss_weight * outputs.loss_mask
+    config = model.config
+    return loss_lm + config.mask_loss_weight * outputs.loss_mask + config.mask_iou_loss_weight * outputs.loss_mask_iou
 
 
 def time_step(model, optimizer, objective, batch) -> float:

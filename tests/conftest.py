@@ -34,6 +34,15 @@ def rgb_image():
     return rng.integers(0, 256, size=(48, 72, 3), dtype=np.uint8)
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Run a module on one torch thread: tiny models are far faster so than on cores shared with other runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

@@ -48,13 +48,7 @@ torch.save({"predict": vars(predicted), "pipeline": vars(piped), "pipeline_class
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models run far faster on one thread than on cores shared with other test runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_exported_folder_predicts_and_pipelines_without_the_package(tiny_pair, rgb_image, tmp_path):

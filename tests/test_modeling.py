@@ -30,12 +30,12 @@ def test_forward_backward_reports_every_component(tiny_model, tiny_processor, rg
     example = _segmentation_example(tiny_processor, rgb_image)
     masks = [torch.from_numpy(np.random.default_rng(1).random((2, 48, 72)) > 0.5)]
     output = _forward(tiny_model, example, masks)
-    components = ("loss_lm", "loss_mask", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
+    components = ("loss_lm", "loss_mask", "loss_mask_iou", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
     for name in ("loss", *components):
         value = getattr(output, name)
         assert value is not None and torch.isfinite(value) and value > 0, name
     config = tiny_model.config
-    weights = (1.0, config.mask_loss_weight, config.depth_marker_loss_weight, config.depth_token_loss_weight,
+    weights = (1.0, config.mask_loss_weight, config.mask_iou_loss_weight, config.depth_marker_loss_weight, config.depth_token_loss_weight,
                config.depth_count_loss_weight, config.depth_recon_loss_weight)
     expected = sum(weight * getattr(output, name) for weight, name in zip(weights, components))
     assert torch.allclose(output.loss, expected)

@@ -152,19 +152,22 @@ def test_collator_batch_matches_each_samples_targets(collator, tiny_pair, layout
 # ---- training ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+STEPS = 8
+
+
 def test_a_few_steps_lower_every_loss_component_on_a_repeated_batch(tiny_model, collator):
     batch = collator([make_sample(0, 1, True)])
     optimizer = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=2e-3)
     tiny_model.train()
     history = []
-    for _ in range(4):
+    for _ in range(STEPS):
         outputs = tiny_model(**batch)
         history.append({name: getattr(outputs, name).item() for name in LOSS_COMPONENTS})
         optimizer.zero_grad()
         outputs.loss.backward()
         optimizer.step()
-    for name in LOSS_COMPONENTS:
+    # loss_mask_iou regresses on a moving target (the candidates' actual IoU), so it need not fall in a few steps.
+    for name in (name for name in LOSS_COMPONENTS if name != "loss_mask_iou"):
         assert history[-1][name] < history[0][name], (name, [step[name] for step in history])
 
 
@@ -176,7 +179,6 @@ def _one_sgd_step_delta(model, collator, tmp_path, **args) -> dict[str, torch.Te
     return {name: parameter.detach() - before[name] for name, parameter in model.named_parameters() if name in before}
 
 
-@pytest.mark.slow
 def test_gradient_accumulation_2x1_equals_batch_2(tiny_pair, collator, tmp_path):
     # Both samples have the same label count, one mask and one depth block, so the per-batch means coincide.
     accumulated = _one_sgd_step_delta(copy.deepcopy(tiny_pair[0]), collator, tmp_path / "ga", gradient_accumulation_steps=2)

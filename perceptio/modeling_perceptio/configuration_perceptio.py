@@ -26,8 +26,8 @@ class PerceptioConfig(InternVLConfig):
         mask_loss_weight (`float`, defaults to 1.0): λ_mask in the total loss.
         mask_bce_weight, mask_dice_weight (`float`, defaults to 2.0 and 0.5): weights inside `loss_mask`.
         mask_dice_epsilon (`float`, defaults to 1.0): smoothing of the Dice loss.
-        mask_iou_loss_weight (`float`, defaults to 1.0): weight inside `loss_mask` of the MSE that trains SAM2's IoU
-            head (it picks the best of the multimask candidates at inference).
+        mask_iou_loss_weight (`float`, defaults to 1.0): λ of `loss_mask_iou`, the MSE that trains SAM2's IoU head (it
+            picks the best of the multimask candidates at inference).
         depth_marker_loss_weight, depth_token_loss_weight, depth_count_loss_weight, depth_recon_loss_weight
             (`float`, defaults to 1.0): λ of the four depth-token objectives (DESIGN.md §5).
         depth_soft_merge_temperature (`float`, defaults to 1.0): τ of the soft-merged depth reconstruction.

@@ -34,6 +34,7 @@ from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 
 # Inputs that only the training forward and the post-generation mask stage use; generation steps never need them.
 POST_GENERATION_INPUTS = ("sam_pixel_values", "gt_masks", "depth_maps")
+MASK_LOSS_NAMES = ("loss_mask", "loss_mask_iou")
 DEPTH_LOSS_NAMES = ("loss_marker", "loss_token", "loss_count", "loss_depth_recon")
 
 
@@ -42,6 +43,8 @@ class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
     r"""
     loss_lm (`torch.FloatTensor`, *optional*): next-token cross-entropy on the assistant tokens.
     loss_mask (`torch.FloatTensor`, *optional*): BCE + Dice of the `[SEG]` masks (0 when the batch has none).
+    loss_mask_iou (`torch.FloatTensor`, *optional*): MSE of SAM2's predicted IoU of each multimask candidate against
+        its actual IoU — trains the head that picks the best candidate at inference.
     loss_marker, loss_token, loss_count, loss_depth_recon (`torch.FloatTensor`, *optional*): the depth-token terms.
     pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, the low-res mask logits (num_seg, h, w) of its
         `[SEG]` tokens, best-IoU mask of SAM2's multimask output.
@@ -50,6 +53,7 @@ class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
 
     loss_lm: torch.FloatTensor | None = None
     loss_mask: torch.FloatTensor | None = None
+    loss_mask_iou: torch.FloatTensor | None = None
     loss_marker: torch.FloatTensor | None = None
     loss_token: torch.FloatTensor | None = None
     loss_count: torch.FloatTensor | None = None
@@ -261,7 +265,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(hidden_states if logits_to_keep == 0 else self._keep(hidden_states, logits_to_keep))
 
-        masks, loss_mask = self._mask_stage(input_ids, hidden_states, sam_pixel_values, gt_masks, labels)
+        masks, mask_losses = self._mask_stage(input_ids, hidden_states, sam_pixel_values, gt_masks, labels)
         loss = loss_lm = None
         depth_losses = dict.fromkeys(DEPTH_LOSS_NAMES)
         if labels is not None:
@@ -272,7 +276,8 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             config = self.config
             loss = (
                 loss_lm
-                + config.mask_loss_weight * loss_mask
+                + config.mask_loss_weight * mask_losses["loss_mask"]
+                + config.mask_iou_loss_weight * mask_losses["loss_mask_iou"]
                 + config.depth_marker_loss_weight * depth_losses["loss_marker"]
                 + config.depth_token_loss_weight * depth_losses["loss_token"]
                 + config.depth_count_loss_weight * depth_losses["loss_count"]
@@ -286,7 +291,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
             loss_lm=loss_lm,
-            loss_mask=loss_mask,
+            **mask_losses,
             **depth_losses,
             pred_masks=masks.mask_logits if masks is not None else None,
             pred_mask_scores=masks.mask_scores if masks is not None else None,
@@ -394,18 +399,20 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         sam_pixel_values: torch.Tensor | None,
         gt_masks: list[torch.Tensor] | None,
         labels: torch.LongTensor | None,
-    ) -> tuple[PerceptioMaskOutput | None, torch.Tensor | None]:
-        """Masks from the `[SEG]` states of a teacher-forced sequence, and `loss_mask` when training."""
+    ) -> tuple[PerceptioMaskOutput | None, dict[str, torch.Tensor | None]]:
+        """Masks from the `[SEG]` states of a teacher-forced sequence, and `loss_mask` / `loss_mask_iou` in training
+        (zeros when nothing is supervised; `None` outside training)."""
         training = labels is not None or gt_masks is not None
+        no_losses = dict.fromkeys(MASK_LOSS_NAMES, hidden_states.new_zeros(()) if training else None)
         if not training and sam_pixel_values is None:
-            return None, None
+            return None, no_losses
         if input_ids is None or self.config.seg_token_id is None:
-            return None, hidden_states.new_zeros(()) if training else None
+            return None, no_losses
         seg_positions = input_ids == self.config.seg_token_id
         seg_counts = seg_positions.sum(-1).tolist()
         self._check_masks_match_seg_tokens(seg_counts, gt_masks, sam_pixel_values, training)
         if sam_pixel_values is None:
-            return None, hidden_states.new_zeros(()) if training else None
+            return None, no_losses
         if sam_pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"sam_pixel_values has {sam_pixel_values.shape[0]} images for a batch of {input_ids.shape[0]} samples; "
@@ -413,10 +420,10 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             )
         seg_hidden = [hidden_states[index][seg_positions[index]] for index in range(input_ids.shape[0])]
         if training and sum(seg_counts) == 0:
-            return None, self._zero_weight_mask_loss(hidden_states, sam_pixel_values)
+            return None, {**no_losses, "loss_mask": self._zero_weight_mask_loss(hidden_states, sam_pixel_values)}
         masks = self.predict_masks(seg_hidden, sam_pixel_values)
         if not training or gt_masks is None:
-            return masks, hidden_states.new_zeros(()) if training else None
+            return masks, no_losses
         logits = torch.cat(masks.mask_logits)
         targets = torch.cat(
             [
@@ -425,15 +432,17 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
                 if len(sample_masks)
             ]
         ).to(logits.dtype)
-        loss = segmentation_loss(
+        loss_mask = segmentation_loss(
             logits,
             targets,
             self.config.mask_bce_weight,
             self.config.mask_dice_weight,
             self.config.mask_dice_epsilon,
         )
-        iou_loss = mask_iou_prediction_loss(torch.cat(masks.candidate_logits), torch.cat(masks.candidate_scores), targets)
-        return masks, loss + self.config.mask_iou_loss_weight * iou_loss
+        loss_mask_iou = mask_iou_prediction_loss(
+            torch.cat(masks.candidate_logits), torch.cat(masks.candidate_scores), targets
+        )
+        return masks, {"loss_mask": loss_mask, "loss_mask_iou": loss_mask_iou}
 
     def _zero_weight_mask_loss(self, hidden_states: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         # A batch without [SEG] still runs the mask path (weight 0) so every process in DDP/DeepSpeed builds the same

@@ -1,6 +1,6 @@
 """`PerceptioTrainer`: a `transformers.Trainer` that logs every term of Perceptio's composite loss.
 
-The model returns the total loss and each component (`loss_lm`, `loss_mask`, `loss_marker`, `loss_token`,
+The model returns the total loss and each component (`loss_lm`, `loss_mask`, `loss_mask_iou`, `loss_marker`, `loss_token`,
 `loss_count`, `loss_depth_recon`). The trainer sums the components of every training micro-batch, and at each
 logging step adds their mean over the window (averaged across processes) to the Trainer's own logs, so the console,
 TensorBoard and W&B show them next to `loss`. A non-finite component stops training with an error naming it.
@@ -18,7 +18,15 @@ from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditio
 
 logger = logging.getLogger(__name__)
 
-LOSS_COMPONENTS = ("loss_lm", "loss_mask", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
+LOSS_COMPONENTS = (
+    "loss_lm",
+    "loss_mask",
+    "loss_mask_iou",
+    "loss_marker",
+    "loss_token",
+    "loss_count",
+    "loss_depth_recon",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
