@@ -298,6 +298,7 @@ class PerceptioGenerationMixin:
         tokenizer = processor.tokenizer
         generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        inputs = {key: self._on_model_device(value) for key, value in inputs.items()}
         sam_pixel_values = inputs.get("sam_pixel_values")
         generation_inputs = {key: value for key, value in inputs.items() if key != "sam_pixel_values"}
         output = self.generate(**generation_inputs, return_dict_in_generate=True, **generate_kwargs)
@@ -320,6 +321,12 @@ class PerceptioGenerationMixin:
             mask_threshold=mask_threshold,
             num_depth_tokens=num_depth_tokens,
         )
+
+    def _on_model_device(self, value):
+        """A processor output on the model's device; floating tensors (pixels) in the model's dtype."""
+        if not torch.is_tensor(value):
+            return value
+        return value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
 
     def _resolve_processor(self, processor):
         processor = processor if processor is not None else getattr(self, "processor", None)
