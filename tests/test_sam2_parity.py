@@ -66,6 +66,12 @@ def checkpoint_and_model(tmp_path_factory):
     return checkpoint, PerceptioForConditionalGeneration.from_pretrained(root / "built").eval()
 
 
+def predict_best_masks(model, image: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """The best-IoU candidate of each prompt, as `predict_masks` keeps it."""
+    candidates, scores = model.decode_masks(model.sam_image_embeddings(image), prompts)
+    return candidates[torch.arange(prompts.shape[0]), scores.argmax(-1)]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_grounding_encoder_masks_match_the_sam2_package(checkpoint_and_model, seed):
     checkpoint, model = checkpoint_and_model
@@ -75,14 +81,16 @@ def test_grounding_encoder_masks_match_the_sam2_package(checkpoint_and_model, se
     image = torch.randn(1, 3, size, size, generator=generator)
     prompts = torch.randn(NUM_PROMPTS, model.config.sam2_config.mask_decoder_config.hidden_size, generator=generator)
     with torch.no_grad():
-        ours, our_scores = model.decode_masks(model.sam_image_embeddings(image), prompts)
+        candidates, candidate_scores = model.decode_masks(model.sam_image_embeddings(image), prompts)
+        ours = predict_best_masks(model, image, prompts)
         reference, reference_scores = sam2_package_masks(sam, image, prompts)
-    best = reference_scores.argmax(-1)
+    assert reference.abs().max() > 1.0, "masks too flat for the comparison to mean anything"
+    torch.testing.assert_close(candidates, reference, atol=PARITY_ATOL, rtol=0)
+    torch.testing.assert_close(candidate_scores, reference_scores, atol=PARITY_ATOL, rtol=0)
     rows = torch.arange(NUM_PROMPTS)
-    assert reference[rows, best].abs().max() > 1.0, "masks too flat for the comparison to mean anything"
-    torch.testing.assert_close(ours, reference[rows, best], atol=PARITY_ATOL, rtol=0)
-    torch.testing.assert_close(our_scores, reference_scores[rows, best], atol=PARITY_ATOL, rtol=0)
-    assert torch.equal(ours > 0, reference[rows, best] > 0)
+    chosen = reference_scores.argmax(-1)
+    torch.testing.assert_close(ours, reference[rows, chosen], atol=PARITY_ATOL, rtol=0)
+    assert torch.equal(ours > 0, reference[rows, chosen] > 0)
 
 
 def test_a_wrongly_mapped_weight_breaks_parity(checkpoint_and_model):
@@ -95,7 +103,7 @@ def test_a_wrongly_mapped_weight_breaks_parity(checkpoint_and_model):
     image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     prompts = torch.randn(NUM_PROMPTS, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, _ = model.decode_masks(model.sam_image_embeddings(image), prompts)
+        ours = predict_best_masks(model, image, prompts)
         reference, scores = sam2_package_masks(sam, image, prompts)
     # No reference mask (of the three multimask outputs) of any prompt matches ours any more.
     distances = (ours[:, None] - reference).abs().amax(dim=(-2, -1))
