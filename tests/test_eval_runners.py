@@ -278,6 +278,11 @@ def test_synthetic_summary_equals_metric_functions(tiny, recorded_predictions, t
     assert summary["relative_depth"]["accuracy"] == pytest.approx(
         multiple_choice_accuracy(relative_texts, relative_answers, relative_points)
     )
+    vqa = [(row["answer"], prediction.text) for row, prediction in zip(split, recorded_predictions)
+           if row["task"].startswith("vqa_")]
+    expected_vqa = sum(answer.lower() == text.strip().rstrip(".").lower() for answer, text in vqa) / len(vqa) if vqa else None
+    assert summary["vqa"]["accuracy"] == expected_vqa
+    assert summary["vqa"]["num_samples"] == len(vqa)
 
 
 def test_synthetic_missing_column_names_it(tiny, tmp_path):
@@ -309,3 +314,19 @@ def test_eval_command_runs_hardblink_on_a_saved_checkpoint(tiny, tmp_path, capsy
     assert summary["num_samples"] == 3 and set(summary["by_num_points"]) == {"3", "4", "5"}
     assert main(["eval", "hardblink", "--model", str(tmp_path / "nowhere"), "--data", "x"]) == 2
     assert "not a Perceptio checkpoint folder" in capsys.readouterr().err
+
+
+def test_vqa_summary_scores_exact_answers_ignoring_case_and_full_stop():
+    from perceptio.evaluation.runners.synthetic import normalised_answer, vqa_summary
+
+    assert normalised_answer(" Red. ") == normalised_answer("red") == "red"
+    records = [
+        {"task": "vqa_colour", "correct": True},
+        {"task": "vqa_colour", "correct": False},
+        {"task": "vqa_count", "correct": True},
+    ]
+    summary = vqa_summary(records)
+    assert summary["accuracy"] == pytest.approx(2 / 3)
+    assert summary["by_task"] == {"vqa_colour": {"accuracy": 0.5, "num_samples": 2},
+                                  "vqa_count": {"accuracy": 1.0, "num_samples": 1}}
+    assert vqa_summary([])["accuracy"] is None

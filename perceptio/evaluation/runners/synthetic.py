@@ -12,6 +12,7 @@ Reads a split of `perceptio.data.synthetic_dataset.build_synthetic_dataset` (a `
   (`DEPTH_PAIRS_PER_IMAGE` pairs per image, drawn with seed 0, whose true values differ by more than
   `DEPTH_PAIR_MARGIN`);
 - "relative_depth" rows: the strictly parsed letter against the answer, with accuracy per point count.
+- "vqa_*" rows (count, colour, shape): exact match of the answer, ignoring case and a final full stop.
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ def depth_figures(predicted: np.ndarray, target: np.ndarray) -> dict[str, float 
     }
 
 
+def normalised_answer(text: str) -> str:
+    """A short VQA answer compared case- and punctuation-insensitively ("Red." == "red")."""
+    return text.strip().strip(".!").strip().lower()
+
+
+def vqa_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match accuracy of the VQA rows, overall and per task."""
+    by_task = {}
+    for task in sorted({record["task"] for record in records}):
+        rows = [record for record in records if record["task"] == task]
+        by_task[task] = {"accuracy": sum(record["correct"] for record in rows) / len(rows), "num_samples": len(rows)}
+    accuracy = sum(record["correct"] for record in records) / len(records) if records else None
+    return {"accuracy": accuracy, "num_samples": len(records), "by_task": by_task}
+
+
 def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, Any]:
     """The JSONL record of one row: what its task scores, plus the depth figures when a depth block was written."""
     task, meta = row["task"], json.loads(row["meta"])
@@ -86,6 +102,9 @@ def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, A
     if task == "relative_depth":
         record.update(choice_record(str(index), prediction.text, row["answer"], int(meta["num_points"]),
                                     num_points=int(meta["num_points"])))
+    if task.startswith("vqa_"):
+        record["answer"] = row["answer"]
+        record["correct"] = normalised_answer(prediction.text) == normalised_answer(row["answer"])
     if prediction.depth is not None:
         record["depth"] = depth_figures(prediction.depth, normalised_inverse_depth(targets.inverse_depth))
     return record
@@ -114,6 +133,7 @@ def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "referring": referring_summary(referring),
         "depth": depth,
         "relative_depth": {**choice_summary(relative_depth), "by_num_points": by_points},
+        "vqa": vqa_summary([record for record in records if record["task"].startswith("vqa_")]),
     }
 
 
