@@ -67,7 +67,7 @@ class SyntheticTinyRecipe:
     text_num_layers: int = 4
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
-    train_steps: int = 3000
+    train_steps: int = 2400
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
