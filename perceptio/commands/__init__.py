@@ -1,0 +1,1 @@
+"""The `perceptio` subcommands: one module each, registered by `perceptio.cli`."""

@@ -15,6 +15,7 @@ EXAMPLE = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio build` to the command's subparsers."""
     parser = subparsers.add_parser(
         "build",
         help="build a Perceptio checkpoint from InternVL + SAM2 + a depth tokenizer (or plan one with --dry-run)",
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio build` with the parsed arguments; returns the exit status."""
     if args.dry_run:
         return _plan(args)
     if args.preset is not None:

@@ -17,6 +17,7 @@ but expect little.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio demo` to the command's subparsers."""
     from perceptio.embedded_checkpoint import EXAMPLE_PROMPT
 
     parser = subparsers.add_parser(
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio demo` with the parsed arguments; returns the exit status."""
     from perceptio.embedded_checkpoint import embedded_checkpoint_path, example_scene, load_embedded_perceptio
 
     if args.max_new_tokens <= 0:

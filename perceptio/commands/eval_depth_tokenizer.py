@@ -34,6 +34,7 @@ def load_depth_maps(path: str | os.PathLike, depth_column: str = "teacher_depth"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio eval-depth-tokenizer` to the command's subparsers."""
     parser = subparsers.add_parser(
         "eval-depth-tokenizer",
         help="Evaluate a depth tokenizer: AbsRel, RMSE, delta<1.25, pair-order accuracy, codebook usage.",
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio eval-depth-tokenizer` with the parsed arguments; returns the exit status."""
     from perceptio.evaluation.depth_tokenizer_evaluation import evaluate_depth_tokenizer
     from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
     from perceptio.trainers.depth_tokenizer_trainer import EVALUATION_FILE_NAME

@@ -36,6 +36,7 @@ data layouts:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio eval` to the command's subparsers."""
     parser = subparsers.add_parser(
         "eval",
         help="Evaluate a checkpoint on RefCOCO/+/g, BLINK / HardBLINK relative depth or the synthetic scenes.",
@@ -63,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio eval` with the parsed arguments; returns the exit status."""
     from perceptio.evaluation.runners import (
         RunSettings,
         run_blink_depth,

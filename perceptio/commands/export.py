@@ -11,6 +11,7 @@ EXAMPLE = """example:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio export` to the command's subparsers."""
     parser = subparsers.add_parser(
         "export",
         help="export a checkpoint as a flat Hub folder (weights, processor, code, auto_map)",
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio export` with the parsed arguments; returns the exit status."""
     from perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
     from perceptio.hub_cards.export_perceptio import export_pretrained
     from perceptio.tiny_models import build_tiny_perceptio

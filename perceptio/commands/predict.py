@@ -18,6 +18,7 @@ JSON_FILE = "prediction.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio predict` to the command's subparsers."""
     parser = subparsers.add_parser(
         "predict",
         help="Answer a prompt about an image: text, [SEG] masks and the depth map.",
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio predict` with the parsed arguments; returns the exit status."""
     import torch
 
     from perceptio import PerceptioForConditionalGeneration, PerceptioProcessor

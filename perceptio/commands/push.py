@@ -11,6 +11,7 @@ EXAMPLE = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio push` to the command's subparsers."""
     parser = subparsers.add_parser(
         "push",
         help="upload an exported Perceptio folder to the Hub (after a trust_remote_code load check)",
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio push` with the parsed arguments; returns the exit status."""
     from perceptio.hub_cards.publish import push
 
     plan = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)

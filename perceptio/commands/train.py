@@ -24,6 +24,7 @@ OBJECTIVE_UNREACHED_MODULES = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio train` to the command's subparsers."""
     parser = subparsers.add_parser(
         "train",
         help="Train Perceptio (full objective: LM, masks, depth tokens) from a YAML configuration.",
@@ -48,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio train` with the parsed arguments; returns the exit status."""
     if args.recipe is not None:
         return run_recipe(args)
     from perceptio.trainers.training_config import load_training_config

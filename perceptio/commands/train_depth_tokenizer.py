@@ -15,6 +15,7 @@ EXAMPLE = """example:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `perceptio train-depth-tokenizer` to the command's subparsers."""
     parser = subparsers.add_parser(
         "train-depth-tokenizer",
         help="Train the VQ-VAE depth tokenizer on teacher or ground-truth depth maps.",
@@ -52,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `perceptio train-depth-tokenizer` with the parsed arguments; returns the exit status."""
     from perceptio.commands.eval_depth_tokenizer import load_depth_maps
     from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
     from perceptio.trainers.depth_tokenizer_trainer import train_depth_tokenizer

@@ -35,6 +35,7 @@ class DepthTokenizerEvaluation:
     num_pairs: int
 
     def to_dict(self) -> dict[str, float | int]:
+        """The figures as a JSON-ready dict."""
         return asdict(self)
 
     def to_table(self) -> str:

@@ -1,0 +1,1 @@
+"""Getting checkpoints onto the Hub: flat export, building from released parts, model cards, publishing."""

@@ -31,13 +31,14 @@ class PerceptioSpatialPipeline(Pipeline):
     depth codes; masks and depth at the image's size). Generation arguments (`max_new_tokens`, `do_sample`,
     `num_beams`, `spatial_grammar`…) and `mask_threshold` may be given at construction or per call.
 
-    Example:
+    Example (a folder written by `perceptio export`; `image` is any PIL image):
 
     ```python
-    >>> from transformers import pipeline
-    >>> pipe = pipeline("perceptio-spatial", model="path/to/exported", trust_remote_code=True)
-    >>> prediction = pipe(image, prompt="Where is the cube?", max_new_tokens=64)
-    >>> prediction.text, len(prediction.masks), prediction.depth is None
+    from transformers import pipeline
+
+    pipe = pipeline("perceptio-spatial", model="path/to/exported", trust_remote_code=True)
+    prediction = pipe(image, prompt="Where is the cube?", max_new_tokens=64)
+    print(prediction.text, len(prediction.masks), prediction.depth is None)
     ```
     """
 

@@ -232,6 +232,7 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
+        """The inputs `PerceptioForConditionalGeneration.forward` takes from this processor."""
         return ["input_ids", "attention_mask", "pixel_values", "sam_pixel_values"]
 
 

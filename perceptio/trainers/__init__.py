@@ -1,0 +1,1 @@
+"""Training: PerceptioTrainer, its collator and data mixture, PEFT presets, configs, recipes, depth-tokenizer distillation."""

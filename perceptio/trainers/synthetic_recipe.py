@@ -109,6 +109,7 @@ class SyntheticTinyRecipe:
         return (self.image_size // self.vision_patch_size // 2) ** 2
 
     def depth_tokenizer_config(self) -> PerceptioDepthTokenizerConfig:
+        """The depth tokenizer of the recipe: a (depth_image_size / 8)² code grid, so N = 64 by default."""
         return PerceptioDepthTokenizerConfig(
             image_size=self.depth_image_size,
             hidden_channels=list(self.depth_hidden_channels),

@@ -108,6 +108,7 @@ class LossWeightArguments:
     """λ of each loss term (DESIGN.md §5); unset (null) keeps the checkpoint config's value."""
 
     mask_loss_weight: float | None = None
+    mask_iou_loss_weight: float | None = None
     depth_marker_loss_weight: float | None = None
     depth_token_loss_weight: float | None = None
     depth_count_loss_weight: float | None = None

@@ -72,10 +72,12 @@ class PerceptioLmms(lmms):
 
     @property
     def batch_size(self) -> int:
+        """Requests answered per `predict` call (lmms-eval reads it)."""
         return self.batch_size_per_call
 
     @property
     def device(self) -> torch.device:
+        """The device the model runs on (lmms-eval reads it)."""
         return self.model.device
 
     def _document(self, task: str, split: str, doc_id: int) -> Any:
