@@ -22,7 +22,9 @@ from .processing import PerceptioProcessor
 
 EMBEDDED_CHECKPOINT_NAME = "perceptio-tiny-synthetic"
 EXAMPLE_SCENE_NAME = "example_scene.png"
-EXAMPLE_PROMPT = "Where is the small cylinder? Please output the segmentation mask."
+EXAMPLE_PROMPT = (
+    "Where is the small cylinder? Please output the segmentation mask. Also estimate the depth of the scene."
+)
 
 
 def embedded_checkpoint_path() -> Path:
