@@ -13,7 +13,6 @@ lmms_eval = pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models.registry_v2 import ModelRegistryV2  # noqa: E402
 
-from perceptio.evaluation.lmms_eval_plugin import perceptio_model_manifest  # noqa: E402
 from perceptio.evaluation.lmms_eval_plugin.perceptio_lmms import PerceptioLmms, truncate_at_stop_strings  # noqa: E402
 from perceptio.tiny_models import build_tiny_perceptio  # noqa: E402
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from perceptio.cli import build_parser, main

@@ -16,7 +16,7 @@ import datasets
 from ..answer_parsing import parse_reference_letter
 from .choice_scoring import choice_record, choice_summary
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
-from .resumable_run import BadSampleError, ResumableRun, RunSettings, batches
+from .resumable_run import BadSampleError, ResumableRun, RunSettings
 
 BLINK_SUBSET = "Relative_Depth"
 BLINK_DEPTH_COLUMNS: tuple[str, ...] = ("question", "image_1", "choices", "answer")
@@ -62,24 +62,12 @@ def run_blink_depth(
     run = ResumableRun("blink-depth", settings)
     num_rows = settings.selected_count(len(dataset))
     selected_ids = [str(index) for index in range(num_rows)]
-    progress = run.progress(num_rows, unit="question")
-    pending = [index for index in range(num_rows) if not run.is_done(str(index))]
-    progress.update(num_rows - len(pending))
-    for batch in batches(pending, settings.batch_size):
-        questions = []
-        for index in batch:
-            try:
-                questions.append((index, *_blink_question(dataset[index], index)))
-            except BadSampleError as error:
-                run.skip(error)
-                progress.update(1)
-        if not questions:
-            continue
-        images = [image for _, image, _, _, _ in questions]
-        prompts = [format_choice_prompt(question, choices, prompt_template) for _, _, question, choices, _ in questions]
-        predictions = model.predict(list(images), list(prompts), processor=processor, **settings.predict_kwargs())
-        for (index, _, _, choices, answer), prediction in zip(questions, predictions):
-            run.add(choice_record(str(index), prediction.text, answer, len(choices), row=index))
-        progress.update(len(questions))
-    progress.close()
+
+    def prepare(index: int):
+        image, question, choices, answer = _blink_question(dataset[index], index)
+        return image, format_choice_prompt(question, choices, prompt_template), (index, choices, answer)
+
+    work = [(sample_id, int(sample_id)) for sample_id in selected_ids]
+    for (index, choices, answer), prediction in run.predict_pending(model, processor, work, prepare, "question"):
+        run.add(choice_record(str(index), prediction.text, answer, len(choices), row=index))
     return run.finish(choice_summary(run.selected_records(selected_ids)))

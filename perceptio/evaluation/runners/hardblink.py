@@ -23,7 +23,7 @@ from typing import Any
 from ..answer_parsing import parse_reference_letter
 from .choice_scoring import choice_record, choice_summary, choice_summary_by
 from .dataset_inputs import decode_rgb_image
-from .resumable_run import BadSampleError, ResumableRun, RunSettings, batches
+from .resumable_run import BadSampleError, ResumableRun, RunSettings
 
 HARDBLINK_POINT_COUNTS: tuple[int, ...] = (3, 4, 5)
 QUESTION_FORMATS: tuple[str, ...] = ("long", "short")
@@ -102,27 +102,17 @@ def run_hardblink(
             selected_ids.append(sample_id)
             where = f"{question_path.name}, line {line}"
             work.append((sample_id, num_points, question, answers, image_folder, where))
-    progress = run.progress(len(work), unit="question")
-    pending = [item for item in work if not run.is_done(item[0])]
-    progress.update(len(work) - len(pending))
-    for batch in batches(pending, settings.batch_size):
-        readable = []
-        for sample_id, num_points, question, answers, image_folder, where in batch:
-            try:
-                readable.append((sample_id, num_points, *_hardblink_question(question, answers, image_folder, num_points, where)))
-            except BadSampleError as error:
-                run.skip(error)
-                progress.update(1)
-        if not readable:
-            continue
-        predictions = model.predict(
-            [item[2] for item in readable], [item[3] for item in readable], processor=processor,
-            **settings.predict_kwargs(),
-        )
-        for (sample_id, num_points, _, _, answer), prediction in zip(readable, predictions):
-            run.add(choice_record(sample_id, prediction.text, answer, num_points, num_points=num_points))
-        progress.update(len(readable))
-    progress.close()
+
+    def prepare(item):
+        sample_id, num_points, question, answers, image_folder, where = item
+        image, prompt, answer = _hardblink_question(question, answers, image_folder, num_points, where)
+        return image, prompt, (sample_id, num_points, answer)
+
+    keyed_work = [(item[0], item) for item in work]
+    for (sample_id, num_points, answer), prediction in run.predict_pending(
+        model, processor, keyed_work, prepare, "question"
+    ):
+        run.add(choice_record(sample_id, prediction.text, answer, num_points, num_points=num_points))
     return run.finish(hardblink_summary(run.selected_records(selected_ids)))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,40 @@ class ResumableRun:
     def progress(self, total: int, unit: str) -> tqdm:
         """A progress bar over the run's rows."""
         return tqdm(total=total, desc=f"Evaluating {self.task}", unit=unit, disable=not self.settings.show_progress)
+
+    def predict_pending(
+        self,
+        model,
+        processor,
+        work: Sequence[tuple[str, Any]],
+        prepare: Callable[[Any], tuple[Any, str, Any]],
+        unit: str,
+    ) -> Iterator[tuple[Any, Any]]:
+        """Predict every `(sample_id, item)` of `work` not yet in the JSONL, `batch_size` at a time.
+
+        `prepare(item)` returns `(image, prompt, context)` or raises `BadSampleError` (skipped, or raised without
+        `--skip-bad`). Yields `(context, prediction)` for the runner to record; the progress bar counts every item.
+        """
+        progress = self.progress(len(work), unit=unit)
+        pending = [item for sample_id, item in work if not self.is_done(sample_id)]
+        progress.update(len(work) - len(pending))
+        for batch in batches(pending, self.settings.batch_size):
+            ready = []
+            for item in batch:
+                try:
+                    ready.append(prepare(item))
+                except BadSampleError as error:
+                    self.skip(error)
+                    progress.update(1)
+            if ready:
+                predictions = model.predict(
+                    [image for image, _, _ in ready], [prompt for _, prompt, _ in ready], processor=processor,
+                    **self.settings.predict_kwargs(),
+                )
+                for (_, _, context), prediction in zip(ready, predictions):
+                    yield context, prediction
+                progress.update(len(ready))
+        progress.close()
 
     def finish(self, figures: dict[str, Any]) -> dict[str, Any]:
         """Write and return the summary: `figures` plus the task, the skipped rows and the two file paths."""

@@ -31,7 +31,7 @@ from ..segmentation_metrics import mask_intersection_union
 from .choice_scoring import choice_record, choice_summary, choice_summary_by
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .refcoco import referring_summary
-from .resumable_run import BadSampleError, ResumableRun, RunSettings, batches
+from .resumable_run import ResumableRun, RunSettings
 
 SYNTHETIC_COLUMNS: tuple[str, ...] = ("image", "prompt", "answer", "masks", "depth", "use_depth_block", "task", "meta")
 DEPTH_PAIRS_PER_IMAGE = 1000
@@ -151,26 +151,12 @@ def run_synthetic(
     run = ResumableRun("synthetic", settings)
     num_rows = settings.selected_count(len(dataset))
     selected_ids = [str(index) for index in range(num_rows)]
-    progress = run.progress(num_rows, unit="sample")
-    pending = [index for index in range(num_rows) if not run.is_done(str(index))]
-    progress.update(num_rows - len(pending))
-    for batch in batches(pending, settings.batch_size):
-        readable = []
-        for index in batch:
-            row = dataset[index]
-            try:
-                readable.append((index, row, decode_rgb_image(row["image"], f"row {index}")))
-            except BadSampleError as error:
-                run.skip(error)
-                progress.update(1)
-        if not readable:
-            continue
-        predictions = model.predict(
-            [image for _, _, image in readable], [row["prompt"] for _, row, _ in readable], processor=processor,
-            **settings.predict_kwargs(),
-        )
-        for (index, row, _), prediction in zip(readable, predictions):
-            run.add(synthetic_record(index, row, prediction))
-        progress.update(len(readable))
-    progress.close()
+
+    def prepare(index: int):
+        row = dataset[index]
+        return decode_rgb_image(row["image"], f"row {index}"), row["prompt"], (index, row)
+
+    work = [(sample_id, int(sample_id)) for sample_id in selected_ids]
+    for (index, row), prediction in run.predict_pending(model, processor, work, prepare, "sample"):
+        run.add(synthetic_record(index, row, prediction))
     return run.finish(synthetic_summary(run.selected_records(selected_ids)))
