@@ -6,28 +6,14 @@ Runs the processor on the image/prompt in INPUTS.pt and the model on the result;
 
 import sys
 
+from import_blocker import block_perceptio
 
-class BlockPerceptio:
-    """Import hook that makes the installed `perceptio` package unimportable."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "perceptio" or name.startswith("perceptio."):
-            raise ImportError(f"{name} is blocked: exported folders must not need the perceptio package")
-        return None
-
-
-sys.meta_path.insert(0, BlockPerceptio())
+block_perceptio()
 
 import torch  # noqa: E402
 from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 folder, inputs_path, outputs_path = sys.argv[1:4]
-try:
-    import perceptio  # noqa: F401
-
-    raise SystemExit("the import hook did not block perceptio")
-except ImportError:
-    pass
 request = torch.load(inputs_path, weights_only=False)
 model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)

@@ -19,9 +19,10 @@ def test_demo_writes_overlay_depth_and_json_at_the_scene_size(tmp_path, capsys):
         assert overlay.size == size and overlay.mode == "RGB"
     result = json.loads((tmp_path / "prediction.json").read_text())
     assert result["prompt"].startswith("Where is")
-    if result["depth_image"] is not None:
-        with Image.open(tmp_path / result["depth_image"]) as depth:
-            assert depth.size == size
+    # The default prompt asks for depth, and the embedded checkpoint writes a depth block for it.
+    assert result["depth_image"] == "depth.png"
+    with Image.open(tmp_path / "depth.png") as depth:
+        assert depth.size == size
 
 
 def test_demo_on_a_user_image_and_bad_image(tmp_path):

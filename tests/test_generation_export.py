@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,36 +17,6 @@ import torch
 from perceptio.hub_cards.export_perceptio import export_pretrained
 from perceptio.modeling_perceptio.pipeline_perceptio import PIPELINE_TASK, custom_pipelines_config
 
-ISOLATED_SCRIPT = '''
-import sys
-
-
-class BlockPerceptio:
-    def find_spec(self, name, path=None, target=None):
-        if name == "perceptio" or name.startswith("perceptio."):
-            raise ImportError(name + " is blocked")
-        return None
-
-
-sys.meta_path.insert(0, BlockPerceptio())
-import torch
-from transformers import AutoModel, AutoProcessor, pipeline
-
-torch.set_num_threads(1)
-folder, inputs_path, outputs_path, task = sys.argv[1:5]
-try:
-    import perceptio
-    raise SystemExit("perceptio was importable")
-except ImportError:
-    pass
-request = torch.load(inputs_path, weights_only=False)
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-(predicted,) = model.predict([request["image"]], [request["prompt"]], processor=processor, max_new_tokens=22)
-pipe = pipeline(task, model=folder, trust_remote_code=True)
-piped = pipe(request["image"], prompt=request["prompt"], max_new_tokens=22)
-torch.save({"predict": vars(predicted), "pipeline": vars(piped), "pipeline_class": type(pipe).__name__}, outputs_path)
-'''
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -58,16 +29,13 @@ def test_exported_folder_predicts_and_pipelines_without_the_package(tiny_pair, r
     # Bias generation to one [SEG] then a depth block, so masks and depth cross the export boundary too.
     model.generation_config.sequence_bias = [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
     folder = export_pretrained(model, processor, tmp_path / "export")
-    config_path = folder / "config.json"
-    exported = json.loads(config_path.read_text())
-    exported["custom_pipelines"] = {**exported.get("custom_pipelines", {}), **custom_pipelines_config()}
-    config_path.write_text(json.dumps(exported, indent=2))
+    exported = json.loads((folder / "config.json").read_text())
+    assert exported["custom_pipelines"] == custom_pipelines_config()
     prompt = "Segment the cube."
     torch.save({"image": rgb_image, "prompt": prompt}, tmp_path / "inputs.pt")
-    (tmp_path / "isolated.py").write_text(ISOLATED_SCRIPT)
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, str(tmp_path / "isolated.py"), str(folder), str(tmp_path / "inputs.pt"),
+        [sys.executable, str(Path(__file__).with_name("isolated_hub_predict.py")), str(folder), str(tmp_path / "inputs.pt"),
          str(tmp_path / "outputs.pt"), PIPELINE_TASK],
         capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
     )
