@@ -17,6 +17,7 @@ from perceptio.modeling_perceptio.loss_perceptio import (
     depth_token_loss,
     find_depth_blocks,
     gather_block_steps,
+    segmentation_loss,
 )
 
 # Vocabulary of 12: text 0..3, codes 4..6 (K = 3), <DEPTH_START> = 10, <DEPTH_END> = 11; N = 2 codes per block.
@@ -168,3 +169,30 @@ def test_depth_terms_from_hidden_states_equal_those_from_full_logits(tiny_pair):
         from_logits = _model_depth_losses(model, model.lm_head(hidden_states), labels)
     for name, value in from_hidden.items():
         assert value.item() == pytest.approx(from_logits[name].item(), rel=1e-5), name
+
+
+def test_segmentation_loss_supervises_each_masks_best_candidate_only():
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = 1.0
+    perfect = (target * 2 - 1) * 20.0
+    wrong = -perfect
+    candidates = torch.stack([wrong, perfect, wrong], dim=1)
+    perfect_alone = segmentation_loss(perfect[:, None], target, 2.0, 0.5, 1.0)
+    assert segmentation_loss(candidates, target, 2.0, 0.5, 1.0) == pytest.approx(perfect_alone.item())
+    assert perfect_alone < 1e-6
+    uncertain = torch.stack([wrong, perfect / 20.0, wrong], dim=1).requires_grad_(True)
+    segmentation_loss(uncertain, target, 2.0, 0.5, 1.0).backward()
+    assert uncertain.grad[:, 1].abs().sum() > 0 and uncertain.grad[:, [0, 2]].abs().sum() == 0
+
+
+def test_segmentation_loss_averages_the_best_candidates_over_masks():
+    targets = torch.zeros(2, 4, 4)
+    targets[0, 0] = 1.0
+    targets[1, :, 0] = 1.0
+    candidates = torch.randn(2, 3, 4, 4)
+    per_candidate = [
+        [segmentation_loss(candidates[m, c][None, None], targets[m][None], 1.0, 1.0, 1.0).item() for c in range(3)]
+        for m in range(2)
+    ]
+    expected = sum(min(row) for row in per_candidate) / 2
+    assert segmentation_loss(candidates, targets, 1.0, 1.0, 1.0).item() == pytest.approx(expected, rel=1e-5)

@@ -126,3 +126,22 @@ def test_new_token_rows_start_at_the_mean(tiny_model):
     tiny_model.initialize_new_token_embeddings(new_ids)
     assert torch.allclose(embeddings[3], expected) and torch.allclose(embeddings[7], expected)
     assert torch.allclose(tiny_model.get_output_embeddings().weight[3], tiny_model.get_output_embeddings().weight[keep].mean(0))
+
+
+def test_a_fresh_sam2_locates_point_prompts_with_the_images_fourier_basis(tiny_pair, tmp_path):
+    """Point and image positions are only comparable under one Gaussian matrix, as in released SAM2 weights."""
+    model = tiny_pair[0]
+    sam = model.grounding_encoder
+    image_basis = sam.shared_image_embedding.positional_embedding
+    assert torch.equal(sam.prompt_encoder.shared_embedding.positional_embedding, image_basis)
+    point = torch.tensor([[[[40.0, 88.0]]]])
+    size = sam.prompt_encoder.input_image_size
+    encoded_point = sam.prompt_encoder.shared_embedding(point + 0.5, (size, size))[0, 0, 0]
+    image_encoding = sam.get_image_wide_positional_embeddings()[0]
+    similarity = torch.einsum("c,chw->hw", encoded_point, image_encoding)
+    row, column = divmod(similarity.argmax().item(), similarity.shape[1])
+    cell = size / similarity.shape[0]
+    assert abs((row + 0.5) * cell - 88.5) <= cell and abs((column + 0.5) * cell - 40.5) <= cell
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).grounding_encoder
+    assert torch.equal(reloaded.prompt_encoder.shared_embedding.positional_embedding, image_basis)

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 from datasets import Dataset
 
-from perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
+from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration, PerceptioProcessor
+from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.trainers.synthetic_recipe import (
     ABLATIONS,
     DEPTH_LOSS_WEIGHT_FIELDS,
     SyntheticTinyRecipe,
     ablate,
+    build_recipe_model,
+    build_recipe_processor,
+    pretrain_recipe_grounding,
     run_synthetic_tiny_recipe,
+    train_recipe_model,
 )
 
-SMOKE = dict(num_train=24, num_validation=4, num_test=4, depth_tokenizer_steps=4, train_steps=2, batch_size=4,
-             logging_steps=1)
+SMOKE = dict(num_train=24, num_validation=4, num_test=4, depth_tokenizer_steps=4, grounding_scenes=8, grounding_steps=2,
+             train_steps=2, batch_size=4, logging_steps=1)
 
 
 def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
@@ -26,10 +33,31 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
     assert len(log) == 2 and all(entry["loss_mask"] >= 0 and entry["loss_token"] > 0 for entry in log)
     saved = json.loads((tmp_path / "recipe_summary.json").read_text())
     assert saved["recipe"]["train_steps"] == 2 and saved["ablation"] == "full"
+    grounding = saved["grounding_pretraining"]
+    assert 0 <= grounding["point_prompt_iou"] <= 1 and [entry["step"] for entry in grounding["log"]] == [1, 2]
+    assert {"dataset_s", "depth_tokenizer_s", "grounding_s", "model_s", "total_s"} == set(saved["timings"])
     model = PerceptioForConditionalGeneration.from_pretrained(tmp_path / "model")
     processor = PerceptioProcessor.from_pretrained(tmp_path / "model")
     assert model.config.num_depth_tokens == 64 and processor.image_seq_length == 64
     assert (tmp_path / "dataset" / "test").is_dir()
+
+
+def test_main_stage_trains_the_mask_decoder_on_a_frozen_pretrained_sam2_image_encoder(tmp_path):
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    dataset = build_synthetic_dataset(8, 1, 1, image_size=recipe.image_size, seed=0, tasks={"referring": 1.0},
+                                      cache_dir=str(tmp_path / "cache"))
+    processor = build_recipe_processor(recipe)
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    untrained_encoder = copy.deepcopy(model.grounding_encoder.vision_encoder.state_dict())
+    pretrain_recipe_grounding(recipe, model, processor)
+    pretrained = copy.deepcopy(model.grounding_encoder.state_dict())
+    assert any(not torch.equal(value, pretrained[f"vision_encoder.{name}"]) for name, value in untrained_encoder.items())
+    train_recipe_model(recipe, model, processor, dataset["train"], tmp_path / "trainer")
+    after = model.grounding_encoder.state_dict()
+    encoder = [name for name in after if name.startswith("vision_encoder.")]
+    decoder = [name for name in after if name.startswith("mask_decoder.")]
+    assert all(torch.equal(after[name], pretrained[name]) for name in encoder)
+    assert any(not torch.equal(after[name], pretrained[name]) for name in decoder)
 
 
 def test_ablations_change_only_what_they_name():

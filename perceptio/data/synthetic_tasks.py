@@ -5,7 +5,8 @@ Tasks (names as stored in the dataset's `task` column):
 - "referring": segment the object(s) an expression picks out ("the small red sphere", "the cube left of the green
   cylinder", "the object nearest the camera", "all the spheres"). Only expressions that pick out exactly the
   intended objects are used; the answer is plain text and the sample carries one mask per referred object.
-- "relative_depth": HardBLINK-style. 2-5 points drawn as red circles with letter labels on a copy of the image,
+- "relative_depth": HardBLINK-style. 2-5 points drawn as red circles with letter labels (each letter on its own
+  colour) on a copy of the image,
   "Which point is closest to the camera?", answer "(B)". The closest point's metric depth (read at the point's
   pixel; smaller = closer) is at least `depth_margin` (relative) below every other point's, points sit on locally
   smooth surfaces and no marker or label covers another point.
@@ -44,8 +45,27 @@ RELATIVE_DEPTH_QUESTION = "Which point is closest to the camera?"
 POINT_LETTERS = "ABCDEFGHIJ"
 _MARKER_FILL = (230, 20, 20)
 _MARKER_OUTLINE = (255, 255, 255)
-_LABEL_BACKGROUND = (0, 0, 0)
-_LABEL_TEXT = (255, 255, 255)
+# One label colour per letter: at 128 pixels a letter is a 5-pixel glyph that a small vision encoder trained from
+# scratch barely resolves, while a colour survives its patch embedding. The letter is still drawn on it.
+_LABEL_BACKGROUNDS = (
+    (0, 0, 0),
+    (255, 140, 0),
+    (0, 200, 255),
+    (255, 0, 200),
+    (140, 255, 0),
+    (120, 60, 0),
+    (255, 255, 255),
+    (0, 90, 60),
+    (120, 0, 160),
+    (128, 128, 128),
+)
+_DARK_TEXT = (0, 0, 0)
+_LIGHT_TEXT = (255, 255, 255)
+
+
+def _label_text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    luminance = 0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]
+    return _DARK_TEXT if luminance > 140 else _LIGHT_TEXT
 
 
 @dataclass(frozen=True)
@@ -380,9 +400,10 @@ def _draw_markers(image: np.ndarray, markers: list[_PointMarker], letters: str) 
     draw = ImageDraw.Draw(canvas)
     font = _label_font()
     for marker, letter in zip(markers, letters):
+        background = _LABEL_BACKGROUNDS[POINT_LETTERS.index(letter)]
         draw.ellipse(marker.marker_box, fill=_MARKER_FILL, outline=_MARKER_OUTLINE)
-        draw.rectangle(marker.label_box, fill=_LABEL_BACKGROUND)
-        draw.text((marker.label_box[0] + 1, marker.label_box[1] + 1), letter, fill=_LABEL_TEXT, font=font)
+        draw.rectangle(marker.label_box, fill=background)
+        draw.text((marker.label_box[0] + 1, marker.label_box[1] + 1), letter, fill=_label_text_colour(background), font=font)
     return np.asarray(canvas)
 
 

@@ -28,6 +28,9 @@ class PerceptioConfig(InternVLConfig):
         mask_dice_epsilon (`float`, defaults to 1.0): smoothing of the Dice loss.
         mask_iou_loss_weight (`float`, defaults to 1.0): λ of `loss_mask_iou`, the MSE that trains SAM2's IoU head (it
             picks the best of the multimask candidates at inference).
+        sam2_multimask_output (`bool`, defaults to True): decode each `[SEG]` into SAM2's three candidates (the best
+            one by predicted IoU is the mask) or, when False, into its single-mask output as Sa2VA does; single is the
+            better choice when SAM2 is trained from scratch, whose IoU head cannot yet rank candidates.
         depth_marker_loss_weight, depth_token_loss_weight, depth_count_loss_weight, depth_recon_loss_weight
             (`float`, defaults to 1.0): λ of the four depth-token objectives (DESIGN.md §5).
         depth_soft_merge_temperature (`float`, defaults to 1.0): τ of the soft-merged depth reconstruction.
@@ -53,6 +56,7 @@ class PerceptioConfig(InternVLConfig):
     mask_dice_weight: float | int = 0.5
     mask_dice_epsilon: float | int = 1.0
     mask_iou_loss_weight: float | int = 1.0
+    sam2_multimask_output: bool = True
     depth_marker_loss_weight: float | int = 1.0
     depth_token_loss_weight: float | int = 1.0
     depth_count_loss_weight: float | int = 1.0
@@ -77,6 +81,8 @@ class PerceptioConfig(InternVLConfig):
 
     def check_spatial_tokens(self) -> None:
         """Raise a `ValueError` naming the field when the spatial-token fields disagree with each other."""
+        if not isinstance(self.sam2_multimask_output, bool):
+            raise ValueError(f"sam2_multimask_output must be True or False, got {self.sam2_multimask_output!r}.")
         for name in ("num_depth_codes", "num_depth_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

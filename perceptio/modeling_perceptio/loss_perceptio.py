@@ -49,13 +49,20 @@ def mask_iou_prediction_loss(
 
 
 def segmentation_loss(
-    mask_logits: torch.Tensor, targets: torch.Tensor, bce_weight: float, dice_weight: float, dice_epsilon: float
+    candidate_logits: torch.Tensor, targets: torch.Tensor, bce_weight: float, dice_weight: float, dice_epsilon: float
 ) -> torch.Tensor:
-    """`bce_weight` × BCE + `dice_weight` × Dice, averaged over masks (M, H, W) -> scalar."""
-    per_mask = bce_weight * mask_bce_loss(mask_logits, targets) + dice_weight * mask_dice_loss(
-        mask_logits, targets, dice_epsilon
+    """`bce_weight` × BCE + `dice_weight` × Dice of each mask's best candidate, averaged over masks -> scalar.
+
+    `candidate_logits` is SAM2's multimask output (M, C, H, W) for targets (M, H, W). Only the candidate with the
+    lowest loss is supervised, as in SAM's own training: the candidates specialise and the IoU head learns to pick.
+    """
+    num_masks, num_candidates = candidate_logits.shape[:2]
+    flat_logits = candidate_logits.flatten(0, 1)
+    repeated = targets.repeat_interleave(num_candidates, dim=0)
+    per_candidate = bce_weight * mask_bce_loss(flat_logits, repeated) + dice_weight * mask_dice_loss(
+        flat_logits, repeated, dice_epsilon
     )
-    return per_mask.mean()
+    return per_candidate.view(num_masks, num_candidates).min(-1).values.mean()
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,20 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         if self.depth_tokenizer is not None:
             self.depth_tokenizer.requires_grad_(False)
         self.post_init()
+        self.share_sam2_positional_encoding()
+
+    def share_sam2_positional_encoding(self) -> None:
+        """Give SAM2's prompt encoder the image's random Fourier basis.
+
+        Released SAM2 checkpoints hold one Gaussian matrix for both, and a point prompt is located by comparing its
+        encoding with the image's. `Sam2Model` draws the two independently, so a from-scratch SAM2 could never learn
+        where a point is; loading a checkpoint overwrites both with its (equal) values.
+        """
+        sam = self.grounding_encoder
+        with torch.no_grad():
+            sam.prompt_encoder.shared_embedding.positional_embedding.copy_(
+                sam.shared_image_embedding.positional_embedding
+            )
 
     def require_depth_tokenizer(self) -> PerceptioDepthTokenizer:
         """The depth tokenizer, or a `ValueError` on a checkpoint that has none."""
@@ -189,7 +203,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             image_positional_embeddings=sam.get_image_wide_positional_embeddings(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=True,
+            multimask_output=self.config.sam2_multimask_output,
             high_resolution_features=image_embeddings[:-1],
         )
         return mask_logits[0], iou_scores[0]
@@ -210,7 +224,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         distinct, image_of_sample = distinct_images(sam_pixel_values)
         image_embeddings = self.sam_image_embeddings(distinct)
         low_res = 4 * image_embeddings[-1].shape[-1]
-        num_candidates = self.grounding_encoder.mask_decoder.num_multimask_outputs
+        num_candidates = (
+            self.grounding_encoder.mask_decoder.num_multimask_outputs if self.config.sam2_multimask_output else 1
+        )
         output = PerceptioMaskOutput(mask_logits=[], mask_scores=[], candidate_logits=[], candidate_scores=[])
         for hidden, image in zip(seg_hidden_states, image_of_sample):
             if hidden.shape[0] == 0:
@@ -424,24 +440,22 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         masks = self.predict_masks(seg_hidden, sam_pixel_values)
         if not training or gt_masks is None:
             return masks, no_losses
-        logits = torch.cat(masks.mask_logits)
+        candidates = torch.cat(masks.candidate_logits)
         targets = torch.cat(
             [
-                resize_masks_to_logits(sample_masks.to(logits.device), tuple(logits.shape[-2:]))
+                resize_masks_to_logits(sample_masks.to(candidates.device), tuple(candidates.shape[-2:]))
                 for sample_masks in gt_masks
                 if len(sample_masks)
             ]
-        ).to(logits.dtype)
+        ).to(candidates.dtype)
         loss_mask = segmentation_loss(
-            logits,
+            candidates,
             targets,
             self.config.mask_bce_weight,
             self.config.mask_dice_weight,
             self.config.mask_dice_epsilon,
         )
-        loss_mask_iou = mask_iou_prediction_loss(
-            torch.cat(masks.candidate_logits), torch.cat(masks.candidate_scores), targets
-        )
+        loss_mask_iou = mask_iou_prediction_loss(candidates, torch.cat(masks.candidate_scores), targets)
         return masks, {"loss_mask": loss_mask, "loss_mask_iou": loss_mask_iou}
 
     def _zero_weight_mask_loss(self, hidden_states: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:

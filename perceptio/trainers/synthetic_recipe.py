@@ -1,8 +1,10 @@
 """The `synthetic-tiny` recipe: a tiny Perceptio trained end to end on CPU on rendered 3D scenes.
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
-depth tokenizer on its exact depth, trains a tiny Perceptio from scratch with `PerceptioTrainer` on the task mixture
-(referring segmentation, HardBLINK-style relative depth, VQA), and saves the result. Everything follows from `seed`.
+depth tokenizer on its exact depth, pretrains the tiny SAM2 on point prompts over rendered instance masks (the
+stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
+(referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
+and saves the result. Everything follows from `seed`.
 
 Ablations (DESIGN.md §9 and issue 7) train with the same data, steps and seed:
 
@@ -34,11 +36,13 @@ from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
 from .collator_perceptio import PerceptioDataCollator
 from .data_mixture import add_depth_code_column
 from .depth_tokenizer_trainer import train_depth_tokenizer
+from .grounding_pretraining import GroundingPretrainingResult, pretrain_grounding_encoder, render_instance_scenes
 from .trainer_perceptio import PerceptioTrainer
 
 ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only")
 # Saved next to the model (`output_dir/dataset`) for `perceptio eval synthetic`; the training split stays in the cache.
 EVALUATION_SPLITS = ("validation", "test")
+GROUNDING_EVAL_SCENES = 200
 DEPTH_LOSS_WEIGHT_FIELDS = (
     "depth_marker_loss_weight",
     "depth_token_loss_weight",
@@ -62,6 +66,11 @@ class SyntheticTinyRecipe:
     depth_codebook_dim: int = 32
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
+    grounding_scenes: int = 2000
+    grounding_steps: int = 2000
+    grounding_learning_rate: float = 2e-3
+    mask_bce_weight: float = 1.0
+    mask_dice_weight: float = 2.0
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
     text_num_layers: int = 4
@@ -82,6 +91,8 @@ class SyntheticTinyRecipe:
             "depth_codebook_dim",
             "depth_num_codes",
             "depth_tokenizer_steps",
+            "grounding_scenes",
+            "grounding_steps",
             "text_hidden_size",
             "text_intermediate_size",
             "text_num_layers",
@@ -100,8 +111,10 @@ class SyntheticTinyRecipe:
                 f"image_size ({self.image_size}) must be an even multiple of vision_patch_size "
                 f"({self.vision_patch_size}) so InternVL's pixel shuffle tiles the patch grid."
             )
-        if not self.learning_rate > 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("learning_rate must be > 0 and warmup_ratio in [0, 1).")
+        if not self.learning_rate > 0 or not self.grounding_learning_rate > 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("learning_rate and grounding_learning_rate must be > 0 and warmup_ratio in [0, 1).")
+        if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
+            raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
 
     @property
     def image_seq_length(self) -> int:
@@ -136,8 +149,15 @@ def build_recipe_processor(recipe: SyntheticTinyRecipe) -> PerceptioProcessor:
 def build_recipe_model(
     recipe: SyntheticTinyRecipe, processor: PerceptioProcessor, depth_tokenizer
 ) -> PerceptioForConditionalGeneration:
-    """A randomly initialised Perceptio of the recipe's size that embeds the trained depth tokenizer."""
+    """A randomly initialised Perceptio of the recipe's size that embeds the trained depth tokenizer.
+
+    Its SAM2 decodes one mask per `[SEG]` (no candidates to rank with an IoU head trained from scratch) and its mask
+    loss leans on Dice: with BCE-heavy weights a from-scratch decoder settles on empty masks, objects being a few
+    percent of the image.
+    """
     ids = processor.spatial_ids
+    sam2_config = tiny_sam2_config()
+    sam2_config.mask_decoder_config.dynamic_multimask_via_stability = False
     heads = max(1, recipe.text_hidden_size // 48)
     config = PerceptioConfig(
         text_config={
@@ -162,7 +182,10 @@ def build_recipe_model(
         image_seq_length=recipe.image_seq_length,
         image_token_id=ids.image_context,
         tie_word_embeddings=False,
-        sam2_config=tiny_sam2_config(),
+        sam2_config=sam2_config,
+        sam2_multimask_output=False,
+        mask_bce_weight=recipe.mask_bce_weight,
+        mask_dice_weight=recipe.mask_dice_weight,
         depth_tokenizer_config=depth_tokenizer.config,
         seg_token_id=ids.seg,
         depth_start_token_id=ids.depth_start,
@@ -205,6 +228,26 @@ def train_recipe_tokenizer(recipe: SyntheticTinyRecipe, train_split: Dataset, ou
         lr_scheduler_type="cosine",
     )
     return result.tokenizer, result.evaluation
+
+
+def pretrain_recipe_grounding(
+    recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
+) -> GroundingPretrainingResult:
+    """Train the model's SAM2 on point prompts over freshly rendered scenes, then freeze its image encoder."""
+    train_scenes = render_instance_scenes(recipe.grounding_scenes, processor.image_processor, recipe.seed, "train")
+    eval_scenes = render_instance_scenes(GROUNDING_EVAL_SCENES, processor.image_processor, recipe.seed, "eval")
+    result = pretrain_grounding_encoder(
+        model,
+        train_scenes,
+        eval_scenes,
+        steps=recipe.grounding_steps,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.grounding_learning_rate,
+        seed=recipe.seed,
+        logging_steps=recipe.logging_steps,
+    )
+    model.grounding_encoder.vision_encoder.requires_grad_(False)
+    return result
 
 
 def train_recipe_model(
@@ -255,7 +298,8 @@ def run_synthetic_tiny_recipe(
     """Run the whole recipe; save `output_dir/model` (model + processor), `output_dir/dataset` (the validation and
     test splits, for `perceptio eval synthetic`) and `output_dir/recipe_summary.json`.
 
-    Returns the summary: settings, timings, the depth tokenizer's evaluation and the training log.
+    Returns the summary: settings, timings, the depth tokenizer's evaluation, SAM2's point-prompt IoU before and after
+    its pretraining, and the training log.
     """
     recipe = recipe if recipe is not None else SyntheticTinyRecipe()
     if ablation not in ABLATIONS:
@@ -280,6 +324,9 @@ def run_synthetic_tiny_recipe(
     timings["depth_tokenizer_s"] = time.perf_counter() - tokenizer_started
     processor = build_recipe_processor(recipe)
     model = build_recipe_model(recipe, processor, depth_tokenizer)
+    grounding_started = time.perf_counter()
+    grounding = pretrain_recipe_grounding(recipe, model, processor)
+    timings["grounding_s"] = time.perf_counter() - grounding_started
     model_started = time.perf_counter()
     log = train_recipe_model(recipe, model, processor, dataset["train"], output_dir / "trainer", ablation)
     timings["model_s"] = time.perf_counter() - model_started
@@ -293,6 +340,11 @@ def run_synthetic_tiny_recipe(
         "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
         "timings": timings,
         "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
+        "grounding_pretraining": {
+            "initial_point_prompt_iou": grounding.initial_point_prompt_iou,
+            "point_prompt_iou": grounding.point_prompt_iou,
+            "log": grounding.log,
+        },
         "training_log": log,
     }
     (output_dir / "recipe_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -1,0 +1,123 @@
+"""The ablation table of issue 7: the synthetic-tiny recipe's four arms, same data, steps and seed.
+
+Each arm is `run_synthetic_tiny_recipe(OUTPUT/ARM, recipe, ablation=ARM)` (what `perceptio train --recipe
+synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perceptio eval synthetic` runs) on
+
+- the recipe's own test split (referring cIoU, depth-block AbsRel and pair-order accuracy), and
+- a larger relative-depth-only split (`--relative-depth-questions` per point count, 2 to 5 points), because the
+  recipe's 300-question test split holds only about 25 questions per point count.
+
+An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
+checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (about 45 minutes on
+two CPU cores); run arms on different machines with `--arms` and merge by rerunning with all of them.
+
+    python bench/ablation_table.py --output-dir runs/ablations
+    python bench/ablation_table.py --output-dir runs/ablations --arms full no-depth-tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import datasets
+
+from perceptio.data.synthetic_dataset import build_synthetic_dataset
+from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
+from perceptio.evaluation.runners import RunSettings, run_synthetic
+from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
+from perceptio.trainers.synthetic_recipe import ABLATIONS, SyntheticTinyRecipe, run_synthetic_tiny_recipe
+
+POINT_COUNTS = (2, 3, 4, 5)
+# Disjoint from the recipe's splits, which are drawn from the recipe seed.
+RELATIVE_DEPTH_SEED_OFFSET = 1000
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, help="one folder per arm is made here")
+    parser.add_argument("--arms", nargs="+", default=list(ABLATIONS), choices=ABLATIONS)
+    parser.add_argument("--train-steps", type=int, help="override the recipe's training steps (all arms alike)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relative-depth-questions", type=int, default=100, help="per point count (2 to 5)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
+    arguments = parser.parse_args(argv)
+    if arguments.relative_depth_questions <= 0:
+        parser.error("--relative-depth-questions must be a positive integer")
+    if arguments.train_steps is not None and arguments.train_steps <= 0:
+        parser.error("--train-steps must be a positive integer")
+    return arguments
+
+
+def relative_depth_questions(output_dir: Path, per_point_count: int, image_size: int, seed: int) -> Path:
+    """A saved test split of relative-depth questions, `per_point_count` for each of 2 to 5 points."""
+    folder = output_dir / "relative_depth_questions"
+    if not folder.is_dir():
+        splits = []
+        for num_points in POINT_COUNTS:
+            config = replace(DEFAULT_TASK_CONFIG, point_count_range=(num_points, num_points))
+            built = build_synthetic_dataset(
+                0, 0, per_point_count, image_size=image_size, seed=seed + RELATIVE_DEPTH_SEED_OFFSET + num_points,
+                tasks=["relative_depth"], task_config=config,
+            )
+            splits.append(built["test"])
+        datasets.DatasetDict({"test": datasets.concatenate_datasets(splits)}).save_to_disk(str(folder))
+    return folder
+
+
+def evaluate_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict:
+    """Both evaluations of one trained arm, as `run_synthetic` summaries."""
+    model, processor = load_perceptio_checkpoint(str(arm_dir / "model"))
+    results = {}
+    for name, data in (("recipe_test", arm_dir / "dataset"), ("relative_depth", questions)):
+        settings = RunSettings(output_dir=arm_dir / f"eval_{name}", batch_size=batch_size, max_new_tokens=96)
+        results[name] = run_synthetic(model, processor, str(data), settings, split="test")
+    return results
+
+
+def table_row(arm: str, results: dict) -> str:
+    recipe_test, relative = results["recipe_test"], results["relative_depth"]["relative_depth"]["by_num_points"]
+    depth = recipe_test["depth"]
+    cells = [
+        arm,
+        f"{recipe_test['referring']['ciou']:.3f}",
+        "-" if depth["num_maps"] == 0 else f"{depth['abs_rel']:.3f}",
+        "-" if depth["num_maps"] == 0 else f"{depth['pair_order_accuracy']:.3f}",
+        *(f"{relative[str(count)]['accuracy']:.3f}" for count in POINT_COUNTS),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    output_dir = Path(arguments.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {"seed": arguments.seed}
+    if arguments.train_steps is not None:
+        overrides["train_steps"] = arguments.train_steps
+    recipe = SyntheticTinyRecipe(**overrides)
+    questions = relative_depth_questions(
+        output_dir, arguments.relative_depth_questions, recipe.image_size, arguments.seed
+    )
+    rows = []
+    for arm in arguments.arms:
+        arm_dir = output_dir / arm
+        if not (arm_dir / "model").is_dir():
+            run_synthetic_tiny_recipe(arm_dir, recipe, ablation=arm)
+        results = evaluate_arm(arm_dir, questions, arguments.batch_size)
+        (arm_dir / "ablation_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        rows.append(table_row(arm, results))
+    header = (
+        "| arm | referring cIoU | depth AbsRel | depth pair-order | rel. depth 2 pts | 3 pts | 4 pts | 5 pts |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    print(header)
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
