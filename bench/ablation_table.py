@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -41,14 +42,19 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", required=True, help="one folder per arm is made here")
     parser.add_argument("--arms", nargs="+", default=list(ABLATIONS), choices=ABLATIONS)
     parser.add_argument("--train-steps", type=int, help="override the recipe's training steps (all arms alike)")
+    parser.add_argument(
+        "--grounding-steps", type=int, help="override the recipe's SAM2 point-prompt pretraining steps (all arms alike)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--relative-depth-questions", type=int, default=100, help="per point count (2 to 5)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
     arguments = parser.parse_args(argv)
     if arguments.relative_depth_questions <= 0:
         parser.error("--relative-depth-questions must be a positive integer")
-    if arguments.train_steps is not None and arguments.train_steps <= 0:
-        parser.error("--train-steps must be a positive integer")
+    for name in ("train_steps", "grounding_steps"):
+        value = getattr(arguments, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
     return arguments
 
 
@@ -66,6 +72,13 @@ def relative_depth_questions(output_dir: Path, per_point_count: int, image_size:
             splits.append(built["test"])
         datasets.DatasetDict({"test": datasets.concatenate_datasets(splits)}).save_to_disk(str(folder))
     return folder
+
+
+def share_rendered_dataset(output_dir: Path, arm_dir: Path) -> None:
+    """Start an arm with another arm's dataset cache when there is one: every arm renders the same scenes."""
+    caches = sorted(output_dir.glob("*/dataset_cache"))
+    if caches and not (arm_dir / "dataset_cache").exists():
+        shutil.copytree(caches[0], arm_dir / "dataset_cache")
 
 
 def evaluate_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict:
@@ -96,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(arguments.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = {"seed": arguments.seed}
-    if arguments.train_steps is not None:
-        overrides["train_steps"] = arguments.train_steps
+    for name in ("train_steps", "grounding_steps"):
+        if getattr(arguments, name) is not None:
+            overrides[name] = getattr(arguments, name)
     recipe = SyntheticTinyRecipe(**overrides)
     questions = relative_depth_questions(
         output_dir, arguments.relative_depth_questions, recipe.image_size, arguments.seed
@@ -106,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arguments.arms:
         arm_dir = output_dir / arm
         if not (arm_dir / "model").is_dir():
+            share_rendered_dataset(output_dir, arm_dir)
             run_synthetic_tiny_recipe(arm_dir, recipe, ablation=arm)
         results = evaluate_arm(arm_dir, questions, arguments.batch_size)
         (arm_dir / "ablation_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
