@@ -42,12 +42,14 @@ DEPTH_LOSS_NAMES = ("loss_marker", "loss_token", "loss_count", "loss_depth_recon
 class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
     r"""
     loss_lm (`torch.FloatTensor`, *optional*): next-token cross-entropy on the assistant tokens.
-    loss_mask (`torch.FloatTensor`, *optional*): BCE + Dice of the `[SEG]` masks (0 when the batch has none).
+    loss_mask (`torch.FloatTensor`, *optional*): BCE + Dice of the `[SEG]` masks, each on its best candidate as in
+        SAM's training (0 when the batch has none).
     loss_mask_iou (`torch.FloatTensor`, *optional*): MSE of SAM2's predicted IoU of each multimask candidate against
         its actual IoU — trains the head that picks the best candidate at inference.
     loss_marker, loss_token, loss_count, loss_depth_recon (`torch.FloatTensor`, *optional*): the depth-token terms.
     pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, the low-res mask logits (num_seg, h, w) of its
-        `[SEG]` tokens, best-IoU mask of SAM2's multimask output.
+        `[SEG]` tokens: the best-IoU mask of SAM2's multimask output, or its single mask when
+        `config.sam2_multimask_output` is False.
     pred_mask_scores (`list[torch.FloatTensor]`, *optional*): per sample, SAM2's predicted IoU of each mask.
     """
 
