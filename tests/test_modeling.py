@@ -145,3 +145,15 @@ def test_a_fresh_sam2_locates_point_prompts_with_the_images_fourier_basis(tiny_p
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).grounding_encoder
     assert torch.equal(reloaded.prompt_encoder.shared_embedding.positional_embedding, image_basis)
+
+
+def test_single_mask_output_decodes_and_trains_one_candidate_per_seg(tiny_model, tiny_processor, rgb_image):
+    tiny_model.config.sam2_multimask_output = False
+    tiny_model.grounding_encoder.mask_decoder.dynamic_multimask_via_stability = False
+    example = _segmentation_example(tiny_processor, rgb_image)
+    output = _forward(tiny_model, example, [torch.ones(2, 48, 72)])
+    assert torch.isfinite(output.loss_mask) and output.loss_mask > 0
+    seg_hidden = [torch.randn(2, tiny_model.config.text_config.hidden_size)]
+    masks = tiny_model.predict_masks(seg_hidden, example["sam_pixel_values"])
+    assert masks.candidate_logits[0].shape[:2] == (2, 1) and masks.mask_logits[0].shape == (2, 32, 32)
+    assert torch.equal(masks.mask_logits[0], masks.candidate_logits[0][:, 0])

@@ -403,7 +403,8 @@ def _draw_markers(image: np.ndarray, markers: list[_PointMarker], letters: str) 
         background = _LABEL_BACKGROUNDS[POINT_LETTERS.index(letter)]
         draw.ellipse(marker.marker_box, fill=_MARKER_FILL, outline=_MARKER_OUTLINE)
         draw.rectangle(marker.label_box, fill=background)
-        draw.text((marker.label_box[0] + 1, marker.label_box[1] + 1), letter, fill=_label_text_colour(background), font=font)
+        text_origin = (marker.label_box[0] + 1, marker.label_box[1] + 1)
+        draw.text(text_origin, letter, fill=_label_text_colour(background), font=font)
     return np.asarray(canvas)
 
 

@@ -200,15 +200,26 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         sparse, dense = sam.prompt_encoder(points, labels, None, None)
         prompts = prompt_embeddings.to(sparse.dtype).view(1, num_prompts, 1, -1)
         sparse = torch.cat([sparse, prompts], dim=2)
+        mask_logits, iou_scores = self.run_mask_decoder(image_embeddings, sparse, dense)
+        return mask_logits[0], iou_scores[0]
+
+    def run_mask_decoder(
+        self, image_embeddings: list[torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM2's mask decoder on a batch of image pyramids (each level (B, C, h, w)) and their prompt embeddings
+        (sparse (B, P, n, C)): candidate logits (B, P, M, h', w') and predicted IoU (B, P, M), with M = 3 or 1 as
+        `config.sam2_multimask_output` says."""
+        sam = self.grounding_encoder
+        batch_size = image_embeddings[-1].shape[0]
         mask_logits, iou_scores, _, _ = sam.mask_decoder(
             image_embeddings=image_embeddings[-1],
-            image_positional_embeddings=sam.get_image_wide_positional_embeddings(),
+            image_positional_embeddings=sam.get_image_wide_positional_embeddings().repeat(batch_size, 1, 1, 1),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=self.config.sam2_multimask_output,
             high_resolution_features=image_embeddings[:-1],
         )
-        return mask_logits[0], iou_scores[0]
+        return mask_logits, iou_scores
 
     def predict_masks(
         self, seg_hidden_states: list[torch.Tensor], sam_pixel_values: torch.Tensor
@@ -443,22 +454,33 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         if not training or gt_masks is None:
             return masks, no_losses
         candidates = torch.cat(masks.candidate_logits)
+        low_res = tuple(candidates.shape[-2:])
+        # Samples' masks may come at different image sizes: bring each to the logits' size before stacking.
         targets = torch.cat(
             [
-                resize_masks_to_logits(sample_masks.to(candidates.device), tuple(candidates.shape[-2:]))
+                resize_masks_to_logits(sample_masks.to(candidates.device), low_res)
                 for sample_masks in gt_masks
                 if len(sample_masks)
             ]
-        ).to(candidates.dtype)
+        )
+        return masks, self.mask_losses(candidates, torch.cat(masks.candidate_scores), targets)
+
+    def mask_losses(
+        self, candidate_logits: torch.Tensor, predicted_iou: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """`loss_mask` (the config's BCE + Dice on each mask's best candidate) and `loss_mask_iou` (the IoU head's
+        regression) of candidates (M, C, h, w) with predicted IoU (M, C) against ground-truth masks (M, H, W) of any
+        size."""
+        low_res = resize_masks_to_logits(targets, tuple(candidate_logits.shape[-2:])).to(candidate_logits.dtype)
         loss_mask = segmentation_loss(
-            candidates,
-            targets,
+            candidate_logits,
+            low_res,
             self.config.mask_bce_weight,
             self.config.mask_dice_weight,
             self.config.mask_dice_epsilon,
         )
-        loss_mask_iou = mask_iou_prediction_loss(candidates, torch.cat(masks.candidate_scores), targets)
-        return masks, {"loss_mask": loss_mask, "loss_mask_iou": loss_mask_iou}
+        loss_mask_iou = mask_iou_prediction_loss(candidate_logits, predicted_iou, low_res)
+        return {"loss_mask": loss_mask, "loss_mask_iou": loss_mask_iou}
 
     def _zero_weight_mask_loss(self, hidden_states: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         # A batch without [SEG] still runs the mask path (weight 0) so every process in DDP/DeepSpeed builds the same

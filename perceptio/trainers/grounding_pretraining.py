@@ -1,10 +1,10 @@
 """Promptable-segmentation pretraining of a from-scratch SAM2 on rendered scenes.
 
-Perceptio starts from a released SAM2 and only learns to prompt it with `[SEG]` states. The tiny recipe has no SAM2
-checkpoint of its size, so it first trains its SAM2 the way SAM itself is trained: a point inside an object in, that
-object's mask out (the best of the candidates is supervised when the model decodes three), with the IoU head
-regressed on every candidate's actual IoU. Rendered scenes give exact instance masks for this, as they give exact depth to the depth
-tokenizer.
+Perceptio starts from a released SAM2 and only learns to prompt it with `[SEG]` states. The tiny recipe has no
+SAM2 checkpoint of its size, so it first trains its SAM2 the way SAM itself is trained: a point inside an object in,
+that object's mask out, with the model's own mask losses (`PerceptioForConditionalGeneration.mask_losses`: the best
+candidate's BCE + Dice and the IoU head's regression). Rendered scenes give exact instance masks for this, as they
+give exact depth to the depth tokenizer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from ..data.scene_rendering import render_scene
 from ..modeling_perceptio import PerceptioForConditionalGeneration
-from ..modeling_perceptio.loss_perceptio import mask_iou_prediction_loss, resize_masks_to_logits, segmentation_loss
 from ..processing import PerceptioImageProcessor
 
 
@@ -91,30 +90,8 @@ def point_prompt_candidates(
     batch_size = points.shape[0]
     labels = torch.ones(batch_size, 1, 1, dtype=torch.int32, device=points.device)
     sparse, dense = sam.prompt_encoder(points.view(batch_size, 1, 1, 2).to(model.dtype), labels, None, None)
-    mask_logits, iou_scores, _, _ = sam.mask_decoder(
-        image_embeddings=image_embeddings[-1],
-        image_positional_embeddings=sam.get_image_wide_positional_embeddings().repeat(batch_size, 1, 1, 1),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=model.config.sam2_multimask_output,
-        high_resolution_features=image_embeddings[:-1],
-    )
+    mask_logits, iou_scores = model.run_mask_decoder(image_embeddings, sparse, dense)
     return mask_logits[:, 0], iou_scores[:, 0]
-
-
-def point_prompt_loss(
-    model: PerceptioForConditionalGeneration,
-    candidate_logits: torch.Tensor,
-    predicted_iou: torch.Tensor,
-    targets: torch.Tensor,
-) -> torch.Tensor:
-    """SAM's training loss with the model's mask weights: the best candidate's BCE + Dice, plus the IoU head's."""
-    low_res = resize_masks_to_logits(targets, tuple(candidate_logits.shape[-2:]))
-    config = model.config
-    segmentation = segmentation_loss(
-        candidate_logits, low_res, config.mask_bce_weight, config.mask_dice_weight, config.mask_dice_epsilon
-    )
-    return segmentation + mask_iou_prediction_loss(candidate_logits, predicted_iou, low_res)
 
 
 @torch.no_grad()
@@ -166,7 +143,7 @@ def pretrain_grounding_encoder(
         indices = torch.randint(len(train_scenes), (batch_size,), generator=generator).tolist()
         points, targets = sample_point_prompts(train_scenes, indices, generator)
         logits, scores = point_prompt_candidates(model, train_scenes.sam_pixel_values[indices], points)
-        loss = point_prompt_loss(model, logits, scores, targets)
+        loss = sum(model.mask_losses(logits, scores, targets).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

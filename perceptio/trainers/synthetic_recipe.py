@@ -340,11 +340,7 @@ def run_synthetic_tiny_recipe(
         "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
         "timings": timings,
         "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
-        "grounding_pretraining": {
-            "initial_point_prompt_iou": grounding.initial_point_prompt_iou,
-            "point_prompt_iou": grounding.point_prompt_iou,
-            "log": grounding.log,
-        },
+        "grounding_pretraining": asdict(grounding),
         "training_log": log,
     }
     (output_dir / "recipe_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
