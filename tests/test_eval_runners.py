@@ -8,6 +8,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from transformers import LogitsProcessor
 
@@ -16,7 +18,7 @@ from perceptio.evaluation.depth_metrics import abs_rel, delta1, normalized_to_po
 from perceptio.evaluation.multiple_choice import multiple_choice_accuracy
 from perceptio.evaluation.runners import RunSettings, run_blink_depth, run_hardblink, run_refcoco, run_synthetic
 from perceptio.evaluation.runners.coco_masks import segmentation_to_mask
-from perceptio.evaluation.runners.synthetic import normalised_inverse_depth
+from perceptio.evaluation.runners.synthetic import normalised_inverse_depth, swapped_expression_pairs
 from perceptio.evaluation.segmentation_metrics import ciou, giou, mask_intersection_union
 from perceptio.tiny_models import build_tiny_perceptio
 
@@ -247,7 +249,8 @@ def test_synthetic_summary_equals_metric_functions(tiny, recorded_predictions, t
     split = data["test"]
     script = _script(processor, model, seg=True, depth=True, text="(A)")
     summary = run_synthetic(model, processor, data, _settings(tmp_path, model, processor, script))
-    assert summary["num_samples"] == 4 and len(recorded_predictions) == 4
+    pairs = swapped_expression_pairs(split["task"], split["prompt"])
+    assert summary["num_samples"] == 4 and len(recorded_predictions) == 4 + len(pairs)
 
     referring_counts, depth_figures, correct, counted = [], [], 0, 0
     relative_texts, relative_answers, relative_points = [], [], []
@@ -283,6 +286,29 @@ def test_synthetic_summary_equals_metric_functions(tiny, recorded_predictions, t
     expected_vqa = sum(answer.lower() == text.strip().rstrip(".").lower() for answer, text in vqa) / len(vqa) if vqa else None
     assert summary["vqa"]["accuracy"] == expected_vqa
     assert summary["vqa"]["num_samples"] == len(vqa)
+    swapped_counts = [
+        mask_intersection_union(np.any(prediction.masks, axis=0), sample_spatial_targets(split[index]).masks.any(0))
+        for (index, _), prediction in zip(pairs, recorded_predictions[4:])
+    ]
+    assert len(swapped_counts) >= 1, "the fixture split should hold two referring rows with different sentences"
+    assert summary["referring"]["swapped_expression_ciou"] == pytest.approx(ciou(*zip(*swapped_counts)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(["referring", "vqa_count"]), st.sampled_from(["a", "b", "c"])), max_size=12
+    )
+)
+def test_swapped_sentences_come_from_another_referring_row_with_another_sentence(rows):
+    tasks, prompts = [task for task, _ in rows], [prompt for _, prompt in rows]
+    pairs = swapped_expression_pairs(tasks, prompts)
+    referring = [index for index, task in enumerate(tasks) if task == "referring"]
+    assert [index for index, _ in pairs] == [
+        index for index in referring if any(prompts[other] != prompts[index] for other in referring)
+    ]
+    for index, partner in pairs:
+        assert tasks[partner] == "referring" and prompts[partner] != prompts[index]
 
 
 def test_synthetic_missing_column_names_it(tiny, tmp_path):

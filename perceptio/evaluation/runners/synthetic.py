@@ -4,7 +4,10 @@ Reads a split of `perceptio.data.synthetic_dataset.build_synthetic_dataset` (a `
 `DatasetDict` itself, split "test" by default). Each row is asked its own `prompt`, then:
 
 - "referring" rows: the union of the predicted masks against the union of the ground-truth masks (an object the
-  sentence refers to, or several for a plural sentence), pooled into cIoU and gIoU;
+  sentence refers to, or several for a plural sentence), pooled into cIoU and gIoU. As a control, each referring
+  image is also asked the next referring row's (different) sentence, and that mask is scored against the image's
+  own target: `swapped_expression_ciou`. A model that reads the sentence scores lower there; a model that draws the
+  same mask whatever the sentence (a foreground mask) scores the same;
 - every row whose answer has a depth block: the decoded depth against the ground truth converted to the tokenizer's
   space (relative inverse depth 1/z, min-max normalised per image to [-1, 1], larger = nearer) at the original size.
   RMSE and pair-order accuracy are read in that space, AbsRel and delta < 1.25 after `normalized_to_positive` (the
@@ -110,8 +113,46 @@ def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, A
     return record
 
 
+SWAPPED_SUFFIX = "/swapped"
+
+
+def swapped_expression_pairs(tasks: Sequence[str], prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """(row, partner) for each referring row: the partner is the next referring row (cyclically) with another
+    sentence; rows whose sentence no other referring row differs from get none."""
+    referring = [index for index, task in enumerate(tasks) if task == "referring"]
+    pairs = []
+    for position, index in enumerate(referring):
+        following = referring[position + 1 :] + referring[:position]
+        partner = next((other for other in following if prompts[other] != prompts[index]), None)
+        if partner is not None:
+            pairs.append((index, partner))
+    return pairs
+
+
+def swapped_expression_record(index: int, row: dict[str, Any], partner_prompt: str, prediction) -> dict[str, Any]:
+    """The record of the mask predicted for another row's sentence on this row's image, against this row's target."""
+    targets = sample_spatial_targets(row)
+    predicted = np.zeros(targets.inverse_depth.shape, dtype=bool)
+    for mask in prediction.masks:
+        predicted |= np.asarray(mask) > 0
+    intersection, union = mask_intersection_union(predicted, targets.masks.any(axis=0))
+    return {
+        "sample_id": f"{index}{SWAPPED_SUFFIX}",
+        "row": index,
+        "task": "referring_swapped",
+        "prompt": partner_prompt,
+        "prediction": prediction.text,
+        "num_masks": len(prediction.masks),
+        "intersection": intersection,
+        "union": union,
+    }
+
+
 def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Referring cIoU/gIoU, depth figures over images with a depth block, relative-depth accuracy by point count."""
+    """Referring cIoU/gIoU (and the swapped-sentence control), depth figures over images with a depth block,
+    relative-depth accuracy by point count, VQA accuracy."""
+    swapped = [record for record in records if record["task"] == "referring_swapped"]
+    records = [record for record in records if record["task"] != "referring_swapped"]
     referring = [record for record in records if record["task"] == "referring"]
     relative_depth = [record for record in records if record["task"] == "relative_depth"]
     with_depth = [record["depth"] for record in records if "depth" in record]
@@ -130,7 +171,7 @@ def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_points = choice_summary_by(relative_depth, "num_points")
     return {
         "num_samples": len(records),
-        "referring": referring_summary(referring),
+        "referring": {**referring_summary(referring), "swapped_expression_ciou": referring_summary(swapped)["ciou"]},
         "depth": depth,
         "relative_depth": {**choice_summary(relative_depth), "by_num_points": by_points},
         "vqa": vqa_summary([record for record in records if record["task"].startswith("vqa_")]),
@@ -156,7 +197,20 @@ def run_synthetic(
         row = dataset[index]
         return decode_rgb_image(row["image"], f"row {index}"), row["prompt"], (index, row)
 
+    def prepare_swapped(pair: tuple[int, int]):
+        index, partner = pair
+        row, partner_prompt = dataset[index], dataset[partner]["prompt"]
+        return decode_rgb_image(row["image"], f"row {index}"), partner_prompt, (index, row, partner_prompt)
+
     work = [(sample_id, int(sample_id)) for sample_id in selected_ids]
     for (index, row), prediction in run.predict_pending(model, processor, work, prepare, "sample"):
         run.add(synthetic_record(index, row, prediction))
-    return run.finish(synthetic_summary(run.selected_records(selected_ids)))
+    selected = dataset.select(range(num_rows))
+    pairs = swapped_expression_pairs(selected["task"], selected["prompt"])
+    swapped_work = [(f"{index}{SWAPPED_SUFFIX}", (index, partner)) for index, partner in pairs]
+    for (index, row, partner_prompt), prediction in run.predict_pending(
+        model, processor, swapped_work, prepare_swapped, "swapped-sentence sample"
+    ):
+        run.add(swapped_expression_record(index, row, partner_prompt, prediction))
+    all_ids = selected_ids + [sample_id for sample_id, _ in swapped_work]
+    return run.finish(synthetic_summary(run.selected_records(all_ids)))
