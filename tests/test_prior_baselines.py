@@ -1,0 +1,65 @@
+"""bench/prior_baselines.py: the image-blind floor of `perceptio eval synthetic`'s figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from perceptio.data.synthetic_dataset import build_synthetic_dataset
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "prior_baselines.py"
+
+
+@pytest.fixture(scope="module")
+def prior_baselines():
+    spec = importlib.util.spec_from_file_location("prior_baselines", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    built = build_synthetic_dataset(0, 24, 24, image_size=64, seed=0, cache_dir=str(folder / "cache"))
+    datasets.DatasetDict({"validation": built["validation"], "test": built["test"]}).save_to_disk(str(folder / "data"))
+    return folder / "data"
+
+
+def test_prints_every_figure_with_the_models_beside_it(prior_baselines, saved_dataset, tmp_path, capsys):
+    summary = {
+        "referring": {"ciou": 0.5},
+        "depth": {"abs_rel": 0.1, "delta1": 0.9, "pair_order_accuracy": 0.8},
+        "relative_depth": {"by_num_points": {"3": {"accuracy": 0.25}}},
+        "vqa": {"by_task": {"vqa_colour": {"accuracy": 0.75}}},
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert prior_baselines.main(["--data", str(saved_dataset), "--summary", str(tmp_path / "summary.json")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert {"referring cIoU", "depth AbsRel", "depth pair-order"} <= set(rows)
+    assert rows["referring cIoU"][-1].strip(" |") == "0.500"
+    assert 0.5 < float(rows["depth pair-order"][0]) <= 1, "a mean depth map orders ground-plane scenes well"
+
+
+def test_lowest_marker_heuristic_reads_the_marker_positions(prior_baselines):
+    meta = {"num_points": 2, "points": [[5, 40], [9, 12]], "letters": ["A", "B"], "answer_letter": "A"}
+    other = {**meta, "answer_letter": "B"}
+    rows = [{"task": "relative_depth", "meta": json.dumps(meta)}, {"task": "relative_depth", "meta": json.dumps(other)}]
+    assert prior_baselines.lowest_marker_accuracy(rows) == {"relative_depth/2": 0.5}
+
+
+def test_majority_answer_is_fitted_on_validation_only(prior_baselines):
+    validation = [{"task": "vqa_colour", "answer": "Red"}, {"task": "vqa_colour", "answer": "red."}]
+    test = [{"task": "vqa_colour", "answer": "Red"}, {"task": "vqa_colour", "answer": "Blue"}]
+    assert prior_baselines.majority_answer_accuracy(validation, test) == {"vqa_colour": 0.5}
+
+
+def test_a_dataset_without_a_validation_split_is_refused(prior_baselines, tmp_path):
+    built = build_synthetic_dataset(0, 0, 2, image_size=48, seed=0, cache_dir=str(tmp_path / "cache"))
+    datasets.DatasetDict({"test": built["test"]}).save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(SystemExit):
+        prior_baselines.main(["--data", str(tmp_path / "data")])
