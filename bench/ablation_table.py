@@ -3,13 +3,15 @@
 Each arm is `run_synthetic_tiny_recipe(OUTPUT/ARM, recipe, ablation=ARM)` (what `perceptio train --recipe
 synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perceptio eval synthetic` runs) on
 
-- the recipe's own test split (referring cIoU, depth-block AbsRel and pair-order accuracy), and
+- the recipe's own test split (referring cIoU, the same with each image asked another row's sentence, depth-block
+  AbsRel and pair-order accuracy), and
 - a larger relative-depth-only split (`--relative-depth-questions` per point count, 2 to 5 points), because the
   recipe's 300-question test split holds only about 25 questions per point count.
 
 An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
-checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (about 45 minutes on
-two CPU cores); run arms on different machines with `--arms` and merge by rerunning with all of them.
+checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (under 45 minutes on
+two CPU cores); two arms run side by side with one thread each (`OMP_NUM_THREADS=1`, separate `--arms`, one output
+folder); merge by rerunning with all of them.
 
     python bench/ablation_table.py --output-dir runs/ablations
     python bench/ablation_table.py --output-dir runs/ablations --arms full no-depth-tokens
@@ -97,6 +99,7 @@ def table_row(arm: str, results: dict) -> str:
     cells = [
         arm,
         f"{recipe_test['referring']['ciou']:.3f}",
+        f"{recipe_test['referring']['swapped_expression_ciou']:.3f}" if recipe_test["referring"]["ciou"] else "-",
         "-" if depth["num_maps"] == 0 else f"{depth['abs_rel']:.3f}",
         "-" if depth["num_maps"] == 0 else f"{depth['pair_order_accuracy']:.3f}",
         *(f"{relative[str(count)]['accuracy']:.3f}" for count in POINT_COUNTS),
@@ -126,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         (arm_dir / "ablation_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         rows.append(table_row(arm, results))
     header = (
-        "| arm | referring cIoU | depth AbsRel | depth pair-order | rel. depth 2 pts | 3 pts | 4 pts | 5 pts |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| arm | referring cIoU | cIoU, swapped sentence | depth AbsRel | depth pair-order | rel. depth 2 pts | 3 pts "
+        "| 4 pts | 5 pts |\n|---|---|---|---|---|---|---|---|---|"
     )
     print(header)
     print("\n".join(rows))
