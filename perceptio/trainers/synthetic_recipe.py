@@ -67,7 +67,7 @@ class SyntheticTinyRecipe:
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
     grounding_scenes: int = 2000
-    grounding_steps: int = 2000
+    grounding_steps: int = 400
     grounding_learning_rate: float = 2e-3
     mask_bce_weight: float = 1.0
     mask_dice_weight: float = 2.0
@@ -76,7 +76,7 @@ class SyntheticTinyRecipe:
     text_num_layers: int = 4
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
-    train_steps: int = 2400
+    train_steps: int = 1400
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
