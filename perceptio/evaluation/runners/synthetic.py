@@ -84,6 +84,14 @@ def vqa_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"accuracy": accuracy, "num_samples": len(records), "by_task": by_task}
 
 
+def referring_counts(targets, prediction) -> tuple[int, int]:
+    """Intersection and union of the union of the predicted masks with the union of the target masks."""
+    predicted = np.zeros(targets.inverse_depth.shape, dtype=bool)
+    for mask in prediction.masks:
+        predicted |= np.asarray(mask) > 0
+    return mask_intersection_union(predicted, targets.masks.any(axis=0))
+
+
 def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, Any]:
     """The JSONL record of one row: what its task scores, plus the depth figures when a depth block was written."""
     task, meta = row["task"], json.loads(row["meta"])
@@ -98,10 +106,7 @@ def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, A
         "has_depth": prediction.depth is not None,
     }
     if task == "referring":
-        predicted = np.zeros(targets.inverse_depth.shape, dtype=bool)
-        for mask in prediction.masks:
-            predicted |= np.asarray(mask) > 0
-        record["intersection"], record["union"] = mask_intersection_union(predicted, targets.masks.any(axis=0))
+        record["intersection"], record["union"] = referring_counts(targets, prediction)
     if task == "relative_depth":
         record.update(choice_record(str(index), prediction.text, row["answer"], int(meta["num_points"]),
                                     num_points=int(meta["num_points"])))
@@ -131,11 +136,7 @@ def swapped_expression_pairs(tasks: Sequence[str], prompts: Sequence[str]) -> li
 
 def swapped_expression_record(index: int, row: dict[str, Any], partner_prompt: str, prediction) -> dict[str, Any]:
     """The record of the mask predicted for another row's sentence on this row's image, against this row's target."""
-    targets = sample_spatial_targets(row)
-    predicted = np.zeros(targets.inverse_depth.shape, dtype=bool)
-    for mask in prediction.masks:
-        predicted |= np.asarray(mask) > 0
-    intersection, union = mask_intersection_union(predicted, targets.masks.any(axis=0))
+    intersection, union = referring_counts(sample_spatial_targets(row), prediction)
     return {
         "sample_id": f"{index}{SWAPPED_SUFFIX}",
         "row": index,
