@@ -64,6 +64,9 @@ def main(output: str, steps: int) -> None:
         with open(output, "w", encoding="utf-8") as handle:
             json.dump(trainer.state.log_history, handle)
     if torch.distributed.is_initialized():
+        # Both ranks reach the teardown before either leaves; a rank that exited early once left the other hanging
+        # in destroy_process_group (a 240-second timeout in one fresh-venv CI run).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
