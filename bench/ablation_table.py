@@ -95,11 +95,11 @@ def evaluate_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict:
 
 def table_row(arm: str, results: dict) -> str:
     recipe_test, relative = results["recipe_test"], results["relative_depth"]["relative_depth"]["by_num_points"]
-    depth = recipe_test["depth"]
+    depth, swapped = recipe_test["depth"], recipe_test["referring"]["swapped_expression_ciou"]
     cells = [
         arm,
         f"{recipe_test['referring']['ciou']:.3f}",
-        f"{recipe_test['referring']['swapped_expression_ciou']:.3f}" if recipe_test["referring"]["ciou"] else "-",
+        "-" if swapped is None else f"{swapped:.3f}",
         "-" if depth["num_maps"] == 0 else f"{depth['abs_rel']:.3f}",
         "-" if depth["num_maps"] == 0 else f"{depth['pair_order_accuracy']:.3f}",
         *(f"{relative[str(count)]['accuracy']:.3f}" for count in POINT_COUNTS),

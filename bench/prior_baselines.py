@@ -9,9 +9,10 @@ split and scores them on the test split with the evaluation's own metric code:
 - relative depth and VQA: the most frequent validation answer of each task (and point count).
 
 Referring cIoU with another row's sentence (`perceptio eval synthetic`'s control) equals the plain cIoU for a model
-whose mask ignores the sentence. It also scores one visual heuristic, "the lowest marker in the image is the closest" (true on a ground plane), which
-a model can learn from the image alone. With `--summary` (a `synthetic_summary.json` written by
-`perceptio eval synthetic` on the same data) it prints the model's figures beside them.
+whose mask ignores the sentence. The script also scores one visual heuristic, "the lowest marker in the image is the
+closest" (true on a ground plane), which a model can learn from the image alone. With `--summary` (a
+`synthetic_summary.json` written by `perceptio eval synthetic` on the same data) it prints the model's figures beside
+them.
 
     python bench/prior_baselines.py --data runs/synthetic-tiny/dataset
     python bench/prior_baselines.py --data runs/synthetic-tiny/dataset --summary runs/eval/synthetic_summary.json
@@ -24,18 +25,25 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
 
-from perceptio.data.scene_rendering import metric_depth_to_inverse_depth
-from perceptio.evaluation.runners.synthetic import depth_figures, normalised_answer, normalised_inverse_depth
+from perceptio.data.synthetic_dataset import sample_spatial_targets
+from perceptio.evaluation.runners.synthetic import (
+    depth_figures,
+    normalised_answer,
+    normalised_inverse_depth,
+    pooled_depth_figures,
+)
 from perceptio.evaluation.segmentation_metrics import ciou, mask_intersection_union
 
 MASK_THRESHOLDS = np.linspace(0.05, 0.95, 19)
 
 
-def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, datasets.DatasetDict]:
+    """The arguments and the loaded splits (the folder must hold validation and test)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a saved synthetic dataset with validation and test splits")
     parser.add_argument("--summary", help="a synthetic_summary.json of a model evaluated on the same test split")
@@ -46,27 +54,22 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{arguments.data} has no {sorted(missing)} split; pass a recipe's output_dir/dataset.")
     if arguments.summary is not None and not Path(arguments.summary).is_file():
         parser.error(f"--summary {arguments.summary} is not a file.")
-    return arguments
+    return arguments, splits
 
 
 def normalised_depth(row: dict) -> np.ndarray:
-    return normalised_inverse_depth(metric_depth_to_inverse_depth(np.asarray(row["depth"], dtype=np.float32)))
+    """The row's exact depth as the evaluation compares it: normalised inverse depth."""
+    return normalised_inverse_depth(sample_spatial_targets(row).inverse_depth)
 
 
-def depth_prior_figures(validation: datasets.Dataset, test: datasets.Dataset) -> dict[str, float]:
+def depth_prior_figures(validation: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
     """AbsRel, delta < 1.25 and pair-order accuracy of the mean validation depth map on the test depth blocks."""
     prior = np.mean([normalised_depth(row) for row in validation], axis=0)
-    figures = [depth_figures(prior, normalised_depth(row)) for row in test if row["use_depth_block"]]
-    return {
-        "abs_rel": float(np.mean([figure["abs_rel"] for figure in figures])),
-        "delta1": float(np.mean([figure["delta1"] for figure in figures])),
-        "pair_order_accuracy": sum(figure["pair_correct"] for figure in figures)
-        / sum(figure["pair_counted"] for figure in figures),
-    }
+    return pooled_depth_figures([depth_figures(prior, normalised_depth(row)) for row in test if row["use_depth_block"]])
 
 
 def target_mask(row: dict) -> np.ndarray:
-    return np.asarray(row["masks"], dtype=bool).any(axis=0)
+    return sample_spatial_targets(row).masks.any(axis=0)
 
 
 def referring_prior_ciou(validation: datasets.Dataset, test: datasets.Dataset) -> float:
@@ -136,8 +139,7 @@ def model_figures(summary: dict) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    splits = datasets.load_from_disk(arguments.data)
+    arguments, splits = parse_arguments(argv)
     validation, test = splits["validation"], splits["test"]
     depth = depth_prior_figures(validation, test)
     blind = {

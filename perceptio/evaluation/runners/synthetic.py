@@ -149,18 +149,11 @@ def swapped_expression_record(index: int, row: dict[str, Any], partner_prompt: s
     }
 
 
-def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Referring cIoU/gIoU (and the swapped-sentence control), depth figures over images with a depth block,
-    relative-depth accuracy by point count, VQA accuracy."""
-    swapped = [record for record in records if record["task"] == "referring_swapped"]
-    records = [record for record in records if record["task"] != "referring_swapped"]
-    referring = [record for record in records if record["task"] == "referring"]
-    relative_depth = [record for record in records if record["task"] == "relative_depth"]
-    with_depth = [record["depth"] for record in records if "depth" in record]
+def pooled_depth_figures(with_depth: Sequence[dict[str, float | int]]) -> dict[str, Any]:
+    """`depth_figures` of many images: AbsRel, RMSE and delta averaged over images, pair-order pairs pooled."""
     pairs_counted = sum(figures["pair_counted"] for figures in with_depth)
-    depth = {
+    return {
         "num_maps": len(with_depth),
-        "num_missing": sum(record["use_depth_block"] and not record["has_depth"] for record in records),
         "abs_rel": float(np.mean([figures["abs_rel"] for figures in with_depth])) if with_depth else None,
         "rmse": float(np.mean([figures["rmse"] for figures in with_depth])) if with_depth else None,
         "delta1": float(np.mean([figures["delta1"] for figures in with_depth])) if with_depth else None,
@@ -168,6 +161,19 @@ def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             sum(figures["pair_correct"] for figures in with_depth) / pairs_counted if pairs_counted else None
         ),
         "num_pairs": pairs_counted,
+    }
+
+
+def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Referring cIoU/gIoU (and the swapped-sentence control), depth figures over images with a depth block,
+    relative-depth accuracy by point count, VQA accuracy."""
+    swapped = [record for record in records if record["task"] == "referring_swapped"]
+    records = [record for record in records if record["task"] != "referring_swapped"]
+    referring = [record for record in records if record["task"] == "referring"]
+    relative_depth = [record for record in records if record["task"] == "relative_depth"]
+    depth = {
+        **pooled_depth_figures([record["depth"] for record in records if "depth" in record]),
+        "num_missing": sum(record["use_depth_block"] and not record["has_depth"] for record in records),
     }
     by_points = choice_summary_by(relative_depth, "num_points")
     return {
