@@ -1,6 +1,7 @@
 """Perceptio: a vision-language model that writes segmentation and depth tokens before it answers.
 
-Importing the package registers its classes with transformers' Auto classes.
+Importing the package registers its classes with transformers' Auto classes. `PerceptioTrainer` is imported on first
+use: `transformers.Trainer` pulls in datasets, pandas and accelerate, which inference does not need.
 """
 
 from transformers import (
@@ -40,6 +41,16 @@ def _register_auto_classes() -> None:
 
 _register_auto_classes()
 
+
+def __getattr__(name: str):
+    """`from perceptio import PerceptioTrainer`, importing the trainer (and `transformers.Trainer`) only then."""
+    if name == "PerceptioTrainer":
+        from .trainers.trainer_perceptio import PerceptioTrainer
+
+        return PerceptioTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "PerceptioConfig",
     "PerceptioDepthTokenizer",
@@ -49,4 +60,5 @@ __all__ = [
     "PerceptioPrediction",
     "PerceptioProcessor",
     "PerceptioSpatialPipeline",
+    "PerceptioTrainer",
 ]

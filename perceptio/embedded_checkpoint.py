@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .checkpoint_loading import load_perceptio_checkpoint
 from .modeling_perceptio import PerceptioForConditionalGeneration
 from .processing import PerceptioProcessor
 
@@ -40,9 +41,7 @@ def embedded_checkpoint_path() -> Path:
 
 def load_embedded_perceptio() -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
     """The embedded model (in eval mode) and its processor."""
-    path = embedded_checkpoint_path()
-    model = PerceptioForConditionalGeneration.from_pretrained(path).eval()
-    return model, PerceptioProcessor.from_pretrained(path)
+    return load_perceptio_checkpoint(embedded_checkpoint_path())
 
 
 def example_scene() -> Image.Image:

@@ -96,3 +96,28 @@ def test_exported_folder_loads_without_the_package_and_matches_bitwise(tiny_pair
     assert torch.equal(local.pred_masks[0], remote["pred_masks"][0])
     assert torch.equal(built.logits, remote["logits"])
     assert torch.allclose(built.pred_masks[0], remote["pred_masks"][0], atol=1e-8, rtol=0)
+
+
+def test_a_save_pretrained_folder_gives_the_processor_without_the_package(tiny_pair, rgb_image, tmp_path):
+    model, processor = tiny_pair
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    request = {"image": rgb_image, "prompt": processor.format_prompt("Where is the red cube?")}
+    torch.save(request, tmp_path / "inputs.pt")
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("isolated_processor_load.py")), str(folder),
+         str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    remote = torch.load(tmp_path / "outputs.pt", weights_only=False)
+    # Without trust_remote_code: an error asking for it, never the bare tokenizer.
+    assert remote["untrusted"].startswith("ValueError") and "trust_remote_code=True" in remote["untrusted"]
+    assert remote["processor_class"].startswith("transformers_modules.")
+    assert remote["processor_class"].endswith(".PerceptioProcessor")
+    inputs = processor(images=[request["image"]], text=[request["prompt"]])
+    assert set(remote["inputs"]) == set(inputs) and "pixel_values" in inputs
+    for key, value in inputs.items():
+        assert torch.equal(value, remote["inputs"][key]), key

@@ -240,15 +240,55 @@ def test_predict_without_processor_raises(tiny_pair, rgb_image):
         model.predict([rgb_image], ["a"])
 
 
-def test_seg_without_sam_input_raises(tiny_pair):
+def test_seg_without_sam_input_raises_with_the_grammar_off(tiny_pair):
     model, processor = tiny_pair
     inputs = processor(text=[processor.format_prompt("Segment.", num_images=0)])
     script = spatial_script(model, processor, 1, False)
     with pytest.raises(ValueError, match="sam_pixel_values"):
         model.predict_from_inputs(
             inputs, processor=processor, logits_processor=[ForceScript(inputs["input_ids"].shape[1], [script])],
-            max_new_tokens=len(script),
+            max_new_tokens=len(script), spatial_grammar=False,
         )
+
+
+def seg_and_depth_bias(config) -> list:
+    """A `sequence_bias` under which the model wants to write `[SEG]` (once) and then a depth block."""
+    seg, start = config.seg_token_id, config.depth_start_token_id
+    return [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
+
+
+def test_text_only_requests_come_back_as_text_when_the_model_wants_to_segment(tiny_pair):
+    model, processor = tiny_pair
+    config = model.config
+    prompts = ["Segment the red cube.", "Estimate the depth of the scene."]
+    inputs = processor(text=[processor.format_prompt(prompt, num_images=0) for prompt in prompts])
+    for generate_kwargs in ({}, {"num_beams": 2}):
+        results = model.predict_from_inputs(
+            inputs, processor=processor, max_new_tokens=config.num_depth_tokens + 4,
+            sequence_bias=seg_and_depth_bias(config), **generate_kwargs,
+        )
+        assert len(results) == 2
+        for result in results:
+            assert result.masks == [] and result.depth is None and not result.depth_truncated
+            assert config.seg_token_id not in result.token_ids and config.depth_start_token_id not in result.token_ids
+
+
+def test_in_a_mixed_batch_only_the_prompt_with_an_image_segments(tiny_pair, rgb_image):
+    model, processor = tiny_pair
+    config = model.config
+    inputs = processor(
+        images=[[rgb_image], []],
+        text=[processor.format_prompt("Segment the cube."), processor.format_prompt("Say hi.", num_images=0)],
+    )
+    generation_inputs = {key: value for key, value in inputs.items() if key != "sam_pixel_values"}
+    for generate_kwargs in ({}, {"num_beams": 2}):
+        output = model.generate(
+            **generation_inputs, max_new_tokens=config.num_depth_tokens + 4, sequence_bias=seg_and_depth_bias(config),
+            pad_token_id=processor.tokenizer.pad_token_id, **generate_kwargs,
+        )
+        with_image, without_image = output[:, inputs["input_ids"].shape[1] :].tolist()
+        assert with_image[0] == config.seg_token_id and config.depth_start_token_id in with_image
+        assert config.seg_token_id not in without_image and config.depth_start_token_id not in without_image
 
 
 def test_depth_on_a_checkpoint_without_depth_tokenizer():

@@ -11,18 +11,24 @@ from transformers import LogitsProcessor
 from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
 
 SEG, START, END, OFFSET, K, N, VOCAB = 3, 4, 5, 10, 6, 3, 20
+CODES = range(OFFSET, OFFSET + K)
 TEXT_TOKENS = [0, 1, 2, 6, 7, 8, 9, 16, 17, 18, 19]
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-def grammar(prompt_length: int = 0, max_depth_blocks: int = 1) -> PerceptioSpatialGrammarLogitsProcessor:
-    return PerceptioSpatialGrammarLogitsProcessor(SEG, START, END, OFFSET, K, N, prompt_length, max_depth_blocks)
+def grammar(prompt_length: int = 0, max_depth_blocks: int = 1, prompts_with_images=None):
+    return PerceptioSpatialGrammarLogitsProcessor(
+        SEG, START, END, OFFSET, K, N, prompt_length, max_depth_blocks, prompts_with_images
+    )
 
 
-def allowed_next(generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1):
-    """Reference: the set of tokens the grammar allows after `generated` (None = any non-spatial token too)."""
+def allowed_next(
+    generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1,
+    has_image: bool = True,
+):
+    """Reference: the set of tokens the grammar allows after `generated` ("text" = any non-spatial token too)."""
     blocks, in_block, count = 0, False, 0
     for token in generated:
         if token == start:
@@ -33,15 +39,20 @@ def allowed_next(generated: list[int], seg: int, start: int, end: int, codes: ra
             in_block = False
     if in_block:
         return {end} if count == n else set(codes)
+    if not has_image:
+        return {"text"}
     spatial = {start} if blocks < max_blocks else set()
     if blocks == 0:
         spatial.add(seg)
     return spatial | {"text"}
 
 
-def obeys_grammar(generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1):
+def obeys_grammar(
+    generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1,
+    has_image: bool = True,
+):
     for index, token in enumerate(generated):
-        allowed = allowed_next(generated[:index], seg, start, end, codes, n, max_blocks)
+        allowed = allowed_next(generated[:index], seg, start, end, codes, n, max_blocks, has_image)
         is_spatial = token in (seg, start, end) or token in codes
         if (token not in allowed) if is_spatial else ("text" not in allowed):
             return False
@@ -49,11 +60,11 @@ def obeys_grammar(generated: list[int], seg: int, start: int, end: int, codes: r
 
 
 @st.composite
-def grammatical_prefixes(draw):
+def grammatical_prefixes(draw, has_image: bool = True):
     """Random sequences built by walking the grammar (so every state, including a full block, is reached)."""
     generated = []
     for _ in range(draw(st.integers(0, 14))):
-        allowed = allowed_next(generated, SEG, START, END, range(OFFSET, OFFSET + K), N)
+        allowed = allowed_next(generated, SEG, START, END, CODES, N, has_image=has_image)
         choices = sorted(token for token in allowed if token != "text")
         if "text" in allowed:
             choices += TEXT_TOKENS
@@ -62,18 +73,26 @@ def grammatical_prefixes(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(grammatical_prefixes(), min_size=1, max_size=4), st.integers(0, 3))
-def test_allowed_tokens_match_the_reference_for_every_row(prefixes, prompt_length):
-    length = max(map(len, prefixes))
-    prompt = torch.full((len(prefixes), prompt_length), SEG)  # spatial tokens in the prompt must not count
-    rows = prefixes
+@given(
+    st.data(),
+    st.one_of(st.none(), st.lists(st.booleans(), min_size=1, max_size=3)),
+    st.integers(1, 2),
+    st.integers(0, 3),
+)
+def test_allowed_tokens_match_the_reference_for_every_row(data, prompts_with_images, copies, prompt_length):
+    # Rows are prompts x copies (beams), consecutive; None means every prompt has an image.
+    flags = prompts_with_images if prompts_with_images is not None else [True] * data.draw(st.integers(1, 3))
+    row_images = [flag for flag in flags for _ in range(copies)]
+    rows = [data.draw(grammatical_prefixes(has_image)) for has_image in row_images]
+    length = max(map(len, rows))
+    prompt = torch.full((len(rows), prompt_length), SEG)  # spatial tokens in the prompt must not count
     # Rows of one batch have equal length: shorter ones start with neutral text tokens, which change no state.
-    padded = torch.tensor([[7] * (length - len(row)) + row for row in rows])
+    padded = torch.tensor([[7] * (length - len(row)) + row for row in rows], dtype=torch.long)
     input_ids = torch.cat([prompt, padded], dim=1)
-    scores = grammar(prompt_length)(input_ids, torch.zeros(len(rows), VOCAB))
-    for row_index, row in enumerate(rows):
+    scores = grammar(prompt_length, prompts_with_images=prompts_with_images)(input_ids, torch.zeros(len(rows), VOCAB))
+    for row_index, (row, has_image) in enumerate(zip(rows, row_images)):
         generated = [7] * (length - len(row)) + row
-        expected = allowed_next(generated, SEG, START, END, range(OFFSET, OFFSET + K), N)
+        expected = allowed_next(generated, SEG, START, END, CODES, N, has_image=has_image)
         allowed = {token for token in range(VOCAB) if scores[row_index, token] > float("-inf")}
         spatial_expected = {token for token in expected if token != "text"}
         spatial_allowed = {token for token in allowed if token in (SEG, START, END) or OFFSET <= token < OFFSET + K}
@@ -118,6 +137,13 @@ def test_input_shorter_than_prompt_raises():
         grammar(prompt_length=5)(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, VOCAB))
 
 
+def test_prompt_flags_must_be_bools_that_divide_the_rows():
+    with pytest.raises(ValueError, match="prompts_with_images must be a non-empty 1-D"):
+        grammar(prompts_with_images=[1, 0])
+    with pytest.raises(ValueError, match="3 rows for 2 prompts"):
+        grammar(prompts_with_images=[True, False])(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, VOCAB))
+
+
 class RandomSpatialLogits(LogitsProcessor):
     """Replaces the model's logits with seeded noise that strongly favours the spatial tokens."""
 
@@ -138,12 +164,13 @@ class RandomSpatialLogits(LogitsProcessor):
 )
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
-def test_generated_sequences_obey_the_grammar(tiny_pair, mode, seed):
+def test_generated_sequences_obey_the_grammar(tiny_pair, rgb_image, mode, seed):
     model, processor = tiny_pair
     config = model.config
     codes = range(config.depth_code_token_offset, config.depth_code_token_offset + config.num_depth_codes)
     spatial = [config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, *codes]
-    inputs = processor(text=["a b", "c d e f"])
+    # The first two prompts have an image, the third none (it may write no spatial token at all).
+    inputs = processor(images=[[rgb_image], [rgb_image], []], text=["a b", "c d e f", "g h"], max_num_tiles=1)
     output = model.generate(
         **inputs,
         logits_processor=[RandomSpatialLogits(seed, spatial, processor.tokenizer.eos_token_id)],
@@ -151,11 +178,12 @@ def test_generated_sequences_obey_the_grammar(tiny_pair, mode, seed):
         pad_token_id=processor.tokenizer.pad_token_id,
         **mode,
     )
-    generated = output[:, inputs["input_ids"].shape[1] :].tolist()
+    *with_image, without_image = output[:, inputs["input_ids"].shape[1] :].tolist()
     ids = (config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, codes, config.num_depth_tokens)
-    assert all(obeys_grammar(row, *ids) for row in generated)
+    assert all(obeys_grammar(row, *ids) for row in with_image) and obeys_grammar(without_image, *ids, has_image=False)
+    assert not set(spatial) & set(without_image)
     # The noise favours spatial tokens, so the grammar was actually exercised.
-    assert any(token in codes for row in generated for token in row)
+    assert any(token in codes for row in with_image for token in row)
 
 
 def test_without_the_grammar_random_logits_break_it(tiny_pair):

@@ -63,6 +63,25 @@ def test_generate_until_matches_predict_in_request_order(adapter):
     assert answers == [truncate_at_stop_strings(text, ["\n\n"]) for text in expected]
 
 
+def test_text_only_requests_are_answered_even_when_the_model_wants_to_segment(adapter, monkeypatch):
+    config = adapter.model.config
+    seg, start = config.seg_token_id, config.depth_start_token_id
+    monkeypatch.setattr(
+        adapter.model.generation_config, "sequence_bias", [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
+    )
+    requests = [
+        Instance(
+            request_type="generate_until",
+            arguments=(DOCS[doc_id]["question"], {"max_new_tokens": 5, "until": ["\n\n"]}, None, doc_id, "mme", "test"),
+            idx=0,
+            metadata={"task": "mme", "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id in range(3)
+    ]
+    answers = adapter.generate_until(requests)
+    assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
+
+
 def test_loglikelihood_is_a_log_probability_and_flags_the_greedy_continuation(adapter):
     tokenizer = adapter.processor.tokenizer
     inputs = adapter.processor(images=[DOCS[0]["image"]], text=[adapter.processor.format_prompt(DOCS[0]["question"])])

@@ -118,6 +118,98 @@ def test_left_and_right_padding(tiny_processor):
         tiny_processor(text="x", padding_side="middle")
 
 
+CALL_ARGUMENTS = {
+    "images", "text", "videos", "audio", "padding", "padding_side", "max_length", "pad_to_multiple_of", "truncation",
+    "add_special_tokens", "return_attention_mask", "max_num_tiles", "max_patches", "return_tensors",
+}
+
+
+@SETTINGS
+@given(
+    texts=st.lists(prompts, min_size=1, max_size=3),
+    padding=st.sampled_from([True, "longest", "max_length"]),
+    extra_length=st.integers(0, 5),
+    pad_to_multiple_of=st.one_of(st.none(), st.integers(1, 8)),
+    padding_side=st.sampled_from(["left", "right"]),
+    tile_argument=st.sampled_from(["max_num_tiles", "max_patches"]),
+    tiles=st.integers(1, 3),
+    add_special_tokens=st.booleans(),
+    return_tensors=st.sampled_from(["pt", "np"]),
+)
+def test_transformers_call_arguments_have_their_effect(
+    tiny_processor, texts, padding, extra_length, pad_to_multiple_of, padding_side, tile_argument, tiles,
+    add_special_tokens, return_tensors,
+):
+    rng = np.random.default_rng(len(texts))
+    images = [rng.integers(0, 256, size=(20 + 9 * index, 30, 3), dtype=np.uint8) for index in range(len(texts))]
+    alone = [
+        tiny_processor(images=[image], text=[prompt], max_num_tiles=tiles, add_special_tokens=add_special_tokens)
+        for image, prompt in zip(images, texts)
+    ]
+    lengths = [inputs["input_ids"].shape[1] for inputs in alone]
+    max_length = max(lengths) + extra_length if padding == "max_length" else None
+    arguments = {
+        "padding": padding, "max_length": max_length, "pad_to_multiple_of": pad_to_multiple_of,
+        "padding_side": padding_side, tile_argument: tiles, "add_special_tokens": add_special_tokens,
+    }
+    inputs = tiny_processor(images=images, text=texts, return_tensors=return_tensors, **arguments)
+    assert all(isinstance(value, np.ndarray if return_tensors == "np" else torch.Tensor) for value in inputs.values())
+    input_ids, attention_mask = torch.as_tensor(inputs["input_ids"]), torch.as_tensor(inputs["attention_mask"])
+    target = max_length or max(lengths)
+    if pad_to_multiple_of:
+        target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+    assert input_ids.shape == (len(texts), target)
+    for row, (single, length) in enumerate(zip(alone, lengths)):
+        kept = attention_mask[row].bool()
+        assert int(kept.sum()) == length and torch.equal(input_ids[row][kept], single["input_ids"][0])
+        assert kept[-1 if padding_side == "left" else 0]  # the padding is on the requested side
+    tiles_alone = torch.cat([single["pixel_values"] for single in alone])
+    assert torch.equal(torch.as_tensor(inputs["pixel_values"]), tiles_alone)
+    without_mask = tiny_processor(images=images, text=texts, return_attention_mask=False, **arguments)
+    assert "attention_mask" not in without_mask and torch.equal(without_mask["input_ids"], input_ids)
+
+
+@SETTINGS
+@given(name=st.from_regex(r"[a-z][a-z_]{0,20}", fullmatch=True).filter(lambda name: name not in CALL_ARGUMENTS))
+def test_unknown_call_arguments_raise_naming_them_and_what_is_accepted(tiny_processor, name):
+    message = rf"Unexpected processor argument\(s\) \['{name}'\]; accepted: images, text, videos"
+    with pytest.raises(ValueError, match=message):
+        tiny_processor(text=["Hi"], **{name: 1})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"max_num_tiles": 2, "max_patches": 2}, "not both"),
+        ({"truncation": True}, "truncation must be off"),
+        ({"truncation": "longest_first"}, "truncation must be off"),
+        ({"videos": ["clip.mp4"]}, "videos must be None"),
+        ({"audio": [0.0]}, "audio must be None"),
+        ({"return_tensors": "tf"}, "return_tensors must be one of"),
+        ({"padding": "middle"}, "padding must be one of"),
+        ({"padding": 1}, "padding must be one of"),
+        ({"padding": "max_length"}, "needs max_length"),
+        ({"max_length": 10}, "max_length applies with padding='max_length' only"),
+        ({"padding": "max_length", "max_length": 2}, "more than max_length 2"),
+        ({"padding": False}, "do not stack"),
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of must be a positive integer"),
+    ],
+)
+def test_bad_call_arguments_raise_value_error(tiny_processor, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_processor(text=["short", "a much longer prompt than the other"], **arguments)
+
+
+def test_apply_chat_template_with_tokenize_gives_the_processor_inputs(tiny_processor, rgb_image):
+    # transformers' apply_chat_template(tokenize=True) calls the processor with videos=None and audio=None.
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(rgb_image)},
+                                             {"type": "text", "text": "What is this?"}]}]
+    inputs = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = tiny_processor(images=[rgb_image], text=[tiny_processor.format_prompt("What is this?")])
+    assert set(inputs) == set(expected)
+    assert all(torch.equal(inputs[key], expected[key]) for key in expected)
+
+
 def test_pil_modes_convert_to_rgb():
     for mode in PIL_MODES:
         array = to_rgb_array(_pil_image(mode, 5, 3, 0))

@@ -29,8 +29,9 @@ data layouts:
                 polygons or RLE); prompt "Please segment {sentence}." (--prompt-template)
   blink-depth   BLINK Relative_Depth: question, image_1, choices, answer "(A)" (load with the subset's folder or
                 `datasets` name; --split val)
-  hardblink     folder with questions/blink_{3,4,5}pointscenter_questions_long.jsonl, answers/
-                blink_{3,4,5}pointscenter_answers.jsonl and images/blink{3,4,5}pointscenter/N.png
+  hardblink     the release's folder (Data/evals/hardblink of Aurora's repository): questions/
+                blink_{3,4,5}pointscenter_questions.jsonl, answers/blink_{3,4,5}pointscenter_answers.jsonl and
+                images/blink{3,4,5}pointscenter/N.png
   synthetic     a build_synthetic_dataset DatasetDict saved with save_to_disk (--split test)
 """
 
@@ -56,7 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable rows, counting them in the summary")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--prompt-template", default=None, help="refcoco prompt with a {sentence} field")
-    parser.add_argument("--question-format", default="long", choices=("long", "short"), help="hardblink questions")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -65,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `perceptio eval` with the parsed arguments; returns the exit status."""
+    from perceptio.checkpoint_loading import load_perceptio_checkpoint
     from perceptio.evaluation.runners import (
         RunSettings,
         run_blink_depth,
@@ -72,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
         run_refcoco,
         run_synthetic,
     )
-    from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
     from perceptio.evaluation.runners.refcoco import DEFAULT_REFERRING_PROMPT
     from perceptio.evaluation.runners.resumable_run import task_file_stem
 
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.task == "blink-depth":
         summary = run_blink_depth(model, processor, args.data, settings, split=split)
     elif args.task == "hardblink":
-        summary = run_hardblink(model, processor, args.data, settings, question_format=args.question_format)
+        summary = run_hardblink(model, processor, args.data, settings)
     else:
         summary = run_synthetic(model, processor, args.data, settings, split=split)
     print(json.dumps({key: value for key, value in summary.items() if key != "skipped"}, indent=2))

@@ -30,15 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `perceptio export` with the parsed arguments; returns the exit status."""
-    from perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
+    from perceptio.checkpoint_loading import load_perceptio_checkpoint
     from perceptio.hub_cards.export_perceptio import export_pretrained
     from perceptio.tiny_models import build_tiny_perceptio
 
     if args.tiny:
         model, processor = build_tiny_perceptio(seed=args.seed)
     else:
-        model = PerceptioForConditionalGeneration.from_pretrained(args.model)
-        processor = PerceptioProcessor.from_pretrained(args.model)
+        model, processor = load_perceptio_checkpoint(args.model)
     folder = export_pretrained(model, processor, args.output_dir, overwrite=args.overwrite)
     print(f"Exported to {folder}. Load it with AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).")
     return 0

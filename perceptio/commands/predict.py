@@ -42,20 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `perceptio predict` with the parsed arguments; returns the exit status."""
-    import torch
-
-    from perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
+    from perceptio.checkpoint_loading import load_perceptio_checkpoint
     from perceptio.embedded_checkpoint import embedded_checkpoint_path
 
     if args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise ValueError("--max-new-tokens and --num-beams must be positive integers.")
-    model_dir = Path(args.model) if args.model is not None else embedded_checkpoint_path()
     image_path = Path(args.image)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"--model {model_dir} is not a checkpoint folder (no config.json).")
     image = load_image_file(image_path)
-    model = PerceptioForConditionalGeneration.from_pretrained(model_dir).to(torch.device(args.device)).eval()
-    processor = PerceptioProcessor.from_pretrained(model_dir)
+    model_dir = args.model if args.model is not None else embedded_checkpoint_path()
+    model, processor = load_perceptio_checkpoint(model_dir, device=args.device)
     (prediction,) = model.predict(
         [image], [args.prompt], processor=processor, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams, mask_threshold=args.mask_threshold,

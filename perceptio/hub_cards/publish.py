@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi
 
+from ..checkpoint_loading import check_checkpoint_folder
+
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REQUIRED_FILES = ("config.json", "model.safetensors|model.safetensors.index.json", "processor_config.json", "README.md")
 # Never uploaded: version control, caches and editor debris.
@@ -183,6 +185,7 @@ def push(
     if not isinstance(private, bool) or not isinstance(dry_run, bool):
         raise ValueError(f"private and dry_run must be True or False, got {private!r} and {dry_run!r}.")
     folder = check_export_folder(folder)
+    check_checkpoint_folder(folder)
     files = files_to_upload(folder)
     plan = PushPlan(
         repo_id=repo_id,

@@ -1,4 +1,4 @@
-"""Perceptio generation: the spatial-token grammar, `[SEG]` hidden-state capture and `predict` (DESIGN.md §6).
+"""Perceptio generation: the spatial-token grammar, `[SEG]` hidden-state capture and `predict`.
 
 `model.generate` stays transformers' own generation loop; this module only adds a `LogitsProcessor` (the grammar)
 and two hooks (the `[SEG]` states) around it, then turns the generated tokens into masks and a depth map.
@@ -25,7 +25,9 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
     - depth codes `<DEPTH_k>` appear only inside a depth block;
     - after `<DEPTH_START>` come exactly `num_depth_tokens` codes, then `<DEPTH_END>` (nothing else, not even EOS);
     - at most `max_depth_blocks` depth blocks per sequence (one per image; 0 forbids depth blocks);
-    - `[SEG]` only before the first depth block.
+    - `[SEG]` only before the first depth block;
+    - neither `[SEG]` nor a depth block after a prompt without an image: there is nothing to segment or measure, and
+      a text-only request (lmms-eval sends some) must come back as text.
 
     The state of each row is recomputed from its generated ids at every step (vectorised), so the processor holds no
     per-row memory and stays correct when beam search reorders rows. Only ids after `prompt_length` are read, so
@@ -39,6 +41,8 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         num_depth_tokens: N, the number of codes in a block.
         prompt_length: length of the (padded) prompt; generated ids start there.
         max_depth_blocks: depth blocks allowed per sequence.
+        prompts_with_images: per prompt, whether it holds an image; `None` when every prompt does. Rows are
+            prompts × copies (beams, `num_return_sequences`), consecutive as `generate` expands them.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         num_depth_tokens: int,
         prompt_length: int,
         max_depth_blocks: int = 1,
+        prompts_with_images: Sequence[bool] | torch.Tensor | None = None,
     ):
         for name, value in (
             ("seg_token_id", seg_token_id),
@@ -78,11 +83,18 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         self.num_depth_tokens = num_depth_tokens
         self.prompt_length = prompt_length
         self.max_depth_blocks = max_depth_blocks
+        self.prompts_with_images = None if prompts_with_images is None else _as_prompt_flags(prompts_with_images)
         self._forbidden_table: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, config, prompt_length: int, max_depth_blocks: int | None = None):
-        """The grammar of a `PerceptioConfig`; depth blocks are forbidden when the checkpoint has no depth tokenizer."""
+    def from_config(
+        cls,
+        config,
+        prompt_length: int,
+        max_depth_blocks: int | None = None,
+        prompts_with_images: Sequence[bool] | torch.Tensor | None = None,
+    ):
+        """The grammar of a `PerceptioConfig`; no depth blocks when the checkpoint has no depth tokenizer."""
         missing = [
             name
             for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "depth_code_token_offset")
@@ -101,6 +113,7 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
             num_depth_tokens=config.num_depth_tokens,
             prompt_length=prompt_length,
             max_depth_blocks=max_depth_blocks,
+            prompts_with_images=prompts_with_images,
         )
 
     def _forbidden_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -117,10 +130,10 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         outside = code | end
         table = torch.stack(
             [
-                outside,  # no block yet, more allowed
-                outside | seg,  # after a block, more allowed
-                outside | start,  # no block yet, none allowed
-                outside | start | seg,  # after the last allowed block
+                outside,  # [SEG] and a block allowed
+                outside | seg,  # a block allowed ([SEG] comes before the first block)
+                outside | start,  # [SEG] allowed (no more blocks)
+                outside | start | seg,  # text only (after the last allowed block, or no image)
                 ~code,  # inside a block, codes missing
                 ~end,  # inside a block, all codes written
             ]
@@ -144,10 +157,36 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         in_block = blocks_started > blocks_ended
         wants_code = in_block & (codes_in_open_block < self.num_depth_tokens)
         wants_end = in_block & ~wants_code
-        outside_state = (blocks_started > 0).long() + 2 * (blocks_started >= self.max_depth_blocks).long()
+        seg_forbidden = blocks_started > 0
+        start_forbidden = blocks_started >= self.max_depth_blocks
+        if self.prompts_with_images is not None:
+            without_image = ~self._rows_with_images(input_ids.shape[0], input_ids.device)
+            seg_forbidden, start_forbidden = seg_forbidden | without_image, start_forbidden | without_image
+        outside_state = seg_forbidden.long() + 2 * start_forbidden.long()
         state = torch.where(wants_code, WANTS_CODE, torch.where(wants_end, WANTS_END, outside_state))
         forbidden = self._forbidden_tokens(scores.shape[-1], scores.device)[state]
         return scores.masked_fill(forbidden, float("-inf"))
+
+    def _rows_with_images(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        """`prompts_with_images` per row: each prompt's flag repeated for its consecutive copies."""
+        num_prompts = self.prompts_with_images.shape[0]
+        if num_rows % num_prompts:
+            raise ValueError(
+                f"Got {num_rows} rows for {num_prompts} prompts in prompts_with_images; rows must be the prompts' "
+                "consecutive copies (a whole number per prompt)."
+            )
+        return self.prompts_with_images.to(device).repeat_interleave(num_rows // num_prompts)
+
+
+def _as_prompt_flags(prompts_with_images: Sequence[bool] | torch.Tensor) -> torch.Tensor:
+    """A 1-D bool tensor of per-prompt flags, or a `ValueError` saying what is accepted."""
+    flags = torch.as_tensor(prompts_with_images)
+    if flags.dtype != torch.bool or flags.ndim != 1 or not flags.numel():
+        raise ValueError(
+            "prompts_with_images must be a non-empty 1-D sequence or tensor of bools (one per prompt), got "
+            f"{prompts_with_images!r}."
+        )
+    return flags
 
 
 class PerceptioSegStateCapture:
@@ -202,8 +241,9 @@ class PerceptioGenerationMixin:
     Adds Perceptio's generation features to `PerceptioForConditionalGeneration`:
 
     - `generate(...)`: transformers' `generate` with the spatial grammar on by default (`spatial_grammar=False`
-      switches it off). With `return_dict_in_generate=True` the output also carries `seg_hidden_states`: per row, the
-      last-layer states (num_seg, d) at the generated `[SEG]` tokens, in order.
+      switches it off); a prompt without image tokens gets neither `[SEG]` nor a depth block. With
+      `return_dict_in_generate=True` the output also carries `seg_hidden_states`: per row, the last-layer states
+      (num_seg, d) at the generated `[SEG]` tokens, in order.
     - `predict(images, prompts, processor=None, **generate_kwargs)`: generation, masks and depth in one call.
 
     A `[SEG]` that is the last generated token (cut off by `max_new_tokens`) is never fed back as an input, so the
@@ -215,15 +255,22 @@ class PerceptioGenerationMixin:
         """`GenerationMixin.generate` plus the spatial grammar and, for dict outputs, the `[SEG]` hidden states.
 
         The `[SEG]` states need `input_ids`; a prompt given only as `inputs_embeds` gets the grammar (its output
-        holds only new tokens) but no `seg_hidden_states`.
+        holds only new tokens, and with no ids to show which prompts hold images, all may segment) but no
+        `seg_hidden_states`.
         """
         if not isinstance(spatial_grammar, bool):
             raise ValueError(f"spatial_grammar must be True or False, got {spatial_grammar!r}.")
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         prompt_length = 0 if input_ids is None else input_ids.shape[1]
         if spatial_grammar:
+            # The processor expands each image into image-context tokens: a prompt without them has no image.
+            prompts_with_images = None if input_ids is None else (input_ids == self.config.image_token_id).any(-1)
             processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-            processors.append(PerceptioSpatialGrammarLogitsProcessor.from_config(self.config, prompt_length))
+            processors.append(
+                PerceptioSpatialGrammarLogitsProcessor.from_config(
+                    self.config, prompt_length, prompts_with_images=prompts_with_images
+                )
+            )
             kwargs["logits_processor"] = processors
         capture_seg = kwargs.get("return_dict_in_generate", False) and self.config.seg_token_id is not None
         if input_ids is None or not capture_seg:

@@ -194,4 +194,7 @@ class PerceptioImageProcessor(BaseImageProcessor):
         )
 
 
+# Saved with an `auto_map` (see `PerceptioProcessor`) so a folder's processor can build its image processor too.
+PerceptioImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = ["PerceptioImageProcessor", "to_rgb_array"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,10 @@ from .spatial_tokens_perceptio import (
 
 IGNORE_INDEX = -100
 PADDING_SIDES = ("left", "right")
+# `padding` as transformers' tokenizers take it; False and "do_not_pad" need prompts of one length.
+PADDINGS = (True, False, "longest", "max_length", "do_not_pad")
+NO_TRUNCATION = (None, False, "do_not_truncate")
+RETURN_TENSORS = ("pt", "np")
 
 # ChatML, as InternVL's Qwen2 backbones use; an image item becomes the `<image>` placeholder the processor expands.
 DEFAULT_CHAT_TEMPLATE = (
@@ -91,21 +96,55 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
         self,
         images: Any = None,
         text: str | Sequence[str] | None = None,
+        videos: None = None,
+        audio: None = None,
+        padding: bool | str = True,
         padding_side: str = "left",
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        truncation: bool | str | None = None,
+        add_special_tokens: bool = False,
+        return_attention_mask: bool = True,
         max_num_tiles: int | None = None,
+        max_patches: int | None = None,
         return_tensors: str = "pt",
         **kwargs,
     ) -> BatchFeature:
-        """Tokenize prompts (with their `<image>` placeholders expanded) and pre-process their images.
+        r"""
+        Tokenize prompts (with their `<image>` placeholders expanded) and pre-process their images.
 
         `images` is one image, a flat list (assigned to the `<image>` placeholders in order) or a list with one
         list of images per prompt. A prompt with no placeholder gets one image in front when the batch has exactly
         one image per prompt. Batches are left-padded for generation (`padding_side="right"` for training).
+
+        The other arguments are transformers' usual ones:
+
+        - `padding` (`True`/"longest", "max_length" with `max_length`, or `False`/"do_not_pad" for prompts of one
+          length), `padding_side`, `pad_to_multiple_of`, `add_special_tokens` (off: the chat template writes them)
+          and `return_attention_mask` go to the tokenizer;
+        - `max_num_tiles` (or `max_patches`, InternVL's name for it) caps the tiles per image;
+        - `return_tensors` is "pt" or "np";
+        - `truncation` may only be off: cutting a prompt would cut its image tokens, which must match the tiles;
+        - `videos` and `audio` may only be `None` (`apply_chat_template` passes them): Perceptio reads images.
+
+        Any other argument is a `ValueError` listing these.
         """
         if kwargs:
-            raise ValueError(f"Unexpected processor arguments {sorted(kwargs)}.")
-        if return_tensors != "pt":
-            raise ValueError(f"return_tensors must be 'pt', got {return_tensors!r}.")
+            accepted = list(inspect.signature(PerceptioProcessor.__call__).parameters)[1:-1]  # no self, kwargs
+            raise ValueError(f"Unexpected processor argument(s) {sorted(kwargs)}; accepted: {', '.join(accepted)}.")
+        for name, value in (("videos", videos), ("audio", audio)):
+            if value is not None:
+                raise ValueError(f"{name} must be None: Perceptio reads images and text only.")
+        if truncation not in NO_TRUNCATION:
+            raise ValueError(
+                f"truncation must be off (one of {NO_TRUNCATION}), got {truncation!r}: cutting a prompt would cut "
+                "its image tokens. Shorten the text instead."
+            )
+        if return_tensors not in RETURN_TENSORS:
+            raise ValueError(f"return_tensors must be one of {RETURN_TENSORS}, got {return_tensors!r}.")
+        _check_padding_side(padding_side)
+        _check_padding(padding, max_length, pad_to_multiple_of)
+        max_num_tiles = _tile_limit(max_num_tiles, max_patches)
         texts = _as_prompt_list(text)
         images_per_prompt = self._images_per_prompt(images, texts)
         texts = [
@@ -123,13 +162,16 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
                 first_image_rows = _first_image_rows(images_per_prompt)
                 data["sam_pixel_values"] = vision["sam_pixel_values"][first_image_rows]
         expanded = self._expand_image_placeholders(texts, images_per_prompt, tile_counts)
-        encoded = self.tokenizer(
-            expanded, padding=True, padding_side=_check_padding_side(padding_side), return_tensors="pt",
-            add_special_tokens=False,
+        encoded = self.tokenizer(expanded, add_special_tokens=add_special_tokens)
+        _check_lengths_stack(encoded["input_ids"], padding, max_length)
+        encoded = self.tokenizer.pad(
+            encoded, padding=padding, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side, return_attention_mask=True, return_tensors="pt",
         )
         data["input_ids"] = encoded["input_ids"]
-        data["attention_mask"] = encoded["attention_mask"]
-        return BatchFeature(data=data)
+        if return_attention_mask:
+            data["attention_mask"] = encoded["attention_mask"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _images_per_prompt(self, images: Any, texts: list[str]) -> list[list[Any]]:
         placeholder_counts = [prompt.count(IMAGE_PLACEHOLDER) for prompt in texts]
@@ -262,6 +304,47 @@ def _check_padding_side(padding_side: str) -> str:
     return padding_side
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_padding(padding: Any, max_length: Any, pad_to_multiple_of: Any) -> None:
+    if not isinstance(padding, (bool, str)) or padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
+    if padding == "max_length" and not _is_positive_int(max_length):
+        raise ValueError(f"padding='max_length' needs max_length, a positive integer; got {max_length!r}.")
+    if padding != "max_length" and max_length is not None:
+        raise ValueError(
+            f"max_length applies with padding='max_length' only (truncation is not supported); got "
+            f"padding={padding!r}."
+        )
+    if pad_to_multiple_of is not None and not _is_positive_int(pad_to_multiple_of):
+        raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}.")
+
+
+def _check_lengths_stack(input_ids: list[list[int]], padding: bool | str, max_length: int | None) -> None:
+    """A `ValueError` when the padded prompts would not stack into one (batch, length) tensor."""
+    lengths = [len(ids) for ids in input_ids]
+    if padding == "max_length" and max(lengths) > max_length:
+        longest = lengths.index(max(lengths))
+        raise ValueError(
+            f"Prompt {longest} has {lengths[longest]} tokens with its image tokens, more than max_length "
+            f"{max_length}; raise max_length."
+        )
+    if padding in (False, "do_not_pad") and len(set(lengths)) > 1:
+        raise ValueError(
+            f"padding={padding!r} leaves the prompts at their lengths {lengths}, which do not stack into one tensor; "
+            "pad them (padding=True)."
+        )
+
+
+def _tile_limit(max_num_tiles: int | None, max_patches: int | None) -> int | None:
+    """`max_num_tiles`, given under its own name or as InternVL's `max_patches`."""
+    if max_num_tiles is not None and max_patches is not None:
+        raise ValueError("Give max_num_tiles or max_patches (InternVL's name for it), not both.")
+    return max_patches if max_num_tiles is None else max_num_tiles
+
+
 def _first_image_rows(images_per_prompt: list[list[Any]]) -> list[int]:
     rows, start = [], 0
     for prompt_images in images_per_prompt:
@@ -269,5 +352,10 @@ def _first_image_rows(images_per_prompt: list[list[Any]]) -> list[int]:
         start += len(prompt_images)
     return rows
 
+
+# `save_pretrained` then copies this file and the ones it imports into the folder and writes an `auto_map`, so that
+# `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` finds the processor where `perceptio` is not
+# imported (and, without trust_remote_code, says so) instead of falling back to the bare tokenizer.
+PerceptioProcessor.register_for_auto_class()
 
 __all__ = ["PerceptioProcessor"]

@@ -18,7 +18,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..runners.checkpoint_loading import load_perceptio_checkpoint
+from ...checkpoint_loading import load_perceptio_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 128
 

@@ -1,15 +1,16 @@
 """HardBLINK (Aurora, "Perception Tokens"): which of 3, 4 or 5 marked points is closest to the camera.
 
-Reads the folder layout of the released `hardblink_eval` bundle:
+Reads the folder layout of the release (`Data/evals/hardblink/` of Aurora's repository):
 
     ROOT/
-      questions/blink_{3,4,5}pointscenter_questions_long.jsonl   (`question_id`, `image`, `text`)
-      answers/blink_{3,4,5}pointscenter_answers.jsonl            (`question_id`, `text` like "(A)")
-      images/blink{3,4,5}pointscenter/N.png                      (`image` is the file name in that folder)
+      questions/blink_{3,4,5}pointscenter_questions.jsonl   (`question_id`, `image`, `text`, `category`)
+      answers/blink_{3,4,5}pointscenter_answers.jsonl       (`question_id`, `text` like "(A)", `category`)
+      images/blink{3,4,5}pointscenter/N.png                 (`image` is the file name in that folder)
 
-(`question_format="short"` reads `..._questions_short.jsonl`.) The question's `text` is the prompt as given; the
-answer is scored with the strict parser against the N options A.. of an N-point question. The summary reports the
-accuracy per point count and their mean (the paper's headline HardBLINK number). `limit` applies per point count.
+The question's `text` is the prompt as given (the release asks the same question for every point count and does not
+list the options); the answer is scored with the strict parser against the N options A.. of an N-point question.
+`category` is not read. The summary reports the accuracy per point count and their mean (the paper's headline
+HardBLINK number). `limit` applies per point count.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from .dataset_inputs import decode_rgb_image
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
 
 HARDBLINK_POINT_COUNTS: tuple[int, ...] = (3, 4, 5)
-QUESTION_FORMATS: tuple[str, ...] = ("long", "short")
 
 
-def hardblink_paths(root: Path, num_points: int, question_format: str = "long") -> tuple[Path, Path, Path]:
-    """(question file, answer file, image folder) of one point count."""
+def hardblink_paths(root: Path, num_points: int) -> tuple[Path, Path, Path]:
+    """(question file, answer file, image folder) of one point count, as the release names them."""
     return (
-        root / "questions" / f"blink_{num_points}pointscenter_questions_{question_format}.jsonl",
+        root / "questions" / f"blink_{num_points}pointscenter_questions.jsonl",
         root / "answers" / f"blink_{num_points}pointscenter_answers.jsonl",
         root / "images" / f"blink{num_points}pointscenter",
     )
@@ -80,21 +80,18 @@ def run_hardblink(
     processor,
     root: str | os.PathLike,
     settings: RunSettings,
-    question_format: str = "long",
     point_counts: Sequence[int] = HARDBLINK_POINT_COUNTS,
 ) -> dict[str, Any]:
     """Evaluate HardBLINK from its folder; returns (and writes) accuracy per point count and their mean."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"HardBLINK root {root} is not a folder (it holds questions/, answers/ and images/).")
-    if question_format not in QUESTION_FORMATS:
-        raise ValueError(f"question_format must be one of {QUESTION_FORMATS}; got {question_format!r}.")
     if not point_counts or any(count not in HARDBLINK_POINT_COUNTS for count in point_counts):
         raise ValueError(f"point_counts must be a non-empty subset of {HARDBLINK_POINT_COUNTS}; got {point_counts!r}.")
     run = ResumableRun("hardblink", settings)
     work, selected_ids = [], []
     for num_points in point_counts:
-        question_path, answer_path, image_folder = hardblink_paths(root, num_points, question_format)
+        question_path, answer_path, image_folder = hardblink_paths(root, num_points)
         questions = read_jsonl(question_path, ("question_id", "image", "text"))
         answers = _answers_by_question(answer_path)
         for line, question in enumerate(questions[: settings.selected_count(len(questions))], start=1):
