@@ -4,9 +4,12 @@ Each arm is `run_synthetic_tiny_recipe(OUTPUT/ARM, recipe, ablation=ARM)` (what 
 synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perceptio eval synthetic` runs) on
 
 - the recipe's own test split (referring cIoU, the same with each image asked another row's sentence, depth-block
-  AbsRel and pair-order accuracy), and
+  AbsRel and pair-order accuracy; per VQA task the accuracy with the row's own image and with another test image,
+  and the AbsRel of the depth blocks written on the own and on another image against the own image's depth: the
+  `swapped_image`, `depth_own_image` and `depth_other_image` figures of `run_synthetic`), and
 - a larger relative-depth-only split (`--relative-depth-questions` per point count, 2 to 5 points), because the
-  recipe's 300-question test split holds only about 25 questions per point count.
+  recipe's 300-question test split holds only about 25 questions per point count; its relative-depth accuracy with
+  the own and with another image is read from this split too.
 
 An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
 checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (under 45 minutes on
@@ -32,6 +35,7 @@ from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.evaluation.runners import RunSettings, run_synthetic
 from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
+from perceptio.evaluation.runners.synthetic import ANSWER_TASKS
 from perceptio.trainers.synthetic_recipe import ABLATIONS, SyntheticTinyRecipe, run_synthetic_tiny_recipe
 
 POINT_COUNTS = (2, 3, 4, 5)
@@ -93,9 +97,19 @@ def evaluate_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict:
     return results
 
 
+def own_and_other(own: float | None, other: float | None) -> str:
+    """A cell "own / other image", or "-" when the control has no figures."""
+    return "-" if own is None or other is None else f"{own:.3f} / {other:.3f}"
+
+
 def table_row(arm: str, results: dict) -> str:
     recipe_test, relative = results["recipe_test"], results["relative_depth"]["relative_depth"]["by_num_points"]
     depth, swapped = recipe_test["depth"], recipe_test["referring"]["swapped_expression_ciou"]
+    image_cells = []
+    for task in ANSWER_TASKS:
+        split = results["relative_depth"] if task == "relative_depth" else recipe_test
+        control = split["swapped_image"].get(task, {})
+        image_cells.append(own_and_other(control.get("accuracy_own"), control.get("accuracy_swapped")))
     cells = [
         arm,
         f"{recipe_test['referring']['ciou']:.3f}",
@@ -103,8 +117,20 @@ def table_row(arm: str, results: dict) -> str:
         "-" if depth["num_maps"] == 0 else f"{depth['abs_rel']:.3f}",
         "-" if depth["num_maps"] == 0 else f"{depth['pair_order_accuracy']:.3f}",
         *(f"{relative[str(count)]['accuracy']:.3f}" for count in POINT_COUNTS),
+        *image_cells,
+        own_and_other(recipe_test["depth_own_image"]["abs_rel"], recipe_test["depth_other_image"]["abs_rel"]),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def table_header() -> str:
+    """The table's header and separator rows."""
+    columns = [
+        "arm", "referring cIoU", "cIoU, swapped sentence", "depth AbsRel", "depth pair-order", "rel. depth 2 pts",
+        "3 pts", "4 pts", "5 pts", *(f"{task} acc., own / other image" for task in ANSWER_TASKS),
+        "depth AbsRel, own / other image",
+    ]
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_arm(arm_dir, questions, arguments.batch_size)
         (arm_dir / "ablation_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         rows.append(table_row(arm, results))
-    header = (
-        "| arm | referring cIoU | cIoU, swapped sentence | depth AbsRel | depth pair-order | rel. depth 2 pts | 3 pts "
-        "| 4 pts | 5 pts |\n|---|---|---|---|---|---|---|---|---|"
-    )
-    print(header)
+    print(table_header())
     print("\n".join(rows))
     return 0
 

@@ -12,7 +12,10 @@ Referring cIoU with another row's sentence (`perceptio eval synthetic`'s control
 whose mask ignores the sentence. The script also scores one visual heuristic, "the lowest marker in the image is the
 closest" (true on a ground plane), which a model can learn from the image alone. With `--summary` (a
 `synthetic_summary.json` written by `perceptio eval synthetic` on the same data) it prints the model's figures beside
-them.
+them, and for each answer task (`relative_depth` over all point counts) the model's accuracy on the questions asked
+with their own image and with another test image (the summary's `swapped_image` control, over the questions that
+have a partner image): a model that reads the image scores lower with the other image, one that does not scores the
+same, however far above the prior it is.
 
     python bench/prior_baselines.py --data runs/synthetic-tiny/dataset
     python bench/prior_baselines.py --data runs/synthetic-tiny/dataset --summary runs/eval/synthetic_summary.json
@@ -138,6 +141,15 @@ def model_figures(summary: dict) -> dict[str, float]:
     return figures
 
 
+def model_image_control(summary: dict) -> dict[str, str]:
+    """Cells "own / another image" of the summary's swapped-image accuracies, keyed by answer task."""
+    return {
+        task: f"{control['accuracy_own']:.3f} / {control['accuracy_swapped']:.3f}"
+        for task, control in summary.get("swapped_image", {}).items()
+        if control["accuracy_own"] is not None
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments, splits = parse_arguments(argv)
     validation, test = splits["validation"], splits["test"]
@@ -150,11 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         **majority_answer_accuracy(validation, test),
     }
     heuristic = lowest_marker_accuracy(test)
-    model = model_figures(json.loads(Path(arguments.summary).read_text())) if arguments.summary else {}
-    print("| figure | image-blind prior | lowest marker | model |\n|---|---|---|---|")
-    for name in [*blind, *(name for name in model if name not in blind)]:
+    summary = json.loads(Path(arguments.summary).read_text()) if arguments.summary else {}
+    model = model_figures(summary) if summary else {}
+    image_control = model_image_control(summary)
+    print("| figure | image-blind prior | lowest marker | model | model, own / another image |\n|---|---|---|---|---|")
+    names = [*blind, *(name for name in model if name not in blind)]
+    for name in [*names, *(name for name in image_control if name not in names)]:
         cells = [f"{blind[name]:.3f}" if name in blind else "-", f"{heuristic[name]:.3f}" if name in heuristic else "-"]
         cells.append(f"{model[name]:.3f}" if model.get(name) is not None else "-")
+        cells.append(image_control.get(name, "-"))
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import datasets
@@ -14,13 +15,23 @@ from PIL import Image
 from transformers import LogitsProcessor
 
 from perceptio.data.synthetic_dataset import build_synthetic_dataset, sample_spatial_targets
+from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.evaluation.depth_metrics import abs_rel, delta1, normalized_to_positive, pair_order_counts, rmse
 from perceptio.evaluation.multiple_choice import multiple_choice_accuracy
 from perceptio.evaluation.runners import RunSettings, run_blink_depth, run_hardblink, run_refcoco, run_synthetic
+from perceptio.evaluation.runners.answer_scoring import answer_losses
 from perceptio.evaluation.runners.coco_masks import segmentation_to_mask
-from perceptio.evaluation.runners.synthetic import normalised_inverse_depth, swapped_expression_pairs
+from perceptio.evaluation.runners.synthetic import (
+    ANSWER_TASKS,
+    normalised_answer,
+    normalised_inverse_depth,
+    paired_image_control,
+    swapped_expression_pairs,
+    swapped_image_pairs,
+)
 from perceptio.evaluation.segmentation_metrics import ciou, giou, mask_intersection_union
 from perceptio.tiny_models import build_tiny_perceptio
+from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 
 pycocotools = pytest.importorskip("pycocotools")
 
@@ -203,7 +214,7 @@ def _hardblink(root, corrupt: tuple[int, int] | None = None):
                 _image(points * 10 + index).save(path)
             questions.append({"question_id": index, "image": f"{index}.png", "text": "Which point is the closest to the camera?"})
             answers.append({"question_id": index, "text": "(A)" if index == 0 else f"({'ABCDE'[points - 1]})"})
-        (root / "questions" / f"blink_{points}pointscenter_questions_long.jsonl").write_text(
+        (root / "questions" / f"blink_{points}pointscenter_questions.jsonl").write_text(
             "\n".join(json.dumps(question) for question in questions) + "\n"
         )
         (root / "answers" / f"blink_{points}pointscenter_answers.jsonl").write_text(
@@ -234,7 +245,7 @@ def test_hardblink_corrupt_image_errors_or_is_counted(tiny, tmp_path):
         run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script))
     summary = run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script, skip_bad=True))
     assert summary["num_skipped"] == 1 and summary["num_samples"] == 5
-    assert "blink_4pointscenter_questions_long.jsonl, line 2" in summary["skipped"][0]["error"]
+    assert "blink_4pointscenter_questions.jsonl, line 2" in summary["skipped"][0]["error"]
     (tmp_path / "hardblink" / "answers" / "blink_5pointscenter_answers.jsonl").unlink()
     with pytest.raises(ValueError, match=r"blink_5pointscenter_answers\.jsonl does not exist"):
         run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script))
@@ -250,7 +261,8 @@ def test_synthetic_summary_equals_metric_functions(tiny, recorded_predictions, t
     script = _script(processor, model, seg=True, depth=True, text="(A)")
     summary = run_synthetic(model, processor, data, _settings(tmp_path, model, processor, script))
     pairs = swapped_expression_pairs(split["task"], split["prompt"])
-    assert summary["num_samples"] == 4 and len(recorded_predictions) == 4 + len(pairs)
+    image_pairs = swapped_image_pairs(split["task"], split["answer"], [_num_points(meta) for meta in split["meta"]])
+    assert summary["num_samples"] == 4 and len(recorded_predictions) == 4 + len(pairs) + len(image_pairs)
 
     referring_counts, depth_figures, correct, counted = [], [], 0, 0
     relative_texts, relative_answers, relative_points = [], [], []
@@ -309,6 +321,149 @@ def test_swapped_sentences_come_from_another_referring_row_with_another_sentence
     ]
     for index, partner in pairs:
         assert tasks[partner] == "referring" and prompts[partner] != prompts[index]
+
+
+def _num_points(meta: str) -> int | None:
+    return json.loads(meta).get("num_points")
+
+
+@pytest.fixture(scope="module")
+def answer_rows(tmp_path_factory):
+    """16 answer questions (2 or 3 points for relative depth): every answer task has partners for the control."""
+    config = dataclasses.replace(DEFAULT_TASK_CONFIG, point_count_range=(2, 3))
+    cache = tmp_path_factory.mktemp("answer_rows")
+    return build_synthetic_dataset(0, 0, 16, image_size=64, seed=0, tasks=list(ANSWER_TASKS), task_config=config,
+                                   cache_dir=str(cache))["test"]
+
+
+def test_swapped_image_summary_scores_own_answers_and_resumes(
+    tiny, recorded_predictions, answer_rows, tmp_path, monkeypatch
+):
+    model, processor = tiny
+    asked, predict = [], model.predict
+
+    def asking(images, prompts, **kwargs):
+        asked.extend(zip(images, prompts))
+        return predict(images, prompts, **kwargs)
+
+    monkeypatch.setattr(model, "predict", asking)
+    script = _script(processor, model, depth=True, text="(A)")
+    settings = _settings(tmp_path, model, processor, script, batch_size=8)
+    summary = run_synthetic(model, processor, answer_rows, settings)
+    points = [_num_points(meta) for meta in answer_rows["meta"]]
+    pairs = swapped_image_pairs(answer_rows["task"], answer_rows["answer"], points)
+    assert set(summary["swapped_image"]) == set(ANSWER_TASKS)
+    for task, control in summary["swapped_image"].items():
+        rows = [index for index, _ in pairs if answer_rows[index]["task"] == task]
+        assert control["num_samples"] == len(rows) >= 2
+        # The scripted answer "(A)" is the same on every image: right exactly where the row's own answer is "(A)".
+        expected = np.mean([normalised_answer(answer_rows[index]["answer"]) == "(a)" for index in rows])
+        assert control["accuracy_own"] == control["accuracy_swapped"] == pytest.approx(expected)
+        assert control["accuracy_margin"] == 0 and control["reads_image"] is False
+        for name in ("accuracy_own", "accuracy_swapped"):
+            assert 0 <= control[name] <= 1 and 0 <= control[f"{name}_se"] <= 0.5
+        assert control["loss_own"] > 0 and control["loss_swapped"] > 0 and control["loss_margin_se"] > 0
+        assert control["loss_margin"] == pytest.approx(control["loss_swapped"] - control["loss_own"])
+    records = [json.loads(line) for line in (tmp_path / "out" / "synthetic_samples.jsonl").read_text().splitlines()]
+    swapped = [record for record in records if record["task"] == "swapped_image"]
+    assert [(record["row"], record["partner"]) for record in swapped] == pairs
+    for (image, prompt), (index, partner) in zip(asked[len(answer_rows) :], pairs, strict=True):
+        assert prompt == answer_rows[index]["prompt"]
+        assert np.array_equal(np.asarray(image), np.asarray(answer_rows[partner]["image"].convert("RGB")))
+    index, partner = pairs[0]
+    row = answer_rows[index]
+    on_images = [{"image": answer_rows[image]["image"], "prompt": row["prompt"], "answer": row["answer"]}
+                 for image in (index, partner)]
+    assert answer_losses(model, processor, on_images, batch_size=2) == pytest.approx(
+        [swapped[0]["loss_own"], swapped[0]["loss_swapped"]], rel=1e-5
+    )
+    # The teacher-forced loss reads the image even where the scripted generation does not.
+    assert all(record["loss_own"] != pytest.approx(record["loss_swapped"]) for record in swapped)
+    # The same scripted depth block on both images, scored against the own row's depth, gives the same figures.
+    assert summary["depth_other_image"] == summary["depth_own_image"]
+    assert summary["depth_other_image"]["num_maps"] == len(pairs)
+
+    recorded_predictions.clear()
+    assert run_synthetic(model, processor, answer_rows, settings) == summary
+    assert recorded_predictions == []
+
+
+def test_image_blind_model_does_not_read_the_image(tiny, answer_rows, tmp_path):
+    """The tiny model with its image features zeroed sees the same image tokens for every image: a real model whose
+    generation and answer loss cannot depend on the image."""
+    model, processor = tiny
+    projector = model.model.multi_modal_projector
+    handle = projector.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    try:
+        settings = RunSettings(output_dir=tmp_path / "out", batch_size=8, max_new_tokens=3, show_progress=False)
+        summary = run_synthetic(model, processor, answer_rows, settings)
+    finally:
+        handle.remove()
+    for control in summary["swapped_image"].values():
+        assert control["num_samples"] >= 2 and control["reads_image"] is False
+        assert control["accuracy_margin"] == 0 and control["loss_margin"] == pytest.approx(0, abs=1e-5)
+
+
+def test_reads_image_needs_the_own_image_to_win_by_two_standard_errors():
+    def pairs(own: list[bool], swapped: list[bool]) -> list[tuple[dict, dict]]:
+        return [({"correct": a}, {"correct": b, "loss_own": 1.0, "loss_swapped": 2.0}) for a, b in zip(own, swapped)]
+
+    control = paired_image_control(pairs([True] * 8, [True, False] * 4))
+    assert control["accuracy_margin"] == 0.5
+    assert control["accuracy_margin_se"] == pytest.approx(np.sqrt(2 / 7) / np.sqrt(8))
+    assert control["reads_image"] is True and control["loss_margin"] == 1 and control["loss_margin_se"] == 0
+    assert paired_image_control(pairs([True, False] * 4, [False, True] * 4))["reads_image"] is False
+    assert paired_image_control(pairs([True, True, False], [False, False, True]))["reads_image"] is False  # 1/3 < 2 SE
+    assert paired_image_control(pairs([True], [False]))["reads_image"] is None
+    assert paired_image_control([])["accuracy_own"] is None
+
+
+def test_answer_loss_equals_the_models_lm_loss(tiny, answer_rows):
+    model, processor = tiny
+    samples = [{key: answer_rows[index][key] for key in ("image", "prompt", "answer")} for index in (0, 2)]
+    assert len({len(sample["prompt"]) for sample in samples}) == 2, "the batch should need padding"
+    batched = answer_losses(model, processor, samples, batch_size=2)
+    for sample, loss in zip(samples, batched):
+        with torch.no_grad():
+            direct = model(**PerceptioDataCollator(processor)([sample])).loss_lm
+        assert loss == pytest.approx(float(direct), rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        answer_losses(model, processor, samples, batch_size=0)
+    with pytest.raises(ValueError, match="Sample 1 has masks or a depth block"):
+        answer_losses(model, processor, [samples[0], {**samples[1], "use_depth_block": True}], batch_size=2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["referring", *ANSWER_TASKS]), st.sampled_from(["(A)", "(B)", "Red", "red."]),
+            st.sampled_from([2, 3]),
+        ),
+        max_size=14,
+    )
+)
+def test_swapped_image_partner_asks_the_same_task_with_another_answer(rows):
+    tasks, answers, points = ([row[column] for row in rows] for column in range(3))
+    pairs = swapped_image_pairs(tasks, answers, points)
+
+    def eligible(index: int, other: int) -> bool:
+        same_points = tasks[index] != "relative_depth" or points[other] == points[index]
+        different = normalised_answer(answers[other]) != normalised_answer(answers[index])
+        return other != index and tasks[other] == tasks[index] and same_points and different
+
+    expected = []
+    for index, task in enumerate(tasks):
+        following = [*range(index + 1, len(rows)), *range(index)]
+        partner = next((other for other in following if eligible(index, other)), None)
+        if task in ANSWER_TASKS and partner is not None:
+            expected.append((index, partner))
+    assert pairs == expected
+    for index, partner in pairs:
+        assert partner != index and tasks[partner] == tasks[index] != "referring"
+        assert tasks[index] != "relative_depth" or points[partner] == points[index]
+    with pytest.raises(ValueError, match="must be of one length"):
+        swapped_image_pairs(tasks, answers, [*points, 2])
 
 
 def test_synthetic_missing_column_names_it(tiny, tmp_path):

@@ -196,3 +196,27 @@ def test_segmentation_loss_averages_the_best_candidates_over_masks():
     ]
     expected = sum(min(row) for row in per_candidate) / 2
     assert segmentation_loss(candidates, targets, 1.0, 1.0, 1.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_segment_averaged_lm_loss_weighs_a_depth_block_as_one_answer():
+    from perceptio.modeling_perceptio.loss_perceptio import DepthTokenIds, segment_averaged_lm_loss
+
+    ids = DepthTokenIds(start=10, end=11, code_offset=12, num_codes=4, num_tokens=3)
+    logits = torch.randn(2, 8, 20)
+    # Sample 0: a depth block (start, 3 codes, end) then one answer token; sample 1: three answer tokens.
+    labels = torch.tensor([[-100, -100, 10, 12, 13, 14, 11, 5], [-100, -100, -100, 5, 6, 7, -100, -100]])
+    token_losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100
+    )
+    segments = [token_losses[0, 1:6].mean(), token_losses[0, 6:7].mean(), token_losses[1, 2:5].mean()]
+    assert torch.allclose(segment_averaged_lm_loss(logits, labels, ids), torch.stack(segments).mean())
+    # Without depth ids each sample is one segment.
+    per_sample = [token_losses[0, 1:7].mean(), token_losses[1, 2:5].mean()]
+    assert torch.allclose(segment_averaged_lm_loss(logits, labels, None), torch.stack(per_sample).mean())
+
+
+def test_lm_loss_reduction_is_validated():
+    from perceptio import PerceptioConfig
+
+    with pytest.raises(ValueError, match="lm_loss_reduction"):
+        PerceptioConfig(lm_loss_reduction="mean")

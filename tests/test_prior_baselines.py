@@ -36,13 +36,24 @@ def test_prints_every_figure_with_the_models_beside_it(prior_baselines, saved_da
         "depth": {"abs_rel": 0.1, "delta1": 0.9, "pair_order_accuracy": 0.8},
         "relative_depth": {"by_num_points": {"3": {"accuracy": 0.25}}},
         "vqa": {"by_task": {"vqa_colour": {"accuracy": 0.75}}},
+        "swapped_image": {
+            "vqa_colour": {"accuracy_own": 0.75, "accuracy_swapped": 0.25},
+            "relative_depth": {"accuracy_own": 0.5, "accuracy_swapped": 0.5},
+            "vqa_count": {"accuracy_own": None, "accuracy_swapped": None},
+        },
     }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert prior_baselines.main(["--data", str(saved_dataset), "--summary", str(tmp_path / "summary.json")]) == 0
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    lines = capsys.readouterr().out.splitlines()
+    cells = [[cell.strip(" |") for cell in line.split(" | ")] for line in lines[2:]]
+    rows = {row[0]: row[1:] for row in cells}
     assert {"referring cIoU", "depth AbsRel", "depth pair-order"} <= set(rows)
-    assert rows["referring cIoU"][-1].strip(" |") == "0.500"
+    assert all(len(cells) == 4 for cells in rows.values())
+    assert rows["referring cIoU"][2] == "0.500" and rows["referring cIoU"][3] == "-"
     assert 0.5 < float(rows["depth pair-order"][0]) <= 1, "a mean depth map orders ground-plane scenes well"
+    assert rows["vqa_colour"][2:] == ["0.750", "0.750 / 0.250"]
+    assert rows["relative_depth"] == ["-", "-", "-", "0.500 / 0.500"]
+    assert "vqa_count" not in rows or rows["vqa_count"][3] == "-"
 
 
 def test_lowest_marker_heuristic_reads_the_marker_positions(prior_baselines):

@@ -338,3 +338,12 @@ def test_train_command_rejects_unknown_config_keys(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--recipe", "no-such-recipe"])
     assert cli_main(["train", "--recipe", "synthetic-tiny"]) == 2
+
+
+def test_train_command_rejects_an_unknown_lm_loss_reduction(tmp_path, capsys):
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["loss"]["lm_loss_reduction"] = "mean"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["train", "--config", str(path)]) == 2
+    assert "lm_loss_reduction" in capsys.readouterr().err

@@ -7,6 +7,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 
+LM_LOSS_REDUCTIONS = ("token", "segment")
+
 
 class PerceptioConfig(InternVLConfig):
     r"""
@@ -34,6 +36,10 @@ class PerceptioConfig(InternVLConfig):
         depth_marker_loss_weight, depth_token_loss_weight, depth_count_loss_weight, depth_recon_loss_weight
             (`float`, defaults to 1.0): λ of the four depth-token objectives (DESIGN.md §5).
         depth_soft_merge_temperature (`float`, defaults to 1.0): τ of the soft-merged depth reconstruction.
+        lm_loss_reduction (`str`, defaults to "token"): how `loss_lm` averages the next-token cross-entropy. "token":
+            over all supervised tokens of the batch (transformers' convention). "segment": first within each segment
+            of a sample (its depth block, and its other answer tokens), then over the segments of the batch, so a
+            64-code depth block weighs as much as a one-word answer instead of 64 times more.
     """
 
     model_type = "perceptio"
@@ -62,6 +68,7 @@ class PerceptioConfig(InternVLConfig):
     depth_count_loss_weight: float | int = 1.0
     depth_recon_loss_weight: float | int = 1.0
     depth_soft_merge_temperature: float | int = 1.0
+    lm_loss_reduction: str = "token"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -81,6 +88,8 @@ class PerceptioConfig(InternVLConfig):
 
     def check_spatial_tokens(self) -> None:
         """Raise a `ValueError` naming the field when the spatial-token fields disagree with each other."""
+        if self.lm_loss_reduction not in LM_LOSS_REDUCTIONS:
+            raise ValueError(f"lm_loss_reduction must be one of {LM_LOSS_REDUCTIONS}, got {self.lm_loss_reduction!r}.")
         if not isinstance(self.sam2_multimask_output, bool):
             raise ValueError(f"sam2_multimask_output must be True or False, got {self.sam2_multimask_output!r}.")
         for name in ("num_depth_codes", "num_depth_tokens"):

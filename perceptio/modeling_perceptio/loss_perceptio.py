@@ -1,4 +1,4 @@
-"""Perceptio's loss terms beyond language modelling (DESIGN.md §5)."""
+"""Perceptio's loss terms: language modelling averaged per sample or per segment, masks, and the depth-token objectives."""
 
 from __future__ import annotations
 
@@ -86,6 +86,59 @@ class DepthBlocks:
 
     def __len__(self) -> int:
         return int(self.samples.numel())
+
+
+def is_depth_block_token(token_ids: torch.LongTensor, ids: DepthTokenIds) -> torch.Tensor:
+    """Whether each id is `<DEPTH_START>`, `<DEPTH_END>` or one of the depth codes."""
+    codes = (token_ids >= ids.code_offset) & (token_ids < ids.code_offset + ids.num_codes)
+    return codes | (token_ids == ids.start) | (token_ids == ids.end)
+
+
+# Logit rows (batch x positions) per chunk of the per-token cross-entropy: its float32 copy and log-softmax stay
+# bounded (2 x 1024 rows x 4 bytes x vocabulary, 1.2 GB for a 150k vocabulary) instead of twice the full logits.
+CROSS_ENTROPY_CHUNK_ROWS = 1024
+
+
+def next_token_losses(
+    logits: torch.Tensor, labels: torch.LongTensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of each next token (B, T - 1), in float32 and 0 where the label is `ignore_index`, and the
+    mask of supervised tokens. Logits (B, T, V) and labels (B, T) are unshifted, as transformers' causal-LM loss takes
+    them: logits[:, t] predict labels[:, t + 1]."""
+    batch, length = labels.shape
+    targets = labels[:, 1:].to(logits.device)
+    supervised = targets != ignore_index
+    step = max(1, CROSS_ENTROPY_CHUNK_ROWS // batch)
+    chunks = [
+        F.cross_entropy(
+            logits[:, start : min(start + step, length - 1)].float().transpose(1, 2),
+            targets[:, start : start + step].clamp_min(0),
+            reduction="none",
+        )
+        for start in range(0, length - 1, step)
+    ]
+    return torch.cat(chunks, dim=1) * supervised, supervised
+
+
+def per_sample_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's mean next-token cross-entropy over its supervised tokens (0 when it has none), and their count."""
+    token_losses, supervised = next_token_losses(logits, labels)
+    counts = supervised.sum(1)
+    return token_losses.sum(1) / counts.clamp_min(1), counts
+
+
+def segment_averaged_lm_loss(logits: torch.Tensor, labels: torch.LongTensor, ids: DepthTokenIds | None) -> torch.Tensor:
+    """Next-token cross-entropy averaged within each segment of each sample, then over the batch's segments.
+
+    A sample's segments are its depth block and the rest of its supervised tokens (`[SEG]`s and the text answer), so a
+    long depth block does not outweigh a one-word answer.
+    """
+    token_losses, supervised = next_token_losses(logits, labels)
+    targets = labels[:, 1:].to(logits.device)
+    segment = is_depth_block_token(targets, ids).long() if ids is not None else torch.zeros_like(targets)
+    sums = token_losses.new_zeros(targets.shape[0], 2).scatter_add_(1, segment, token_losses)
+    counts = token_losses.new_zeros(targets.shape[0], 2).scatter_add_(1, segment, supervised.float())
+    return (sums / counts.clamp_min(1.0)).sum() / (counts > 0).sum().clamp_min(1)
 
 
 def find_depth_blocks(labels: torch.LongTensor, ids: DepthTokenIds) -> DepthBlocks:

@@ -4,7 +4,7 @@ A sample is either a row of the schema documented in `perceptio/data/synthetic_d
 `answer`, `masks`, `depth`, `use_depth_block`, `task`, `meta`), optionally with the cached columns the joint data
 builder adds (`inverse_depth`: relative inverse depth from the teacher; `depth_codes`: the N depth codes), or an
 already-built example (`input_ids`, `labels` and optionally `pixel_values`, `sam_pixel_values`, `gt_masks`,
-`depth_map`).
+`depth_map`). Either may carry a `task` name, which `return_tasks=True` puts in the batch for per-task logging.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from perceptio.processing.processing_perceptio import IGNORE_INDEX, PerceptioPro
 MASK_BYTE_THRESHOLD = 127
 MASK_FLOAT_THRESHOLD = 0.5
 SAMPLE_NAME_PROMPT_CHARS = 40
+# The task name of a sample that has none (an already-built example, a dataset without a `task` column).
+NO_TASK = ""
 
 
 class PerceptioDataCollator:
@@ -40,6 +42,11 @@ class PerceptioDataCollator:
     inverse depth (metric `depth` is converted to 1/z first, DESIGN.md §4). Caching them as a dataset column with
     `perceptio.trainers.data_mixture.add_depth_code_column` avoids encoding at every epoch.
 
+    With `return_tasks=True` the batch also has `tasks`, one task name per sample (`NO_TASK`, the empty string, for a
+    sample without a `task`), which `PerceptioTrainer` pops before the forward to log the language-model loss per
+    task. It is off by default so that every other consumer (a plain `transformers.Trainer`, `model(**batch)`) gets
+    exactly the model's inputs; `PerceptioTrainer` turns it on for its own copy of the collator.
+
     Args:
         processor: the model's `PerceptioProcessor` (tokenizer with the spatial vocabulary, image processor).
         depth_tokenizer: the model's depth tokenizer, used to encode samples that have no cached codes; a CPU copy is
@@ -47,6 +54,7 @@ class PerceptioDataCollator:
         num_depth_tokens: N, the codes per depth block; read from `depth_tokenizer` when omitted.
         max_num_tiles: tiles per image for InternVL (the image processor's default when omitted).
         padding_side: "right" (the only side for teacher-forced training; generation pads left).
+        return_tasks: add the `tasks` list to the batch (not a model input; for `PerceptioTrainer`).
     """
 
     def __init__(
@@ -56,11 +64,14 @@ class PerceptioDataCollator:
         num_depth_tokens: int | None = None,
         max_num_tiles: int | None = None,
         padding_side: str = "right",
+        return_tasks: bool = False,
     ):
         if not isinstance(processor, PerceptioProcessor):
             raise ValueError(f"processor must be a PerceptioProcessor, got {type(processor).__name__}.")
         if padding_side != "right":
             raise ValueError(f"padding_side must be 'right' for training (labels follow inputs), got {padding_side!r}.")
+        if not isinstance(return_tasks, bool):
+            raise ValueError(f"return_tasks must be a bool, got {return_tasks!r}.")
         if depth_tokenizer is not None and not isinstance(depth_tokenizer, PerceptioDepthTokenizer):
             raise ValueError(f"depth_tokenizer must be a PerceptioDepthTokenizer or None, got {type(depth_tokenizer).__name__}.")
         if num_depth_tokens is None and depth_tokenizer is not None:
@@ -77,6 +88,7 @@ class PerceptioDataCollator:
         self.num_depth_tokens = num_depth_tokens
         self.max_num_tiles = max_num_tiles
         self.padding_side = padding_side
+        self.return_tasks = return_tasks
 
     @property
     def depth_token_ids(self) -> DepthTokenIds | None:
@@ -99,7 +111,7 @@ class PerceptioDataCollator:
         return self.pad_examples(examples)
 
     def build_example(self, sample: Mapping[str, Any], index: int = 0) -> dict[str, Any]:
-        """One sample (schema row or built example) -> `input_ids`, `labels`, images, `gt_masks`, `depth_map`."""
+        """One sample (schema row or built example) -> `input_ids`, `labels`, images, `gt_masks`, `depth_map`, task."""
         if not isinstance(sample, Mapping):
             raise ValueError(f"Sample {index} must be a mapping (a dataset row), got {type(sample).__name__}.")
         name = sample_name(sample, index)
@@ -108,10 +120,11 @@ class PerceptioDataCollator:
         else:
             example = self._example_from_schema(sample, name)
         self._check_example(example, name)
+        example["task"] = sample_task(sample, name)
         return example
 
     def pad_examples(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Pad and stack built examples into one batch."""
+        """Pad and stack built examples into one batch (with their `tasks` when `return_tasks`)."""
         input_ids = [example["input_ids"] for example in examples]
         batch: dict[str, Any] = {
             "input_ids": self.processor.pad(input_ids, self.padding_side),
@@ -126,6 +139,8 @@ class PerceptioDataCollator:
         batch["sam_pixel_values"] = torch.stack([self._sam_image(example) for example in examples])
         batch["gt_masks"] = [example["gt_masks"] for example in examples]
         batch["depth_maps"] = [example["depth_map"] for example in examples]
+        if self.return_tasks:
+            batch["tasks"] = [example.get("task", NO_TASK) for example in examples]
         return batch
 
     def _example_from_schema(self, sample: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -223,6 +238,16 @@ def sample_name(sample: Mapping[str, Any], index: int) -> str:
     return parts[0] if len(parts) == 1 else f"{parts[0]} ({', '.join(parts[1:])})"
 
 
+def sample_task(sample: Mapping[str, Any], name: str) -> str:
+    """A sample's task name: its `task` string, or `NO_TASK` when it has none (missing or None)."""
+    task = sample.get("task")
+    if task is None:
+        return NO_TASK
+    if not isinstance(task, str):
+        raise ValueError(f"{name}: field 'task' must be a string or None, got {type(task).__name__}.")
+    return task
+
+
 def masks_to_tensor(masks: Any, name: str) -> torch.Tensor:
     """A sample's masks (list of PIL / arrays, or a (K, H, W) array; None or empty = no masks) -> bool (K, H, W)."""
     if masks is None or (not torch.is_tensor(masks) and not isinstance(masks, np.ndarray) and len(masks) == 0):
@@ -265,4 +290,11 @@ def relative_inverse_depth(sample: Mapping[str, Any], name: str) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(depth))
 
 
-__all__ = ["PerceptioDataCollator", "masks_to_tensor", "relative_inverse_depth", "sample_name"]
+__all__ = [
+    "NO_TASK",
+    "PerceptioDataCollator",
+    "masks_to_tensor",
+    "relative_inverse_depth",
+    "sample_name",
+    "sample_task",
+]

@@ -4,17 +4,34 @@ The model returns the total loss and each component (`loss_lm`, `loss_mask`, `lo
 `loss_count`, `loss_depth_recon`). The trainer sums the components of every training micro-batch, and at each
 logging step adds their mean over the window (averaged across processes) to the Trainer's own logs, so the console,
 TensorBoard and W&B show them next to `loss`. A non-finite component stops training with an error naming it.
+
+It also logs the language-model loss per task, so a task that does not learn shows early: `loss_lm/<task>` is the
+mean over the window's samples of that task of each sample's next-token cross-entropy over its own supervised tokens
+(shifted as the model's `loss_function` shifts them). Samples weigh equally, and so do the tokens of a sample,
+whatever averaging the model's `loss_lm` uses, so the per-task values need not average to `loss_lm`. The task names
+come from the batch's `tasks` list, which the trainer's copy of `PerceptioDataCollator` adds (`return_tasks=True`)
+and `compute_loss` pops before the forward. The per-sample losses reuse the forward's logits (no second pass) and
+accumulate on the device, with no host sync; at logging, the per-task sums and counts of all processes are summed
+(over the synthetic `TASK_NAMES` and any other name a process has seen), then divided. Samples without a task and
+tasks absent from the window are not logged.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
+from transformers.training_args import ParallelMode
 
+from perceptio.data.synthetic_tasks import TASK_NAMES
+from perceptio.modeling_perceptio.loss_perceptio import per_sample_lm_loss
 from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.processing.processing_perceptio import IGNORE_INDEX
+from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +44,7 @@ LOSS_COMPONENTS = (
     "loss_count",
     "loss_depth_recon",
 )
+TASK_LOSS_PREFIX = "loss_lm/"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,7 +55,10 @@ class PerceptioTrainer(Trainer):
     """Trainer for `PerceptioForConditionalGeneration` (or a PEFT wrapper of it).
 
     Use it exactly like `transformers.Trainer`, with `PerceptioDataCollator` as `data_collator`. Because the
-    collator reads the raw sample schema (image, prompt, masks, depth, ...), `remove_unused_columns` is turned off.
+    collator reads the raw sample schema (image, prompt, masks, depth, ...), `remove_unused_columns` is turned off,
+    and the trainer uses a copy of the collator with `return_tasks=True` for the per-task `loss_lm/<task>` logs (the
+    caller's collator is left as it was). Any other collator may add the same `tasks` list (one name per sample,
+    `""` for none) to get them.
 
     Logged components are means over the micro-batches of the logging window, so they equal the Trainer's `loss`
     convention under gradient accumulation (the model sets `accepts_loss_kwargs = False`: each micro-batch loss is a
@@ -49,14 +70,25 @@ class PerceptioTrainer(Trainer):
         if self.args.remove_unused_columns:
             logger.info("PerceptioTrainer: setting remove_unused_columns=False; the collator needs the raw columns.")
             self.args.remove_unused_columns = False
+        if isinstance(self.data_collator, PerceptioDataCollator) and not self.data_collator.return_tasks:
+            self.data_collator = copy.copy(self.data_collator)
+            self.data_collator.return_tasks = True
         self._component_sums: torch.Tensor | None = None
         self._component_count = 0
+        # Task name -> column of `_task_stats`; starts with the synthetic tasks, grows with any other name seen.
+        self._task_index = {name: index for index, name in enumerate(TASK_NAMES)}
+        # (2, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples.
+        self._task_stats: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's total loss; in training, also records each component and stops on a non-finite one."""
+        """The model's total loss; in training, also records each component (stopping on a non-finite one) and the
+        LM loss per task of the batch's `tasks`, which is popped because it is no model input."""
+        tasks = inputs.pop("tasks", None)
         outputs = model(**inputs)
         if model.training:
             self._record_components(outputs)
+            if tasks is not None:
+                self._record_task_losses(outputs.logits, inputs["labels"], tasks)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -65,8 +97,10 @@ class PerceptioTrainer(Trainer):
             gathered = nested_gather(self._component_sums[None], self.args.parallel_mode)
             means = gathered.mean(0) / self._component_count
             logs.update({name: round(float(value), 6) for name, value in zip(LOSS_COMPONENTS, means.tolist())})
+            logs.update(self._task_loss_means())
             self._component_sums = None
             self._component_count = 0
+            self._task_stats = None
         super().log(logs, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -91,6 +125,52 @@ class PerceptioTrainer(Trainer):
         self._component_sums = values if self._component_sums is None else self._component_sums + values
         self._component_count += 1
 
+    def _record_task_losses(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> None:
+        batch = labels.shape[0]
+        if not isinstance(tasks, (list, tuple)) or len(tasks) != batch or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(
+                f"The batch's 'tasks' must be a list of {batch} task names (str, {NO_TASK!r} for none), one "
+                f"per sample, got {tasks!r}."
+            )
+        rows = [row for row, task in enumerate(tasks) if task != NO_TASK]
+        if not rows:
+            return
+        for row in rows:
+            self._task_index.setdefault(tasks[row], len(self._task_index))
+        losses, counts = per_sample_lm_loss(logits.detach(), labels)
+        if self._task_stats is None or self._task_stats.shape[1] < len(self._task_index):
+            grown = torch.zeros(2, len(self._task_index), device=losses.device)
+            if self._task_stats is not None:
+                grown[:, : self._task_stats.shape[1]] = self._task_stats
+            self._task_stats = grown
+        # A sample with no supervised token has no mean loss and is not counted. Python indices, not an index
+        # tensor, so that no host-to-device copy waits for the forward.
+        supervised = (counts > 0).float()
+        for row in rows:
+            column = self._task_index[tasks[row]]
+            self._task_stats[0, column] += losses[row]
+            self._task_stats[1, column] += supervised[row]
+
+    def _task_loss_means(self) -> dict[str, float]:
+        """`loss_lm/<task>` of the window, summed over processes before dividing; called by every process at once."""
+        local_names = list(self._task_index)
+        names = local_names
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            # Processes may have seen different extra names; all gather the same union, in the same order.
+            gathered_names = [None] * self.args.world_size
+            torch.distributed.all_gather_object(gathered_names, local_names)
+            names = list(dict.fromkeys(name for process_names in gathered_names for name in process_names))
+        stats = torch.zeros(2, len(names), device=self.args.device)
+        if self._task_stats is not None:
+            columns = torch.tensor([names.index(name) for name in local_names])
+            stats[:, columns.to(stats.device)] = self._task_stats.to(stats.device)
+        sums, counts = nested_gather(stats[None], self.args.parallel_mode).sum(0).tolist()
+        return {
+            f"{TASK_LOSS_PREFIX}{name}": round(total / count, 6)
+            for name, total, count in zip(names, sums, counts)
+            if count > 0
+        }
+
 
 def _component(outputs, name: str) -> torch.Tensor:
     value = getattr(outputs, name, None)
@@ -101,4 +181,4 @@ def _component(outputs, name: str) -> torch.Tensor:
     return value
 
 
-__all__ = ["LOSS_COMPONENTS", "NonFiniteLossError", "PerceptioTrainer"]
+__all__ = ["LOSS_COMPONENTS", "TASK_LOSS_PREFIX", "NonFiniteLossError", "PerceptioTrainer"]

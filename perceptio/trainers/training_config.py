@@ -105,7 +105,7 @@ class DataArguments:
 
 @dataclass
 class LossWeightArguments:
-    """λ of each loss term (DESIGN.md §5); unset (null) keeps the checkpoint config's value."""
+    """λ of each loss term and how `loss_lm` averages; unset (null) keeps the checkpoint config's value."""
 
     mask_loss_weight: float | None = None
     mask_iou_loss_weight: float | None = None
@@ -114,6 +114,7 @@ class LossWeightArguments:
     depth_count_loss_weight: float | None = None
     depth_recon_loss_weight: float | None = None
     depth_soft_merge_temperature: float | None = None
+    lm_loss_reduction: str | None = None
 
     def overrides(self) -> dict[str, float]:
         """The weights that were set, as model-config fields."""

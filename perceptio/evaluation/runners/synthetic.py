@@ -16,6 +16,16 @@ Reads a split of `perceptio.data.synthetic_dataset.build_synthetic_dataset` (a `
   `DEPTH_PAIR_MARGIN`);
 - "relative_depth" rows: the strictly parsed letter against the answer, with accuracy per point count.
 - "vqa_*" rows (count, colour, shape): exact match of the answer, ignoring case and a final full stop.
+
+Whether the model reads the image is measured by asking each answer row (`ANSWER_TASKS`) its own question on a
+partner row's image (`swapped_image_pairs`: the next row of the same task, and for relative depth of the same point
+count so the lettered choices stay valid, whose answer differs, since an image with the same answer tests nothing).
+Per task the summary's `swapped_image` section gives the accuracy against the row's own answer and the teacher-forced
+loss of that answer (`answer_scoring.answer_losses`), with the own image and with the partner's, each with its
+standard error, the paired margins and `reads_image`: the own image beats the partner's by more than two standard
+errors of the paired accuracy difference. A model that ignores the image answers the same both ways. The depth block
+written on the partner's image is scored against the row's own ground truth (`depth_other_image`) beside the row's own
+block (`depth_own_image`, the same rows): the same figures both ways for a model that ignores the image.
 """
 
 from __future__ import annotations
@@ -31,15 +41,20 @@ import numpy as np
 from ...data.synthetic_dataset import sample_spatial_targets
 from ..depth_metrics import abs_rel, delta1, normalized_to_positive, pair_order_counts, rmse
 from ..segmentation_metrics import mask_intersection_union
+from .answer_scoring import answer_losses
 from .choice_scoring import choice_record, choice_summary, choice_summary_by
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .refcoco import referring_summary
-from .resumable_run import ResumableRun, RunSettings
+from .resumable_run import ResumableRun, RunSettings, batches
 
 SYNTHETIC_COLUMNS: tuple[str, ...] = ("image", "prompt", "answer", "masks", "depth", "use_depth_block", "task", "meta")
 DEPTH_PAIRS_PER_IMAGE = 1000
 DEPTH_PAIR_MARGIN = 0.05
 DEPTH_PAIR_SEED = 0
+# The tasks answered in text, whose answers the swapped-image control scores.
+ANSWER_TASKS: tuple[str, ...] = ("vqa_colour", "vqa_shape", "vqa_count", "relative_depth")
+# The swapped-image control calls the model reading the image when the own image wins by more than this many SEs.
+READS_IMAGE_STANDARD_ERRORS = 2.0
 
 
 def normalised_inverse_depth(inverse_depth: np.ndarray) -> np.ndarray:
@@ -94,7 +109,7 @@ def referring_counts(targets, prediction) -> tuple[int, int]:
 
 def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, Any]:
     """The JSONL record of one row: what its task scores, plus the depth figures when a depth block was written."""
-    task, meta = row["task"], json.loads(row["meta"])
+    task = row["task"]
     targets = sample_spatial_targets(row)
     record: dict[str, Any] = {
         "sample_id": str(index),
@@ -107,31 +122,62 @@ def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, A
     }
     if task == "referring":
         record["intersection"], record["union"] = referring_counts(targets, prediction)
-    if task == "relative_depth":
-        record.update(choice_record(str(index), prediction.text, row["answer"], int(meta["num_points"]),
-                                    num_points=int(meta["num_points"])))
-    if task.startswith("vqa_"):
-        record["answer"] = row["answer"]
-        record["correct"] = normalised_answer(prediction.text) == normalised_answer(row["answer"])
+    if task in ANSWER_TASKS:
+        record.update(answer_fields(record["sample_id"], row, prediction.text))
     if prediction.depth is not None:
         record["depth"] = depth_figures(prediction.depth, normalised_inverse_depth(targets.inverse_depth))
     return record
 
 
+def answer_fields(sample_id: str, row: dict[str, Any], text: str) -> dict[str, Any]:
+    """How an answer row's `text` scores: the strictly parsed letter for relative depth, exact match for VQA."""
+    if row["task"] == "relative_depth":
+        num_points = int(json.loads(row["meta"])["num_points"])
+        return choice_record(sample_id, text, row["answer"], num_points, num_points=num_points)
+    return {"answer": row["answer"], "correct": normalised_answer(text) == normalised_answer(row["answer"])}
+
+
 SWAPPED_SUFFIX = "/swapped"
+
+
+def cyclic_partners(members: Sequence[int], values: Sequence[str]) -> list[tuple[int, int]]:
+    """(row, partner) for each row of `members`: the next member after it (cyclically) whose value in `values`
+    differs; a row that every other member shares its value with gets none."""
+    pairs = []
+    for position, index in enumerate(members):
+        following = [*members[position + 1 :], *members[:position]]
+        partner = next((other for other in following if values[other] != values[index]), None)
+        if partner is not None:
+            pairs.append((index, partner))
+    return pairs
 
 
 def swapped_expression_pairs(tasks: Sequence[str], prompts: Sequence[str]) -> list[tuple[int, int]]:
     """(row, partner) for each referring row: the partner is the next referring row (cyclically) with another
     sentence; rows whose sentence no other referring row differs from get none."""
-    referring = [index for index, task in enumerate(tasks) if task == "referring"]
-    pairs = []
-    for position, index in enumerate(referring):
-        following = referring[position + 1 :] + referring[:position]
-        partner = next((other for other in following if prompts[other] != prompts[index]), None)
-        if partner is not None:
-            pairs.append((index, partner))
-    return pairs
+    return cyclic_partners([index for index, task in enumerate(tasks) if task == "referring"], prompts)
+
+
+def swapped_image_pairs(
+    tasks: Sequence[str], answers: Sequence[str], num_points: Sequence[int | None]
+) -> list[tuple[int, int]]:
+    """(row, partner) for each answer row, in row order: the partner is the next row (cyclically) of the same task,
+    for relative depth also of the same point count (its markers are drawn on the image, so the question's choices
+    must stay valid), whose normalised answer differs; a row that no such row exists for gets none.
+
+    `num_points` is each row's point count (read for relative-depth rows only).
+    """
+    if not len(tasks) == len(answers) == len(num_points):
+        raise ValueError(
+            "tasks, answers and num_points must be of one length; "
+            f"got {len(tasks)}, {len(answers)}, {len(num_points)}."
+        )
+    groups: dict[tuple[str, int | None], list[int]] = {}
+    for index, task in enumerate(tasks):
+        if task in ANSWER_TASKS:
+            groups.setdefault((task, num_points[index] if task == "relative_depth" else None), []).append(index)
+    normalised = [normalised_answer(answer) for answer in answers]
+    return sorted(pair for members in groups.values() for pair in cyclic_partners(members, normalised))
 
 
 def swapped_expression_record(index: int, row: dict[str, Any], partner_prompt: str, prediction) -> dict[str, Any]:
@@ -146,6 +192,86 @@ def swapped_expression_record(index: int, row: dict[str, Any], partner_prompt: s
         "num_masks": len(prediction.masks),
         "intersection": intersection,
         "union": union,
+    }
+
+
+SWAPPED_IMAGE_SUFFIX = "/swapped_image"
+
+
+def answer_sample(row: dict[str, Any], image) -> dict[str, Any]:
+    """The row's question and answer on `image`, as `answer_losses` scores them (no masks, no depth block: a depth
+    block in the context would carry the own image's depth into the answer, and the image is what is tested)."""
+    return {"image": image, "prompt": row["prompt"], "answer": row["answer"]}
+
+
+def swapped_image_record(
+    index: int, row: dict[str, Any], partner: int, prediction, loss_own: float, loss_swapped: float
+) -> dict[str, Any]:
+    """The record of this row's question asked on the partner's image: the answer against this row's answer, the
+    teacher-forced loss of that answer on both images, and the depth block (if written) against this row's depth."""
+    sample_id = f"{index}{SWAPPED_IMAGE_SUFFIX}"
+    record: dict[str, Any] = {
+        "sample_id": sample_id,
+        "row": index,
+        "partner": partner,
+        "task": "swapped_image",
+        "question_task": row["task"],
+        **answer_fields(sample_id, row, prediction.text),
+        "prediction": prediction.text,
+        "loss_own": loss_own,
+        "loss_swapped": loss_swapped,
+    }
+    if prediction.depth is not None:
+        inverse_depth = sample_spatial_targets(row).inverse_depth
+        record["depth"] = depth_figures(prediction.depth, normalised_inverse_depth(inverse_depth))
+    return record
+
+
+def mean_and_standard_error(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The mean of per-sample values and its standard error (sample standard deviation / sqrt(n)); the mean is None
+    without values, the standard error below two."""
+    if not values:
+        return None, None
+    array = np.asarray(values, dtype=np.float64)
+    error = float(array.std(ddof=1) / np.sqrt(len(array))) if len(array) > 1 else None
+    return float(array.mean()), error
+
+
+def paired_image_control(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Accuracy and answer loss of (own record, swapped-image record) pairs on the own and the partner's image, each
+    with its standard error; the margins (own better: positive) with the standard error of the paired differences;
+    `reads_image` (None below two pairs)."""
+    own_correct = [float(own["correct"]) for own, _ in pairs]
+    swapped_correct = [float(swapped["correct"]) for _, swapped in pairs]
+    figures: dict[str, Any] = {"num_samples": len(pairs)}
+    for name, values in (
+        ("accuracy_own", own_correct),
+        ("accuracy_swapped", swapped_correct),
+        ("accuracy_margin", [own - swapped for own, swapped in zip(own_correct, swapped_correct)]),
+        ("loss_own", [swapped["loss_own"] for _, swapped in pairs]),
+        ("loss_swapped", [swapped["loss_swapped"] for _, swapped in pairs]),
+        ("loss_margin", [swapped["loss_swapped"] - swapped["loss_own"] for _, swapped in pairs]),
+    ):
+        figures[name], figures[f"{name}_se"] = mean_and_standard_error(values)
+    margin, margin_se = figures["accuracy_margin"], figures["accuracy_margin_se"]
+    figures["reads_image"] = None if margin_se is None else margin > READS_IMAGE_STANDARD_ERRORS * margin_se
+    return figures
+
+
+def swapped_image_summary(records: Sequence[dict[str, Any]], swapped: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`swapped_image` (per answer task present in `records`, `paired_image_control`), and the pooled depth figures
+    of the blocks written on the partner's image (`depth_other_image`) and on the own image (`depth_own_image`),
+    both against the own image's depth, over the rows that have both blocks."""
+    own = {record["row"]: record for record in records}
+    pairs = [(own[record["row"]], record) for record in swapped if record["row"] in own]
+    tasks = [task for task in ANSWER_TASKS if any(record["task"] == task for record in records)]
+    with_depth = [(own_record, record) for own_record, record in pairs if "depth" in own_record and "depth" in record]
+    return {
+        "swapped_image": {
+            task: paired_image_control([pair for pair in pairs if pair[1]["question_task"] == task]) for task in tasks
+        },
+        "depth_other_image": pooled_depth_figures([record["depth"] for _, record in with_depth]),
+        "depth_own_image": pooled_depth_figures([own_record["depth"] for own_record, _ in with_depth]),
     }
 
 
@@ -166,9 +292,10 @@ def pooled_depth_figures(with_depth: Sequence[dict[str, float | int]]) -> dict[s
 
 def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Referring cIoU/gIoU (and the swapped-sentence control), depth figures over images with a depth block,
-    relative-depth accuracy by point count, VQA accuracy."""
+    relative-depth accuracy by point count, VQA accuracy, and the swapped-image control."""
     swapped = [record for record in records if record["task"] == "referring_swapped"]
-    records = [record for record in records if record["task"] != "referring_swapped"]
+    swapped_image = [record for record in records if record["task"] == "swapped_image"]
+    records = [record for record in records if record["task"] not in ("referring_swapped", "swapped_image")]
     referring = [record for record in records if record["task"] == "referring"]
     relative_depth = [record for record in records if record["task"] == "relative_depth"]
     depth = {
@@ -182,6 +309,7 @@ def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "depth": depth,
         "relative_depth": {**choice_summary(relative_depth), "by_num_points": by_points},
         "vqa": vqa_summary([record for record in records if record["task"].startswith("vqa_")]),
+        **swapped_image_summary(records, swapped_image),
     }
 
 
@@ -209,6 +337,13 @@ def run_synthetic(
         row, partner_prompt = dataset[index], dataset[partner]["prompt"]
         return decode_rgb_image(row["image"], f"row {index}"), partner_prompt, (index, row, partner_prompt)
 
+    def prepare_swapped_image(pair: tuple[int, int]):
+        index, partner = pair
+        row = dataset[index]
+        own_image = decode_rgb_image(row["image"], f"row {index}")
+        partner_image = decode_rgb_image(dataset[partner]["image"], f"row {partner}")
+        return partner_image, row["prompt"], (index, row, partner, own_image, partner_image)
+
     work = [(sample_id, int(sample_id)) for sample_id in selected_ids]
     for (index, row), prediction in run.predict_pending(model, processor, work, prepare, "sample"):
         run.add(synthetic_record(index, row, prediction))
@@ -219,5 +354,15 @@ def run_synthetic(
         model, processor, swapped_work, prepare_swapped, "swapped-sentence sample"
     ):
         run.add(swapped_expression_record(index, row, partner_prompt, prediction))
-    all_ids = selected_ids + [sample_id for sample_id, _ in swapped_work]
+    num_points = [json.loads(meta).get("num_points") for meta in selected["meta"]]
+    image_pairs = swapped_image_pairs(selected["task"], selected["answer"], num_points)
+    image_work = [(f"{index}{SWAPPED_IMAGE_SUFFIX}", (index, partner)) for index, partner in image_pairs]
+    predicted = run.predict_pending(model, processor, image_work, prepare_swapped_image, "swapped-image sample")
+    for chunk in batches(predicted, settings.batch_size):
+        samples = [answer_sample(row, image) for (_, row, _, own, other), _ in chunk for image in (own, other)]
+        losses = answer_losses(model, processor, samples, settings.batch_size)
+        for position, ((index, row, partner, _, _), prediction) in enumerate(chunk):
+            loss_own, loss_swapped = losses[2 * position : 2 * position + 2]
+            run.add(swapped_image_record(index, row, partner, prediction, loss_own, loss_swapped))
+    all_ids = selected_ids + [sample_id for sample_id, _ in swapped_work + image_work]
     return run.finish(synthetic_summary(run.selected_records(all_ids)))

@@ -1,0 +1,62 @@
+"""Teacher-forced answer scoring: how likely a model finds a given answer to a question about an image.
+
+The inputs and labels are built by `PerceptioDataCollator` from rows of the dataset schema, so the scored sequence
+is exactly what training feeds the model: the chat-formatted prompt with the image expanded, then the target (here
+the answer, without `[SEG]`s or a depth block) and the end-of-turn token, which are the labelled tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ...modeling_perceptio.loss_perceptio import per_sample_lm_loss
+from ...processing.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
+from ...trainers.collator_perceptio import PerceptioDataCollator
+from .resumable_run import batches
+
+
+def answer_losses(
+    model, processor: PerceptioProcessor, samples: Sequence[Mapping[str, Any]], batch_size: int
+) -> list[float]:
+    """Per sample, the mean cross-entropy of its labelled target tokens given its prompt and image.
+
+    Each sample is a mapping with `image`, `prompt` and `answer` (the dataset schema; no `masks` and no depth block,
+    so only the answer and the end-of-turn token are labelled). Samples go through the model `batch_size` at a time.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    for index, sample in enumerate(samples):
+        if sample.get("use_depth_block") or len(sample.get("masks") or ()):
+            raise ValueError(
+                f"Sample {index} has masks or a depth block; answer_losses scores the answer alone, so give each "
+                "sample only its image, prompt and answer."
+            )
+    collator = PerceptioDataCollator(processor)
+    losses: list[float] = []
+    for chunk in batches(samples, batch_size):
+        losses.extend(batch_answer_losses(model, collator(chunk)))
+    return losses
+
+
+@torch.no_grad()
+def batch_answer_losses(model, batch: Mapping[str, Any]) -> list[float]:
+    """Per row of a right-padded collator batch, the mean cross-entropy of its labelled tokens.
+
+    Only the positions from the batch's first labelled token on go through the LM head, so the (batch, length,
+    vocabulary) logits of the image and prompt positions are never materialised.
+    """
+    labels = batch["labels"]
+    labelled = labels != IGNORE_INDEX
+    if not labelled.any(-1).all():
+        raise ValueError("Every sample needs at least one labelled target token to be scored.")
+    first = int(labelled.int().argmax(-1).min())
+    inputs = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask")}
+    if batch.get("pixel_values") is not None:
+        inputs["pixel_values"] = batch["pixel_values"].to(model.device, model.dtype)
+    # The kept logits (positions first - 1 ... length - 1) predict the labels from position first on.
+    logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits
+    losses, _ = per_sample_lm_loss(logits, labels[:, first - 1 :].to(logits.device))
+    return losses.tolist()
