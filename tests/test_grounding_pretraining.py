@@ -1,16 +1,22 @@
-"""SAM2's point-prompt pretraining on rendered scenes (the synthetic recipe's stand-in for a released SAM2)."""
+"""SAM2's attribute-prompt pretraining on rendered scenes (the synthetic recipe's stand-in for a released SAM2)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from perceptio.trainers.grounding_pretraining import (
-    point_prompt_candidates,
-    point_prompt_iou,
+    ATTRIBUTE_VOCABULARIES,
+    UNSPECIFIED_IDS,
+    AttributePromptEmbedding,
+    attribute_prompt_candidates,
+    grounding_gate,
     pretrain_grounding_encoder,
     render_instance_scenes,
-    sample_point_prompts,
+    sample_attribute_prompts,
+    unique_phrase_ids,
 )
 
 
@@ -23,13 +29,15 @@ def scenes(tiny_pair):
     )
 
 
-def test_rendered_scenes_are_sam2_inputs_with_exact_instance_masks(scenes, tiny_pair):
+def test_rendered_scenes_are_sam2_inputs_with_exact_instance_masks_and_attributes(scenes, tiny_pair):
     train, _ = scenes
     size = tiny_pair[1].image_processor.sam_image_size
     assert train.sam_pixel_values.shape == (24, 3, size, size)
-    for masks in train.instance_masks:
+    for masks, attributes in zip(train.instance_masks, train.object_attributes):
         assert masks.dtype == torch.bool and masks.shape[1:] == (size, size)
         assert (masks.sum(0) <= 1).all(), "instance masks overlap"
+        assert attributes.shape == (masks.shape[0], 3)
+        assert (attributes >= 0).all() and (attributes < UNSPECIFIED_IDS).all()
 
 
 def test_train_and_eval_streams_are_disjoint_and_reproducible(scenes, tiny_pair):
@@ -39,34 +47,80 @@ def test_train_and_eval_streams_are_disjoint_and_reproducible(scenes, tiny_pair)
     assert not torch.equal(train.sam_pixel_values[:8], evaluation.sam_pixel_values)
 
 
-def test_point_prompts_lie_inside_the_mask_they_ask_for(scenes):
+def _picks_out(attributes: torch.Tensor, visible: torch.Tensor, phrase: torch.Tensor) -> list[int]:
+    named = phrase != UNSPECIFIED_IDS
+    return [index for index in range(len(attributes)) if visible[index] and (attributes[index][named] == phrase[named]).all()]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(*(st.integers(0, len(names) - 1) for names in ATTRIBUTE_VOCABULARIES.values())),
+        min_size=1,
+        max_size=6,
+        unique=True,
+    ),
+    st.data(),
+)
+def test_a_sampled_phrase_names_its_object_and_no_other(objects, data):
+    attributes = torch.tensor(objects)
+    visible = torch.ones(len(objects), dtype=torch.bool)
+    target = data.draw(st.integers(0, len(objects) - 1))
+    phrase = unique_phrase_ids(attributes, visible, target, torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    assert (phrase != UNSPECIFIED_IDS).any()
+    assert _picks_out(attributes, visible, phrase) == [target]
+
+
+def test_prompts_ask_for_distinct_objects_of_each_scene(scenes):
     train, _ = scenes
-    points, targets = sample_point_prompts(train, list(range(len(train))), torch.Generator().manual_seed(0))
-    for (x, y), target in zip(points.long().tolist(), targets):
-        assert target[y, x]
+    indices = [index for index in range(len(train)) if len(train.promptable_objects(index)) >= 3][:4]
+    attribute_ids, targets = sample_attribute_prompts(train, indices, 3, torch.Generator().manual_seed(0))
+    assert attribute_ids.shape == (len(indices), 3, 3) and targets.shape[:2] == (len(indices), 3)
+    for scene_targets in targets:
+        assert not (scene_targets[0] & scene_targets[1]).any() and not (scene_targets[1] & scene_targets[2]).any()
 
 
-def test_pretraining_trains_sam2_only_and_raises_point_prompt_iou(scenes, tiny_model):
+def test_pretraining_trains_sam2_only_and_makes_masks_follow_the_prompt(scenes, tiny_model):
     train, evaluation = scenes
     text_before = {name: value.clone() for name, value in tiny_model.model.named_parameters()}
     result = pretrain_grounding_encoder(tiny_model, train, evaluation, steps=40, batch_size=8, learning_rate=3e-3,
-                                        logging_steps=10)
+                                        image_encoder_learning_rate=1e-3, logging_steps=10)
     assert [entry["step"] for entry in result.log] == [10, 20, 30, 40]
-    assert result.point_prompt_iou > result.initial_point_prompt_iou + 0.05
-    assert result.point_prompt_iou == pytest.approx(point_prompt_iou(tiny_model, evaluation, seed=0))
+    assert result.final.prompt_iou > result.initial.prompt_iou + 0.05
+    assert 0.0 <= result.final.two_object_overlap <= 1.0 and result.final.image_embedding_norm > 0
     assert all(torch.equal(value, text_before[name]) for name, value in tiny_model.model.named_parameters())
 
 
-def test_candidates_have_one_row_per_point(scenes, tiny_pair):
+def test_a_prompt_blind_decoder_fails_the_gate(scenes, tiny_pair):
+    _, evaluation = scenes
+    model = tiny_pair[0]
+    prompts = AttributePromptEmbedding(model.grounding_encoder.config.mask_decoder_config.hidden_size)
+    with torch.no_grad():
+        for table in prompts.tables:
+            table.weight.zero_()
+    gate = grounding_gate(model, prompts, evaluation, seed=0)
+    assert gate.two_object_overlap == pytest.approx(1.0)
+
+
+def test_candidates_have_one_row_per_prompt(scenes, tiny_pair):
     train, _ = scenes
-    points, _ = sample_point_prompts(train, [0, 1, 2], torch.Generator().manual_seed(1))
-    logits, scores = point_prompt_candidates(tiny_pair[0], train.sam_pixel_values[:3], points)
-    assert logits.shape[:2] == scores.shape == (3, tiny_pair[0].grounding_encoder.mask_decoder.num_multimask_outputs)
+    model = tiny_pair[0]
+    prompts = AttributePromptEmbedding(model.grounding_encoder.config.mask_decoder_config.hidden_size)
+    attribute_ids, _ = sample_attribute_prompts(train, [0, 1, 2], 2, torch.Generator().manual_seed(1))
+    logits, scores, _ = attribute_prompt_candidates(model, prompts, train.sam_pixel_values[:3], attribute_ids)
+    assert logits.shape[:3] == scores.shape == (3, 2, model.grounding_encoder.mask_decoder.num_multimask_outputs)
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [({"steps": 0}, "steps"), ({"batch_size": -1}, "batch_size"), ({"learning_rate": 0.0}, "learning_rate")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"prompts_per_image": 0}, "prompts_per_image"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"image_encoder_learning_rate": -1.0}, "image_encoder_learning_rate"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
 )
 def test_pretraining_settings_are_validated(scenes, tiny_model, arguments, message):
     train, evaluation = scenes

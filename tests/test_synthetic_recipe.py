@@ -19,12 +19,13 @@ from perceptio.trainers.synthetic_recipe import (
     build_recipe_model,
     build_recipe_processor,
     pretrain_recipe_grounding,
+    reading_split,
     run_synthetic_tiny_recipe,
     train_recipe_model,
 )
 
 SMOKE = dict(num_train=24, num_validation=4, num_test=4, depth_tokenizer_steps=4, grounding_scenes=8, grounding_steps=2,
-             train_steps=2, batch_size=4, logging_steps=1)
+             reading_steps=2, train_steps=2, batch_size=4, logging_steps=1)
 
 
 def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
@@ -34,16 +35,19 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
     saved = json.loads((tmp_path / "recipe_summary.json").read_text())
     assert saved["recipe"]["train_steps"] == 2 and saved["ablation"] == "full"
     grounding = saved["grounding_pretraining"]
-    assert 0 <= grounding["point_prompt_iou"] <= 1 and [entry["step"] for entry in grounding["log"]] == [1, 2]
-    assert {"dataset_s", "depth_tokenizer_s", "grounding_s", "model_s", "total_s"} == set(saved["timings"])
+    assert 0 <= grounding["final"]["prompt_iou"] <= 1 and [entry["step"] for entry in grounding["log"]] == [1, 2]
+    assert 0 <= grounding["final"]["two_object_overlap"] <= 1
+    assert [entry["step"] for entry in saved["reading_log"]] == [1, 2]
+    assert {"dataset_s", "depth_tokenizer_s", "grounding_s", "reading_s", "model_s", "total_s"} == set(saved["timings"])
     model = PerceptioForConditionalGeneration.from_pretrained(tmp_path / "model")
     processor = PerceptioProcessor.from_pretrained(tmp_path / "model")
     assert model.config.num_depth_tokens == 64 and processor.image_seq_length == 64
     assert (tmp_path / "dataset" / "test").is_dir()
 
 
-def test_main_stage_trains_the_mask_decoder_on_a_frozen_pretrained_sam2_image_encoder(tmp_path):
-    recipe = SyntheticTinyRecipe(**SMOKE)
+@pytest.mark.parametrize("freeze", [True, False])
+def test_main_stage_trains_the_seg_projection_on_a_pretrained_sam2(tmp_path, freeze):
+    recipe = SyntheticTinyRecipe(**SMOKE, freeze_grounding_encoder=freeze)
     dataset = build_synthetic_dataset(8, 1, 1, image_size=recipe.image_size, seed=0, tasks={"referring": 1.0},
                                       cache_dir=str(tmp_path / "cache"))
     processor = build_recipe_processor(recipe)
@@ -51,13 +55,28 @@ def test_main_stage_trains_the_mask_decoder_on_a_frozen_pretrained_sam2_image_en
     untrained_encoder = copy.deepcopy(model.grounding_encoder.vision_encoder.state_dict())
     pretrain_recipe_grounding(recipe, model, processor)
     pretrained = copy.deepcopy(model.grounding_encoder.state_dict())
+    projection = copy.deepcopy(model.text_hidden_fcs.state_dict())
     assert any(not torch.equal(value, pretrained[f"vision_encoder.{name}"]) for name, value in untrained_encoder.items())
+    if freeze:
+        model.grounding_encoder.requires_grad_(False)
     train_recipe_model(recipe, model, processor, dataset["train"], tmp_path / "trainer")
     after = model.grounding_encoder.state_dict()
     encoder = [name for name in after if name.startswith("vision_encoder.")]
     decoder = [name for name in after if name.startswith("mask_decoder.")]
     assert all(torch.equal(after[name], pretrained[name]) for name in encoder)
-    assert any(not torch.equal(after[name], pretrained[name]) for name in decoder)
+    assert all(torch.equal(after[name], pretrained[name]) for name in decoder) == freeze
+    assert any(not torch.equal(value, projection[name]) for name, value in model.text_hidden_fcs.state_dict().items())
+
+
+def test_reading_stage_keeps_only_answer_tasks_without_depth_blocks(tmp_path):
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    dataset = build_synthetic_dataset(40, 1, 1, image_size=recipe.image_size, seed=0, tasks=recipe.task_weights,
+                                      cache_dir=str(tmp_path / "cache"))
+    rows = reading_split(recipe, dataset["train"])
+    assert len(rows) > 0 and set(rows["task"]) <= set(recipe.reading_tasks)
+    assert not any(rows["use_depth_block"]) and not any("depth" in prompt for prompt in rows["prompt"])
+    expected = sum(task in recipe.reading_tasks for task in dataset["train"]["task"])
+    assert len(rows) == expected
 
 
 def test_ablations_change_only_what_they_name():
@@ -76,3 +95,7 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(train_steps=0)
     with pytest.raises(ValueError, match="vision_patch_size"):
         SyntheticTinyRecipe(image_size=100)
+    with pytest.raises(ValueError, match="reading_tasks"):
+        SyntheticTinyRecipe(reading_tasks=("captioning",))
+    with pytest.raises(ValueError, match="reading_steps"):
+        SyntheticTinyRecipe(reading_steps=-1)

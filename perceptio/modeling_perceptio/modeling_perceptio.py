@@ -14,7 +14,7 @@ from transformers.models.internvl.modeling_internvl import (
 )
 from transformers.utils import ModelOutput
 
-from .configuration_perceptio import PerceptioConfig
+from .configuration_perceptio import LM_LOSS_REDUCTIONS, PerceptioConfig
 from .generation_perceptio import PerceptioGenerationMixin
 from .loss_perceptio import (
     DepthBlocks,
@@ -28,6 +28,7 @@ from .loss_perceptio import (
     gather_block_steps,
     mask_iou_prediction_loss,
     resize_masks_to_logits,
+    segment_averaged_lm_loss,
     segmentation_loss,
 )
 from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
@@ -120,6 +121,15 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         self.post_init()
         self.share_sam2_positional_encoding()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        # The [SEG] projection keeps PyTorch's default initialisation, as Sa2VA's does: with the text model's std of
+        # 0.02 its prompts start some 20 times smaller than SAM2's own prompt embeddings, and the mask decoder learns
+        # to ignore them before they can grow.
+        if isinstance(module, nn.Linear) and any(module is layer for layer in self.text_hidden_fcs):
+            module.reset_parameters()
+            return
+        super()._init_weights(module)
+
     def share_sam2_positional_encoding(self) -> None:
         """Give SAM2's prompt encoder the image's random Fourier basis.
 
@@ -188,20 +198,21 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All `[SEG]` prompts of one image through the SAM2 mask decoder in one call.
 
-        `image_embeddings` is one image's pyramid (each level (1, C, h, w)); `prompt_embeddings` is (n, C). Each
-        prompt is appended to the sparse embedding of an empty point (label −1). Returns SAM2's multimask output:
-        candidate logits (n, M, h', w') and their predicted IoU (n, M).
+        `image_embeddings` is one image's pyramid (each level (1, C, h, w)); `prompt_embeddings` is (n, C). Returns
+        SAM2's output: candidate logits (n, M, h', w') and their predicted IoU (n, M).
         """
-        sam = self.grounding_encoder
-        num_prompts = prompt_embeddings.shape[0]
-        device = prompt_embeddings.device
-        points = torch.zeros(1, num_prompts, 1, 2, dtype=image_embeddings[-1].dtype, device=device)
-        labels = -torch.ones(1, num_prompts, 1, dtype=torch.int32, device=device)
-        sparse, dense = sam.prompt_encoder(points, labels, None, None)
-        prompts = prompt_embeddings.to(sparse.dtype).view(1, num_prompts, 1, -1)
-        sparse = torch.cat([sparse, prompts], dim=2)
+        sparse, dense = self.seg_prompt_embeddings(prompt_embeddings[None])
         mask_logits, iou_scores = self.run_mask_decoder(image_embeddings, sparse, dense)
         return mask_logits[0], iou_scores[0]
+
+    def seg_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM2 prompt inputs for (B, P, C) `[SEG]`-style embeddings: each is appended to the sparse embedding of an
+        empty point (label −1), as Sa2VA prompts SAM2. Returns sparse (B, P, 2, C) and dense embeddings."""
+        batch_size, num_prompts = prompt_embeddings.shape[:2]
+        points = torch.zeros(batch_size, num_prompts, 1, 2, dtype=prompt_embeddings.dtype, device=prompt_embeddings.device)
+        labels = -torch.ones(batch_size, num_prompts, 1, dtype=torch.int32, device=prompt_embeddings.device)
+        sparse, dense = self.grounding_encoder.prompt_encoder(points, labels, None, None)
+        return torch.cat([sparse, prompt_embeddings.to(sparse.dtype)[:, :, None]], dim=2), dense
 
     def run_mask_decoder(
         self, image_embeddings: list[torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor
@@ -300,7 +311,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("Training needs logits at every position: call with labels and logits_to_keep=0.")
-            loss_lm = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            loss_lm = self.language_model_loss(logits, labels)
             depth_losses = self.depth_token_losses(hidden_states, labels, depth_maps)
             config = self.config
             loss = (
@@ -325,6 +336,15 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             pred_masks=masks.mask_logits if masks is not None else None,
             pred_mask_scores=masks.mask_scores if masks is not None else None,
         )
+
+    def language_model_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """`loss_lm`, averaged as `config.lm_loss_reduction` says."""
+        reduction = self.config.lm_loss_reduction
+        if reduction == "segment":
+            return segment_averaged_lm_loss(logits, labels, self.depth_token_ids())
+        if reduction == "token":
+            return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        raise ValueError(f"config.lm_loss_reduction must be one of {LM_LOSS_REDUCTIONS}, got {reduction!r}.")
 
     def depth_token_ids(self) -> DepthTokenIds | None:
         """The depth-token ids of this checkpoint, or `None` when its config defines no depth tokens."""

@@ -1,10 +1,19 @@
-"""Promptable-segmentation pretraining of a from-scratch SAM2 on rendered scenes.
+"""Promptable-segmentation pretraining of a from-scratch SAM2 on rendered scenes, with prompts that stand in for `[SEG]`.
 
-Perceptio starts from a released SAM2 and only learns to prompt it with `[SEG]` states. The tiny recipe has no
-SAM2 checkpoint of its size, so it first trains its SAM2 the way SAM itself is trained: a point inside an object in,
-that object's mask out, with the model's own mask losses (`PerceptioForConditionalGeneration.mask_losses`: the best
-candidate's BCE + Dice and the IoU head's regression). Rendered scenes give exact instance masks for this, as they
-give exact depth to the depth tokenizer.
+Perceptio starts from a released SAM2 and only learns to prompt it with `[SEG]` states. The tiny recipe has no SAM2
+checkpoint of its size, so it first trains its SAM2 to segment the object a prompt describes. The prompt is built the
+way a `[SEG]` prompt is (`PerceptioForConditionalGeneration.seg_prompt_embeddings`): an embedding appended to an
+empty point, here the sum of learned embeddings of the attributes of a phrase that picks out one object ("the red
+cube", "the sphere"), as the referring expressions do. A point prompt locates; a
+`[SEG]` must select by what the sentence says, so attributes are the closer rehearsal.
+
+Several objects of each image are prompted in every step (as SAM trains), so a mask that ignores its prompt (the
+foreground of the scene) is penalised on every image. The image encoder trains with a lower learning rate and weight
+decay, which keeps its features from growing until they drown the prompt in the decoder's attention. The losses are
+the model's own mask losses (`PerceptioForConditionalGeneration.mask_losses`).
+
+The held-out gate measures both halves of "the mask follows the prompt": the IoU of each mask with its own object,
+and the IoU between the masks of two different objects of one scene (a prompt-blind decoder scores 1.0).
 """
 
 from __future__ import annotations
@@ -13,106 +22,213 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.scene_rendering import render_scene
+from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
 from ..modeling_perceptio import PerceptioForConditionalGeneration
 from ..processing import PerceptioImageProcessor
+
+SCENE_STREAMS = {"train": 0, "eval": 1}
+ATTRIBUTE_VOCABULARIES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOUR_PALETTE),
+    "shape": SHAPES,
+    "size": SIZE_NAMES,
+}
+# Objects smaller than this many pixels at the SAM2 input size are not prompted: a few pixels give no usable target.
+MIN_PROMPTED_PIXELS = 20
+EVAL_PROMPTS_PER_IMAGE = 2
+# Attribute prompts start on the scale of a freshly initialised `[SEG]` projection's output (norm about 1.5), so the
+# decoder learns prompts of the size the language model will give it.
+ATTRIBUTE_EMBEDDING_STD = 0.25
 
 
 @dataclass
 class InstanceSegmentationScenes:
-    """Rendered scenes as SAM2 inputs: `sam_pixel_values` (S, 3, size, size) and each scene's instance masks
-    (objects, size, size) at the SAM2 input size."""
+    """Rendered scenes as SAM2 inputs: `sam_pixel_values` (S, 3, size, size), each scene's instance masks
+    (objects, size, size) at the SAM2 input size and each object's attribute ids (objects, 3) as colour, shape, size
+    indices into `ATTRIBUTE_VOCABULARIES`."""
 
     sam_pixel_values: torch.Tensor
     instance_masks: list[torch.Tensor]
+    object_attributes: list[torch.Tensor]
 
     def __len__(self) -> int:
         return self.sam_pixel_values.shape[0]
 
+    def promptable_objects(self, index: int) -> torch.Tensor:
+        """Objects of scene `index` that are visible and whose attributes no other object of the scene shares."""
+        masks, attributes = self.instance_masks[index], self.object_attributes[index]
+        visible = masks.flatten(1).sum(-1) >= MIN_PROMPTED_PIXELS
+        same = (attributes[:, None] == attributes[None]).all(-1)
+        unique = same.sum(-1) == 1
+        return torch.nonzero(visible & unique).flatten()
+
+
+@dataclass
+class GroundingGate:
+    """Held-out figures of attribute prompts: mean IoU with the prompted object, and mean IoU between the masks of two
+    different objects of one scene (lower is better: 1.0 when the mask ignores the prompt)."""
+
+    prompt_iou: float
+    two_object_overlap: float
+    image_embedding_norm: float
+
 
 @dataclass
 class GroundingPretrainingResult:
-    """The training log (step, loss) and the held-out mean IoU of single-point prompts before and after."""
+    """The training log (step, loss) and the held-out gate before and after the stage."""
 
     log: list[dict[str, float]]
-    initial_point_prompt_iou: float
-    point_prompt_iou: float
+    initial: GroundingGate
+    final: GroundingGate
 
 
-SCENE_STREAMS = {"train": 0, "eval": 1}
+class AttributePromptEmbedding(nn.Module):
+    """An object's prompt: the sum of learned embeddings of the attributes a phrase names (colour, shape, size), of
+    SAM2's decoder width. An attribute the phrase leaves out has id `len(vocabulary)`, whose embedding is zero."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.tables = nn.ModuleList(
+            nn.Embedding(len(names) + 1, hidden_size, padding_idx=len(names))
+            for names in ATTRIBUTE_VOCABULARIES.values()
+        )
+        for table in self.tables:
+            nn.init.normal_(table.weight[:-1], std=ATTRIBUTE_EMBEDDING_STD)
+
+    def forward(self, attribute_ids: torch.LongTensor) -> torch.Tensor:
+        """(..., 3) colour, shape, size ids -> (..., hidden_size) prompts."""
+        return sum(table(attribute_ids[..., column]) for column, table in enumerate(self.tables))
+
+
+UNSPECIFIED_IDS = torch.tensor([len(names) for names in ATTRIBUTE_VOCABULARIES.values()])
+# The non-empty subsets of (colour, shape, size) a phrase can name, as boolean rows.
+ATTRIBUTE_SUBSETS = torch.tensor(
+    [[bool(bits >> column & 1) for column in range(len(ATTRIBUTE_VOCABULARIES))] for bits in range(1, 8)]
+)
+
+
+def unique_phrase_ids(attributes: torch.LongTensor, visible: torch.Tensor, target: int, generator) -> torch.LongTensor:
+    """The attribute ids (3,) of a random phrase that names object `target` and no other visible object, as "the red
+    cube" or "the sphere" do; attributes left out of the phrase are `UNSPECIFIED_IDS`."""
+    same = attributes[visible] == attributes[target]
+    # A subset picks out the target alone when exactly one visible object agrees on every attribute it names.
+    agreeing = (same[None] | ~ATTRIBUTE_SUBSETS[:, None]).all(-1).sum(-1)
+    subsets = ATTRIBUTE_SUBSETS[agreeing == 1]
+    subset = subsets[torch.randint(len(subsets), (1,), generator=generator)].flatten()
+    return torch.where(subset, attributes[target], UNSPECIFIED_IDS)
 
 
 def render_instance_scenes(
     num_scenes: int, image_processor: PerceptioImageProcessor, seed: int, stream: str = "train"
 ) -> InstanceSegmentationScenes:
     """Render `num_scenes` scenes of `stream` ("train" or "eval", disjoint) from `seed` at the SAM2 input size, with
-    their exact instance masks."""
+    their exact instance masks and their objects' attributes."""
     if not isinstance(num_scenes, int) or num_scenes <= 0:
         raise ValueError(f"num_scenes must be a positive integer, got {num_scenes!r}.")
     if stream not in SCENE_STREAMS:
         raise ValueError(f"stream must be one of {sorted(SCENE_STREAMS)}, got {stream!r}.")
     size = image_processor.sam_image_size
     rng = np.random.default_rng([seed, SCENE_STREAMS[stream]])
-    images, masks = [], []
+    images, masks, attributes = [], [], []
     for _ in tqdm(range(num_scenes), desc=f"Rendering {stream} scenes for SAM2"):
         scene = render_scene(int(rng.integers(2**63 - 1)), size)
         images.append(image_processor.sam_view(scene.image))
         masks.append(torch.from_numpy(scene.instance_masks))
-    return InstanceSegmentationScenes(torch.from_numpy(np.stack(images)), masks)
+        attributes.append(torch.tensor([object_attribute_ids(obj) for obj in scene.objects], dtype=torch.long))
+    return InstanceSegmentationScenes(torch.from_numpy(np.stack(images)), masks, attributes)
 
 
-def sample_point_prompts(
-    scenes: InstanceSegmentationScenes, scene_indices: list[int], generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each scene, one random object and one random pixel inside it: points (B, 2) as (x, y) in SAM2 input
-    pixels, and that object's mask (B, size, size)."""
-    points, targets = [], []
+def object_attribute_ids(scene_object) -> tuple[int, int, int]:
+    """A rendered object's colour, shape and size as indices into `ATTRIBUTE_VOCABULARIES`."""
+    return tuple(
+        names.index(getattr(scene_object, attribute)) for attribute, names in ATTRIBUTE_VOCABULARIES.items()
+    )
+
+
+def sample_attribute_prompts(
+    scenes: InstanceSegmentationScenes, scene_indices: list[int], prompts_per_image: int, generator: torch.Generator
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """For each scene, `prompts_per_image` promptable objects (distinct while the scene has enough, then drawn
+    again), each named by a random phrase that picks it out alone: attribute ids (B, K, 3) and the objects' masks
+    (B, K, size, size).
+
+    Scenes without a promptable object are not accepted: filter them with `InstanceSegmentationScenes.promptable_objects`.
+    """
+    attribute_ids, targets = [], []
     for index in scene_indices:
-        masks = scenes.instance_masks[index]
-        visible = torch.nonzero(masks.flatten(1).any(-1)).flatten()
-        chosen = masks[visible[torch.randint(len(visible), (1,), generator=generator)].item()]
-        pixels = torch.nonzero(chosen)
-        row, column = pixels[torch.randint(len(pixels), (1,), generator=generator)].flatten().tolist()
-        points.append(torch.tensor([column, row], dtype=torch.float32))
-        targets.append(chosen)
-    return torch.stack(points), torch.stack(targets)
+        candidates = scenes.promptable_objects(index)
+        if len(candidates) == 0:
+            raise ValueError(f"Scene {index} has no visible object with unique attributes to prompt.")
+        order = candidates[torch.randperm(len(candidates), generator=generator)]
+        chosen = order[torch.arange(prompts_per_image) % len(order)]
+        attributes, masks = scenes.object_attributes[index], scenes.instance_masks[index]
+        visible = masks.flatten(1).any(-1)
+        attribute_ids.append(
+            torch.stack([unique_phrase_ids(attributes, visible, int(target), generator) for target in chosen])
+        )
+        targets.append(masks[chosen])
+    return torch.stack(attribute_ids), torch.stack(targets)
 
 
-def point_prompt_candidates(
-    model: PerceptioForConditionalGeneration, sam_pixel_values: torch.Tensor, points: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM2's output for one positive point per image, as the model decodes `[SEG]` (its three candidates, or its
-    single mask when `config.sam2_multimask_output` is False): logits (B, C, h, w) and predicted IoU (B, C)."""
-    sam = model.grounding_encoder
+def attribute_prompt_candidates(
+    model: PerceptioForConditionalGeneration,
+    prompt_embedding: AttributePromptEmbedding,
+    sam_pixel_values: torch.Tensor,
+    attribute_ids: torch.LongTensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAM2's output for K attribute prompts per image, decoded exactly as `[SEG]` prompts are: logits
+    (B, K, C, h, w), predicted IoU (B, K, C) and the image embedding (B, D, h', w') they attended to."""
     image_embeddings = model.sam_image_embeddings(sam_pixel_values)
-    batch_size = points.shape[0]
-    labels = torch.ones(batch_size, 1, 1, dtype=torch.int32, device=points.device)
-    sparse, dense = sam.prompt_encoder(points.view(batch_size, 1, 1, 2).to(model.dtype), labels, None, None)
+    sparse, dense = model.seg_prompt_embeddings(prompt_embedding(attribute_ids))
     mask_logits, iou_scores = model.run_mask_decoder(image_embeddings, sparse, dense)
-    return mask_logits[:, 0], iou_scores[:, 0]
+    return mask_logits, iou_scores, image_embeddings[-1]
+
+
+def evaluable_scenes(scenes: InstanceSegmentationScenes, min_objects: int) -> list[int]:
+    """Indices of the scenes with at least `min_objects` promptable objects."""
+    return [index for index in range(len(scenes)) if len(scenes.promptable_objects(index)) >= min_objects]
 
 
 @torch.no_grad()
-def point_prompt_iou(
-    model: PerceptioForConditionalGeneration, scenes: InstanceSegmentationScenes, seed: int, batch_size: int = 32
-) -> float:
-    """Mean IoU over `scenes` of the candidate SAM2 ranks best for one random point inside one random object."""
+def grounding_gate(
+    model: PerceptioForConditionalGeneration,
+    prompt_embedding: AttributePromptEmbedding,
+    scenes: InstanceSegmentationScenes,
+    seed: int,
+    batch_size: int = 32,
+) -> GroundingGate:
+    """Prompt two different objects of every held-out scene that has two: their masks' IoU with their own objects, and
+    with each other."""
+    indices = evaluable_scenes(scenes, EVAL_PROMPTS_PER_IMAGE)
+    if not indices:
+        raise ValueError("No held-out scene has two promptable objects; render more evaluation scenes.")
     generator = torch.Generator().manual_seed(seed)
-    ious = []
-    for start in range(0, len(scenes), batch_size):
-        indices = list(range(start, min(start + batch_size, len(scenes))))
-        points, targets = sample_point_prompts(scenes, indices, generator)
-        logits, scores = point_prompt_candidates(model, scenes.sam_pixel_values[indices], points)
-        best = logits[torch.arange(len(indices)), scores.argmax(-1)]
-        predicted = torch.nn.functional.interpolate(
-            best[:, None], size=targets.shape[-2:], mode="bilinear", align_corners=False
-        )[:, 0] > 0
-        intersection = (predicted & targets).flatten(1).sum(-1).float()
-        union = (predicted | targets).flatten(1).sum(-1).float().clamp_min(1.0)
-        ious.append(intersection / union)
-    return torch.cat(ious).mean().item()
+    own, overlap, norms = [], [], []
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start : start + batch_size]
+        attribute_ids, targets = sample_attribute_prompts(scenes, batch, EVAL_PROMPTS_PER_IMAGE, generator)
+        logits, scores, image_embedding = attribute_prompt_candidates(
+            model, prompt_embedding, scenes.sam_pixel_values[batch], attribute_ids
+        )
+        best = logits.gather(2, scores.argmax(-1)[..., None, None, None].expand(-1, -1, 1, *logits.shape[-2:]))
+        predicted = nn.functional.interpolate(best[:, :, 0], size=targets.shape[-2:], mode="bilinear") > 0
+        own.append(mask_iou(predicted, targets).flatten())
+        overlap.append(mask_iou(predicted[:, 0], predicted[:, 1]))
+        norms.append(image_embedding.norm(dim=1).mean((-2, -1)))
+    return GroundingGate(
+        prompt_iou=torch.cat(own).mean().item(),
+        two_object_overlap=torch.cat(overlap).mean().item(),
+        image_embedding_norm=torch.cat(norms).mean().item(),
+    )
+
+
+def mask_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks over their last two dimensions; two empty masks count as 0."""
+    intersection = (predicted & target).flatten(-2).sum(-1).float()
+    union = (predicted | target).flatten(-2).sum(-1).float()
+    return intersection / union.clamp_min(1.0)
 
 
 def pretrain_grounding_encoder(
@@ -121,35 +237,64 @@ def pretrain_grounding_encoder(
     eval_scenes: InstanceSegmentationScenes,
     steps: int,
     batch_size: int = 16,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 2e-3,
+    image_encoder_learning_rate: float = 5e-4,
+    weight_decay: float = 0.1,
+    prompts_per_image: int = 4,
     seed: int = 0,
     logging_steps: int = 50,
 ) -> GroundingPretrainingResult:
-    """Train `model.grounding_encoder` (all of SAM2) on single-point prompts; the rest of the model is untouched."""
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
-        if not isinstance(value, int) or value <= 0:
+    """Train `model.grounding_encoder` (all of SAM2) on attribute prompts; the rest of the model is untouched.
+
+    The attribute embeddings are discarded afterwards: in the main stage `[SEG]` states take their place.
+    """
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("prompts_per_image", prompts_per_image),
+        ("logging_steps", logging_steps),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    if not learning_rate > 0 or not image_encoder_learning_rate > 0:
+        raise ValueError(
+            f"learning_rate and image_encoder_learning_rate must be > 0, got {learning_rate!r} and "
+            f"{image_encoder_learning_rate!r}."
+        )
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
     sam = model.grounding_encoder
-    initial_iou = point_prompt_iou(model, eval_scenes, seed)
-    optimizer = torch.optim.AdamW(sam.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+    torch.manual_seed(seed)
+    prompt_embedding = AttributePromptEmbedding(sam.config.mask_decoder_config.hidden_size).to(model.device)
+    initial = grounding_gate(model, prompt_embedding, eval_scenes, seed)
+    image_encoder = list(sam.vision_encoder.parameters())
+    image_encoder_ids = {id(parameter) for parameter in image_encoder}
+    rest = [parameter for parameter in sam.parameters() if id(parameter) not in image_encoder_ids]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": image_encoder, "lr": image_encoder_learning_rate},
+            {"params": rest + list(prompt_embedding.parameters()), "lr": learning_rate},
+        ],
+        weight_decay=weight_decay,
+    )
+    trainable = evaluable_scenes(train_scenes, 1)
     generator = torch.Generator().manual_seed(seed)
     sam.train()
     log: list[dict[str, float]] = []
-    progress = tqdm(range(steps), desc="Pretraining SAM2 on point prompts")
+    progress = tqdm(range(steps), desc="Pretraining SAM2 on attribute prompts")
     for step in progress:
-        indices = torch.randint(len(train_scenes), (batch_size,), generator=generator).tolist()
-        points, targets = sample_point_prompts(train_scenes, indices, generator)
-        logits, scores = point_prompt_candidates(model, train_scenes.sam_pixel_values[indices], points)
-        loss = sum(model.mask_losses(logits, scores, targets).values())
+        indices = [trainable[i] for i in torch.randint(len(trainable), (batch_size,), generator=generator).tolist()]
+        attribute_ids, targets = sample_attribute_prompts(train_scenes, indices, prompts_per_image, generator)
+        logits, scores, _ = attribute_prompt_candidates(
+            model, prompt_embedding, train_scenes.sam_pixel_values[indices], attribute_ids
+        )
+        losses = model.mask_losses(logits.flatten(0, 1), scores.flatten(0, 1), targets.flatten(0, 1))
+        loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         if (step + 1) % logging_steps == 0 or step + 1 == steps:
             log.append({"step": step + 1, "loss": loss.item()})
             progress.set_postfix(loss=f"{loss.item():.3f}")
     sam.eval()
-    return GroundingPretrainingResult(log, initial_iou, point_prompt_iou(model, eval_scenes, seed))
+    return GroundingPretrainingResult(log, initial, grounding_gate(model, prompt_embedding, eval_scenes, seed))

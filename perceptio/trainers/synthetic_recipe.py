@@ -6,6 +6,12 @@ stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `Percepti
 (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
 and saves the result. Everything follows from `seed`.
 
+The main stage has two parts. A reading stage trains on the answer tasks alone (`reading_tasks`: short answers that
+only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the
+long depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. SAM2 (pretrained on attribute
+prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so the mask
+can only follow the sentence through the `[SEG]` states the language model writes.
+
 Ablations (DESIGN.md §9 and issue 7) train with the same data, steps and seed:
 
 - `full`: the recipe as described.
@@ -29,7 +35,8 @@ from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
 
 from ..data.scene_rendering import metric_depth_to_inverse_depth
-from ..data.synthetic_dataset import DEFAULT_TASK_WEIGHTS, build_synthetic_dataset
+from ..data.synthetic_dataset import build_synthetic_dataset
+from ..data.synthetic_tasks import DEPTH_REQUEST
 from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
 from ..processing import PerceptioImageProcessor, PerceptioProcessor
 from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
@@ -40,6 +47,15 @@ from .grounding_pretraining import GroundingPretrainingResult, pretrain_groundin
 from .trainer_perceptio import PerceptioTrainer
 
 ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only")
+# The answer tasks of the reading stage: a word or a number that only the image can give.
+READING_TASKS = ("vqa_colour", "vqa_shape", "vqa_count")
+RECIPE_TASK_WEIGHTS = {
+    "referring": 0.3,
+    "relative_depth": 0.25,
+    "vqa_count": 0.15,
+    "vqa_colour": 0.15,
+    "vqa_shape": 0.15,
+}
 # Saved next to the model (`output_dir/dataset`) for `perceptio eval synthetic`; the training split stays in the cache.
 EVALUATION_SPLITS = ("validation", "test")
 GROUNDING_EVAL_SCENES = 200
@@ -57,18 +73,22 @@ class SyntheticTinyRecipe:
 
     seed: int = 0
     image_size: int = 128
-    num_train: int = 6000
+    num_train: int = 10000
     num_validation: int = 64
     num_test: int = 300
-    task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    task_weights: dict[str, float] = field(default_factory=lambda: dict(RECIPE_TASK_WEIGHTS))
     depth_image_size: int = 64
     depth_hidden_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     depth_codebook_dim: int = 32
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
-    grounding_scenes: int = 2000
-    grounding_steps: int = 400
+    grounding_scenes: int = 3000
+    grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
+    grounding_image_encoder_learning_rate: float = 5e-4
+    grounding_weight_decay: float = 0.1
+    grounding_prompts_per_image: int = 4
+    freeze_grounding_encoder: bool = True
     mask_bce_weight: float = 1.0
     mask_dice_weight: float = 2.0
     text_hidden_size: int = 192
@@ -76,9 +96,12 @@ class SyntheticTinyRecipe:
     text_num_layers: int = 4
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
-    train_steps: int = 1400
+    reading_steps: int = 1200
+    reading_tasks: tuple[str, ...] = READING_TASKS
+    train_steps: int = 2200
     batch_size: int = 16
     learning_rate: float = 1e-3
+    lm_loss_reduction: str = "segment"
     warmup_ratio: float = 0.05
     logging_steps: int = 25
 
@@ -93,6 +116,7 @@ class SyntheticTinyRecipe:
             "depth_tokenizer_steps",
             "grounding_scenes",
             "grounding_steps",
+            "grounding_prompts_per_image",
             "text_hidden_size",
             "text_intermediate_size",
             "text_num_layers",
@@ -111,8 +135,18 @@ class SyntheticTinyRecipe:
                 f"image_size ({self.image_size}) must be an even multiple of vision_patch_size "
                 f"({self.vision_patch_size}) so InternVL's pixel shuffle tiles the patch grid."
             )
-        if not self.learning_rate > 0 or not self.grounding_learning_rate > 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("learning_rate and grounding_learning_rate must be > 0 and warmup_ratio in [0, 1).")
+        rates = ("learning_rate", "grounding_learning_rate", "grounding_image_encoder_learning_rate")
+        if not all(getattr(self, name) > 0 for name in rates) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{', '.join(rates)} must be > 0 and warmup_ratio in [0, 1).")
+        if not isinstance(self.reading_steps, int) or isinstance(self.reading_steps, bool) or self.reading_steps < 0:
+            raise ValueError(f"reading_steps must be a non-negative integer, got {self.reading_steps!r}.")
+        unknown = sorted(set(self.reading_tasks) - set(self.task_weights))
+        if self.reading_steps and (not self.reading_tasks or unknown):
+            raise ValueError(
+                f"reading_tasks must name tasks of task_weights {sorted(self.task_weights)}; got {self.reading_tasks!r}."
+            )
+        if not self.grounding_weight_decay >= 0:
+            raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
             raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
 
@@ -186,6 +220,7 @@ def build_recipe_model(
         sam2_multimask_output=False,
         mask_bce_weight=recipe.mask_bce_weight,
         mask_dice_weight=recipe.mask_dice_weight,
+        lm_loss_reduction=recipe.lm_loss_reduction,
         depth_tokenizer_config=depth_tokenizer.config,
         seg_token_id=ids.seg,
         depth_start_token_id=ids.depth_start,
@@ -233,7 +268,7 @@ def train_recipe_tokenizer(recipe: SyntheticTinyRecipe, train_split: Dataset, ou
 def pretrain_recipe_grounding(
     recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
 ) -> GroundingPretrainingResult:
-    """Train the model's SAM2 on point prompts over freshly rendered scenes, then freeze its image encoder."""
+    """Train the model's SAM2 on attribute prompts over freshly rendered scenes, then freeze its image encoder."""
     train_scenes = render_instance_scenes(recipe.grounding_scenes, processor.image_processor, recipe.seed, "train")
     eval_scenes = render_instance_scenes(GROUNDING_EVAL_SCENES, processor.image_processor, recipe.seed, "eval")
     result = pretrain_grounding_encoder(
@@ -243,11 +278,27 @@ def pretrain_recipe_grounding(
         steps=recipe.grounding_steps,
         batch_size=recipe.batch_size,
         learning_rate=recipe.grounding_learning_rate,
+        image_encoder_learning_rate=recipe.grounding_image_encoder_learning_rate,
+        weight_decay=recipe.grounding_weight_decay,
+        prompts_per_image=recipe.grounding_prompts_per_image,
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
     )
     model.grounding_encoder.vision_encoder.requires_grad_(False)
     return result
+
+
+def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
+    """The reading stage's data: the training rows of `recipe.reading_tasks`, without depth blocks."""
+    tasks = set(recipe.reading_tasks)
+    rows = train_split.filter(lambda task: task in tasks, input_columns="task", desc="Reading-stage rows")
+    return rows.map(lambda row: {"use_depth_block": False, "prompt": without_depth_request(row["prompt"])},
+                    desc="No depth blocks")
+
+
+def without_depth_request(prompt: str) -> str:
+    """The prompt without the sentence that asks for a depth block."""
+    return prompt.replace(f" {DEPTH_REQUEST}", "")
 
 
 def train_recipe_model(
@@ -257,19 +308,22 @@ def train_recipe_model(
     train_split: Dataset,
     output_dir: Path,
     ablation: str = "full",
+    max_steps: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Train every weight of the tiny model (except the frozen depth tokenizer) on the task mixture."""
+    """Train every trainable weight of the tiny model (the depth tokenizer, and SAM2 as the recipe freezes it, stay
+    fixed) on `train_split` for `max_steps` (default `recipe.train_steps`)."""
     if ablation == "depth-lm-only":
         for name in DEPTH_LOSS_WEIGHT_FIELDS:
             setattr(model.config, name, 0.0)
+    max_steps = recipe.train_steps if max_steps is None else max_steps
     train_split = add_depth_code_column(ablate(train_split, ablation), model.depth_tokenizer)
     arguments = TrainingArguments(
         output_dir=str(output_dir),
-        max_steps=recipe.train_steps,
+        max_steps=max_steps,
         per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=int(recipe.warmup_ratio * recipe.train_steps),
+        warmup_steps=int(recipe.warmup_ratio * max_steps),
         weight_decay=0.0,
         logging_steps=recipe.logging_steps,
         save_strategy="no",
@@ -327,7 +381,16 @@ def run_synthetic_tiny_recipe(
     grounding_started = time.perf_counter()
     grounding = pretrain_recipe_grounding(recipe, model, processor)
     timings["grounding_s"] = time.perf_counter() - grounding_started
+    if recipe.freeze_grounding_encoder:
+        model.grounding_encoder.requires_grad_(False)
     model_started = time.perf_counter()
+    reading_log = []
+    if recipe.reading_steps:
+        reading = reading_split(recipe, dataset["train"])
+        reading_log = train_recipe_model(
+            recipe, model, processor, reading, output_dir / "reading", ablation, recipe.reading_steps
+        )
+    timings["reading_s"] = time.perf_counter() - model_started
     log = train_recipe_model(recipe, model, processor, dataset["train"], output_dir / "trainer", ablation)
     timings["model_s"] = time.perf_counter() - model_started
     timings["total_s"] = time.perf_counter() - started
@@ -341,6 +404,7 @@ def run_synthetic_tiny_recipe(
         "timings": timings,
         "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
         "grounding_pretraining": asdict(grounding),
+        "reading_log": reading_log,
         "training_log": log,
     }
     (output_dir / "recipe_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
