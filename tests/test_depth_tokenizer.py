@@ -257,3 +257,15 @@ def test_normalize_maps_to_unit_range_and_denormalize_inverts_it(height, width, 
     assert tokenizer.denormalize(normalized, stats).shape == depth.shape
     renormalized, _ = tokenizer.normalize(at_model_size)
     assert torch.allclose(renormalized, normalized, atol=1e-3)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_decode_soft_rejects_non_finite_logits_outside_training(value):
+    tokenizer = tiny_tokenizer().eval()
+    logits = torch.zeros(1, tokenizer.config.num_tokens, tokenizer.config.num_codes)
+    logits[0, 0, 0] = value
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        tokenizer.decode_soft(logits)
+    # Training skips the check (a host-device sync per step): the non-finite value reaches the output instead, so
+    # the loss built on it is non-finite and the trainer names it.
+    assert torch.isnan(tokenizer.train().decode_soft(logits)).any()

@@ -315,14 +315,17 @@ class PerceptioDepthTokenizer(PerceptioDepthTokenizerPreTrainedModel):
 
     def decode_soft(self, code_logits: torch.Tensor, tau: float = 1.0) -> torch.FloatTensor:
         """Normalised depth (B, image_size, image_size) from code logits (B, N, K): softmax(logits / tau) mixes the
-        codebook entries that the decoder then decodes. Differentiable with respect to the logits."""
+        codebook entries that the decoder then decodes. Differentiable with respect to the logits; non-finite logits
+        raise a `ValueError` outside training."""
         if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
             raise ValueError(f"tau must be a positive number, got {tau!r}.")
         expected = (self.config.num_tokens, self.config.num_codes)
         if not torch.is_tensor(code_logits) or code_logits.dim() != 3 or tuple(code_logits.shape[1:]) != expected:
             shape = tuple(code_logits.shape) if torch.is_tensor(code_logits) else type(code_logits).__name__
             raise ValueError(f"code_logits must be a (B, {expected[0]}, {expected[1]}) tensor (B, N, K), got {shape}.")
-        if not torch.isfinite(code_logits).all():
+        # Checked outside training only: the check syncs host and device, and in training a non-finite logit reaches
+        # the output, so `loss_depth_recon` is non-finite and PerceptioTrainer stops on it, naming it.
+        if not self.training and not torch.isfinite(code_logits).all():
             raise ValueError("code_logits contain NaN or infinite values.")
         weights = torch.softmax(code_logits.float() / tau, dim=-1)
         latents = weights @ self.codebook.float()
