@@ -34,12 +34,8 @@ import datasets
 import numpy as np
 
 from perceptio.data.synthetic_dataset import sample_spatial_targets
-from perceptio.evaluation.runners.synthetic import (
-    depth_figures,
-    normalised_answer,
-    normalised_inverse_depth,
-    pooled_depth_figures,
-)
+from perceptio.evaluation.depth_metrics import normalised_inverse_depth
+from perceptio.evaluation.runners.synthetic import depth_figures, normalised_answer, pooled_depth_figures
 from perceptio.evaluation.segmentation_metrics import ciou, mask_intersection_union
 
 MASK_THRESHOLDS = np.linspace(0.05, 0.95, 19)

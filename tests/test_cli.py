@@ -33,3 +33,16 @@ def test_export_tiny_writes_a_loadable_folder(tmp_path):
 def test_console_script_runs():
     completed = subprocess.run([sys.executable, "-m", "perceptio.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0 and "COMMAND" in completed.stdout
+
+
+def test_eval_offers_the_one_evaluation_task_list():
+    import argparse
+
+    from perceptio.evaluation import EVALUATION_DEFAULT_SPLITS, EVALUATION_TASKS, runners
+    from perceptio.hub_cards.model_card import EVALUATION_TASKS as MODEL_CARD_TASKS
+
+    (subcommands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    (task,) = [action for action in subcommands.choices["eval"]._actions if action.dest == "task"]
+    assert tuple(task.choices) == EVALUATION_TASKS == tuple(EVALUATION_DEFAULT_SPLITS)
+    assert runners.EVALUATION_TASKS is EVALUATION_TASKS
+    assert set(MODEL_CARD_TASKS) == set(EVALUATION_TASKS)  # a model card can name every benchmark

@@ -106,3 +106,38 @@ def test_cli_distils_from_a_teacher_on_an_image_folder(tmp_path):
     ) == 0
     assert (tmp_path / "model" / EVALUATION_FILE_NAME).is_file()
     assert list((tmp_path / "cache").glob("teacher_depth-*.arrow"))
+
+
+@pytest.mark.parametrize("other_process_scale", [None, 3.0])
+def test_logs_are_window_means_averaged_across_processes(tmp_path, monkeypatch, other_process_scale):
+    from transformers import TrainingArguments
+
+    from perceptio.trainers import trainer_perceptio
+    from perceptio.trainers.depth_tokenizer_trainer import DepthMapCollator, DepthMapDataset, DepthTokenizerTrainer
+
+    if other_process_scale is not None:
+        # A stand-in second process whose sums are `other_process_scale` times this one's.
+        def gather(tensor, parallel_mode):
+            return torch.cat([tensor, other_process_scale * tensor])
+
+        monkeypatch.setattr(trainer_perceptio, "nested_gather", gather)
+    torch.manual_seed(0)
+    tokenizer = PerceptioDepthTokenizer(tiny_config())
+    recorded = []
+    tokenizer.register_forward_hook(
+        lambda module, inputs, outputs: recorded.append([getattr(outputs, name).item() for name in LOGGED_OUTPUTS])
+    )
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=2, save_strategy="no",
+        report_to="none", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = DepthTokenizerTrainer(
+        model=tokenizer, args=arguments, train_dataset=DepthMapDataset(plane_maps(8)), data_collator=DepthMapCollator()
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    scale = 1.0 if other_process_scale is None else (1.0 + other_process_scale) / 2
+    assert len(recorded) == 4 and len(logged) == 2
+    for window, entry in enumerate(logged):
+        means = np.mean(recorded[2 * window : 2 * window + 2], axis=0) * scale
+        assert [entry[name] for name in LOGGED_OUTPUTS] == pytest.approx(means.tolist(), rel=1e-5, abs=1e-6)

@@ -511,3 +511,27 @@ def test_vqa_summary_scores_exact_answers_ignoring_case_and_full_stop():
     assert summary["by_task"] == {"vqa_colour": {"accuracy": 0.5, "num_samples": 2},
                                   "vqa_count": {"accuracy": 1.0, "num_samples": 1}}
     assert vqa_summary([])["accuracy"] is None
+
+
+@pytest.mark.parametrize("ripple", [False, True])
+def test_a_constant_depth_map_is_scored_in_the_tokenizers_normalised_space(ripple):
+    from perceptio import PerceptioDepthTokenizer, PerceptioDepthTokenizerConfig
+    from perceptio.evaluation.runners.synthetic import synthetic_record
+    from perceptio.processing.post_processing_perceptio import PerceptioPrediction
+
+    size = 16
+    depth = np.full((size, size), 2.0, dtype=np.float32)
+    if ripple:  # constant up to float rounding: one ulp on every other row
+        depth[::2] = np.nextafter(np.float32(2.0), np.float32(3.0))
+    row = {"task": "vqa_colour", "answer": "Red.", "use_depth_block": True, "masks": [], "depth": depth}
+    inverse_depth = sample_spatial_targets(row).inverse_depth
+    tokenizer = PerceptioDepthTokenizer(
+        PerceptioDepthTokenizerConfig(image_size=size, hidden_channels=[4, 8], codebook_dim=4, num_codes=8)
+    )
+    tokenizer_space, _ = tokenizer.normalize(torch.from_numpy(inverse_depth)[None])
+    assert not tokenizer_space.any() and not normalised_inverse_depth(inverse_depth).any()
+    # A prediction of the tokenizer's normalised map scores perfectly: no invented structure in the target.
+    record = synthetic_record(0, row, PerceptioPrediction(text="Red.", depth=tokenizer_space[0].numpy()))
+    assert record["correct"] and record["depth"] == {
+        "abs_rel": 0.0, "rmse": 0.0, "delta1": 1.0, "pair_correct": 0, "pair_counted": 0
+    }

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from perceptio.modeling_perceptio.loss_perceptio import (
     DepthTokenIds,
@@ -220,3 +223,59 @@ def test_lm_loss_reduction_is_validated():
 
     with pytest.raises(ValueError, match="lm_loss_reduction"):
         PerceptioConfig(lm_loss_reduction="mean")
+
+
+def reference_depth_blocks(rows: list[list[int]], ids: DepthTokenIds) -> tuple[list[int], list[int], list[int]] | str:
+    """`find_depth_blocks` as a plain walk over the rows: the blocks' samples, starts and ends, or the start of the
+    error message for the first malformed sample."""
+    samples, starts, ends = [], [], []
+    for sample, row in enumerate(rows):
+        block_starts = [position for position, token in enumerate(row) if token == ids.start]
+        if len(block_starts) > 1:
+            return f"Sample {sample} has {len(block_starts)} depth blocks"
+        if not block_starts:
+            if ids.end in row:
+                return f"Sample {sample} has <DEPTH_END> without <DEPTH_START>"
+            continue
+        start = block_starts[0]
+        if ids.end not in row[start:]:
+            return f"Sample {sample}: its depth block has no <DEPTH_END>"
+        end = row.index(ids.end, start)
+        inside = row[start + 1 : end]
+        non_codes = [token for token in inside if not ids.code_offset <= token < ids.code_offset + ids.num_codes]
+        if non_codes:
+            return f"Sample {sample}: its depth block holds non-code tokens {non_codes[:5]}"
+        if len(inside) != ids.num_tokens:
+            return f"Sample {sample}: its depth block has {len(inside)} codes but"
+        samples.append(sample)
+        starts.append(start)
+        ends.append(end)
+    return samples, starts, ends
+
+
+# Text, ignored labels, the codes, 7 (just past the codes) and, now and then, a stray marker.
+TEXT = st.lists(st.sampled_from([-100, -100, 0, 1, 2, 3, 4, 5, 6, 7, 10, 11]), max_size=3)
+WELL_FORMED_BLOCK = st.lists(st.integers(4, 6), min_size=2, max_size=2).map(lambda codes: [10, *codes, 11])
+# Up to 9 tokens between the markers, often more than 5 non-codes, so the error's list of the first 5 is tested too.
+NEAR_BLOCK = st.lists(st.sampled_from([4, 5, 6, -100, 2, 7, 7, 10, 11]), max_size=9).map(
+    lambda inside: [10, *inside, 11]
+)
+LABEL_ROW = st.tuples(TEXT, st.just([]) | WELL_FORMED_BLOCK | WELL_FORMED_BLOCK | NEAR_BLOCK, TEXT).map(
+    lambda parts: sum(parts, [])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(LABEL_ROW, min_size=1, max_size=3))
+def test_find_depth_blocks_matches_a_plain_walk_over_the_labels(rows):
+    length = max(len(row) for row in rows)
+    rows = [row + [-100] * (length - len(row)) for row in rows]
+    labels = torch.tensor(rows, dtype=torch.long)
+    expected = reference_depth_blocks(rows, IDS)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match="^" + re.escape(expected)):
+            find_depth_blocks(labels, IDS)
+        return
+    blocks = find_depth_blocks(labels, IDS)
+    for found, wanted in zip((blocks.samples, blocks.starts, blocks.ends), expected):
+        assert found.dtype == torch.long and found.shape == (len(wanted),) and found.tolist() == wanted

@@ -190,3 +190,21 @@ def test_bad_counts_raise(intersections, unions, message):
 def test_reading_an_empty_accumulator_raises():
     with pytest.raises(ValueError, match="No samples"):
         ReferringSegmentationScore().compute()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), density=st.sampled_from([0.0, 0.1, 0.5]))
+def test_torch_batched_mask_iou_equals_the_numpy_metric(seed, density):
+    from perceptio.modeling_perceptio.loss_perceptio import mask_iou
+
+    generator = torch.Generator().manual_seed(seed)
+    predicted = torch.rand(3, 2, 5, 6, generator=generator) < density
+    target = torch.rand(3, 1, 5, 6, generator=generator) < density  # broadcast over the candidate dimension
+    expected = [
+        [sample_iou(*mask_intersection_union(predicted[m, c].numpy(), target[m, 0].numpy())) for c in range(2)]
+        for m in range(3)
+    ]
+    assert mask_iou(predicted, target).numpy() == pytest.approx(np.array(expected))
+    empty = torch.zeros(2, 4, 4, dtype=torch.bool)
+    assert mask_iou(empty, empty).tolist() == [1.0, 1.0]
+    assert mask_iou(empty, empty, empty_iou=0.0).tolist() == [0.0, 0.0]

@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-TASKS: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog", "blink-depth", "hardblink", "synthetic")
-DEFAULT_SPLITS: dict[str, str | None] = {
-    "refcoco": "val",
-    "refcoco+": "val",
-    "refcocog": "val",
-    "blink-depth": "val",
-    "hardblink": None,
-    "synthetic": "test",
-}
+from perceptio.evaluation import EVALUATION_DEFAULT_SPLITS, EVALUATION_TASKS, REFCOCO_TASKS
+
 EXAMPLE = """examples:
   perceptio eval refcoco --model runs/perceptio --data lmms-lab/RefCOCO --split val --output-dir eval/refcoco
   perceptio eval blink-depth --model runs/perceptio --data BLINK-Benchmark/BLINK --split val --limit 50
@@ -47,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("task", choices=TASKS, help="the benchmark")
+    parser.add_argument("task", choices=EVALUATION_TASKS, help="the benchmark")
     parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained or `perceptio export`)")
     parser.add_argument("--data", required=True, help="dataset folder, datasets name, or the HardBLINK root folder")
     parser.add_argument("--split", default=None, help="dataset split (default: val; synthetic: test)")
@@ -76,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from perceptio.evaluation.runners.refcoco import DEFAULT_REFERRING_PROMPT
     from perceptio.evaluation.runners.resumable_run import task_file_stem
 
-    if args.prompt_template is not None and args.task not in ("refcoco", "refcoco+", "refcocog"):
+    if args.prompt_template is not None and args.task not in REFCOCO_TASKS:
         raise ValueError("--prompt-template applies to refcoco, refcoco+ and refcocog only.")
     settings = RunSettings(
         output_dir=args.output_dir or f"eval/{task_file_stem(args.task)}",
@@ -86,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         show_progress=not args.no_progress,
     )
-    split = args.split if args.split is not None else DEFAULT_SPLITS[args.task]
+    split = args.split if args.split is not None else EVALUATION_DEFAULT_SPLITS[args.task]
     model, processor = load_perceptio_checkpoint(args.model, device=args.device, dtype=args.dtype)
-    if args.task in ("refcoco", "refcoco+", "refcocog"):
+    if args.task in REFCOCO_TASKS:
         summary = run_refcoco(
             model, processor, args.data, settings, split=split, task=args.task,
             prompt_template=args.prompt_template or DEFAULT_REFERRING_PROMPT,

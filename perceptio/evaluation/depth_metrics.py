@@ -7,7 +7,8 @@ passes; AbsRel and delta are ratios and so need strictly positive values (they r
 Domains used across Perceptio: the depth tokenizer works in normalised relative inverse depth in [-1, 1]
 (larger = nearer). Its evaluation computes RMSE and pair-order accuracy directly in that space and AbsRel / delta
 after `normalized_to_positive`, which shifts [-1, 1] to [1, 2]; the shift keeps every value positive and bounded
-away from zero, so one far pixel cannot make the ratio explode.
+away from zero, so one far pixel cannot make the ratio explode. `normalised_inverse_depth` brings a ground-truth map
+into that space at its own size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..modeling_perceptio.modeling_perceptio_depth_tokenizer import CONSTANT_MAP_RELATIVE_RANGE
+
 ArrayLike = np.ndarray | torch.Tensor
+
+
+def normalised_inverse_depth(inverse_depth: ArrayLike) -> np.ndarray:
+    """Min-max normalise a relative inverse depth map to [-1, 1] at its own size, as the depth tokenizer's `normalize`
+    does: a map constant up to float rounding (`CONSTANT_MAP_RELATIVE_RANGE`) becomes 0."""
+    inverse_depth = np.asarray(inverse_depth, dtype=np.float64)
+    low, high = float(inverse_depth.min()), float(inverse_depth.max())
+    if high - low <= CONSTANT_MAP_RELATIVE_RANGE * max(abs(low), abs(high)):
+        return np.zeros_like(inverse_depth)
+    return 2 * (inverse_depth - low) / (high - low) - 1
 
 
 def normalized_to_positive(normalized: ArrayLike, offset: float = 1.0) -> torch.Tensor:
@@ -156,6 +169,7 @@ def _require_positive(pred: torch.Tensor, target: torch.Tensor, metric: str) -> 
 __all__ = [
     "abs_rel",
     "delta1",
+    "normalised_inverse_depth",
     "normalized_to_positive",
     "pair_order_accuracy",
     "pair_order_counts",

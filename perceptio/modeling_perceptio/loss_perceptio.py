@@ -31,6 +31,17 @@ def resize_masks_to_logits(masks: torch.Tensor, size: tuple[int, int]) -> torch.
     return masks.squeeze(1).clamp(0.0, 1.0)
 
 
+def mask_iou(predicted: torch.Tensor, target: torch.Tensor, empty_iou: float = 1.0) -> torch.Tensor:
+    """IoU of boolean masks over their last two dimensions (the others broadcast); two empty masks score `empty_iou`.
+
+    The batched torch counterpart of `perceptio.evaluation.segmentation_metrics` (whose `sample_iou` also scores two
+    empty masks 1), kept here because the model code imports only its own folder.
+    """
+    intersection = (predicted & target).flatten(-2).sum(-1).float()
+    union = (predicted | target).flatten(-2).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp_min(1.0), torch.full_like(union, empty_iou))
+
+
 def mask_iou_prediction_loss(
     candidate_logits: torch.Tensor, predicted_iou: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
@@ -40,11 +51,7 @@ def mask_iou_prediction_loss(
     (candidates (M, C, H, W) thresholded at 0 against targets (M, H, W) above 0.5) is a constant target.
     """
     with torch.no_grad():
-        predicted = candidate_logits > 0
-        truth = (targets > 0.5).unsqueeze(1)
-        intersection = (predicted & truth).flatten(2).sum(-1).float()
-        union = (predicted | truth).flatten(2).sum(-1).float()
-        actual_iou = torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
+        actual_iou = mask_iou(candidate_logits > 0, (targets > 0.5).unsqueeze(1))
     return F.mse_loss(predicted_iou.float(), actual_iou)
 
 
@@ -145,42 +152,49 @@ def find_depth_blocks(labels: torch.LongTensor, ids: DepthTokenIds) -> DepthBloc
     """Locate the supervised depth blocks (`<DEPTH_START>`, N codes, `<DEPTH_END>`) of each sample.
 
     Raises a `ValueError` naming the sample when a block is unterminated, holds a number of codes other than N or
-    anything that is not a code, or when a sample has more than one block.
+    anything that is not a code, or when a sample has more than one block. Runs as tensor operations on the labels'
+    device with one host read per batch (a single device sync on an accelerator), since it runs every training step.
     """
-    samples, starts, ends = [], [], []
-    for sample_index, row in enumerate(labels.tolist()):
-        block_starts = [position for position, token in enumerate(row) if token == ids.start]
-        if len(block_starts) > 1:
-            raise ValueError(f"Sample {sample_index} has {len(block_starts)} depth blocks; at most one is allowed.")
-        if not block_starts:
-            if ids.end in row:
-                raise ValueError(f"Sample {sample_index} has <DEPTH_END> without <DEPTH_START>.")
-            continue
-        start = block_starts[0]
-        if ids.end not in row[start:]:
-            raise ValueError(f"Sample {sample_index}: its depth block has no <DEPTH_END>.")
-        end = start + row[start:].index(ids.end)
-        inside = row[start + 1 : end]
-        non_codes = [token for token in inside if not ids.code_offset <= token < ids.code_offset + ids.num_codes]
-        if non_codes:
+    batch, length = labels.shape
+    positions = torch.arange(length, device=labels.device)
+    is_start = labels == ids.start
+    is_end = labels == ids.end
+    num_starts = is_start.sum(1)
+    # Counting the positions before a row's first match gives its index, or `length` when it has none: the first
+    # `<DEPTH_START>`, then the first `<DEPTH_END>` from there on.
+    starts = (is_start.cumsum(1) == 0).sum(1)
+    ends = ((is_end & (positions >= starts[:, None])).cumsum(1) == 0).sum(1)
+    inside = (positions > starts[:, None]) & (positions < ends[:, None])
+    is_code = (labels >= ids.code_offset) & (labels < ids.code_offset + ids.num_codes)
+    non_codes = inside & ~is_code
+    num_codes = ends - starts - 1
+    single = num_starts == 1
+    has_end = ends < length
+    holds_non_codes = non_codes.any(1)
+    has_block = single & has_end & ~holds_non_codes & (num_codes == ids.num_tokens)
+    malformed = (num_starts > 1) | ((num_starts == 0) & is_end.any(1)) | (single & ~has_block)
+    # The one host read: the first malformed sample (`batch` when none) and the number of blocks, which sizes the
+    # index tensors so they are built without a further sync.
+    sample, num_blocks = torch.stack([(malformed.cumsum(0) == 0).sum(), has_block.sum()]).tolist()
+    if sample < batch:
+        if num_starts[sample] > 1:
+            raise ValueError(f"Sample {sample} has {int(num_starts[sample])} depth blocks; at most one is allowed.")
+        if num_starts[sample] == 0:
+            raise ValueError(f"Sample {sample} has <DEPTH_END> without <DEPTH_START>.")
+        if not has_end[sample]:
+            raise ValueError(f"Sample {sample}: its depth block has no <DEPTH_END>.")
+        if holds_non_codes[sample]:
+            shown = labels[sample][non_codes[sample]][:5].tolist()
             raise ValueError(
-                f"Sample {sample_index}: its depth block holds non-code tokens {non_codes[:5]}; only <DEPTH_k> with k "
-                f"in [0, {ids.num_codes}) may stand between <DEPTH_START> and <DEPTH_END>."
+                f"Sample {sample}: its depth block holds non-code tokens {shown}; "
+                f"only <DEPTH_k> with k in [0, {ids.num_codes}) may stand between <DEPTH_START> and <DEPTH_END>."
             )
-        if len(inside) != ids.num_tokens:
-            raise ValueError(
-                f"Sample {sample_index}: its depth block has {len(inside)} codes but exactly {ids.num_tokens} "
-                "(num_depth_tokens) are needed."
-            )
-        samples.append(sample_index)
-        starts.append(start)
-        ends.append(end)
-    device = labels.device
-    return DepthBlocks(
-        samples=torch.tensor(samples, dtype=torch.long, device=device),
-        starts=torch.tensor(starts, dtype=torch.long, device=device),
-        ends=torch.tensor(ends, dtype=torch.long, device=device),
-    )
+        raise ValueError(
+            f"Sample {sample}: its depth block has {int(num_codes[sample])} codes but exactly {ids.num_tokens} "
+            "(num_depth_tokens) are needed."
+        )
+    samples = torch.nonzero_static(has_block, size=num_blocks).flatten()
+    return DepthBlocks(samples=samples, starts=starts[samples], ends=ends[samples])
 
 
 def gather_block_steps(values: torch.Tensor, blocks: DepthBlocks, num_tokens: int) -> torch.Tensor:

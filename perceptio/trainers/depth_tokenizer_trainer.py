@@ -1,7 +1,8 @@
 """Distillation training of the VQ-VAE depth tokenizer on teacher (or ground-truth) depth maps.
 
 `DepthTokenizerTrainer` is a `transformers.Trainer`, so checkpoints, resume, logging and `report_to` work as
-usual; it adds the tokenizer's reconstruction loss, commitment loss, perplexity and dead-code count to the logs.
+usual; it adds the tokenizer's reconstruction loss, commitment loss, perplexity and dead-code count to the logs, as
+their means over the logging window averaged across processes (the `WindowMeans` that `PerceptioTrainer` uses).
 `train_depth_tokenizer` is the Python API behind `perceptio train-depth-tokenizer`.
 """
 
@@ -21,6 +22,7 @@ from perceptio.data.depth_teacher import DepthTeacher, add_teacher_depth_column
 from perceptio.evaluation.depth_tokenizer_evaluation import DepthTokenizerEvaluation, evaluate_depth_tokenizer
 from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+from perceptio.trainers.trainer_perceptio import WindowMeans
 
 LOGGED_OUTPUTS = ("reconstruction_loss", "commitment_loss", "perplexity", "dead_code_count")
 EVALUATION_FILE_NAME = "depth_tokenizer_evaluation.json"
@@ -65,24 +67,18 @@ class DepthTokenizerTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._output_sums: dict[str, float] = dict.fromkeys(LOGGED_OUTPUTS, 0.0)
-        self._output_count = 0
+        self._output_means = WindowMeans(LOGGED_OUTPUTS)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(depth=inputs["depth"])
         if model.training:
-            for name in LOGGED_OUTPUTS:
-                self._output_sums[name] += float(getattr(outputs, name).detach())
-            self._output_count += 1
+            self._output_means.add(torch.stack([getattr(outputs, name).detach().float() for name in LOGGED_OUTPUTS]))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the mean of each tokenizer output since the last training log."""
-        if "loss" in logs and self._output_count > 0:
-            for name in LOGGED_OUTPUTS:
-                logs[name] = round(self._output_sums[name] / self._output_count, 4)
-            self._output_sums = dict.fromkeys(LOGGED_OUTPUTS, 0.0)
-            self._output_count = 0
+        """Add the window mean of each tokenizer output (averaged over processes) to a training log."""
+        if "loss" in logs and self._output_means.count:
+            logs.update(self._output_means.pop_means(self.args.parallel_mode))
         super().log(logs, *args, **kwargs)
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
 from ..modeling_perceptio import PerceptioForConditionalGeneration
+from ..modeling_perceptio.loss_perceptio import mask_iou
 from ..processing import PerceptioImageProcessor
 
 SCENE_STREAMS = {"train": 0, "eval": 1}
@@ -214,21 +215,15 @@ def grounding_gate(
         )
         best = logits.gather(2, scores.argmax(-1)[..., None, None, None].expand(-1, -1, 1, *logits.shape[-2:]))
         predicted = nn.functional.interpolate(best[:, :, 0], size=targets.shape[-2:], mode="bilinear") > 0
-        own.append(mask_iou(predicted, targets).flatten())
-        overlap.append(mask_iou(predicted[:, 0], predicted[:, 1]))
+        # The gate scores two empty masks 0, where the evaluation scores them 1.
+        own.append(mask_iou(predicted, targets, empty_iou=0.0).flatten())
+        overlap.append(mask_iou(predicted[:, 0], predicted[:, 1], empty_iou=0.0))
         norms.append(image_embedding.norm(dim=1).mean((-2, -1)))
     return GroundingGate(
         prompt_iou=torch.cat(own).mean().item(),
         two_object_overlap=torch.cat(overlap).mean().item(),
         image_embedding_norm=torch.cat(norms).mean().item(),
     )
-
-
-def mask_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over their last two dimensions; two empty masks count as 0."""
-    intersection = (predicted & target).flatten(-2).sum(-1).float()
-    union = (predicted | target).flatten(-2).sum(-1).float()
-    return intersection / union.clamp_min(1.0)
 
 
 def pretrain_grounding_encoder(

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.training_args import ParallelMode
@@ -30,7 +30,6 @@ from transformers.training_args import ParallelMode
 from perceptio.data.synthetic_tasks import TASK_NAMES
 from perceptio.modeling_perceptio.loss_perceptio import per_sample_lm_loss
 from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
-from perceptio.processing.processing_perceptio import IGNORE_INDEX
 from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
 
 logger = logging.getLogger(__name__)
@@ -49,6 +48,33 @@ TASK_LOSS_PREFIX = "loss_lm/"
 
 class NonFiniteLossError(FloatingPointError):
     """A loss component became NaN or infinite during training."""
+
+
+class WindowMeans:
+    """Named per-step scalars summed on the device over a logging window (no host sync per step), logged as their
+    window means averaged across processes; `PerceptioTrainer` and `DepthTokenizerTrainer` log their losses with it.
+
+    Args:
+        names: the log key of each value, in the order `add` takes them.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        """Add one micro-batch's values, a (len(names),) float tensor."""
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+
+    def pop_means(self, parallel_mode: ParallelMode) -> dict[str, float]:
+        """The window mean of each value, averaged over processes, and start a new window. Every process calls it at
+        the same logging step, after at least one `add`."""
+        gathered = nested_gather(self.sums[None], parallel_mode)
+        means = gathered.mean(0) / self.count
+        self.sums, self.count = None, 0
+        return {name: round(float(value), 6) for name, value in zip(self.names, means.tolist())}
 
 
 class PerceptioTrainer(Trainer):
@@ -73,8 +99,7 @@ class PerceptioTrainer(Trainer):
         if isinstance(self.data_collator, PerceptioDataCollator) and not self.data_collator.return_tasks:
             self.data_collator = copy.copy(self.data_collator)
             self.data_collator.return_tasks = True
-        self._component_sums: torch.Tensor | None = None
-        self._component_count = 0
+        self._component_means = WindowMeans(LOSS_COMPONENTS)
         # Task name -> column of `_task_stats`; starts with the synthetic tasks, grows with any other name seen.
         self._task_index = {name: index for index, name in enumerate(TASK_NAMES)}
         # (2, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples.
@@ -93,13 +118,9 @@ class PerceptioTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the window mean of each loss component (averaged over processes) to a training log."""
-        if "loss" in logs and self._component_sums is not None:
-            gathered = nested_gather(self._component_sums[None], self.args.parallel_mode)
-            means = gathered.mean(0) / self._component_count
-            logs.update({name: round(float(value), 6) for name, value in zip(LOSS_COMPONENTS, means.tolist())})
+        if "loss" in logs and self._component_means.count:
+            logs.update(self._component_means.pop_means(self.args.parallel_mode))
             logs.update(self._task_loss_means())
-            self._component_sums = None
-            self._component_count = 0
             self._task_stats = None
         super().log(logs, *args, **kwargs)
 
@@ -122,8 +143,7 @@ class PerceptioTrainer(Trainer):
                 f"Non-finite loss component at step {self.state.global_step}: {', '.join(bad)}. Lower the learning "
                 "rate or that component's weight, or check the batch's targets."
             )
-        self._component_sums = values if self._component_sums is None else self._component_sums + values
-        self._component_count += 1
+        self._component_means.add(values)
 
     def _record_task_losses(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> None:
         batch = labels.shape[0]
@@ -181,4 +201,4 @@ def _component(outputs, name: str) -> torch.Tensor:
     return value
 
 
-__all__ = ["LOSS_COMPONENTS", "TASK_LOSS_PREFIX", "NonFiniteLossError", "PerceptioTrainer"]
+__all__ = ["LOSS_COMPONENTS", "TASK_LOSS_PREFIX", "NonFiniteLossError", "PerceptioTrainer", "WindowMeans"]

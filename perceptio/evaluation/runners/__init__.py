@@ -1,12 +1,11 @@
 """Benchmark runners behind `perceptio eval TASK`: each writes a per-sample JSONL (resumable) and a JSON summary."""
 
+from .. import EVALUATION_TASKS
 from .blink_depth import run_blink_depth
 from .hardblink import run_hardblink
-from .refcoco import REFCOCO_TASKS, run_refcoco
+from .refcoco import run_refcoco
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
 from .synthetic import run_synthetic
-
-EVALUATION_TASKS: tuple[str, ...] = (*REFCOCO_TASKS, "blink-depth", "hardblink", "synthetic")
 
 __all__ = [
     "EVALUATION_TASKS",

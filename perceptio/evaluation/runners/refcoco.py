@@ -25,12 +25,12 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from .. import REFCOCO_TASKS
 from ..segmentation_metrics import ReferringSegmentationScore, mask_intersection_union
 from .coco_masks import segmentation_to_mask
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
 
-REFCOCO_TASKS: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog")
 DEFAULT_REFERRING_PROMPT = "Please segment {sentence}."
 PER_OBJECT_COLUMNS: tuple[str, ...] = ("image", "segmentation", "answer")
 PER_IMAGE_COLUMNS: tuple[str, ...] = ("image", "references")

@@ -39,7 +39,7 @@ import datasets
 import numpy as np
 
 from ...data.synthetic_dataset import sample_spatial_targets
-from ..depth_metrics import abs_rel, delta1, normalized_to_positive, pair_order_counts, rmse
+from ..depth_metrics import abs_rel, delta1, normalised_inverse_depth, normalized_to_positive, pair_order_counts, rmse
 from ..segmentation_metrics import mask_intersection_union
 from .answer_scoring import answer_losses
 from .choice_scoring import choice_record, choice_summary, choice_summary_by
@@ -55,15 +55,6 @@ DEPTH_PAIR_SEED = 0
 ANSWER_TASKS: tuple[str, ...] = ("vqa_colour", "vqa_shape", "vqa_count", "relative_depth")
 # The swapped-image control calls the model reading the image when the own image wins by more than this many SEs.
 READS_IMAGE_STANDARD_ERRORS = 2.0
-
-
-def normalised_inverse_depth(inverse_depth: np.ndarray) -> np.ndarray:
-    """Min-max normalise a relative inverse depth map to [-1, 1] (a constant map becomes 0), as the tokenizer does."""
-    inverse_depth = np.asarray(inverse_depth, dtype=np.float64)
-    low, high = float(inverse_depth.min()), float(inverse_depth.max())
-    if high - low <= 0:
-        return np.zeros_like(inverse_depth)
-    return 2 * (inverse_depth - low) / (high - low) - 1
 
 
 def depth_figures(predicted: np.ndarray, target: np.ndarray) -> dict[str, float | int]:
