@@ -1,4 +1,4 @@
-"""The ablation table of issue 7: the synthetic-tiny recipe's four arms, same data, steps and seed.
+"""The ablation table: the synthetic-tiny recipe's four arms, same data, steps and seed.
 
 Each arm is `run_synthetic_tiny_recipe(OUTPUT/ARM, recipe, ablation=ARM)` (what `perceptio train --recipe
 synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perceptio eval synthetic` runs) on
@@ -12,7 +12,7 @@ synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perc
   the own and with another image is read from this split too.
 
 An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
-checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (under 45 minutes on
+checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (about 34 minutes on
 two CPU cores); two arms run side by side with one thread each (`OMP_NUM_THREADS=1`, separate `--arms`, one output
 folder); merge by rerunning with all of them.
 
@@ -49,7 +49,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=list(ABLATIONS), choices=ABLATIONS)
     parser.add_argument("--train-steps", type=int, help="override the recipe's training steps (all arms alike)")
     parser.add_argument(
-        "--grounding-steps", type=int, help="override the recipe's SAM2 point-prompt pretraining steps (all arms alike)"
+        "--grounding-steps", type=int, help="override the recipe's SAM2 grounding steps (all arms alike)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--relative-depth-questions", type=int, default=100, help="per point count (2 to 5)")

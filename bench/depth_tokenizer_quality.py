@@ -4,7 +4,7 @@ Renders synthetic scenes with `perceptio.data.scene_rendering.render_scene` (exa
 relative inverse depth with `metric_depth_to_inverse_depth` (the tokenizer's convention), trains a tokenizer with
 `train_depth_tokenizer` and evaluates decode(encode(d)) against d on held-out scenes.
 
-Targets (issue 3): pair-order accuracy of the reconstruction >= 95% (Aurora's ground-truth codes: 95.7%) and
+Targets: pair-order accuracy of the reconstruction >= 95% (Aurora's ground-truth codes: 95.7%) and
 >= 50% of the codebook in use.
 
 Config used by default (chosen so the run fits in about 15 minutes on 2 shared CPU cores): the default token

@@ -1,4 +1,4 @@
-"""Generation benchmark of Perceptio against transformers' plain InternVL on the same weights (issue 5).
+"""Generation benchmark of Perceptio against transformers' plain InternVL on the same weights.
 
 Three measurements, each on the tiny test config and on a ~100M-parameter config defined here, in one run:
 

@@ -32,7 +32,7 @@ from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 
 TARGET_RATIO = 1.10
 IMAGE_SIDE = 64
-# ~100M parameters: a 12-layer, 768-wide Qwen2 text model; DESIGN.md §4's real depth tokenizer (N = 100, K = 128).
+# ~100M parameters: a 12-layer, 768-wide Qwen2 text model; the real depth tokenizer's size (N = 100, K = 128).
 MEDIUM_TEXT = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4}
 MEDIUM_NUM_DEPTH_CODES = 128
 

@@ -1,7 +1,7 @@
 """Tiny Perceptio models for tests, docs and CPU experiments — built locally, no network.
 
 A tiny model has a real byte-level BPE tokenizer (trained with `tokenizers` on the text bundled in
-`perceptio/assets/tiny_corpus.txt`), the tiny InternVL / SAM2 / depth-tokenizer configurations of DESIGN.md §10,
+`perceptio/assets/tiny_corpus.txt`), tiny InternVL / SAM2 / depth-tokenizer configurations,
 and random weights.
 
 >>> from perceptio.tiny_models import build_tiny_perceptio
@@ -69,7 +69,7 @@ def tiny_depth_tokenizer_config(num_codes: int = TINY_NUM_DEPTH_CODES) -> Percep
 
 
 def tiny_sam2_config() -> Sam2Config:
-    """DESIGN.md §10's SAM2: 128² input, ≈0.5M parameters."""
+    """The tiny SAM2: 128² input, ≈0.5M parameters."""
     return Sam2Config(
         vision_config={
             "backbone_config": {

@@ -29,7 +29,7 @@ BASE_CHAT_TEMPLATE = (
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_NUM_DEPTH_TOKENS = 16
-# Shrinks Meta's sam2.1 hiera-large hydra config to DESIGN.md §10's tiny SAM2 (SAM heads stay as SAM2Base builds them).
+# Shrinks Meta's sam2.1 hiera-large hydra config to the tiny SAM2 of perceptio.tiny_models (SAM heads stay as SAM2Base builds them).
 TINY_SAM2_CONFIG_NAME = "configs/sam2.1/sam2.1_hiera_l.yaml"
 TINY_SAM2_OVERRIDES = (
     "++model.image_size=128",

@@ -2,8 +2,8 @@
 
 Fresh scenes are rendered at test time from a fixed seed the recipe never trains on, and scored with
 `perceptio eval synthetic`'s own runner and controls. Each threshold sits a little below the figure the shipped
-checkpoint measured on these scenes (docs/evaluation.md gives the full test-split figures), and above what the
-previous, blind checkpoint scored: a checkpoint whose colour answers ignore the image, or whose masks ignore the
+checkpoint measured on these scenes (docs/evaluation.md gives the full test-split figures), and above what a
+checkpoint that ignores its input scores: one whose colour answers ignore the image, or whose masks ignore the
 sentence, fails here. The margins are small because the checkpoint reads little (see docs/evaluation.md).
 """
 
@@ -22,8 +22,8 @@ SCENE_SEED = 20261201
 NUM_QUESTIONS = 128
 TASKS = {"vqa_colour": 0.5, "referring": 0.5}
 # Measured on these scenes: colour accuracy 0.19 (0.12 with another image), answer-loss margin 0.051 (standard error
-# 0.029), cIoU 0.350 (0.323 with another row's sentence). The previous, blind checkpoint: colour 0.09, margin 0.006,
-# the same cIoU with either sentence.
+# 0.029), cIoU 0.350 (0.323 with another row's sentence). A checkpoint of an earlier recipe that read neither input
+# scored colour 0.09, margin 0.006, and the same cIoU with either sentence.
 MIN_COLOUR_ACCURACY = 0.15
 MIN_COLOUR_LOSS_MARGIN = 0.03
 MIN_REFERRING_CIOU = 0.30

@@ -6,12 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import LogitsProcessor
 
-from perceptio.cli import main
 from perceptio.evaluation.runners import RunSettings, run_hardblink
+from test_eval_runners import ScriptedAnswer  # noqa: E402  (the shared scripted-generation processor)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -48,21 +46,6 @@ def write_release_layout(root) -> None:
             (root / folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
-class AlwaysAnswer(LogitsProcessor):
-    """Forces every generated sequence to be `script`, then EOS."""
-
-    def __init__(self, script: list[int]):
-        self.script = script
-        self.prompt_length: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_length is None or input_ids.shape[1] <= self.prompt_length:
-            self.prompt_length = input_ids.shape[1]
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.script[min(input_ids.shape[1] - self.prompt_length, len(self.script) - 1)]] = 0
-        return forced
-
-
 def test_the_released_layout_is_scored_per_point_count(tiny_pair, tmp_path):
     model, processor = tiny_pair
     write_release_layout(tmp_path / "hardblink")
@@ -70,7 +53,7 @@ def test_the_released_layout_is_scored_per_point_count(tiny_pair, tmp_path):
     script = tokenizer("(B)", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     settings = RunSettings(
         output_dir=tmp_path / "out", batch_size=2, max_new_tokens=len(script) + 1, show_progress=False,
-        generate_kwargs={"logits_processor": [AlwaysAnswer(script)]},
+        generate_kwargs={"logits_processor": [ScriptedAnswer(script)]},
     )
     summary = run_hardblink(model, processor, tmp_path / "hardblink", settings)
     assert {points: group["accuracy"] for points, group in summary["by_num_points"].items()} == {
@@ -79,18 +62,6 @@ def test_the_released_layout_is_scored_per_point_count(tiny_pair, tmp_path):
     assert summary["mean_accuracy"] == pytest.approx(0.5) and summary["num_samples"] == 6
     records = [json.loads(line) for line in (tmp_path / "out" / "hardblink_samples.jsonl").read_text().splitlines()]
     assert sorted(record["sample_id"] for record in records) == ["3:0", "3:1", "4:0", "4:1", "5:0", "5:1"]
-
-
-def test_eval_command_reads_the_released_layout(tiny_pair, tmp_path):
-    model, processor = tiny_pair
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    write_release_layout(tmp_path / "hardblink")
-    argv = ["eval", "hardblink", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "hardblink"),
-            "--output-dir", str(tmp_path / "out"), "--limit", "1", "--max-new-tokens", "2", "--no-progress"]
-    assert main(argv) == 0
-    summary = json.loads((tmp_path / "out" / "hardblink_summary.json").read_text())
-    assert summary["num_samples"] == 3 and set(summary["by_num_points"]) == {"3", "4", "5"}
 
 
 def test_a_missing_question_file_is_named(tiny_pair, tmp_path):

@@ -1,4 +1,4 @@
-"""Depth-token losses of DESIGN.md §5 against values worked out by hand on small logits."""
+"""Perceptio's losses against values worked out by hand on small logits."""
 
 from __future__ import annotations
 

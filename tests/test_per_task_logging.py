@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import TrainingArguments
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from perceptio.data.synthetic_dataset import generate_sample
@@ -32,6 +31,7 @@ from perceptio.trainers.trainer_perceptio import (
     TASK_LOSS_PREFIX,
     PerceptioTrainer,
 )
+from test_trainer import training_args  # noqa: E402  (the shared tiny TrainingArguments)
 
 IMAGE_SIDE = 64
 # A task name outside the synthetic TASK_NAMES, as a custom dataset would have.
@@ -46,23 +46,6 @@ def task_samples(tasks: Sequence[str]) -> list[dict]:
         source = task if task in TASK_NAMES else "referring"
         rows.append(dict(generate_sample(0, "train", index, IMAGE_SIDE, task_weights={source: 1.0}), task=task))
     return rows
-
-
-def training_args(output_dir, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
 
 
 def task_logs(entry: dict) -> dict[str, float]:
@@ -125,7 +108,7 @@ def test_a_few_steps_log_the_lm_loss_of_exactly_the_tasks_present(tiny_model, co
     tasks = ["referring", "vqa_count", "vqa_count", CUSTOM_TASK]
     trainer = PerceptioTrainer(
         model=tiny_model,
-        args=training_args(tmp_path, max_steps=2, logging_steps=1),
+        args=training_args(tmp_path, per_device_train_batch_size=2, max_steps=2),
         train_dataset=Dataset.from_list(task_samples(tasks)),
         data_collator=collator,
     )
@@ -154,7 +137,7 @@ def test_per_task_value_is_the_window_mean_of_each_samples_own_cross_entropy(tin
     # One logging window of two micro-batches (gradient accumulation 2): no optimizer step between the forwards.
     trainer = PerceptioTrainer(
         model=tiny_model,
-        args=training_args(tmp_path, gradient_accumulation_steps=2),
+        args=training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2),
         train_dataset=Dataset.from_list(samples),
         data_collator=collator,
     )
@@ -172,7 +155,7 @@ def test_a_batch_without_task_names_trains_and_logs_no_per_task_keys(tiny_pair, 
     ]
     dataset = Dataset.from_list([{key: value.tolist() for key, value in example.items()} for example in built])
     trainer = PerceptioTrainer(
-        model=tiny_model, args=training_args(tmp_path), train_dataset=dataset, data_collator=collator
+        model=tiny_model, args=training_args(tmp_path, per_device_train_batch_size=2), train_dataset=dataset, data_collator=collator
     )
     trainer.train()
     (logged,) = training_logs(trainer)
@@ -183,7 +166,7 @@ def test_a_batch_without_task_names_trains_and_logs_no_per_task_keys(tiny_pair, 
 def test_task_names_that_do_not_match_the_batch_are_rejected(tiny_model, collator, tmp_path):
     trainer = PerceptioTrainer(
         model=tiny_model,
-        args=training_args(tmp_path),
+        args=training_args(tmp_path, per_device_train_batch_size=2),
         train_dataset=Dataset.from_list(task_samples(["vqa_count", "vqa_shape"])),
         data_collator=lambda samples: dict(collator(samples), tasks=["vqa_count"]),
     )
@@ -226,7 +209,7 @@ def worker_main(output: str) -> None:
     for name in OBJECTIVE_UNREACHED_MODULES:
         model.get_submodule(name).requires_grad_(False)
     args = training_args(
-        os.path.dirname(output),
+        Path(os.path.dirname(output)),
         per_device_train_batch_size=1,
         gradient_accumulation_steps=2 // world_size,
         # Strict, as in tests/ddp_training_worker.py: a graph that differs between processes fails.

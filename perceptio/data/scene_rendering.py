@@ -331,7 +331,7 @@ def normalise_image_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
 def metric_depth_to_inverse_depth(depth: np.ndarray) -> np.ndarray:
     """Convert metric depth to relative inverse depth 1/z (larger = nearer), the depth tokenizer's convention.
 
-    The result is not normalised: the depth tokenizer normalises each map itself (DESIGN.md §4).
+    The result is not normalised: the depth tokenizer normalises each map itself.
     """
     depth = np.asarray(depth, dtype=np.float32)
     if depth.size == 0:

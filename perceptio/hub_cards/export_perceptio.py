@@ -1,4 +1,4 @@
-"""Export a Perceptio model and processor as a flat, self-contained Hub folder (DESIGN.md §7).
+"""Export a Perceptio model and processor as a flat, self-contained Hub folder.
 
 The folder holds safetensors weights, the processor and tokenizer files, every source file of
 `perceptio/modeling_perceptio/` and `perceptio/processing/` copied flat, and `auto_map` entries so that

@@ -36,7 +36,7 @@ EVALUATION_TASKS = {
     "synthetic": ("visual-question-answering", "perceptio-synthetic", "Perceptio synthetic scenes"),
 }
 DEFAULT_TRAINING_RECIPE = (
-    "Sa2VA's recipe (DESIGN.md §8 of the Perceptio project): PEFT LoRA on the language model (r = 128, α = 256) with "
+    "Sa2VA's recipe: PEFT LoRA on the language model (r = 128, α = 256) with "
     "the SAM2 mask decoder, `text_hidden_fcs` and the spatial-token embedding rows trained in full; vision tower, SAM2 "
     "image encoder and depth tokenizer frozen; AdamW, learning rate 4e-5, cosine schedule, warm-up 5%, bf16. Loss: "
     "next-token cross-entropy + mask BCE (×2.0) and Dice (×0.5) + depth-marker, restricted-softmax code, code-count "

@@ -34,7 +34,7 @@ class PerceptioConfig(InternVLConfig):
             one by predicted IoU is the mask) or, when False, into its single-mask output as Sa2VA does; single is the
             better choice when SAM2 is trained from scratch, whose IoU head cannot yet rank candidates.
         depth_marker_loss_weight, depth_token_loss_weight, depth_count_loss_weight, depth_recon_loss_weight
-            (`float`, defaults to 1.0): λ of the four depth-token objectives (DESIGN.md §5).
+            (`float`, defaults to 1.0): λ of the four depth-token objectives.
         depth_soft_merge_temperature (`float`, defaults to 1.0): τ of the soft-merged depth reconstruction.
         lm_loss_reduction (`str`, defaults to "token"): how `loss_lm` averages the next-token cross-entropy. "token":
             over all supervised tokens of the batch (transformers' convention). "segment": first within each segment

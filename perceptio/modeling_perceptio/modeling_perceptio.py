@@ -367,7 +367,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         labels: torch.LongTensor,
         depth_maps: list[torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`loss_marker`, `loss_token`, `loss_count` and `loss_depth_recon` of DESIGN.md §5 (0 without depth blocks).
+        """`loss_marker`, `loss_token`, `loss_count` and `loss_depth_recon` (docs/training.md; 0 without depth blocks).
 
         Only the N + 2 steps of each depth block go through the LM head again (from the last hidden states): the
         terms never index the full (batch, length, vocabulary) logits, whose backward would scatter into a copy of

@@ -39,7 +39,7 @@ class PerceptioDataCollator:
     has none); `depth_maps` one relative inverse depth map (H, W) per sample with a depth block, else `None`.
 
     Depth codes come from a sample's cached `depth_codes` when present, else `depth_tokenizer.encode` of its relative
-    inverse depth (metric `depth` is converted to 1/z first, DESIGN.md §4). Caching them as a dataset column with
+    inverse depth (metric `depth` is converted to 1/z first). Caching them as a dataset column with
     `perceptio.trainers.data_mixture.add_depth_code_column` avoids encoding at every epoch.
 
     With `return_tasks=True` the batch also has `tasks`, one task name per sample (`NO_TASK`, the empty string, for a

@@ -1,4 +1,4 @@
-"""PEFT presets: Sa2VA's LoRA recipe for Perceptio (DESIGN.md §8).
+"""PEFT presets: Sa2VA's LoRA recipe for Perceptio.
 
 LoRA (r=128, α=256 by default) on the LLM's attention and MLP projections; the SAM2 mask decoder and
 `text_hidden_fcs` trained in full (PEFT `modules_to_save`); the embedding and LM-head rows of the spatial tokens

@@ -1,7 +1,7 @@
 """The `synthetic-tiny` recipe: a tiny Perceptio trained end to end on CPU on rendered 3D scenes.
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
-depth tokenizer on its exact depth, pretrains the tiny SAM2 on point prompts over rendered instance masks (the
+depth tokenizer on its exact depth, pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
 stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
 (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
 and saves the result. Everything follows from `seed`.
@@ -12,7 +12,7 @@ long depth blocks and `[SEG]`s of the mixture compete for it; then the whole mix
 prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so the mask
 can only follow the sentence through the `[SEG]` states the language model writes.
 
-Ablations (DESIGN.md §9 and issue 7) train with the same data, steps and seed:
+Ablations train with the same data, steps and seed:
 
 - `full`: the recipe as described.
 - `no-depth-tokens`: no sample carries a depth block.
