@@ -21,6 +21,7 @@ from perceptio.tiny_models import build_tiny_perceptio
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.trainer_perceptio import PerceptioTrainer
 
+
 SIDE = 32
 
 
@@ -32,12 +33,26 @@ def samples() -> list[dict]:
     image = Image.fromarray(rng.integers(0, 256, size=(SIDE, SIDE, 3), dtype=np.uint8))
     depth = rng.uniform(1.0, 6.0, size=(SIDE, SIDE)).astype(np.float32)
     return [
-        {"image": image, "prompt": "Segment the cube.", "answer": "Here.", "masks": [mask], "depth": depth, "use_depth_block": True},
-        {"image": image, "prompt": "What colour is it?", "answer": "Red.", "masks": [], "depth": depth, "use_depth_block": False},
+        {
+            "image": image,
+            "prompt": "Segment the cube.",
+            "answer": "Here.",
+            "masks": [mask],
+            "depth": depth,
+            "use_depth_block": True,
+        },
+        {
+            "image": image,
+            "prompt": "What colour is it?",
+            "answer": "Red.",
+            "masks": [],
+            "depth": depth,
+            "use_depth_block": False,
+        },
     ]
 
 
-def main(output: str, steps: int) -> None:
+def main(output: str, steps: int) -> PerceptioTrainer:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model, processor = build_tiny_perceptio(seed=0)
     for name in OBJECTIVE_UNREACHED_MODULES:
@@ -58,17 +73,23 @@ def main(output: str, steps: int) -> None:
         ddp_find_unused_parameters=False,
     )
     collator = PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer, max_num_tiles=1)
-    trainer = PerceptioTrainer(model=model, args=args, train_dataset=Dataset.from_list(samples()), data_collator=collator)
+    trainer = PerceptioTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(samples()), data_collator=collator
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         with open(output, "w", encoding="utf-8") as handle:
             json.dump(trainer.state.log_history, handle)
     if torch.distributed.is_initialized():
-        # Both ranks reach the teardown before either leaves; a rank that exited early once left the other hanging
-        # in destroy_process_group (a 240-second timeout in one fresh-venv CI run).
+        # Both ranks finish their collectives before either tears its process group down.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    return trainer
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    # The trainer is kept, and the process leaves without running destructors: freeing DDP's reducer frees gloo's
+    # process group, whose worker thread may then wait for the GIL that the freeing thread holds, for good.
+    trainer = main(sys.argv[1], int(sys.argv[2]))
+    sys.stdout.flush()
+    os._exit(0)

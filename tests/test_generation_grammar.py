@@ -10,6 +10,7 @@ from transformers import LogitsProcessor
 
 from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
 
+
 SEG, START, END, OFFSET, K, N, VOCAB = 3, 4, 5, 10, 6, 3, 20
 CODES = range(OFFSET, OFFSET + K)
 TEXT_TOKENS = [0, 1, 2, 6, 7, 8, 9, 16, 17, 18, 19]
@@ -25,7 +26,13 @@ def grammar(prompt_length: int = 0, max_depth_blocks: int = 1, prompts_with_imag
 
 
 def allowed_next(
-    generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1,
+    generated: list[int],
+    seg: int,
+    start: int,
+    end: int,
+    codes: range,
+    n: int,
+    max_blocks: int = 1,
     has_image: bool = True,
 ):
     """Reference: the set of tokens the grammar allows after `generated` ("text" = any non-spatial token too)."""
@@ -48,7 +55,13 @@ def allowed_next(
 
 
 def obeys_grammar(
-    generated: list[int], seg: int, start: int, end: int, codes: range, n: int, max_blocks: int = 1,
+    generated: list[int],
+    seg: int,
+    start: int,
+    end: int,
+    codes: range,
+    n: int,
+    max_blocks: int = 1,
     has_image: bool = True,
 ):
     for index, token in enumerate(generated):
@@ -125,8 +138,15 @@ def test_zero_depth_blocks_forbids_the_block():
     ],
 )
 def test_bad_grammar_arguments_raise(kwargs, message):
-    arguments = dict(seg_token_id=SEG, depth_start_token_id=START, depth_end_token_id=END,
-                     depth_code_token_offset=OFFSET, num_depth_codes=K, num_depth_tokens=N, prompt_length=0)
+    arguments = dict(
+        seg_token_id=SEG,
+        depth_start_token_id=START,
+        depth_end_token_id=END,
+        depth_code_token_offset=OFFSET,
+        num_depth_codes=K,
+        num_depth_tokens=N,
+        prompt_length=0,
+    )
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         PerceptioSpatialGrammarLogitsProcessor(**arguments)
@@ -165,6 +185,8 @@ class RandomSpatialLogits(LogitsProcessor):
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_generated_sequences_obey_the_grammar(tiny_pair, rgb_image, mode, seed):
+    # Sampling draws from torch's global generator: seed it too, so each example replays exactly.
+    torch.manual_seed(seed)
     model, processor = tiny_pair
     config = model.config
     codes = range(config.depth_code_token_offset, config.depth_code_token_offset + config.num_depth_codes)
@@ -193,8 +215,11 @@ def test_without_the_grammar_random_logits_break_it(tiny_pair):
     spatial = [config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, *codes]
     inputs = processor(text=["a b"])
     output = model.generate(
-        **inputs, logits_processor=[RandomSpatialLogits(0, spatial, processor.tokenizer.eos_token_id)],
-        max_new_tokens=12, spatial_grammar=False, pad_token_id=processor.tokenizer.pad_token_id,
+        **inputs,
+        logits_processor=[RandomSpatialLogits(0, spatial, processor.tokenizer.eos_token_id)],
+        max_new_tokens=12,
+        spatial_grammar=False,
+        pad_token_id=processor.tokenizer.pad_token_id,
     )
     ids = (config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id, codes, config.num_depth_tokens)
     assert not obeys_grammar(output[0, inputs["input_ids"].shape[1] :].tolist(), *ids)

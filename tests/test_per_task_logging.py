@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from test_trainer import training_args  # noqa: E402  (the shared tiny TrainingArguments)
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from perceptio.data.synthetic_dataset import generate_sample
@@ -31,7 +32,7 @@ from perceptio.trainers.trainer_perceptio import (
     TASK_LOSS_PREFIX,
     PerceptioTrainer,
 )
-from test_trainer import training_args  # noqa: E402  (the shared tiny TrainingArguments)
+
 
 IMAGE_SIDE = 64
 # A task name outside the synthetic TASK_NAMES, as a custom dataset would have.
@@ -155,7 +156,10 @@ def test_a_batch_without_task_names_trains_and_logs_no_per_task_keys(tiny_pair, 
     ]
     dataset = Dataset.from_list([{key: value.tolist() for key, value in example.items()} for example in built])
     trainer = PerceptioTrainer(
-        model=tiny_model, args=training_args(tmp_path, per_device_train_batch_size=2), train_dataset=dataset, data_collator=collator
+        model=tiny_model,
+        args=training_args(tmp_path, per_device_train_batch_size=2),
+        train_dataset=dataset,
+        data_collator=collator,
     )
     trainer.train()
     (logged,) = training_logs(trainer)
@@ -199,7 +203,7 @@ def test_two_processes_log_the_same_per_task_losses_as_one(tmp_path):
     assert distributed == {name: pytest.approx(value, rel=1e-4) for name, value in single.items()}
 
 
-def worker_main(output: str) -> None:
+def worker_main(output: str) -> PerceptioTrainer:
     """One step over two samples (one referring, one of CUSTOM_TASK): per process with DDP, else accumulated."""
     from perceptio.commands.train import OBJECTIVE_UNREACHED_MODULES
     from perceptio.tiny_models import build_tiny_perceptio
@@ -225,7 +229,11 @@ def worker_main(output: str) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    return trainer
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    # As in tests/ddp_training_worker.py: keep the trainer and leave without destructors (a gloo teardown deadlock).
+    trainer = worker_main(sys.argv[1])
+    sys.stdout.flush()
+    os._exit(0)
