@@ -38,6 +38,7 @@ from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_check
 from perceptio.evaluation.runners.synthetic import ANSWER_TASKS
 from perceptio.trainers.synthetic_recipe import ABLATIONS, SyntheticTinyRecipe, run_synthetic_tiny_recipe
 
+
 POINT_COUNTS = (2, 3, 4, 5)
 # Disjoint from the recipe's splits, which are drawn from the recipe seed.
 RELATIVE_DEPTH_SEED_OFFSET = 1000
@@ -72,8 +73,13 @@ def relative_depth_questions(output_dir: Path, per_point_count: int, image_size:
         for num_points in POINT_COUNTS:
             config = replace(DEFAULT_TASK_CONFIG, point_count_range=(num_points, num_points))
             built = build_synthetic_dataset(
-                0, 0, per_point_count, image_size=image_size, seed=seed + RELATIVE_DEPTH_SEED_OFFSET + num_points,
-                tasks=["relative_depth"], task_config=config,
+                0,
+                0,
+                per_point_count,
+                image_size=image_size,
+                seed=seed + RELATIVE_DEPTH_SEED_OFFSET + num_points,
+                tasks=["relative_depth"],
+                task_config=config,
             )
             splits.append(built["test"])
         datasets.DatasetDict({"test": datasets.concatenate_datasets(splits)}).save_to_disk(str(folder))
@@ -126,8 +132,16 @@ def table_row(arm: str, results: dict) -> str:
 def table_header() -> str:
     """The table's header and separator rows."""
     columns = [
-        "arm", "referring cIoU", "cIoU, swapped sentence", "depth AbsRel", "depth pair-order", "rel. depth 2 pts",
-        "3 pts", "4 pts", "5 pts", *(f"{task} acc., own / other image" for task in ANSWER_TASKS),
+        "arm",
+        "referring cIoU",
+        "cIoU, swapped sentence",
+        "depth AbsRel",
+        "depth pair-order",
+        "rel. depth 2 pts",
+        "3 pts",
+        "4 pts",
+        "5 pts",
+        *(f"{task} acc., own / other image" for task in ANSWER_TASKS),
         "depth AbsRel, own / other image",
     ]
     return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"

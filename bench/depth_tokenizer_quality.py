@@ -29,6 +29,7 @@ from perceptio.data.scene_rendering import metric_depth_to_inverse_depth, render
 from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 from perceptio.trainers.depth_tokenizer_trainer import train_depth_tokenizer
 
+
 PAIR_ORDER_TARGET = 0.95
 CODEBOOK_USAGE_TARGET = 0.5
 
@@ -86,11 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     pair_order_passed = evaluation.pair_order_accuracy >= PAIR_ORDER_TARGET
     usage_passed = evaluation.codebook_usage >= CODEBOOK_USAGE_TARGET
-    print(f"\nheld-out scenes: {evaluation.num_maps}, grid {config.grid_size}x{config.grid_size}, K = {config.num_codes}")
-    print(f"pair-order accuracy {evaluation.pair_order_accuracy:.2%} (target >= {PAIR_ORDER_TARGET:.0%}): "
-          f"{'PASS' if pair_order_passed else 'FAIL'}")
-    print(f"codebook usage {evaluation.codebook_usage:.2%} (target >= {CODEBOOK_USAGE_TARGET:.0%}): "
-          f"{'PASS' if usage_passed else 'FAIL'}")
+    print(
+        f"\nheld-out scenes: {evaluation.num_maps}, grid {config.grid_size}x{config.grid_size}, K = {config.num_codes}"
+    )
+    print(
+        f"pair-order accuracy {evaluation.pair_order_accuracy:.2%} (target >= {PAIR_ORDER_TARGET:.0%}): "
+        f"{'PASS' if pair_order_passed else 'FAIL'}"
+    )
+    print(
+        f"codebook usage {evaluation.codebook_usage:.2%} (target >= {CODEBOOK_USAGE_TARGET:.0%}): "
+        f"{'PASS' if usage_passed else 'FAIL'}"
+    )
     print(f"wall time {elapsed:.0f} s")
     return 0 if pair_order_passed and usage_passed else 1
 

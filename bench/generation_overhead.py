@@ -34,6 +34,7 @@ from perceptio.modeling_perceptio.configuration_perceptio import PerceptioConfig
 from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.tiny_models import build_tiny_perceptio, build_tiny_processor, tiny_perceptio_config
 
+
 OVERHEAD_TARGET = 1.05
 MASK_STAGE_TARGET = 1.5
 BATCH_SPEEDUP_TARGET = 3.0
@@ -47,7 +48,12 @@ MEDIUM_TEXT_CONFIG = {
     "num_attention_heads": 12,
     "num_key_value_heads": 4,
 }
-MEDIUM_VISION_CONFIG = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024}
+MEDIUM_VISION_CONFIG = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+}
 
 
 def medium_perceptio(seed: int):
@@ -94,7 +100,9 @@ def median_seconds(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+def interleaved_medians(
+    first: Callable[[], object], second: Callable[[], object], repeats: int
+) -> tuple[float, float]:
     """Median seconds of two functions run alternately (after one warm-up call each)."""
     first(), second()
     times_first, times_second = [], []
@@ -113,8 +121,12 @@ def generation_overhead(model, processor, new_tokens: int, repeats: int) -> tupl
     plain = plain_internvl(model)
     inputs = processor(images=[bench_image()], text=[processor.format_prompt("Describe the scene.")])
     inputs = {key: value for key, value in inputs.items() if key != "sam_pixel_values"}
-    common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=processor.tokenizer.pad_token_id)
+    common = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
     plain_output = plain.generate(**inputs, **common)
     ours = model.generate(**inputs, **common, return_dict_in_generate=True)
     if plain_output.shape != ours.sequences.shape:
@@ -142,8 +154,10 @@ def mask_stage(model, processor, repeats: int) -> tuple[float, float]:
 def batching(model, processor, new_tokens: int, repeats: int) -> tuple[float, float]:
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(BATCH_SIZE)]
-    prompts = [processor.format_prompt(f"Question {index}: what is in the image{'?' * (index % 3 + 1)}")
-               for index in range(BATCH_SIZE)]
+    prompts = [
+        processor.format_prompt(f"Question {index}: what is in the image{'?' * (index % 3 + 1)}")
+        for index in range(BATCH_SIZE)
+    ]
     common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
     def one_batch():
@@ -153,28 +167,37 @@ def batching(model, processor, new_tokens: int, repeats: int) -> tuple[float, fl
     def one_by_one():
         for image, prompt in zip(images, prompts):
             inputs = processor(images=[image], text=[prompt])
-            model.predict_from_inputs(inputs, processor=processor, original_sizes=processor.image_sizes([image]),
-                                      **common)
+            model.predict_from_inputs(
+                inputs, processor=processor, original_sizes=processor.image_sizes([image]), **common
+            )
 
     return interleaved_medians(one_by_one, one_batch, repeats)
 
 
 def report(name: str, model, processor, new_tokens: int, batch_new_tokens: int, repeats: int) -> dict[str, float]:
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    print(f"\n== {name}: {parameters / 1e6:.1f}M parameters, {new_tokens} new tokens ({batch_new_tokens} for "
-          f"batching), median of {repeats} runs ==")
+    print(
+        f"\n== {name}: {parameters / 1e6:.1f}M parameters, {new_tokens} new tokens ({batch_new_tokens} for "
+        f"batching), median of {repeats} runs =="
+    )
     plain_time, ours_time = generation_overhead(model, processor, new_tokens, repeats)
     overhead = ours_time / plain_time
-    print(f"generation: InternVL {plain_time * 1e3:.1f} ms, Perceptio {ours_time * 1e3:.1f} ms -> overhead "
-          f"{overhead:.3f}x (target <= {OVERHEAD_TARGET}x)")
+    print(
+        f"generation: InternVL {plain_time * 1e3:.1f} ms, Perceptio {ours_time * 1e3:.1f} ms -> overhead "
+        f"{overhead:.3f}x (target <= {OVERHEAD_TARGET}x)"
+    )
     one_time, many_time = mask_stage(model, processor, repeats)
     mask_ratio = many_time / one_time
-    print(f"mask stage: 1 [SEG] {one_time * 1e3:.1f} ms, {MANY_SEG} [SEG] {many_time * 1e3:.1f} ms -> "
-          f"{mask_ratio:.2f}x (target <= {MASK_STAGE_TARGET}x)")
+    print(
+        f"mask stage: 1 [SEG] {one_time * 1e3:.1f} ms, {MANY_SEG} [SEG] {many_time * 1e3:.1f} ms -> "
+        f"{mask_ratio:.2f}x (target <= {MASK_STAGE_TARGET}x)"
+    )
     sequential_time, batch_time = batching(model, processor, batch_new_tokens, repeats)
     speedup = sequential_time / batch_time
-    print(f"batching: {BATCH_SIZE} one-by-one {sequential_time:.2f} s, one batch of {BATCH_SIZE} {batch_time:.2f} s -> "
-          f"throughput {speedup:.2f}x (target >= {BATCH_SPEEDUP_TARGET}x)")
+    print(
+        f"batching: {BATCH_SIZE} one-by-one {sequential_time:.2f} s, one batch of {BATCH_SIZE} {batch_time:.2f} s -> "
+        f"throughput {speedup:.2f}x (target >= {BATCH_SPEEDUP_TARGET}x)"
+    )
     return {"overhead": overhead, "mask_ratio": mask_ratio, "batch_speedup": speedup}
 
 
@@ -199,8 +222,10 @@ def main() -> None:
             results[name] = report(name, model, processor, args.new_tokens, args.batch_new_tokens, repeats)
     print("\nsummary (ratios):")
     for name, values in results.items():
-        print(f"  {name}: overhead {values['overhead']:.3f}x, mask 8 vs 1 {values['mask_ratio']:.2f}x, "
-              f"batch 8 vs sequential {values['batch_speedup']:.2f}x")
+        print(
+            f"  {name}: overhead {values['overhead']:.3f}x, mask 8 vs 1 {values['mask_ratio']:.2f}x, "
+            f"batch 8 vs sequential {values['batch_speedup']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from perceptio.evaluation.depth_metrics import normalised_inverse_depth
 from perceptio.evaluation.runners.synthetic import depth_figures, normalised_answer, pooled_depth_figures
 from perceptio.evaluation.segmentation_metrics import ciou, mask_intersection_union
 
+
 MASK_THRESHOLDS = np.linspace(0.05, 0.95, 19)
 
 
@@ -64,7 +65,9 @@ def normalised_depth(row: dict) -> np.ndarray:
 def depth_prior_figures(validation: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
     """AbsRel, delta < 1.25 and pair-order accuracy of the mean validation depth map on the test depth blocks."""
     prior = np.mean([normalised_depth(row) for row in validation], axis=0)
-    return pooled_depth_figures([depth_figures(prior, normalised_depth(row)) for row in test if row["use_depth_block"]])
+    return pooled_depth_figures(
+        [depth_figures(prior, normalised_depth(row)) for row in test if row["use_depth_block"]]
+    )
 
 
 def target_mask(row: dict) -> np.ndarray:
@@ -164,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| figure | image-blind prior | lowest marker | model | model, own / another image |\n|---|---|---|---|---|")
     names = [*blind, *(name for name in model if name not in blind)]
     for name in [*names, *(name for name in image_control if name not in names)]:
-        cells = [f"{blind[name]:.3f}" if name in blind else "-", f"{heuristic[name]:.3f}" if name in heuristic else "-"]
+        cells = [
+            f"{blind[name]:.3f}" if name in blind else "-",
+            f"{heuristic[name]:.3f}" if name in heuristic else "-",
+        ]
         cells.append(f"{model[name]:.3f}" if model.get(name) is not None else "-")
         cells.append(image_control.get(name, "-"))
         print(f"| {name} | " + " | ".join(cells) + " |")

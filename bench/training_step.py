@@ -30,10 +30,17 @@ from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditio
 from perceptio.tiny_models import build_tiny_perceptio, build_tiny_processor, tiny_perceptio_config
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 
+
 TARGET_RATIO = 1.10
 IMAGE_SIDE = 64
 # ~100M parameters: a 12-layer, 768-wide Qwen2 text model; the real depth tokenizer's size (N = 100, K = 128).
-MEDIUM_TEXT = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4}
+MEDIUM_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+}
 MEDIUM_NUM_DEPTH_CODES = 128
 
 
@@ -75,7 +82,9 @@ def full_objective(model, batch) -> torch.Tensor:
 def lm_and_mask_objective(model, batch) -> torch.Tensor:
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     outputs = model(**inputs)
-    loss_lm = model.loss_function(logits=outputs.logits, labels=batch["labels"], vocab_size=model.config.text_config.vocab_size)
+    loss_lm = model.loss_function(
+        logits=outputs.logits, labels=batch["labels"], vocab_size=model.config.text_config.vocab_size
+    )
     config = model.config
     return loss_lm + config.mask_loss_weight * outputs.loss_mask + config.mask_iou_loss_weight * outputs.loss_mask_iou
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from perceptio.cli import COMMAND_MODULES, build_parser
 
+
 REFERENCE_PATH = Path(__file__).resolve().parent / "cli.md"
 # argparse wraps help text at the terminal width; a fixed width makes the page the same on every machine.
 HELP_WIDTH_COLUMNS = 100

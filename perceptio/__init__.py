@@ -6,11 +6,11 @@ use: `transformers.Trainer` pulls in datasets, pandas and accelerate, which infe
 
 from transformers import (
     AutoConfig,
-    pipelines,
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
     AutoProcessor,
+    pipelines,
 )
 
 from .modeling_perceptio import (
@@ -23,6 +23,7 @@ from .modeling_perceptio.pipeline_perceptio import PerceptioSpatialPipeline
 from .processing import PerceptioImageProcessor, PerceptioProcessor
 from .processing.post_processing_perceptio import PerceptioPrediction
 
+
 __version__ = "0.1.0"
 
 
@@ -32,7 +33,9 @@ def _register_auto_classes() -> None:
     AutoModel.register(PerceptioConfig, PerceptioForConditionalGeneration, exist_ok=True)
     AutoModel.register(PerceptioDepthTokenizerConfig, PerceptioDepthTokenizer, exist_ok=True)
     AutoModelForImageTextToText.register(PerceptioConfig, PerceptioForConditionalGeneration, exist_ok=True)
-    AutoImageProcessor.register(PerceptioConfig, image_processor_classes={"pil": PerceptioImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(
+        PerceptioConfig, image_processor_classes={"pil": PerceptioImageProcessor}, exist_ok=True
+    )
     AutoProcessor.register(PerceptioConfig, PerceptioProcessor, exist_ok=True)
     pipelines.PIPELINE_REGISTRY.register_pipeline(
         "perceptio-spatial", pipeline_class=PerceptioSpatialPipeline, pt_model=AutoModelForImageTextToText

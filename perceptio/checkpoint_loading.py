@@ -22,6 +22,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from .modeling_perceptio import PerceptioConfig, PerceptioForConditionalGeneration
 from .processing import PerceptioProcessor
 
+
 TOKENIZER_NAME = "tokenizer.json"
 # The processor's config; older transformers wrote it under the image processor's name.
 PROCESSOR_CONFIG_NAMES = (PROCESSOR_NAME, "preprocessor_config.json")

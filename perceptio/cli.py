@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+
 # Subcommand name -> module under perceptio.commands that registers it.
 COMMAND_MODULES: dict[str, str] = {
     "demo": "demo",

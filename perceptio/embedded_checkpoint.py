@@ -21,6 +21,7 @@ from .checkpoint_loading import load_perceptio_checkpoint
 from .modeling_perceptio import PerceptioForConditionalGeneration
 from .processing import PerceptioProcessor
 
+
 EMBEDDED_CHECKPOINT_NAME = "perceptio-tiny-synthetic"
 EXAMPLE_SCENE_NAME = "example_scene.png"
 EXAMPLE_PROMPT = (

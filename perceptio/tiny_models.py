@@ -24,6 +24,7 @@ from .modeling_perceptio.modeling_perceptio import PerceptioForConditionalGenera
 from .processing.image_processing_perceptio import PerceptioImageProcessor
 from .processing.processing_perceptio import PerceptioProcessor
 
+
 TINY_VOCAB_SIZE = 1024
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_NUM_DEPTH_CODES = 32

@@ -8,10 +8,12 @@ import sys
 
 from import_blocker import block_perceptio
 
+
 block_perceptio()
 
 import torch  # noqa: E402
 from transformers import AutoModel, AutoProcessor  # noqa: E402
+
 
 folder, inputs_path, outputs_path = sys.argv[1:4]
 request = torch.load(inputs_path, weights_only=False)

@@ -7,10 +7,12 @@ import sys
 
 from import_blocker import block_perceptio
 
+
 block_perceptio()
 
 import torch  # noqa: E402
 from transformers import AutoModel, AutoProcessor, pipeline  # noqa: E402
+
 
 torch.set_num_threads(1)
 folder, inputs_path, outputs_path, task = sys.argv[1:5]

@@ -14,6 +14,7 @@ from perceptio.evaluation.answer_parsing import (
 )
 from perceptio.evaluation.multiple_choice import multiple_choice_accuracy, multiple_choice_summary
 
+
 SPATIAL_TOKENS = ["[SEG]", "<DEPTH_START>", "<DEPTH_END>", "<DEPTH_0>", "<DEPTH_17>", "<DEPTH_127>"]
 ANSWER_FORMS = ["{}", "({})", "{}.", "{})", "Answer: {}", "The answer is ({}).", "The answer is {}.", " **{}** \n"]
 

@@ -18,6 +18,7 @@ from perceptio.hub_cards.publish import load_in_isolation
 from perceptio.processing.spatial_tokens_perceptio import spatial_vocabulary
 from perceptio.tiny_models import tiny_depth_tokenizer_config, tiny_sam2_config, train_tiny_tokenizer
 
+
 INTERNVL_IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 # The InternVL3-hf template shape, with a system line of its own so a test can tell it apart from Perceptio's default.
 BASE_CHAT_TEMPLATE = (
@@ -64,12 +65,22 @@ def write_tiny_internvl(folder: Path, seed: int = 0) -> InternVLForConditionalGe
     tokenizer.chat_template = BASE_CHAT_TEMPLATE
     config = InternVLConfig(
         text_config={
-            "model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
         },
         vision_config={
-            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-            "image_size": 64, "patch_size": 4,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "image_size": 64,
+            "patch_size": 4,
         },
         image_seq_length=64,
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
@@ -111,10 +122,23 @@ def parts(tmp_path_factory):
 def built(parts):
     """The folder `perceptio build` writes from the tiny parts (float32)."""
     output = parts["root"] / "built"
-    code = main([
-        "build", "--base", str(parts["base"]), "--sam2", str(parts["sam2"]), "--depth-tokenizer", str(parts["depth"]),
-        "--output-dir", str(output), "--dtype", "float32", "--num-depth-tokens", str(TINY_NUM_DEPTH_TOKENS),
-    ])
+    code = main(
+        [
+            "build",
+            "--base",
+            str(parts["base"]),
+            "--sam2",
+            str(parts["sam2"]),
+            "--depth-tokenizer",
+            str(parts["depth"]),
+            "--output-dir",
+            str(output),
+            "--dtype",
+            "float32",
+            "--num-depth-tokens",
+            str(TINY_NUM_DEPTH_TOKENS),
+        ]
+    )
     assert code == 0
     return output
 
@@ -162,7 +186,11 @@ def test_build_writes_a_model_card_with_hub_metadata(built):
 
 def test_bfloat16_build_saves_bfloat16_weights(parts, tmp_path):
     build_perceptio(
-        parts["base"], parts["sam2"], parts["depth"], tmp_path / "bf16", dtype="bfloat16",
+        parts["base"],
+        parts["sam2"],
+        parts["depth"],
+        tmp_path / "bf16",
+        dtype="bfloat16",
         num_depth_tokens=TINY_NUM_DEPTH_TOKENS,
     )
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as weights:
@@ -177,10 +205,24 @@ def test_build_converts_an_original_sam2_checkpoint(parts, tmp_path):
     arguments = ["--sam2-config", TINY_SAM2_CONFIG_NAME]
     for override in TINY_SAM2_OVERRIDES:
         arguments += ["--sam2-override", override]
-    code = main([
-        "build", "--base", str(parts["base"]), "--sam2", str(checkpoint), "--depth-tokenizer", str(parts["depth"]),
-        "--output-dir", str(tmp_path / "out"), "--dtype", "float32", "--num-depth-tokens", "16", *arguments,
-    ])
+    code = main(
+        [
+            "build",
+            "--base",
+            str(parts["base"]),
+            "--sam2",
+            str(checkpoint),
+            "--depth-tokenizer",
+            str(parts["depth"]),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--dtype",
+            "float32",
+            "--num-depth-tokens",
+            "16",
+            *arguments,
+        ]
+    )
     assert code == 0
     model = PerceptioForConditionalGeneration.from_pretrained(tmp_path / "out")
     converted = convert_original_sam2(checkpoint, TINY_SAM2_CONFIG_NAME, TINY_SAM2_OVERRIDES)
@@ -222,16 +264,30 @@ def test_an_original_sam2_checkpoint_with_missing_keys_is_rejected(parts, tmp_pa
     torch.save(content, checkpoint)
     with pytest.raises(ValueError, match=r"sam2\.pt does not match the sam2 config.*1 missing.*iou_token"):
         build_perceptio(
-            parts["base"], checkpoint, parts["depth"], tmp_path / "out", num_depth_tokens=16,
-            sam2_config_name=TINY_SAM2_CONFIG_NAME, sam2_overrides=TINY_SAM2_OVERRIDES,
+            parts["base"],
+            checkpoint,
+            parts["depth"],
+            tmp_path / "out",
+            num_depth_tokens=16,
+            sam2_config_name=TINY_SAM2_CONFIG_NAME,
+            sam2_overrides=TINY_SAM2_OVERRIDES,
         )
 
 
 def test_a_depth_tokenizer_whose_grid_does_not_match_is_rejected(parts, tmp_path, capsys):
-    code = main([
-        "build", "--base", str(parts["base"]), "--sam2", str(parts["sam2"]), "--depth-tokenizer", str(parts["depth"]),
-        "--output-dir", str(tmp_path / "out"),
-    ])
+    code = main(
+        [
+            "build",
+            "--base",
+            str(parts["base"]),
+            "--sam2",
+            str(parts["sam2"]),
+            "--depth-tokenizer",
+            str(parts["depth"]),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2
     assert "depth/config.json" in error and "4x4 = 16 codes" in error and "100 depth tokens" in error
@@ -264,7 +320,8 @@ def test_assembly_assigns_the_loaded_tensors_without_copying(parts):
     donor, _ = build_tiny_perceptio(seed=3)
     state = {
         "": {
-            key: value for key, value in donor.state_dict().items()
+            key: value
+            for key, value in donor.state_dict().items()
             if not key.startswith(("grounding", "depth", "text"))
         },
         "grounding_encoder": donor.grounding_encoder.state_dict(),

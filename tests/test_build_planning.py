@@ -63,8 +63,10 @@ def test_dry_run_prints_every_component_and_the_memory(name, capsys):
 
 def test_eight_b_preset_is_internvl3_8b_sized():
     plan = plan_build(get_preset("perceptio-8b").config())
-    internvl = sum(plan.component_parameters[name] for name in ("vision_tower", "multi_modal_projector",
-                                                                  "language_model", "lm_head"))
+    internvl = sum(
+        plan.component_parameters[name]
+        for name in ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
+    )
     # InternVL3-8B is published as 7.94B parameters; the spatial tokens add 131 rows to its embeddings and head.
     assert 7.9e9 < internvl < 8.0e9
 

@@ -14,6 +14,7 @@ import perceptio.embedded_checkpoint
 from perceptio.checkpoint_loading import check_checkpoint_folder, load_perceptio_checkpoint
 from perceptio.cli import main
 
+
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
@@ -52,10 +53,28 @@ def command_line(command: str, folder, tmp_path) -> list[str]:
     image = tmp_path / "scene.png"
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
     return {
-        "predict": ["predict", "--model", str(folder), "--image", str(image), "--prompt", "Hi", "--output-dir",
-                    str(tmp_path / "out")],
-        "eval": ["eval", "hardblink", "--model", str(folder), "--data", str(tmp_path), "--output-dir",
-                 str(tmp_path / "out"), "--no-progress"],
+        "predict": [
+            "predict",
+            "--model",
+            str(folder),
+            "--image",
+            str(image),
+            "--prompt",
+            "Hi",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        "eval": [
+            "eval",
+            "hardblink",
+            "--model",
+            str(folder),
+            "--data",
+            str(tmp_path),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
         "export": ["export", "--model", str(folder), "--output-dir", str(tmp_path / "out")],
         "push": ["push", str(folder), "--repo-id", "org/tiny", "--dry-run"],
     }[command]

@@ -31,7 +31,9 @@ def test_export_tiny_writes_a_loadable_folder(tmp_path):
 
 
 def test_console_script_runs():
-    completed = subprocess.run([sys.executable, "-m", "perceptio.cli", "--help"], capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-m", "perceptio.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert completed.returncode == 0 and "COMMAND" in completed.stdout
 
 

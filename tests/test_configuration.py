@@ -31,7 +31,10 @@ def test_default_config_has_no_depth_tokenizer():
         ({"num_depth_codes": 0}, "num_depth_codes"),
         ({"num_depth_tokens": -3}, "num_depth_tokens"),
         ({"num_depth_tokens": 15, "depth_tokenizer_config": tiny_depth_tokenizer_config()}, "num_depth_tokens"),
-        ({"num_depth_codes": 31, "num_depth_tokens": 16, "depth_tokenizer_config": tiny_depth_tokenizer_config()}, "num_depth_codes"),
+        (
+            {"num_depth_codes": 31, "num_depth_tokens": 16, "depth_tokenizer_config": tiny_depth_tokenizer_config()},
+            "num_depth_codes",
+        ),
         ({"seg_token_id": 10**9}, "seg_token_id"),
         ({"depth_start_token_id": -1}, "depth_start_token_id"),
         ({"depth_code_token_offset": 151_900, "num_depth_codes": 128}, "depth_code_token_offset"),

@@ -12,6 +12,7 @@ import pytest
 
 from perceptio.trainers.trainer_perceptio import LOSS_COMPONENTS
 
+
 WORKER = Path(__file__).with_name("ddp_training_worker.py")
 TIMEOUT_SECONDS = 240
 

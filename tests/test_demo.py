@@ -39,8 +39,22 @@ def test_demo_on_a_user_image_and_bad_image(tmp_path):
 def test_predict_defaults_to_the_embedded_checkpoint(tmp_path):
     picture = tmp_path / "scene.png"
     example_scene().save(picture)
-    assert main(["predict", "--image", str(picture), "--prompt", "How many cubes are there?", "--output-dir",
-                 str(tmp_path / "out"), "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--image",
+                str(picture),
+                "--prompt",
+                "How many cubes are there?",
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "out" / "prediction.json").is_file()
 
 

@@ -253,7 +253,9 @@ def test_normalize_maps_to_unit_range_and_denormalize_inverts_it(height, width, 
     assert normalized.min() >= -1 and normalized.max() <= 1
     if normalized.max() > normalized.min():
         assert normalized.min() == -1 and normalized.max() == 1
-    at_model_size = tokenizer.denormalize(normalized, PerceptioDepthNormalization(stats.minimum, stats.maximum, (16, 16)))
+    at_model_size = tokenizer.denormalize(
+        normalized, PerceptioDepthNormalization(stats.minimum, stats.maximum, (16, 16))
+    )
     assert tokenizer.denormalize(normalized, stats).shape == depth.shape
     renormalized, _ = tokenizer.normalize(at_model_size)
     assert torch.allclose(renormalized, normalized, atol=1e-3)

@@ -17,16 +17,28 @@ from perceptio.data.depth_teacher import DepthTeacher, add_teacher_depth_column,
 def teacher_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_depth_anything")
     backbone = Dinov2Config(
-        image_size=32, patch_size=16, hidden_size=4, num_hidden_layers=2, num_attention_heads=1,
-        intermediate_size=8, out_indices=[1, 2], reshape_hidden_states=False,
+        image_size=32,
+        patch_size=16,
+        hidden_size=4,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        intermediate_size=8,
+        out_indices=[1, 2],
+        reshape_hidden_states=False,
     )
     config = DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=4, neck_hidden_sizes=[2, 2], fusion_hidden_size=6,
-        reassemble_factors=[2, 1], head_hidden_size=4,
+        backbone_config=backbone,
+        reassemble_hidden_size=4,
+        neck_hidden_sizes=[2, 2],
+        fusion_hidden_size=6,
+        reassemble_factors=[2, 1],
+        head_hidden_size=4,
     )
     torch.manual_seed(0)
     DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessorPil(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=16).save_pretrained(folder)
+    DPTImageProcessorPil(
+        size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=16
+    ).save_pretrained(folder)
     return folder
 
 

@@ -16,6 +16,7 @@ from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import
 from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.trainers.depth_tokenizer_trainer import EVALUATION_FILE_NAME, LOGGED_OUTPUTS, train_depth_tokenizer
 
+
 TINY_SIZE_ARGUMENTS = ["--image-size", "16", "--hidden-channels", "4", "8", "--codebook-dim", "4", "--num-codes", "8"]
 
 
@@ -33,8 +34,13 @@ def plane_maps(count: int = 12, size: int = 16, seed: int = 0) -> np.ndarray:
 
 def test_training_logs_components_checkpoints_resumes_and_writes_report(tmp_path):
     common = dict(
-        depth_maps=plane_maps(), config=tiny_config(), per_device_train_batch_size=4, logging_steps=1,
-        save_steps=2, eval_num_pairs=50, disable_tqdm=True,
+        depth_maps=plane_maps(),
+        config=tiny_config(),
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_steps=2,
+        eval_num_pairs=50,
+        disable_tqdm=True,
     )
     train_depth_tokenizer(tmp_path, max_steps=2, **common)
     log_history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
@@ -70,14 +76,41 @@ def test_evaluation_pools_all_maps_and_scores_its_own_targets():
 def test_cli_trains_on_ground_truth_then_evaluates(tmp_path, capsys):
     np.save(tmp_path / "depth.npy", plane_maps())
     model_dir = tmp_path / "model"
-    assert main(
-        ["train-depth-tokenizer", "--depth", str(tmp_path / "depth.npy"), "--output-dir", str(model_dir),
-         "--max-steps", "2", "--batch-size", "4", "--save-steps", "2", *TINY_SIZE_ARGUMENTS]
-    ) == 0
-    assert main(
-        ["eval-depth-tokenizer", "--model", str(model_dir), "--depth", str(tmp_path / "depth.npy"),
-         "--output", str(tmp_path / "report.json"), "--num-pairs", "20"]
-    ) == 0
+    assert (
+        main(
+            [
+                "train-depth-tokenizer",
+                "--depth",
+                str(tmp_path / "depth.npy"),
+                "--output-dir",
+                str(model_dir),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--save-steps",
+                "2",
+                *TINY_SIZE_ARGUMENTS,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval-depth-tokenizer",
+                "--model",
+                str(model_dir),
+                "--depth",
+                str(tmp_path / "depth.npy"),
+                "--output",
+                str(tmp_path / "report.json"),
+                "--num-pairs",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert "pair_order_accuracy" in json.loads((tmp_path / "report.json").read_text())
     assert "codebook usage" in capsys.readouterr().out
     assert main(["eval-depth-tokenizer", "--model", str(model_dir), "--depth", str(tmp_path / "missing.npy")]) == 2
@@ -85,12 +118,22 @@ def test_cli_trains_on_ground_truth_then_evaluates(tmp_path, capsys):
 
 def test_cli_distils_from_a_teacher_on_an_image_folder(tmp_path):
     backbone = Dinov2Config(
-        image_size=32, patch_size=16, hidden_size=4, num_hidden_layers=2, num_attention_heads=1,
-        intermediate_size=8, out_indices=[1, 2], reshape_hidden_states=False,
+        image_size=32,
+        patch_size=16,
+        hidden_size=4,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        intermediate_size=8,
+        out_indices=[1, 2],
+        reshape_hidden_states=False,
     )
     teacher_config = DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=4, neck_hidden_sizes=[2, 2], fusion_hidden_size=6,
-        reassemble_factors=[2, 1], head_hidden_size=4,
+        backbone_config=backbone,
+        reassemble_hidden_size=4,
+        neck_hidden_sizes=[2, 2],
+        fusion_hidden_size=6,
+        reassemble_factors=[2, 1],
+        head_hidden_size=4,
     )
     torch.manual_seed(0)
     DepthAnythingForDepthEstimation(teacher_config).save_pretrained(tmp_path / "teacher")
@@ -98,12 +141,30 @@ def test_cli_distils_from_a_teacher_on_an_image_folder(tmp_path):
     (tmp_path / "images").mkdir()
     generator = np.random.default_rng(0)
     for index in range(6):
-        Image.fromarray(generator.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{index}.png")
-    assert main(
-        ["train-depth-tokenizer", "--teacher", str(tmp_path / "teacher"), "--images", str(tmp_path / "images"),
-         "--output-dir", str(tmp_path / "model"), "--max-steps", "1", "--batch-size", "2",
-         "--teacher-cache-dir", str(tmp_path / "cache"), *TINY_SIZE_ARGUMENTS]
-    ) == 0
+        Image.fromarray(generator.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{index}.png"
+        )
+    assert (
+        main(
+            [
+                "train-depth-tokenizer",
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--images",
+                str(tmp_path / "images"),
+                "--output-dir",
+                str(tmp_path / "model"),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--teacher-cache-dir",
+                str(tmp_path / "cache"),
+                *TINY_SIZE_ARGUMENTS,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "model" / EVALUATION_FILE_NAME).is_file()
     assert list((tmp_path / "cache").glob("teacher_depth-*.arrow"))
 
@@ -128,8 +189,14 @@ def test_logs_are_window_means_averaged_across_processes(tmp_path, monkeypatch, 
         lambda module, inputs, outputs: recorded.append([getattr(outputs, name).item() for name in LOGGED_OUTPUTS])
     )
     arguments = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=2, save_strategy="no",
-        report_to="none", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = DepthTokenizerTrainer(
         model=tokenizer, args=arguments, train_dataset=DepthMapDataset(plane_maps(8)), data_collator=DepthMapCollator()

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from perceptio.cli import build_parser
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_DIR = REPO_ROOT / "docs"
 DOC_FILES = [REPO_ROOT / "README.md", *sorted(DOCS_DIR.glob("*.md"))]
@@ -91,8 +92,14 @@ def code_blocks(path: Path) -> list[CodeBlock]:
         marker = MARKER.match(previous)
         needs = tuple(kind.strip() for kind in marker["kinds"].split(",")) if marker else ()
         blocks.append(
-            CodeBlock(path, index + 1, opening["language"], "\n".join(lines[index + 1 : end]) + "\n", needs,
-                      marker["reason"] if marker else "")
+            CodeBlock(
+                path,
+                index + 1,
+                opening["language"],
+                "\n".join(lines[index + 1 : end]) + "\n",
+                needs,
+                marker["reason"] if marker else "",
+            )
         )
         index = end + 1
     return blocks
@@ -145,7 +152,9 @@ def parse_error(argv: list[str]) -> str | None:
 
 # ---- the page parser itself ------------------------------------------------------------------------------------
 
-WORDS = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_./=", min_size=1, max_size=8), min_size=1, max_size=6)
+WORDS = st.lists(
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_./=", min_size=1, max_size=8), min_size=1, max_size=6
+)
 
 
 @settings(max_examples=50, deadline=None)
@@ -165,8 +174,13 @@ def test_shell_commands_joins_continuations_and_drops_comments(commands):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["bash", "python", "text"]), st.sampled_from(["", "gpu", "network"]), WORDS),
-                min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["bash", "python", "text"]), st.sampled_from(["", "gpu", "network"]), WORDS),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_code_blocks_finds_every_block_with_its_marker(tmp_path_factory, blocks):
     page = tmp_path_factory.mktemp("page") / "page.md"
     lines = ["# Title", ""]
@@ -241,8 +255,11 @@ def test_python_blocks_compile_and_import_real_names(block):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "perceptio":
             module = importlib.import_module(node.module)
-            missing = [alias.name for alias in node.names if not hasattr(module, alias.name)
-                       and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+            missing = [
+                alias.name
+                for alias in node.names
+                if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None
+            ]
             assert not missing, f"{block.where}: {node.module} has no {missing}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -268,7 +285,9 @@ def test_training_page_covers_every_loss_term_and_weight():
     text = (DOCS_DIR / "training.md").read_text(encoding="utf-8")
     weights = [name for name in vars(PerceptioConfig).get("__annotations__", {}) if name.endswith("_weight")]
     assert weights, "PerceptioConfig declares no *_weight fields; the check needs updating"
-    missing = [name for name in (*LOSS_COMPONENTS, *weights, "depth_soft_merge_temperature") if f"`{name}`" not in text]
+    missing = [
+        name for name in (*LOSS_COMPONENTS, *weights, "depth_soft_merge_temperature") if f"`{name}`" not in text
+    ]
     assert not missing, f"docs/training.md does not document {missing}"
 
 
@@ -339,6 +358,10 @@ def test_doc_blocks_run(tmp_path):
     blocks_file.write_text(json.dumps(pages), encoding="utf-8")
     completed = subprocess.run(
         [sys.executable, "-c", BLOCKS_RUNNER, str(blocks_file), str(REPO_ROOT)],
-        capture_output=True, text=True, timeout=BLOCKS_TIMEOUT_S, cwd=tmp_path, env=single_thread_environment(),
+        capture_output=True,
+        text=True,
+        timeout=BLOCKS_TIMEOUT_S,
+        cwd=tmp_path,
+        env=single_thread_environment(),
     )
     assert completed.returncode == 0, completed.stderr[-6000:] + completed.stdout[-2000:]

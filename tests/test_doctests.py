@@ -18,6 +18,7 @@ import pytest
 import perceptio
 from perceptio.evaluation.metric_modules import metric_path
 
+
 PACKAGE_DIR = Path(perceptio.__file__).resolve().parent
 METRIC_SCRIPTS_DIR = PACKAGE_DIR / "evaluation" / "metrics"
 OPTION_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -41,7 +42,11 @@ def test_the_package_has_docstring_examples():
 @pytest.mark.parametrize("name", MODULES_WITH_EXAMPLES)
 def test_docstring_examples_run(name, single_torch_thread):
     module = importlib.import_module(name)
-    globs = {"evaluate": evaluate, "metric_path": metric_path} if METRIC_SCRIPTS_DIR in Path(module.__file__).parents else {}
+    globs = (
+        {"evaluate": evaluate, "metric_path": metric_path}
+        if METRIC_SCRIPTS_DIR in Path(module.__file__).parents
+        else {}
+    )
     tests = [test for test in doctest.DocTestFinder().find(module, extraglobs=globs) if test.examples]
     assert tests, f"{name} has '>>>' but doctest finds no example in its docstrings"
     report = io.StringIO()

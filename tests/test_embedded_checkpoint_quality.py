@@ -17,6 +17,7 @@ from perceptio.evaluation.runners.resumable_run import RunSettings
 from perceptio.evaluation.runners.synthetic import run_synthetic
 from perceptio.trainers.synthetic_recipe import without_depth_request
 
+
 # A seed the recipe's splits never use (they draw from seed 0), so these scenes are held out.
 SCENE_SEED = 20261201
 NUM_QUESTIONS = 128

@@ -33,6 +33,7 @@ from perceptio.evaluation.segmentation_metrics import ciou, giou, mask_intersect
 from perceptio.tiny_models import build_tiny_perceptio
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 
+
 pycocotools = pytest.importorskip("pycocotools")
 
 
@@ -62,7 +63,10 @@ def _script(processor, model, seg: bool = False, depth: bool = False, text: str 
     config = model.config
     ids = [config.seg_token_id] if seg else []
     if depth:
-        codes = [config.depth_code_token_offset + (index % config.num_depth_codes) for index in range(config.num_depth_tokens)]
+        codes = [
+            config.depth_code_token_offset + (index % config.num_depth_codes)
+            for index in range(config.num_depth_tokens)
+        ]
         ids += [config.depth_start_token_id, *codes, config.depth_end_token_id]
     ids += processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + [processor.tokenizer.eos_token_id]
@@ -70,8 +74,12 @@ def _script(processor, model, seg: bool = False, depth: bool = False, text: str 
 
 def _settings(tmp_path, model, processor, script, **overrides) -> RunSettings:
     return RunSettings(
-        output_dir=tmp_path / "out", batch_size=overrides.pop("batch_size", 4), max_new_tokens=len(script) + 1,
-        show_progress=False, generate_kwargs={"logits_processor": [ScriptedAnswer(script)]}, **overrides,
+        output_dir=tmp_path / "out",
+        batch_size=overrides.pop("batch_size", 4),
+        max_new_tokens=len(script) + 1,
+        show_progress=False,
+        generate_kwargs={"logits_processor": [ScriptedAnswer(script)]},
+        **overrides,
     )
 
 
@@ -156,12 +164,18 @@ def test_refcoco_per_image_layout_runs_sam2_encoder_once_per_image(tiny, recorde
         lambda module, args, output: encoded_rows.append(args[0].shape[0])
     )
     try:
-        summary = run_refcoco(model, processor, split, _settings(tmp_path, model, processor, _script(processor, model, seg=True)))
+        summary = run_refcoco(
+            model, processor, split, _settings(tmp_path, model, processor, _script(processor, model, seg=True))
+        )
     finally:
         handle.remove()
     assert summary["layout"] == "per_image" and summary["num_samples"] == 5 and summary["num_images"] == 2
     assert sum(encoded_rows) == 2  # two images, five sentences
-    targets = [segmentation_to_mask(reference["segmentation"], 40, 48) for reference in references for _ in reference["sentences"]]
+    targets = [
+        segmentation_to_mask(reference["segmentation"], 40, 48)
+        for reference in references
+        for _ in reference["sentences"]
+    ]
     targets += [targets[0], targets[0]]
     counts = [mask_intersection_union(np.any(p.masks, axis=0), t) for p, t in zip(recorded_predictions, targets)]
     assert summary["ciou"] == pytest.approx(ciou(*zip(*counts)))
@@ -212,7 +226,9 @@ def _hardblink(root, corrupt: tuple[int, int] | None = None):
                 path.write_bytes(b"not a png")
             else:
                 _image(points * 10 + index).save(path)
-            questions.append({"question_id": index, "image": f"{index}.png", "text": "Which point is the closest to the camera?"})
+            questions.append(
+                {"question_id": index, "image": f"{index}.png", "text": "Which point is the closest to the camera?"}
+            )
             answers.append({"question_id": index, "text": "(A)" if index == 0 else f"({'ABCDE'[points - 1]})"})
         (root / "questions" / f"blink_{points}pointscenter_questions.jsonl").write_text(
             "\n".join(json.dumps(question) for question in questions) + "\n"
@@ -243,7 +259,9 @@ def test_hardblink_corrupt_image_errors_or_is_counted(tiny, tmp_path):
     script = _script(processor, model, text="(A)")
     with pytest.raises(ValueError, match=r"blink4pointscenter/1\.png.*fails to decode"):
         run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script))
-    summary = run_hardblink(model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script, skip_bad=True))
+    summary = run_hardblink(
+        model, processor, tmp_path / "hardblink", _settings(tmp_path, model, processor, script, skip_bad=True)
+    )
     assert summary["num_skipped"] == 1 and summary["num_samples"] == 5
     assert "blink_4pointscenter_questions.jsonl, line 2" in summary["skipped"][0]["error"]
     (tmp_path / "hardblink" / "answers" / "blink_5pointscenter_answers.jsonl").unlink()
@@ -293,9 +311,14 @@ def test_synthetic_summary_equals_metric_functions(tiny, recorded_predictions, t
     assert summary["relative_depth"]["accuracy"] == pytest.approx(
         multiple_choice_accuracy(relative_texts, relative_answers, relative_points)
     )
-    vqa = [(row["answer"], prediction.text) for row, prediction in zip(split, recorded_predictions)
-           if row["task"].startswith("vqa_")]
-    expected_vqa = sum(answer.lower() == text.strip().rstrip(".").lower() for answer, text in vqa) / len(vqa) if vqa else None
+    vqa = [
+        (row["answer"], prediction.text)
+        for row, prediction in zip(split, recorded_predictions)
+        if row["task"].startswith("vqa_")
+    ]
+    expected_vqa = (
+        sum(answer.lower() == text.strip().rstrip(".").lower() for answer, text in vqa) / len(vqa) if vqa else None
+    )
     assert summary["vqa"]["accuracy"] == expected_vqa
     assert summary["vqa"]["num_samples"] == len(vqa)
     swapped_counts = [
@@ -332,8 +355,9 @@ def answer_rows(tmp_path_factory):
     """16 answer questions (2 or 3 points for relative depth): every answer task has partners for the control."""
     config = dataclasses.replace(DEFAULT_TASK_CONFIG, point_count_range=(2, 3))
     cache = tmp_path_factory.mktemp("answer_rows")
-    return build_synthetic_dataset(0, 0, 16, image_size=64, seed=0, tasks=list(ANSWER_TASKS), task_config=config,
-                                   cache_dir=str(cache))["test"]
+    return build_synthetic_dataset(
+        0, 0, 16, image_size=64, seed=0, tasks=list(ANSWER_TASKS), task_config=config, cache_dir=str(cache)
+    )["test"]
 
 
 def test_swapped_image_summary_scores_own_answers_and_resumes(
@@ -372,8 +396,10 @@ def test_swapped_image_summary_scores_own_answers_and_resumes(
         assert np.array_equal(np.asarray(image), np.asarray(answer_rows[partner]["image"].convert("RGB")))
     index, partner = pairs[0]
     row = answer_rows[index]
-    on_images = [{"image": answer_rows[image]["image"], "prompt": row["prompt"], "answer": row["answer"]}
-                 for image in (index, partner)]
+    on_images = [
+        {"image": answer_rows[image]["image"], "prompt": row["prompt"], "answer": row["answer"]}
+        for image in (index, partner)
+    ]
     assert answer_losses(model, processor, on_images, batch_size=2) == pytest.approx(
         [swapped[0]["loss_own"], swapped[0]["loss_swapped"]], rel=1e-5
     )
@@ -437,7 +463,8 @@ def test_answer_loss_equals_the_models_lm_loss(tiny, answer_rows):
 @given(
     rows=st.lists(
         st.tuples(
-            st.sampled_from(["referring", *ANSWER_TASKS]), st.sampled_from(["(A)", "(B)", "Red", "red."]),
+            st.sampled_from(["referring", *ANSWER_TASKS]),
+            st.sampled_from(["(A)", "(B)", "Red", "red."]),
             st.sampled_from([2, 3]),
         ),
         max_size=14,
@@ -488,8 +515,21 @@ def test_eval_command_runs_hardblink_on_a_saved_checkpoint(tiny, tmp_path, capsy
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     _hardblink(tmp_path / "hardblink")
-    argv = ["eval", "hardblink", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "hardblink"),
-            "--output-dir", str(tmp_path / "out"), "--limit", "1", "--max-new-tokens", "3", "--no-progress"]
+    argv = [
+        "eval",
+        "hardblink",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "hardblink"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "out" / "hardblink_summary.json").read_text())
     assert summary["num_samples"] == 3 and set(summary["by_num_points"]) == {"3", "4", "5"}
@@ -508,8 +548,10 @@ def test_vqa_summary_scores_exact_answers_ignoring_case_and_full_stop():
     ]
     summary = vqa_summary(records)
     assert summary["accuracy"] == pytest.approx(2 / 3)
-    assert summary["by_task"] == {"vqa_colour": {"accuracy": 0.5, "num_samples": 2},
-                                  "vqa_count": {"accuracy": 1.0, "num_samples": 1}}
+    assert summary["by_task"] == {
+        "vqa_colour": {"accuracy": 0.5, "num_samples": 2},
+        "vqa_count": {"accuracy": 1.0, "num_samples": 1},
+    }
     assert vqa_summary([])["accuracy"] is None
 
 
@@ -533,5 +575,9 @@ def test_a_constant_depth_map_is_scored_in_the_tokenizers_normalised_space(rippl
     # A prediction of the tokenizer's normalised map scores perfectly: no invented structure in the target.
     record = synthetic_record(0, row, PerceptioPrediction(text="Red.", depth=tokenizer_space[0].numpy()))
     assert record["correct"] and record["depth"] == {
-        "abs_rel": 0.0, "rmse": 0.0, "delta1": 1.0, "pair_correct": 0, "pair_counted": 0
+        "abs_rel": 0.0,
+        "rmse": 0.0,
+        "delta1": 1.0,
+        "pair_correct": 0,
+        "pair_counted": 0,
     }

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from perceptio import PerceptioForConditionalGeneration
-from perceptio.hub_cards.export_perceptio import MODEL_AUTO_MAP, PROCESSOR_AUTO_MAP, export_pretrained, hub_source_files
+from perceptio.hub_cards.export_perceptio import (
+    MODEL_AUTO_MAP,
+    PROCESSOR_AUTO_MAP,
+    export_pretrained,
+    hub_source_files,
+)
+
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "perceptio"
 HUB_FOLDERS = [PACKAGE_ROOT / "modeling_perceptio", PACKAGE_ROOT / "processing"]
@@ -75,9 +81,18 @@ def test_exported_folder_loads_without_the_package_and_matches_bitwise(tiny_pair
     torch.save(request, tmp_path / "inputs.pt")
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("isolated_hub_load.py")), str(folder), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "outputs.pt")],
-        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            str(Path(__file__).with_name("isolated_hub_load.py")),
+            str(folder),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     remote = torch.load(tmp_path / "outputs.pt", weights_only=False)
@@ -107,9 +122,18 @@ def test_a_save_pretrained_folder_gives_the_processor_without_the_package(tiny_p
     torch.save(request, tmp_path / "inputs.pt")
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("isolated_processor_load.py")), str(folder),
-         str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
-        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            str(Path(__file__).with_name("isolated_processor_load.py")),
+            str(folder),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     remote = torch.load(tmp_path / "outputs.pt", weights_only=False)

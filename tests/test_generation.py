@@ -58,7 +58,10 @@ def predict(model, processor, image_list, prompts, scripts, copies=1, **kwargs):
     force = ForceScript(inputs["input_ids"].shape[1], scripts, copies)
     kwargs.setdefault("max_new_tokens", max(map(len, scripts)) + 2)
     return model.predict_from_inputs(
-        inputs, processor=processor, original_sizes=processor.image_sizes(image_list), logits_processor=[force],
+        inputs,
+        processor=processor,
+        original_sizes=processor.image_sizes(image_list),
+        logits_processor=[force],
         **kwargs,
     )
 
@@ -96,8 +99,9 @@ def test_masks_match_the_teacher_forced_forward(tiny_pair):
     inputs = processor(images=[image], text=[processor.format_prompt("Segment.")])
     sequence = torch.cat([inputs["input_ids"], torch.tensor([result.token_ids])], dim=1)
     with torch.no_grad():
-        forced = model(input_ids=sequence, pixel_values=inputs["pixel_values"],
-                       sam_pixel_values=inputs["sam_pixel_values"])
+        forced = model(
+            input_ids=sequence, pixel_values=inputs["pixel_values"], sam_pixel_values=inputs["sam_pixel_values"]
+        )
     np.testing.assert_allclose(result.mask_scores, forced.pred_mask_scores[0].numpy(), atol=1e-4)
     logits = torch.nn.functional.interpolate(forced.pred_masks[0][:, None], size=(48, 72), mode="bilinear")[:, 0]
     agreement = np.mean([np.mean(m == (l > 0).numpy()) for m, l in zip(result.masks, logits)])
@@ -117,8 +121,10 @@ def test_captured_seg_states_equal_teacher_forced_ones(tiny_pair):
     handle = model.register_forward_pre_hook(lambda module, args: forward_calls.append(1))
     try:
         output = model.generate(
-            **generation_inputs, logits_processor=[ForceScript(prompt_length, scripts)],
-            max_new_tokens=len(scripts[0]) + 1, return_dict_in_generate=True,
+            **generation_inputs,
+            logits_processor=[ForceScript(prompt_length, scripts)],
+            max_new_tokens=len(scripts[0]) + 1,
+            return_dict_in_generate=True,
             pad_token_id=processor.tokenizer.pad_token_id,
         )
     finally:
@@ -147,8 +153,10 @@ def test_seg_cut_off_as_the_last_token_still_gets_its_state(tiny_pair):
     inputs = processor(images=images([(48, 72)]), text=[processor.format_prompt("Segment.")])
     generation_inputs = {k: v for k, v in inputs.items() if k != "sam_pixel_values"}
     output = model.generate(
-        **generation_inputs, logits_processor=[ForceScript(inputs["input_ids"].shape[1], [script])],
-        max_new_tokens=len(script), return_dict_in_generate=True,
+        **generation_inputs,
+        logits_processor=[ForceScript(inputs["input_ids"].shape[1], [script])],
+        max_new_tokens=len(script),
+        return_dict_in_generate=True,
     )
     assert output.sequences[0, -1] == config.seg_token_id
     forced = model.teacher_forced_seg_states(output.sequences, inputs["input_ids"], generation_inputs, [0])[0]
@@ -171,8 +179,14 @@ def test_batched_equals_sequential_with_mixed_sizes_and_left_padding(tiny_pair):
     inputs = processor(images=image_list, text=[processor.format_prompt(p) for p in prompts])
     assert (inputs["attention_mask"] == 0).any(), "the batch must actually be left-padded"
     for index in range(3):
-        (alone,) = predict(model, processor, image_list[index : index + 1], prompts[index : index + 1],
-                           scripts[index : index + 1], max_new_tokens=30)
+        (alone,) = predict(
+            model,
+            processor,
+            image_list[index : index + 1],
+            prompts[index : index + 1],
+            scripts[index : index + 1],
+            max_new_tokens=30,
+        )
         together = batched[index]
         assert together.token_ids == alone.token_ids and together.text == alone.text
         assert together.depth_codes == alone.depth_codes
@@ -188,11 +202,13 @@ def test_beam_search_and_sampling_give_masks_for_every_seg(tiny_pair):
     model, processor = tiny_pair
     image_list = images([(48, 72)])
     script = spatial_script(model, processor, 2, True)
-    (beam,) = predict(model, processor, image_list, ["Segment."], [script], copies=3, num_beams=3,
-                      num_return_sequences=1)
+    (beam,) = predict(
+        model, processor, image_list, ["Segment."], [script], copies=3, num_beams=3, num_return_sequences=1
+    )
     assert len(beam.masks) == 2 and beam.depth is not None
-    sampled = predict(model, processor, image_list, ["Segment."], [script], copies=2, do_sample=True,
-                      num_return_sequences=2)
+    sampled = predict(
+        model, processor, image_list, ["Segment."], [script], copies=2, do_sample=True, num_return_sequences=2
+    )
     assert len(sampled) == 2 and all(len(result.masks) == 2 for result in sampled)
 
 
@@ -206,8 +222,9 @@ def test_depth_block_cut_short_gives_none_and_a_flag(tiny_pair):
 
 def test_predict_with_images_and_prompts(tiny_pair, rgb_image):
     model, processor = tiny_pair
-    results = model.predict([rgb_image, rgb_image[:20]], ["What is this?", "And this?"], processor=processor,
-                            max_new_tokens=4)
+    results = model.predict(
+        [rgb_image, rgb_image[:20]], ["What is this?", "And this?"], processor=processor, max_new_tokens=4
+    )
     assert len(results) == 2 and all(isinstance(result.text, str) for result in results)
 
 
@@ -217,7 +234,9 @@ def test_streaming_with_text_iterator_streamer(tiny_pair):
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     result = {}
     thread = threading.Thread(
-        target=lambda: result.update(ids=model.generate(**inputs, streamer=streamer, max_new_tokens=8, do_sample=False))
+        target=lambda: result.update(
+            ids=model.generate(**inputs, streamer=streamer, max_new_tokens=8, do_sample=False)
+        )
     )
     thread.start()
     pieces = list(streamer)
@@ -246,8 +265,11 @@ def test_seg_without_sam_input_raises_with_the_grammar_off(tiny_pair):
     script = spatial_script(model, processor, 1, False)
     with pytest.raises(ValueError, match="sam_pixel_values"):
         model.predict_from_inputs(
-            inputs, processor=processor, logits_processor=[ForceScript(inputs["input_ids"].shape[1], [script])],
-            max_new_tokens=len(script), spatial_grammar=False,
+            inputs,
+            processor=processor,
+            logits_processor=[ForceScript(inputs["input_ids"].shape[1], [script])],
+            max_new_tokens=len(script),
+            spatial_grammar=False,
         )
 
 
@@ -264,8 +286,11 @@ def test_text_only_requests_come_back_as_text_when_the_model_wants_to_segment(ti
     inputs = processor(text=[processor.format_prompt(prompt, num_images=0) for prompt in prompts])
     for generate_kwargs in ({}, {"num_beams": 2}):
         results = model.predict_from_inputs(
-            inputs, processor=processor, max_new_tokens=config.num_depth_tokens + 4,
-            sequence_bias=seg_and_depth_bias(config), **generate_kwargs,
+            inputs,
+            processor=processor,
+            max_new_tokens=config.num_depth_tokens + 4,
+            sequence_bias=seg_and_depth_bias(config),
+            **generate_kwargs,
         )
         assert len(results) == 2
         for result in results:
@@ -283,8 +308,11 @@ def test_in_a_mixed_batch_only_the_prompt_with_an_image_segments(tiny_pair, rgb_
     generation_inputs = {key: value for key, value in inputs.items() if key != "sam_pixel_values"}
     for generate_kwargs in ({}, {"num_beams": 2}):
         output = model.generate(
-            **generation_inputs, max_new_tokens=config.num_depth_tokens + 4, sequence_bias=seg_and_depth_bias(config),
-            pad_token_id=processor.tokenizer.pad_token_id, **generate_kwargs,
+            **generation_inputs,
+            max_new_tokens=config.num_depth_tokens + 4,
+            sequence_bias=seg_and_depth_bias(config),
+            pad_token_id=processor.tokenizer.pad_token_id,
+            **generate_kwargs,
         )
         with_image, without_image = output[:, inputs["input_ids"].shape[1] :].tolist()
         assert with_image[0] == config.seg_token_id and config.depth_start_token_id in with_image

@@ -18,7 +18,6 @@ from perceptio.hub_cards.export_perceptio import export_pretrained
 from perceptio.modeling_perceptio.pipeline_perceptio import PIPELINE_TASK, custom_pipelines_config
 
 
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
@@ -35,9 +34,19 @@ def test_exported_folder_predicts_and_pipelines_without_the_package(tiny_pair, r
     torch.save({"image": rgb_image, "prompt": prompt}, tmp_path / "inputs.pt")
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("isolated_hub_predict.py")), str(folder), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "outputs.pt"), PIPELINE_TASK],
-        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            str(Path(__file__).with_name("isolated_hub_predict.py")),
+            str(folder),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+            PIPELINE_TASK,
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     remote = torch.load(tmp_path / "outputs.pt", weights_only=False)

@@ -49,7 +49,11 @@ def test_train_and_eval_streams_are_disjoint_and_reproducible(scenes, tiny_pair)
 
 def _picks_out(attributes: torch.Tensor, visible: torch.Tensor, phrase: torch.Tensor) -> list[int]:
     named = phrase != UNSPECIFIED_IDS
-    return [index for index in range(len(attributes)) if visible[index] and (attributes[index][named] == phrase[named]).all()]
+    return [
+        index
+        for index in range(len(attributes))
+        if visible[index] and (attributes[index][named] == phrase[named]).all()
+    ]
 
 
 @settings(max_examples=50, deadline=None)
@@ -66,7 +70,9 @@ def test_a_sampled_phrase_names_its_object_and_no_other(objects, data):
     attributes = torch.tensor(objects)
     visible = torch.ones(len(objects), dtype=torch.bool)
     target = data.draw(st.integers(0, len(objects) - 1))
-    phrase = unique_phrase_ids(attributes, visible, target, torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    phrase = unique_phrase_ids(
+        attributes, visible, target, torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    )
     assert (phrase != UNSPECIFIED_IDS).any()
     assert _picks_out(attributes, visible, phrase) == [target]
 
@@ -83,8 +89,16 @@ def test_prompts_ask_for_distinct_objects_of_each_scene(scenes):
 def test_pretraining_trains_sam2_only_and_makes_masks_follow_the_prompt(scenes, tiny_model):
     train, evaluation = scenes
     text_before = {name: value.clone() for name, value in tiny_model.model.named_parameters()}
-    result = pretrain_grounding_encoder(tiny_model, train, evaluation, steps=40, batch_size=8, learning_rate=3e-3,
-                                        image_encoder_learning_rate=1e-3, logging_steps=10)
+    result = pretrain_grounding_encoder(
+        tiny_model,
+        train,
+        evaluation,
+        steps=40,
+        batch_size=8,
+        learning_rate=3e-3,
+        image_encoder_learning_rate=1e-3,
+        logging_steps=10,
+    )
     assert [entry["step"] for entry in result.log] == [10, 20, 30, 40]
     assert result.final.prompt_iou > result.initial.prompt_iou + 0.05
     assert 0.0 <= result.final.two_object_overlap <= 1.0 and result.final.image_embedding_norm > 0

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_eval_runners import ScriptedAnswer  # noqa: E402  (the shared scripted-generation processor)
 
 from perceptio.evaluation.runners import RunSettings, run_hardblink
-from test_eval_runners import ScriptedAnswer  # noqa: E402  (the shared scripted-generation processor)
+
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -35,8 +36,12 @@ def write_release_layout(root) -> None:
             image = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
             image.save(image_folder / f"{question_id}.png")
             questions.append(
-                {"question_id": question_id, "image": f"{question_id}.png", "text": RELEASE_QUESTION,
-                 "category": "count"}
+                {
+                    "question_id": question_id,
+                    "image": f"{question_id}.png",
+                    "text": RELEASE_QUESTION,
+                    "category": "count",
+                }
             )
             answer_rows.append({"question_id": question_id, "text": answer, "category": "count"})
         for folder, name, rows in (
@@ -52,12 +57,17 @@ def test_the_released_layout_is_scored_per_point_count(tiny_pair, tmp_path):
     tokenizer = processor.tokenizer
     script = tokenizer("(B)", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     settings = RunSettings(
-        output_dir=tmp_path / "out", batch_size=2, max_new_tokens=len(script) + 1, show_progress=False,
+        output_dir=tmp_path / "out",
+        batch_size=2,
+        max_new_tokens=len(script) + 1,
+        show_progress=False,
         generate_kwargs={"logits_processor": [ScriptedAnswer(script)]},
     )
     summary = run_hardblink(model, processor, tmp_path / "hardblink", settings)
     assert {points: group["accuracy"] for points, group in summary["by_num_points"].items()} == {
-        "3": 1.0, "4": 0.5, "5": 0.0
+        "3": 1.0,
+        "4": 0.5,
+        "5": 0.0,
     }
     assert summary["mean_accuracy"] == pytest.approx(0.5) and summary["num_samples"] == 6
     records = [json.loads(line) for line in (tmp_path / "out" / "hardblink_samples.jsonl").read_text().splitlines()]

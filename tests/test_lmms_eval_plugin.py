@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+
 lmms_eval = pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models.registry_v2 import ModelRegistryV2  # noqa: E402
@@ -16,11 +17,15 @@ from lmms_eval.models.registry_v2 import ModelRegistryV2  # noqa: E402
 from perceptio.evaluation.lmms_eval_plugin.perceptio_lmms import PerceptioLmms, truncate_at_stop_strings  # noqa: E402
 from perceptio.tiny_models import build_tiny_perceptio  # noqa: E402
 
+
 ENTRY_POINT = importlib.metadata.EntryPoint(
     name="perceptio", value="perceptio.evaluation.lmms_eval_plugin:perceptio_model_manifest", group="lmms_eval.models"
 )
 DOCS = [
-    {"question": "Is there a red cube? Answer yes or no.", "image": Image.fromarray(np.full((40, 48, 3), 200, np.uint8))},
+    {
+        "question": "Is there a red cube? Answer yes or no.",
+        "image": Image.fromarray(np.full((40, 48, 3), 200, np.uint8)),
+    },
     {"question": "How many spheres are there?", "image": Image.fromarray(np.zeros((32, 32, 3), np.uint8))},
     {"question": "Which colour is the ball?", "image": Image.fromarray(np.full((24, 56, 3), 90, np.uint8))},
 ]
@@ -57,7 +62,9 @@ def test_generate_until_matches_predict_in_request_order(adapter):
     requests = [_request("generate_until", doc_id, {"max_new_tokens": 5, "until": ["\n\n"]}) for doc_id in range(3)]
     answers = adapter.generate_until(requests)
     expected = [
-        adapter.model.predict(doc["image"], doc["question"], processor=adapter.processor, max_new_tokens=5, do_sample=False)[0].text
+        adapter.model.predict(
+            doc["image"], doc["question"], processor=adapter.processor, max_new_tokens=5, do_sample=False
+        )[0].text
         for doc in DOCS
     ]
     assert answers == [truncate_at_stop_strings(text, ["\n\n"]) for text in expected]
@@ -72,7 +79,14 @@ def test_text_only_requests_are_answered_even_when_the_model_wants_to_segment(ad
     requests = [
         Instance(
             request_type="generate_until",
-            arguments=(DOCS[doc_id]["question"], {"max_new_tokens": 5, "until": ["\n\n"]}, None, doc_id, "mme", "test"),
+            arguments=(
+                DOCS[doc_id]["question"],
+                {"max_new_tokens": 5, "until": ["\n\n"]},
+                None,
+                doc_id,
+                "mme",
+                "test",
+            ),
             idx=0,
             metadata={"task": "mme", "doc_id": doc_id, "repeats": 1},
         )
@@ -87,10 +101,15 @@ def test_loglikelihood_is_a_log_probability_and_flags_the_greedy_continuation(ad
     inputs = adapter.processor(images=[DOCS[0]["image"]], text=[adapter.processor.format_prompt(DOCS[0]["question"])])
     with torch.no_grad():
         logits = adapter.model(**{k: v for k, v in inputs.items() if k != "sam_pixel_values"}).logits[0, -1]
-    ranked = [token for token in logits.argsort(descending=True).tolist()
-              if tokenizer(tokenizer.decode([token]), add_special_tokens=False)["input_ids"] == [token]]
+    ranked = [
+        token
+        for token in logits.argsort(descending=True).tolist()
+        if tokenizer(tokenizer.decode([token]), add_special_tokens=False)["input_ids"] == [token]
+    ]
     greedy_text, other_text = tokenizer.decode([ranked[0]]), tokenizer.decode([ranked[-1]])
-    results = adapter.loglikelihood([_request("loglikelihood", 0, greedy_text), _request("loglikelihood", 0, other_text)])
+    results = adapter.loglikelihood(
+        [_request("loglikelihood", 0, greedy_text), _request("loglikelihood", 0, other_text)]
+    )
     (greedy_logprob, greedy_flag), (other_logprob, other_flag) = results
     expected = torch.log_softmax(logits.float(), -1)
     assert greedy_flag is (ranked[0] == int(logits.argmax())) and other_flag is False

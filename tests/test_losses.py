@@ -23,6 +23,7 @@ from perceptio.modeling_perceptio.loss_perceptio import (
     segmentation_loss,
 )
 
+
 # Vocabulary of 12: text 0..3, codes 4..6 (K = 3), <DEPTH_START> = 10, <DEPTH_END> = 11; N = 2 codes per block.
 IDS = DepthTokenIds(start=10, end=11, code_offset=4, num_codes=3, num_tokens=2)
 VOCAB = 12
@@ -115,7 +116,14 @@ def _model_depth_losses(model, logits, labels, depth_maps=None):
 
 def _tiny_block_labels(model, codes: torch.Tensor) -> torch.Tensor:
     config = model.config
-    row = [-100, 5, config.depth_start_token_id, *(codes + config.depth_code_token_offset).tolist(), config.depth_end_token_id, 6]
+    row = [
+        -100,
+        5,
+        config.depth_start_token_id,
+        *(codes + config.depth_code_token_offset).tolist(),
+        config.depth_end_token_id,
+        6,
+    ]
     return torch.tensor([row])
 
 
@@ -151,7 +159,9 @@ def test_loss_depth_recon_is_l1_to_decoded_ground_truth_codes(tiny_pair):
         uniform = torch.zeros(1, labels.shape[1], config.text_config.vocab_size)
         mixed = model.depth_tokenizer.decode_soft(torch.zeros(1, config.num_depth_tokens, config.num_depth_codes))
         expected = (mixed - target).abs().mean()
-        assert _model_depth_losses(model, uniform, labels)["loss_depth_recon"].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert _model_depth_losses(model, uniform, labels)["loss_depth_recon"].item() == pytest.approx(
+            expected.item(), rel=1e-5
+        )
 
 
 def test_depth_losses_are_zero_without_a_depth_block(tiny_pair):

@@ -22,6 +22,7 @@ from perceptio.hub_cards.model_card import (
     write_model_card,
 )
 
+
 # Prepended to the card's code: makes `perceptio` unimportable, so the code can only work through the Hub files.
 BLOCK_PERCEPTIO = """
 import sys
@@ -62,8 +63,10 @@ def test_card_metadata_and_model_index(exported, tmp_path):
     assert {"perceptio", "tiny"} <= set(metadata.tags)
     results = {(result.dataset_name, result.metric_type): result.metric_value for result in metadata.eval_results}
     assert results == {
-        ("RefCOCO", "cIoU"): 82.7, ("RefCOCO", "gIoU"): 80.1,
-        ("HardBLINK", "accuracy_3"): 75.8, ("HardBLINK", "accuracy_mean"): 71.0,
+        ("RefCOCO", "cIoU"): 82.7,
+        ("RefCOCO", "gIoU"): 80.1,
+        ("HardBLINK", "accuracy_3"): 75.8,
+        ("HardBLINK", "accuracy_mean"): 71.0,
     }
     assert "| RefCOCO | val | cIoU | 82.7 |" in card.text
     config = json.loads((exported / "config.json").read_text())
@@ -79,8 +82,12 @@ def test_usage_code_runs_as_written_without_the_package(exported):
     code = re.search(r"```python\n(.*?)```", card_path.read_text(), re.DOTALL).group(1)
     environment = {**os.environ, "HF_MODULES_CACHE": str(exported.parent / "modules"), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, "-c", BLOCK_PERCEPTIO + code], capture_output=True, text=True, env=environment,
-        cwd=exported.parent, timeout=600,
+        [sys.executable, "-c", BLOCK_PERCEPTIO + code],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=exported.parent,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip(), "the usage code printed no answer"
@@ -92,7 +99,8 @@ def test_usage_code_runs_as_written_without_the_package(exported):
     metrics=st.dictionaries(
         st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12),
         st.floats(min_value=-1e6, max_value=1e6, allow_nan=False) | st.integers(-1000, 1000),
-        min_size=1, max_size=5,
+        min_size=1,
+        max_size=5,
     ),
 )
 def test_every_valid_summary_round_trips_through_the_model_index(tiny_pair, task, metrics):

@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModel, AutoModelForImageTextToText
 
 
-
 def _segmentation_example(processor, image, num_seg=2, with_depth=True):
     codes = list(range(16)) if with_depth else None
     target = processor.format_target(num_seg, codes, "Here they are.")
@@ -30,13 +29,28 @@ def test_forward_backward_reports_every_component(tiny_model, tiny_processor, rg
     example = _segmentation_example(tiny_processor, rgb_image)
     masks = [torch.from_numpy(np.random.default_rng(1).random((2, 48, 72)) > 0.5)]
     output = _forward(tiny_model, example, masks)
-    components = ("loss_lm", "loss_mask", "loss_mask_iou", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
+    components = (
+        "loss_lm",
+        "loss_mask",
+        "loss_mask_iou",
+        "loss_marker",
+        "loss_token",
+        "loss_count",
+        "loss_depth_recon",
+    )
     for name in ("loss", *components):
         value = getattr(output, name)
         assert value is not None and torch.isfinite(value) and value > 0, name
     config = tiny_model.config
-    weights = (1.0, config.mask_loss_weight, config.mask_iou_loss_weight, config.depth_marker_loss_weight, config.depth_token_loss_weight,
-               config.depth_count_loss_weight, config.depth_recon_loss_weight)
+    weights = (
+        1.0,
+        config.mask_loss_weight,
+        config.mask_iou_loss_weight,
+        config.depth_marker_loss_weight,
+        config.depth_token_loss_weight,
+        config.depth_count_loss_weight,
+        config.depth_recon_loss_weight,
+    )
     expected = sum(weight * getattr(output, name) for weight, name in zip(weights, components))
     assert torch.allclose(output.loss, expected)
     assert [tuple(m.shape) for m in output.pred_masks] == [(2, 32, 32)]
@@ -74,7 +88,9 @@ def test_more_seg_tokens_than_masks_names_the_sample(tiny_model, tiny_processor,
 def test_seg_without_sam_pixel_values_is_rejected(tiny_model, tiny_processor, rgb_image):
     example = _segmentation_example(tiny_processor, rgb_image)
     with pytest.raises(ValueError, match="Samples \\[0\\] have \\[SEG\\] tokens but no sam_pixel_values"):
-        tiny_model(input_ids=example["input_ids"][None], pixel_values=example["pixel_values"], labels=example["labels"][None])
+        tiny_model(
+            input_ids=example["input_ids"][None], pixel_values=example["pixel_values"], labels=example["labels"][None]
+        )
 
 
 def test_image_token_mismatch_names_the_sample(tiny_model, tiny_processor, rgb_image):
@@ -125,7 +141,9 @@ def test_new_token_rows_start_at_the_mean(tiny_model):
     expected = embeddings.detach()[keep].mean(0)
     tiny_model.initialize_new_token_embeddings(new_ids)
     assert torch.allclose(embeddings[3], expected) and torch.allclose(embeddings[7], expected)
-    assert torch.allclose(tiny_model.get_output_embeddings().weight[3], tiny_model.get_output_embeddings().weight[keep].mean(0))
+    assert torch.allclose(
+        tiny_model.get_output_embeddings().weight[3], tiny_model.get_output_embeddings().weight[keep].mean(0)
+    )
 
 
 def test_a_fresh_sam2_locates_point_prompts_with_the_images_fourier_basis(tiny_pair, tmp_path):

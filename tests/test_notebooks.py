@@ -18,6 +18,7 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_ROOT / "examples"
 REPO_PATH = re.compile(r"(?<![\w./-])((?:examples|bench|docs|perceptio|tests)/[\w./+-]*[\w+-])")
@@ -127,4 +128,3 @@ def test_an_unknown_size_is_refused(tmp_path, monkeypatch):
 
     with pytest.raises(CellExecutionError, match="PERCEPTIO_NOTEBOOK_SIZE must be one of"):
         execute_notebook("quickstart.ipynb", tmp_path, monkeypatch, size="huge")
-

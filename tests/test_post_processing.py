@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from perceptio.processing.post_processing_perceptio import PerceptioPrediction
 
+
 N = 16
 ANSWERS = st.text(alphabet="abcdefghij klmnop.,?", min_size=0, max_size=30).map(str.strip)
 
@@ -76,8 +77,12 @@ def test_post_process_resizes_masks_and_depth(tiny_processor):
     scores = [torch.tensor([0.9, 0.1]), torch.tensor([0.5])]
     depth = torch.linspace(-1, 1, 32 * 32).view(32, 32)
     first, second = tiny_processor.post_process_generation(
-        torch.tensor(rows), original_sizes=[(20, 50), (7, 9)], mask_logits=logits, mask_scores=scores,
-        depth_maps=[depth, None], num_depth_tokens=N,
+        torch.tensor(rows),
+        original_sizes=[(20, 50), (7, 9)],
+        mask_logits=logits,
+        mask_scores=scores,
+        depth_maps=[depth, None],
+        num_depth_tokens=N,
     )
     assert [m.shape for m in first.masks] == [(20, 50), (20, 50)] and second.masks[0].shape == (7, 9)
     assert first.masks[0].all() and not first.masks[1].any()
@@ -103,8 +108,10 @@ def test_text_only_post_processing_needs_no_sizes(tiny_processor):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"mask_logits": [torch.zeros(2, 8, 8)], "mask_scores": [torch.zeros(2)], "original_sizes": [(4, 4)]},
-         "1 \\[SEG\\] token.*2 mask"),
+        (
+            {"mask_logits": [torch.zeros(2, 8, 8)], "mask_scores": [torch.zeros(2)], "original_sizes": [(4, 4)]},
+            "1 \\[SEG\\] token.*2 mask",
+        ),
         ({"mask_logits": [torch.zeros(1, 8, 8)], "mask_scores": [torch.zeros(1)]}, "original_sizes"),
         ({"mask_logits": [torch.zeros(1, 8, 8)]}, "together"),
         ({"original_sizes": [(4, 4), (5, 5)]}, "2 entries for 1"),

@@ -37,8 +37,21 @@ def image_file(tmp_path):
 
 def test_predict_writes_overlay_depth_and_json(checkpoint, image_file, tmp_path):
     output_dir = tmp_path / "out"
-    code = main(["predict", "--model", str(checkpoint), "--image", str(image_file), "--prompt", "Segment the cube.",
-                 "--output-dir", str(output_dir), "--max-new-tokens", "22"])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(image_file),
+            "--prompt",
+            "Segment the cube.",
+            "--output-dir",
+            str(output_dir),
+            "--max-new-tokens",
+            "22",
+        ]
+    )
     assert code == 0
     result = json.loads((output_dir / "prediction.json").read_text())
     assert result["num_masks"] == 1 and result["mask_size"] == [40, 70] and result["depth_size"] == [40, 70]
@@ -51,8 +64,21 @@ def test_predict_writes_overlay_depth_and_json(checkpoint, image_file, tmp_path)
 
 
 def test_truncated_depth_writes_no_depth_picture(checkpoint, image_file, tmp_path):
-    code = main(["predict", "--model", str(checkpoint), "--image", str(image_file), "--prompt", "Depth?",
-                 "--output-dir", str(tmp_path), "--max-new-tokens", "5"])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(image_file),
+            "--prompt",
+            "Depth?",
+            "--output-dir",
+            str(tmp_path),
+            "--max-new-tokens",
+            "5",
+        ]
+    )
     result = json.loads((tmp_path / "prediction.json").read_text())
     assert code == 0 and result["depth_truncated"] and result["depth_image"] is None
     assert not (tmp_path / "depth.png").exists()
@@ -67,8 +93,12 @@ def test_truncated_depth_writes_no_depth_picture(checkpoint, image_file, tmp_pat
     ],
 )
 def test_bad_arguments_fail_with_a_message(checkpoint, image_file, tmp_path, capsys, change, message):
-    arguments = {"--model": str(checkpoint), "--image": str(image_file), "--prompt": "Hi",
-                 "--output-dir": str(tmp_path)}
+    arguments = {
+        "--model": str(checkpoint),
+        "--image": str(image_file),
+        "--prompt": "Hi",
+        "--output-dir": str(tmp_path),
+    }
     for key, value in change.items():
         arguments[key] = value if key == "--max-new-tokens" else str(tmp_path / value)
     code = main(["predict", *[item for pair in arguments.items() for item in pair]])
@@ -78,8 +108,9 @@ def test_bad_arguments_fail_with_a_message(checkpoint, image_file, tmp_path, cap
 def test_unreadable_image_fails_with_a_message(checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    code = main(["predict", "--model", str(checkpoint), "--image", str(bad), "--prompt", "Hi", "--output-dir",
-                 str(tmp_path)])
+    code = main(
+        ["predict", "--model", str(checkpoint), "--image", str(bad), "--prompt", "Hi", "--output-dir", str(tmp_path)]
+    )
     assert code == 2 and "not an image" in capsys.readouterr().err
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "prior_baselines.py"
 
 
@@ -59,7 +60,10 @@ def test_prints_every_figure_with_the_models_beside_it(prior_baselines, saved_da
 def test_lowest_marker_heuristic_reads_the_marker_positions(prior_baselines):
     meta = {"num_points": 2, "points": [[5, 40], [9, 12]], "letters": ["A", "B"], "answer_letter": "A"}
     other = {**meta, "answer_letter": "B"}
-    rows = [{"task": "relative_depth", "meta": json.dumps(meta)}, {"task": "relative_depth", "meta": json.dumps(other)}]
+    rows = [
+        {"task": "relative_depth", "meta": json.dumps(meta)},
+        {"task": "relative_depth", "meta": json.dumps(other)},
+    ]
     assert prior_baselines.lowest_marker_accuracy(rows) == {"relative_depth/2": 0.5}
 
 

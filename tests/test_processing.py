@@ -18,6 +18,7 @@ from perceptio.processing.spatial_tokens_perceptio import (
     strip_spatial_tokens,
 )
 
+
 PIL_MODES = ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I", "F"]
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -119,8 +120,20 @@ def test_left_and_right_padding(tiny_processor):
 
 
 CALL_ARGUMENTS = {
-    "images", "text", "videos", "audio", "padding", "padding_side", "max_length", "pad_to_multiple_of", "truncation",
-    "add_special_tokens", "return_attention_mask", "max_num_tiles", "max_patches", "return_tensors",
+    "images",
+    "text",
+    "videos",
+    "audio",
+    "padding",
+    "padding_side",
+    "max_length",
+    "pad_to_multiple_of",
+    "truncation",
+    "add_special_tokens",
+    "return_attention_mask",
+    "max_num_tiles",
+    "max_patches",
+    "return_tensors",
 }
 
 
@@ -137,8 +150,16 @@ CALL_ARGUMENTS = {
     return_tensors=st.sampled_from(["pt", "np"]),
 )
 def test_transformers_call_arguments_have_their_effect(
-    tiny_processor, texts, padding, extra_length, pad_to_multiple_of, padding_side, tile_argument, tiles,
-    add_special_tokens, return_tensors,
+    tiny_processor,
+    texts,
+    padding,
+    extra_length,
+    pad_to_multiple_of,
+    padding_side,
+    tile_argument,
+    tiles,
+    add_special_tokens,
+    return_tensors,
 ):
     rng = np.random.default_rng(len(texts))
     images = [rng.integers(0, 256, size=(20 + 9 * index, 30, 3), dtype=np.uint8) for index in range(len(texts))]
@@ -149,8 +170,12 @@ def test_transformers_call_arguments_have_their_effect(
     lengths = [inputs["input_ids"].shape[1] for inputs in alone]
     max_length = max(lengths) + extra_length if padding == "max_length" else None
     arguments = {
-        "padding": padding, "max_length": max_length, "pad_to_multiple_of": pad_to_multiple_of,
-        "padding_side": padding_side, tile_argument: tiles, "add_special_tokens": add_special_tokens,
+        "padding": padding,
+        "max_length": max_length,
+        "pad_to_multiple_of": pad_to_multiple_of,
+        "padding_side": padding_side,
+        tile_argument: tiles,
+        "add_special_tokens": add_special_tokens,
     }
     inputs = tiny_processor(images=images, text=texts, return_tensors=return_tensors, **arguments)
     assert all(isinstance(value, np.ndarray if return_tensors == "np" else torch.Tensor) for value in inputs.values())
@@ -202,8 +227,15 @@ def test_bad_call_arguments_raise_value_error(tiny_processor, arguments, message
 
 def test_apply_chat_template_with_tokenize_gives_the_processor_inputs(tiny_processor, rgb_image):
     # transformers' apply_chat_template(tokenize=True) calls the processor with videos=None and audio=None.
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(rgb_image)},
-                                             {"type": "text", "text": "What is this?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.fromarray(rgb_image)},
+                {"type": "text", "text": "What is this?"},
+            ],
+        }
+    ]
     inputs = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     expected = tiny_processor(images=[rgb_image], text=[tiny_processor.format_prompt("What is this?")])
     assert set(inputs) == set(expected)

@@ -9,6 +9,7 @@ import pytest
 
 import perceptio
 
+
 # Run in a fresh interpreter: this test session has imported the trainer already.
 IMPORT_CHECK = """
 import sys

@@ -49,7 +49,8 @@ def test_dry_run_checks_lists_exactly_the_upload_and_sends_nothing(folder, fake_
     assert main(["push", str(folder), "--repo-id", "org/perceptio-tiny", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     expected = sorted(
-        path.relative_to(folder).as_posix() for path in folder.rglob("*")
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
         if path.is_file() and ".git" not in path.parts and "__pycache__" not in path.parts
     )
     listed = [line.split()[0] for line in printed.splitlines() if line.startswith("  ")]

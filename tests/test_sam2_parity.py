@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from perceptio import PerceptioForConditionalGeneration
-from perceptio.hub_cards.build_perceptio import build_perceptio
-from perceptio.hub_cards.convert_sam2_original import load_original_sam2
-
 from test_build import (  # noqa: E402  (shared tiny-checkpoint writers)
     TINY_SAM2_CONFIG_NAME,
     TINY_SAM2_OVERRIDES,
     write_tiny_internvl,
     write_tiny_original_sam2,
 )
+
+from perceptio import PerceptioForConditionalGeneration
+from perceptio.hub_cards.build_perceptio import build_perceptio
+from perceptio.hub_cards.convert_sam2_original import load_original_sam2
+
 
 PARITY_ATOL = 1e-5
 NUM_PROMPTS = 3
@@ -60,8 +60,14 @@ def checkpoint_and_model(tmp_path_factory):
     write_tiny_internvl(root / "base")
     PerceptioDepthTokenizer(tiny_depth_tokenizer_config()).save_pretrained(root / "depth")
     build_perceptio(
-        root / "base", checkpoint, root / "depth", root / "built", dtype="float32", num_depth_tokens=16,
-        sam2_config_name=TINY_SAM2_CONFIG_NAME, sam2_overrides=TINY_SAM2_OVERRIDES,
+        root / "base",
+        checkpoint,
+        root / "depth",
+        root / "built",
+        dtype="float32",
+        num_depth_tokens=16,
+        sam2_config_name=TINY_SAM2_CONFIG_NAME,
+        sam2_overrides=TINY_SAM2_OVERRIDES,
     )
     return checkpoint, PerceptioForConditionalGeneration.from_pretrained(root / "built").eval()
 

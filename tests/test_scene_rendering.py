@@ -18,6 +18,7 @@ from perceptio.data.scene_rendering import (
     render_scene,
 )
 
+
 LEVEL_CAMERA = Camera(position=(0.0, 0.0, 1.5), tilt=0.0, vertical_fov=math.radians(50.0))
 
 

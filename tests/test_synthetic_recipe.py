@@ -24,8 +24,19 @@ from perceptio.trainers.synthetic_recipe import (
     train_recipe_model,
 )
 
-SMOKE = dict(num_train=24, num_validation=4, num_test=4, depth_tokenizer_steps=4, grounding_scenes=8, grounding_steps=2,
-             reading_steps=2, train_steps=2, batch_size=4, logging_steps=1)
+
+SMOKE = dict(
+    num_train=24,
+    num_validation=4,
+    num_test=4,
+    depth_tokenizer_steps=4,
+    grounding_scenes=8,
+    grounding_steps=2,
+    reading_steps=2,
+    train_steps=2,
+    batch_size=4,
+    logging_steps=1,
+)
 
 
 def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
@@ -38,7 +49,9 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
     assert 0 <= grounding["final"]["prompt_iou"] <= 1 and [entry["step"] for entry in grounding["log"]] == [1, 2]
     assert 0 <= grounding["final"]["two_object_overlap"] <= 1
     assert [entry["step"] for entry in saved["reading_log"]] == [1, 2]
-    assert {"dataset_s", "depth_tokenizer_s", "grounding_s", "reading_s", "model_s", "total_s"} == set(saved["timings"])
+    assert {"dataset_s", "depth_tokenizer_s", "grounding_s", "reading_s", "model_s", "total_s"} == set(
+        saved["timings"]
+    )
     model = PerceptioForConditionalGeneration.from_pretrained(tmp_path / "model")
     processor = PerceptioProcessor.from_pretrained(tmp_path / "model")
     assert model.config.num_depth_tokens == 64 and processor.image_seq_length == 64
@@ -48,15 +61,18 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
 @pytest.mark.parametrize("freeze", [True, False])
 def test_main_stage_trains_the_seg_projection_on_a_pretrained_sam2(tmp_path, freeze):
     recipe = SyntheticTinyRecipe(**SMOKE, freeze_grounding_encoder=freeze)
-    dataset = build_synthetic_dataset(8, 1, 1, image_size=recipe.image_size, seed=0, tasks={"referring": 1.0},
-                                      cache_dir=str(tmp_path / "cache"))
+    dataset = build_synthetic_dataset(
+        8, 1, 1, image_size=recipe.image_size, seed=0, tasks={"referring": 1.0}, cache_dir=str(tmp_path / "cache")
+    )
     processor = build_recipe_processor(recipe)
     model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
     untrained_encoder = copy.deepcopy(model.grounding_encoder.vision_encoder.state_dict())
     pretrain_recipe_grounding(recipe, model, processor)
     pretrained = copy.deepcopy(model.grounding_encoder.state_dict())
     projection = copy.deepcopy(model.text_hidden_fcs.state_dict())
-    assert any(not torch.equal(value, pretrained[f"vision_encoder.{name}"]) for name, value in untrained_encoder.items())
+    assert any(
+        not torch.equal(value, pretrained[f"vision_encoder.{name}"]) for name, value in untrained_encoder.items()
+    )
     if freeze:
         model.grounding_encoder.requires_grad_(False)
     train_recipe_model(recipe, model, processor, dataset["train"], tmp_path / "trainer")
@@ -70,8 +86,9 @@ def test_main_stage_trains_the_seg_projection_on_a_pretrained_sam2(tmp_path, fre
 
 def test_reading_stage_keeps_only_answer_tasks_without_depth_blocks(tmp_path):
     recipe = SyntheticTinyRecipe(**SMOKE)
-    dataset = build_synthetic_dataset(40, 1, 1, image_size=recipe.image_size, seed=0, tasks=recipe.task_weights,
-                                      cache_dir=str(tmp_path / "cache"))
+    dataset = build_synthetic_dataset(
+        40, 1, 1, image_size=recipe.image_size, seed=0, tasks=recipe.task_weights, cache_dir=str(tmp_path / "cache")
+    )
     rows = reading_split(recipe, dataset["train"])
     assert len(rows) > 0 and set(rows["task"]) <= set(recipe.reading_tasks)
     assert not any(rows["use_depth_block"]) and not any("depth" in prompt for prompt in rows["prompt"])

@@ -15,12 +15,13 @@ from perceptio.data.synthetic_dataset import (
 )
 from perceptio.data.synthetic_tasks import (
     DEFAULT_TASK_CONFIG,
+    DEPTH_REQUEST,
     TASK_NAMES,
     generate_task_sample,
     make_relative_depth_sample,
     referring_expressions,
-    DEPTH_REQUEST,
 )
+
 
 CONFIG = DEFAULT_TASK_CONFIG
 
@@ -55,16 +56,18 @@ def resolve(text, scene):
     objects, width = scene.objects, scene.image_size[1]
     assert text.startswith(("the ", "all the "))
     if text.startswith("all the "):
-        members = matching(objects, text[len("all the "):])
+        members = matching(objects, text[len("all the ") :])
         assert len(members) >= 2
         return tuple(obj.object_id for obj in sorted(members, key=lambda obj: obj.centroid[0]))
     if " and the " in text:
-        first, second = text[len("the "):].split(" and the ")
+        first, second = text[len("the ") :].split(" and the ")
         return single(objects, first).object_id, single(objects, second).object_id
-    body = text[len("the "):]
+    body = text[len("the ") :]
     for suffix, nearest in ((" nearest the camera", True), (" farthest from the camera", False)):
         if body.endswith(suffix):
-            members = sorted(matching(objects, body[: -len(suffix)]), key=lambda obj: obj.distance, reverse=not nearest)
+            members = sorted(
+                matching(objects, body[: -len(suffix)]), key=lambda obj: obj.distance, reverse=not nearest
+            )
             low, high = sorted((members[0].distance, members[1].distance))
             assert high >= low * (1 + CONFIG.distance_margin)
             return (members[0].object_id,)
@@ -145,16 +148,16 @@ def test_vqa_answers_follow_from_the_scene(seed):
     rng = np.random.default_rng(seed)
     count = generate_task_sample(scene, "vqa_count", rng)
     question = count.prompt.removesuffix(f" {DEPTH_REQUEST}")
-    phrase = question[len("How many "): -len(" are there?")]
+    phrase = question[len("How many ") : -len(" are there?")]
     assert count.answer == str(len(matching(scene.objects, phrase)))
     colour = generate_task_sample(scene, "vqa_colour", rng)
     if colour is not None:
-        phrase = colour.prompt.removesuffix(f" {DEPTH_REQUEST}")[len("What colour is the "): -1]
+        phrase = colour.prompt.removesuffix(f" {DEPTH_REQUEST}")[len("What colour is the ") : -1]
         assert parse_phrase(phrase)["colour"] is None
         assert colour.answer == single(scene.objects, phrase).colour.capitalize()
     shape = generate_task_sample(scene, "vqa_shape", rng)
     if shape is not None:
-        phrase = shape.prompt.removesuffix(f" {DEPTH_REQUEST}")[len("What shape is the "): -1]
+        phrase = shape.prompt.removesuffix(f" {DEPTH_REQUEST}")[len("What shape is the ") : -1]
         assert parse_phrase(phrase)["shape"] is None
         assert shape.answer == single(scene.objects, phrase).shape.capitalize()
 
@@ -197,7 +200,11 @@ def test_splits_are_disjoint_and_reproducible(small_dataset, tmp_path):
     for split in SPLIT_NAMES:
         for first, second in zip(small_dataset[split], again[split]):
             assert first["image"].tobytes() == second["image"].tobytes()
-            assert (first["prompt"], first["answer"], first["meta"]) == (second["prompt"], second["answer"], second["meta"])
+            assert (first["prompt"], first["answer"], first["meta"]) == (
+                second["prompt"],
+                second["answer"],
+                second["meta"],
+            )
     other = build_synthetic_dataset(4, 0, 0, image_size=(48, 56), seed=4, cache_dir=str(tmp_path))
     assert not set(other["train"]["scene_seed"]) & seeds[0]
     assert len(other["validation"]) == 0
@@ -216,7 +223,14 @@ def test_splits_are_disjoint_and_reproducible(small_dataset, tmp_path):
     ],
 )
 def test_invalid_builder_arguments_raise_value_error(kwargs, tmp_path):
-    arguments = {"num_train": 1, "num_validation": 0, "num_test": 0, "image_size": 32, "seed": 0, "cache_dir": str(tmp_path)}
+    arguments = {
+        "num_train": 1,
+        "num_validation": 0,
+        "num_test": 0,
+        "image_size": 32,
+        "seed": 0,
+        "cache_dir": str(tmp_path),
+    }
     with pytest.raises(ValueError):
         build_synthetic_dataset(**{**arguments, **kwargs})
 

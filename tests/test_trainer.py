@@ -29,6 +29,7 @@ from perceptio.trainers.peft_presets import (
 )
 from perceptio.trainers.trainer_perceptio import LOSS_COMPONENTS, NonFiniteLossError, PerceptioTrainer
 
+
 TINY_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "tiny-cpu.yaml"
 IMAGE_SIDE = 32
 
@@ -41,7 +42,9 @@ def make_sample(seed: int, num_masks: int, depth_block: bool, image: bool = True
         mask[4 + index : 20 + index, 6:22] = 255
         masks.append(mask)
     return {
-        "image": Image.fromarray(rng.integers(0, 256, size=(IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)) if image else None,
+        "image": Image.fromarray(rng.integers(0, 256, size=(IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8))
+        if image
+        else None,
         "prompt": f"Find object {seed}.",
         "answer": answer,
         "masks": masks,
@@ -100,7 +103,9 @@ def test_collator_uses_cached_codes_and_they_match_the_tokenizer(tiny_pair, coll
     sample = make_sample(3, 0, True)
     codes = model.depth_tokenizer.encode(torch.from_numpy(1.0 / sample["depth"])[None])[0]
     labels = collator([sample])["labels"][0]
-    in_block = labels[(labels >= processor.spatial_ids.depth_code_offset) & (labels < processor.spatial_ids.depth_code_offset + 32)]
+    in_block = labels[
+        (labels >= processor.spatial_ids.depth_code_offset) & (labels < processor.spatial_ids.depth_code_offset + 32)
+    ]
     assert torch.equal(in_block - processor.spatial_ids.depth_code_offset, codes)
     cached = dict(sample, depth_codes=list(range(model.config.num_depth_tokens)))
     labels = collator([cached])["labels"][0]
@@ -172,17 +177,27 @@ def test_a_few_steps_lower_every_loss_component_on_a_repeated_batch(tiny_model, 
 
 
 def _one_sgd_step_delta(model, collator, tmp_path, **args) -> dict[str, torch.Tensor]:
-    dataset = Dataset.from_list([make_sample(0, 1, True, answer="Red cube."), make_sample(1, 1, True, answer="Blue cube.")])
-    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
-    arguments = training_args(tmp_path, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", **args)
+    dataset = Dataset.from_list(
+        [make_sample(0, 1, True, answer="Red cube."), make_sample(1, 1, True, answer="Blue cube.")]
+    )
+    before = {
+        name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad
+    }
+    arguments = training_args(
+        tmp_path, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", **args
+    )
     PerceptioTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator).train()
     return {name: parameter.detach() - before[name] for name, parameter in model.named_parameters() if name in before}
 
 
 def test_gradient_accumulation_2x1_equals_batch_2(tiny_pair, collator, tmp_path):
     # Both samples have the same label count, one mask and one depth block, so the per-batch means coincide.
-    accumulated = _one_sgd_step_delta(copy.deepcopy(tiny_pair[0]), collator, tmp_path / "ga", gradient_accumulation_steps=2)
-    batched = _one_sgd_step_delta(copy.deepcopy(tiny_pair[0]), collator, tmp_path / "b2", per_device_train_batch_size=2)
+    accumulated = _one_sgd_step_delta(
+        copy.deepcopy(tiny_pair[0]), collator, tmp_path / "ga", gradient_accumulation_steps=2
+    )
+    batched = _one_sgd_step_delta(
+        copy.deepcopy(tiny_pair[0]), collator, tmp_path / "b2", per_device_train_batch_size=2
+    )
     scale = max(delta.abs().max().item() for delta in batched.values())
     worst = max((accumulated[name] - batched[name]).abs().max().item() for name in batched)
     # Tolerance: float32 summation-order differences, 1e-4 of the largest gradient entry.
@@ -208,7 +223,10 @@ def test_non_finite_component_stops_training_naming_it(tiny_model, collator, tmp
     with torch.no_grad():
         tiny_model.depth_tokenizer.decoder.projection.weight.fill_(float("nan"))
     trainer = PerceptioTrainer(
-        model=tiny_model, args=training_args(tmp_path), train_dataset=Dataset.from_list([make_sample(0, 1, True)]), data_collator=collator
+        model=tiny_model,
+        args=training_args(tmp_path),
+        train_dataset=Dataset.from_list([make_sample(0, 1, True)]),
+        data_collator=collator,
     )
     with pytest.raises(NonFiniteLossError, match="loss_depth_recon=nan") as error:
         trainer.train()
@@ -226,7 +244,9 @@ def test_lora_preset_trains_the_right_parts_and_saves_loads_merges(tiny_pair, co
     assert any("language_model.layers.0.mlp.down_proj.lora_B" in name for name in trainable)
     assert any("mask_decoder.modules_to_save" in name for name in trainable)
     assert any("text_hidden_fcs.modules_to_save" in name for name in trainable)
-    assert not any("vision_tower" in name or "vision_encoder" in name or "depth_tokenizer" in name for name in trainable)
+    assert not any(
+        "vision_tower" in name or "vision_encoder" in name or "depth_tokenizer" in name for name in trainable
+    )
     assert not any("lora" in name and "language_model" not in name for name in trainable)
     token_deltas = [parameter for name, parameter in peft_model.named_parameters() if "trainable_tokens_delta" in name]
     assert len(token_deltas) == 2 and all(delta.shape[0] == len(spatial_token_ids(base)) for delta in token_deltas)
@@ -260,7 +280,9 @@ def test_lora_adapter_path_must_exist(tiny_pair, tmp_path):
 def test_mixture_follows_task_weights_and_caches_depth_codes(tiny_pair):
     model = tiny_pair[0]
     rows = [make_sample(index, 0, True, image=False) for index in range(2)]
-    depth_data = add_depth_code_column(Dataset.from_list(rows).remove_columns(["image", "masks"]), model.depth_tokenizer)
+    depth_data = add_depth_code_column(
+        Dataset.from_list(rows).remove_columns(["image", "masks"]), model.depth_tokenizer
+    )
     assert all(len(codes) == model.config.num_depth_tokens for codes in depth_data["depth_codes"])
     expected = model.depth_tokenizer.encode(torch.from_numpy(1.0 / rows[0]["depth"])[None])[0].tolist()
     assert depth_data[0]["depth_codes"] == expected
@@ -269,7 +291,9 @@ def test_mixture_follows_task_weights_and_caches_depth_codes(tiny_pair):
     mixed = mix_task_datasets({"a": task_a, "b": task_b}, {"a": 3.0, "b": 1.0}, stopping_strategy="first_exhausted")
     share_a = mixed["task"].count("a") / len(mixed)
     assert 0.65 < share_a < 0.85
-    streamed = mix_task_datasets({"a": task_a.to_iterable_dataset(), "b": task_b.to_iterable_dataset()}, {"a": 1, "b": 1})
+    streamed = mix_task_datasets(
+        {"a": task_a.to_iterable_dataset(), "b": task_b.to_iterable_dataset()}, {"a": 1, "b": 1}
+    )
     assert {row["task"] for _, row in zip(range(20), streamed)} == {"a", "b"}
     with pytest.raises(ValueError, match="same tasks"):
         mix_task_datasets({"a": task_a}, {"b": 1.0})
@@ -279,7 +303,11 @@ def test_referring_rows_become_samples_with_one_seg_per_mask(collator):
     mask = np.zeros((IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
     mask[3:9, 3:9] = 1
     referring = Dataset.from_dict(
-        {"image": [np.zeros((IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)], "expression": [["the red cube", "left cube"]], "mask": [mask]}
+        {
+            "image": [np.zeros((IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)],
+            "expression": [["the red cube", "left cube"]],
+            "mask": [mask],
+        }
     )
     samples = referring_to_samples(referring, use_depth_block=False)
     assert len(samples) == 2 and "the red cube" in samples[0]["prompt"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
 EXAMPLE = """examples:
   perceptio build --base OpenGVLab/InternVL3-8B-hf --sam2 facebook/sam2.1-hiera-large \\
       --depth-tokenizer runs/depth_tokenizer --output-dir built/perceptio-8b --dtype bfloat16
@@ -39,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", help="folder to write (must be empty or absent)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     parser.add_argument(
-        "--num-depth-tokens", type=int, default=None,
+        "--num-depth-tokens",
+        type=int,
+        default=None,
         help="N, codes per depth block; the depth tokenizer's grid must match (default 100)",
     )
     parser.add_argument("--model-name", default=None, help="title of the model card (default: output folder name)")
@@ -61,8 +64,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "--preset only plans (use it with --dry-run); a build takes --base, --sam2 and --depth-tokenizer."
         )
-    missing = [flag for flag, value in (("--base", args.base), ("--sam2", args.sam2),
-               ("--depth-tokenizer", args.depth_tokenizer), ("--output-dir", args.output_dir)) if not value]
+    missing = [
+        flag
+        for flag, value in (
+            ("--base", args.base),
+            ("--sam2", args.sam2),
+            ("--depth-tokenizer", args.depth_tokenizer),
+            ("--output-dir", args.output_dir),
+        )
+        if not value
+    ]
     if missing:
         raise ValueError(f"a build needs {', '.join(missing)} (or --preset P --dry-run to plan one).")
     from perceptio.hub_cards.build_perceptio import DEFAULT_NUM_DEPTH_TOKENS, build_perceptio

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .predict import DEPTH_FILE, OVERLAY_FILE, load_image_file, write_prediction_outputs
 
+
 EXAMPLE = """example:
   perceptio demo --output-dir demo-output
   perceptio demo --image my_photo.png --prompt "Where is the red cube? Also estimate the depth of the scene."

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 EXAMPLE = """example:
   perceptio eval-depth-tokenizer --model runs/depth_tokenizer --depth held_out_depth.npy --output report.json
   perceptio eval-depth-tokenizer --model runs/depth_tokenizer --depth data/teacher_depth_dataset --depth-column teacher_depth
@@ -45,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="folder of a trained PerceptioDepthTokenizer")
     parser.add_argument("--depth", required=True, help=".npy (M, H, W) array or saved datasets folder")
     parser.add_argument("--depth-column", default="teacher_depth", help="depth column of a datasets folder")
-    parser.add_argument("--output", default=None, help="JSON report path (default: MODEL/depth_tokenizer_evaluation.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON report path (default: MODEL/depth_tokenizer_evaluation.json)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-pairs", type=int, default=1000, help="point pairs per map for pair-order accuracy")
     parser.add_argument("--margin", type=float, default=0.05, help="minimum normalised depth gap of a scored pair")

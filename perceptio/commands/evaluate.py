@@ -7,6 +7,7 @@ import json
 
 from perceptio.evaluation import EVALUATION_DEFAULT_SPLITS, EVALUATION_TASKS, REFCOCO_TASKS
 
+
 EXAMPLE = """examples:
   perceptio eval refcoco --model runs/perceptio --data lmms-lab/RefCOCO --split val --output-dir eval/refcoco
   perceptio eval blink-depth --model runs/perceptio --data BLINK-Benchmark/BLINK --split val --limit 50
@@ -83,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_perceptio_checkpoint(args.model, device=args.device, dtype=args.dtype)
     if args.task in REFCOCO_TASKS:
         summary = run_refcoco(
-            model, processor, args.data, settings, split=split, task=args.task,
+            model,
+            processor,
+            args.data,
+            settings,
+            split=split,
+            task=args.task,
             prompt_template=args.prompt_template or DEFAULT_REFERRING_PROMPT,
         )
     elif args.task == "blink-depth":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+
 EXAMPLE = """example:
   perceptio export --model runs/my-finetune --output-dir exported/perceptio-8b
   perceptio export --tiny --output-dir exported/tiny   # a tiny random model, for trying the Hub path

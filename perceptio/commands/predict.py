@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+
 EXAMPLE = """example:
   perceptio predict --model runs/perceptio --image scene.png --prompt "Segment the red cube." \\
       --output-dir out/ --max-new-tokens 128
@@ -52,8 +53,12 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model if args.model is not None else embedded_checkpoint_path()
     model, processor = load_perceptio_checkpoint(model_dir, device=args.device)
     (prediction,) = model.predict(
-        [image], [args.prompt], processor=processor, max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams, mask_threshold=args.mask_threshold,
+        [image],
+        [args.prompt],
+        processor=processor,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        mask_threshold=args.mask_threshold,
     )
     write_prediction_outputs(image, prediction, Path(args.output_dir), image=str(image_path), prompt=args.prompt)
     return 0
@@ -88,6 +93,8 @@ def write_prediction_outputs(picture, prediction, output_dir: Path, **record) ->
         render_depth(prediction.depth).save(output_dir / DEPTH_FILE)
         result["depth_image"] = DEPTH_FILE
     (output_dir / JSON_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{prediction.text!r}: {len(prediction.masks)} mask(s), depth {'yes' if prediction.depth is not None else 'no'}"
-          f" -> {output_dir}")
+    print(
+        f"{prediction.text!r}: {len(prediction.masks)} mask(s), depth {'yes' if prediction.depth is not None else 'no'}"
+        f" -> {output_dir}"
+    )
     return result

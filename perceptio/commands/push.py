@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+
 EXAMPLE = """examples:
   perceptio push built/perceptio-8b --repo-id my-org/perceptio-8b --dry-run   # check + list what would be sent
   perceptio push built/perceptio-8b --repo-id my-org/perceptio-8b --private

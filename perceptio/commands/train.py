@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+
 EXAMPLE = """example:
   perceptio train --config examples/configs/tiny-cpu.yaml
   perceptio train --config examples/configs/perceptio-8b-lora.yaml --resume
@@ -43,7 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-steps", type=int, help="with --recipe: override the recipe's training steps")
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
-        "--resume", nargs="?", const=True, default=None, help="resume from CHECKPOINT, or from the latest in output_dir"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        help="resume from CHECKPOINT, or from the latest in output_dir",
     )
     parser.set_defaults(func=run)
 
@@ -101,7 +106,11 @@ def train_perceptio(config, resume_from_checkpoint: str | bool | None = None):
         processor, depth_tokenizer=base_model.depth_tokenizer, max_num_tiles=config.model.max_num_tiles
     )
     trainer = PerceptioTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, processing_class=processor
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=processor,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
@@ -172,10 +181,14 @@ def build_train_dataset(data_args, model):
         raise ValueError(f"data.task_weights names tasks without data: {unknown}; tasks are {sorted(task_datasets)}.")
     if data_args.cache_depth_codes and model.depth_tokenizer is not None:
         task_datasets = {
-            task: dataset if "depth_codes" in dataset.column_names else add_depth_code_column(dataset, model.depth_tokenizer)
+            task: dataset
+            if "depth_codes" in dataset.column_names
+            else add_depth_code_column(dataset, model.depth_tokenizer)
             for task, dataset in task_datasets.items()
         }
     if data_args.streaming:
         task_datasets = {task: dataset.to_iterable_dataset() for task, dataset in task_datasets.items()}
     weights = {task: float(data_args.task_weights.get(task, 1.0)) for task in task_datasets}
-    return mix_task_datasets(task_datasets, weights, seed=data_args.mixture_seed, stopping_strategy=data_args.stopping_strategy)
+    return mix_task_datasets(
+        task_datasets, weights, seed=data_args.mixture_seed, stopping_strategy=data_args.stopping_strategy
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
 EXAMPLE = """example:
   perceptio train-depth-tokenizer --teacher depth-anything/Depth-Anything-V2-Small-hf \\
       --images data/images --output-dir runs/depth_tokenizer --max-steps 5000
@@ -47,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument("--logging-steps", type=int, default=50)
     training.add_argument("--save-steps", type=int, default=500)
     training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--resume", nargs="?", const=True, default=None, help="resume (from CHECKPOINT or the latest)")
+    training.add_argument(
+        "--resume", nargs="?", const=True, default=None, help="resume (from CHECKPOINT or the latest)"
+    )
     training.add_argument("--report-to", default="none", help="e.g. tensorboard, wandb, none")
     parser.set_defaults(func=run)
 

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
+
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
@@ -136,7 +137,9 @@ def add_teacher_depth_column(
     if not isinstance(dataset, Dataset):
         raise ValueError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
     if image_column not in dataset.column_names:
-        raise ValueError(f"image_column {image_column!r} is not a column of the dataset (columns: {dataset.column_names}).")
+        raise ValueError(
+            f"image_column {image_column!r} is not a column of the dataset (columns: {dataset.column_names})."
+        )
     if depth_column in dataset.column_names:
         raise ValueError(f"depth_column {depth_column!r} already exists; remove it or choose another name.")
     fingerprint = Hasher.hash([dataset._fingerprint, teacher.fingerprint, image_column, depth_column])
@@ -164,7 +167,9 @@ def image_dataset_from_folder(folder: str | os.PathLike, image_column: str = "im
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"image folder {str(folder)!r} does not exist or is not a directory.")
-    extensions = {extension for extension, format_name in Image.registered_extensions().items() if format_name in Image.OPEN}
+    extensions = {
+        extension for extension, format_name in Image.registered_extensions().items() if format_name in Image.OPEN
+    }
     paths = sorted(str(path) for path in folder.rglob("*") if path.suffix.lower() in extensions and path.is_file())
     if not paths:
         raise ValueError(f"no image files found under {str(folder)!r}.")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+
 SHAPES: tuple[str, ...] = ("sphere", "cube", "cylinder")
 SIZE_NAMES: tuple[str, ...] = ("small", "large")
 
@@ -370,7 +371,9 @@ def _intersect_sphere(origins: np.ndarray, directions: np.ndarray, obj: ObjectSp
 
 
 def _intersect_cube(origins: np.ndarray, directions: np.ndarray, obj: ObjectSpec) -> np.ndarray:
-    local_origins = _rotate_about_vertical(np.broadcast_to(origins - np.asarray(obj.centre), directions.shape), -obj.yaw)
+    local_origins = _rotate_about_vertical(
+        np.broadcast_to(origins - np.asarray(obj.centre), directions.shape), -obj.yaw
+    )
     local_directions = _rotate_about_vertical(directions, -obj.yaw)
     with np.errstate(divide="ignore", invalid="ignore"):
         inverse = 1.0 / local_directions
@@ -429,7 +432,9 @@ def _object_normals(points: np.ndarray, obj: ObjectSpec) -> np.ndarray:
     return normals / np.linalg.norm(normals, axis=1, keepdims=True)
 
 
-def _background_hits(origin: np.ndarray, directions: np.ndarray, wall_distance: float) -> tuple[np.ndarray, np.ndarray]:
+def _background_hits(
+    origin: np.ndarray, directions: np.ndarray, wall_distance: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Ray parameters of the ground and the back wall (inf where missed)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         t_ground = -origin[2] / directions[:, 2]
@@ -586,7 +591,9 @@ def _sample_camera(rng: np.random.Generator, config: SceneSamplingConfig) -> Cam
     )
 
 
-def _sample_texture(rng: np.random.Generator, config: SceneSamplingConfig, grey_range: tuple[float, float]) -> SurfaceTexture:
+def _sample_texture(
+    rng: np.random.Generator, config: SceneSamplingConfig, grey_range: tuple[float, float]
+) -> SurfaceTexture:
     """A muted (low-saturation) texture, so the background never looks like a named object colour."""
     grey = _sample_range(rng, grey_range)
     tint = rng.uniform(-0.06, 0.06, size=3)
@@ -642,7 +649,10 @@ def _sample_layout(
         attributes = _sample_object_attributes(rng, config)
         for _ in range(config.max_placement_tries):
             contact = _ground_point_through(
-                camera, _sample_range(rng, config.placement_x_range), _sample_range(rng, config.placement_y_range), aspect
+                camera,
+                _sample_range(rng, config.placement_x_range),
+                _sample_range(rng, config.placement_y_range),
+                aspect,
             )
             if contact is None:
                 continue
@@ -668,7 +678,9 @@ def _layout_is_visible(hits: _PrimaryHits, num_objects: int, num_pixels: int, co
     visible = np.bincount(hits.surface[hits.surface >= 0], minlength=num_objects)
     unoccluded = (hits.object_hits < hits.t_background[None, :]).sum(axis=1)
     min_pixels = max(1, math.ceil(config.min_visible_fraction_of_image * num_pixels))
-    return bool(np.all(visible >= min_pixels) and np.all(visible >= config.min_visible_fraction_of_object * unoccluded))
+    return bool(
+        np.all(visible >= min_pixels) and np.all(visible >= config.min_visible_fraction_of_object * unoccluded)
+    )
 
 
 def render_scene(

@@ -39,6 +39,7 @@ from PIL import Image
 from .scene_rendering import metric_depth_to_inverse_depth, normalise_image_size, render_scene
 from .synthetic_tasks import DEFAULT_TASK_CONFIG, TASK_NAMES, TaskConfig, generate_task_sample
 
+
 SPLIT_NAMES: tuple[str, ...] = ("train", "validation", "test")
 DEFAULT_TASK_WEIGHTS: dict[str, float] = {
     "referring": 0.35,
@@ -94,7 +95,10 @@ def _validate_task_weights(tasks: Sequence[str] | Mapping[str, float]) -> dict[s
     unknown = sorted(set(weights) - set(TASK_NAMES))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; accepted tasks are {TASK_NAMES}")
-    if any(not (isinstance(weight, (int, float)) and weight >= 0) for weight in weights.values()) or sum(weights.values()) <= 0:
+    if (
+        any(not (isinstance(weight, (int, float)) and weight >= 0) for weight in weights.values())
+        or sum(weights.values()) <= 0
+    ):
         raise ValueError(f"task weights must be non-negative numbers with a positive sum, got {weights}")
     return {task: float(weight) for task, weight in weights.items()}
 
@@ -146,7 +150,12 @@ def _generate_split_rows(
 ) -> Iterator[dict[str, Any]]:
     """`datasets.Dataset.from_generator` generator; `indices` is the only list so `num_proc` shards it."""
     task_weights = json.loads(task_weights_json)
-    task_config = TaskConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in json.loads(task_config_json).items()})
+    task_config = TaskConfig(
+        **{
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in json.loads(task_config_json).items()
+        }
+    )
     for index in indices:
         yield generate_sample(seed, split, index, image_size, task_weights, task_config)
 
@@ -237,5 +246,7 @@ def sample_spatial_targets(sample: Mapping[str, Any]) -> SampleSpatialTargets:
     masks = [np.asarray(mask) for mask in sample["masks"]]
     if any(mask.shape[:2] != depth.shape for mask in masks):
         raise ValueError(f"every mask must have the depth's shape {depth.shape}, got {[mask.shape for mask in masks]}")
-    stacked = np.stack([mask.reshape(depth.shape) > 127 for mask in masks]) if masks else np.zeros((0, *depth.shape), bool)
+    stacked = (
+        np.stack([mask.reshape(depth.shape) > 127 for mask in masks]) if masks else np.zeros((0, *depth.shape), bool)
+    )
     return SampleSpatialTargets(masks=stacked, inverse_depth=metric_depth_to_inverse_depth(depth))

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, SceneObject, SceneRender
 
+
 TASK_NAMES: tuple[str, ...] = ("referring", "relative_depth", "vqa_count", "vqa_colour", "vqa_shape")
 
 REFERRING_PROMPTS: tuple[str, ...] = (
@@ -92,7 +93,9 @@ class TaskConfig:
     def __post_init__(self) -> None:
         low, high = self.point_count_range
         if not 2 <= low <= high <= len(POINT_LETTERS):
-            raise ValueError(f"point_count_range must satisfy 2 <= low <= high <= {len(POINT_LETTERS)}, got {self.point_count_range}")
+            raise ValueError(
+                f"point_count_range must satisfy 2 <= low <= high <= {len(POINT_LETTERS)}, got {self.point_count_range}"
+            )
         for name in ("left_right_margin", "distance_margin", "depth_margin", "surface_smoothness"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -161,14 +164,18 @@ def _queries_for(obj: SceneObject) -> list[ObjectQuery]:
                     shape=obj.shape if use_shape else None,
                 )
             )
-    return sorted(queries, key=lambda query: sum(value is not None for value in (query.size, query.colour, query.shape)))
+    return sorted(
+        queries, key=lambda query: sum(value is not None for value in (query.size, query.colour, query.shape))
+    )
 
 
 def _matching(objects: list[SceneObject], query: ObjectQuery) -> list[SceneObject]:
     return [obj for obj in objects if query.matches(obj)]
 
 
-def _shortest_unique_query(obj: SceneObject, objects: list[SceneObject], with_shape: bool = True) -> ObjectQuery | None:
+def _shortest_unique_query(
+    obj: SceneObject, objects: list[SceneObject], with_shape: bool = True
+) -> ObjectQuery | None:
     for query in _queries_for(obj):
         if (query.shape is not None or not with_shape) and _matching(objects, query) == [obj]:
             return query
@@ -211,11 +218,15 @@ def _superlative_expressions(objects: list[SceneObject], config: TaskConfig) -> 
     return expressions
 
 
-def _relation_expressions(objects: list[SceneObject], image_width: int, config: TaskConfig) -> list[ReferringExpression]:
+def _relation_expressions(
+    objects: list[SceneObject], image_width: int, config: TaskConfig
+) -> list[ReferringExpression]:
     """ "the X left of the Y": X alone is ambiguous, Y is unique, and exactly one X is clearly on that side."""
     margin = config.left_right_margin * image_width
     expressions = []
-    target_queries = sorted({q for obj in objects for q in _queries_for(obj) if q.shape is not None}, key=ObjectQuery.phrase)
+    target_queries = sorted(
+        {q for obj in objects for q in _queries_for(obj) if q.shape is not None}, key=ObjectQuery.phrase
+    )
     for reference in objects:
         reference_query = _shortest_unique_query(reference, objects)
         if reference_query is None:
@@ -240,7 +251,9 @@ def _plural_expressions(objects: list[SceneObject]) -> list[ReferringExpression]
     for query in sorted({q for obj in objects for q in _queries_for(obj)}, key=ObjectQuery.phrase):
         members = _matching(objects, query)
         if len(members) >= 2:
-            expressions.append(ReferringExpression(f"all the {query.phrase(plural=True)}", _left_to_right(members), "plural"))
+            expressions.append(
+                ReferringExpression(f"all the {query.phrase(plural=True)}", _left_to_right(members), "plural")
+            )
     return expressions
 
 
@@ -248,7 +261,11 @@ def _conjunction_expressions(objects: list[SceneObject]) -> list[ReferringExpres
     unique = [(obj, _shortest_unique_query(obj, objects)) for obj in objects]
     unique = [(obj, query) for obj, query in unique if query is not None]
     return [
-        ReferringExpression(f"the {first_query.phrase()} and the {second_query.phrase()}", (first.object_id, second.object_id), "conjunction")
+        ReferringExpression(
+            f"the {first_query.phrase()} and the {second_query.phrase()}",
+            (first.object_id, second.object_id),
+            "conjunction",
+        )
         for (first, first_query), (second, second_query) in itertools.permutations(unique, 2)
     ]
 
@@ -274,7 +291,9 @@ def _wants_depth_block(rng: np.random.Generator, config: TaskConfig) -> bool:
     return bool(rng.random() < config.depth_block_share)
 
 
-def make_referring_sample(scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG) -> TaskSample | None:
+def make_referring_sample(
+    scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG
+) -> TaskSample | None:
     """A referring-segmentation question; the kind of expression is drawn first so every kind is well represented."""
     expressions = referring_expressions(scene, config)
     if not expressions:
@@ -454,7 +473,9 @@ def make_relative_depth_sample(
     return None
 
 
-def make_count_sample(scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG) -> TaskSample | None:
+def make_count_sample(
+    scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG
+) -> TaskSample | None:
     """ "How many ... are there?" over all objects, a shape, a colour, or a size and shape (zero is a valid count)."""
     objects = [obj for obj in scene.objects if obj.visible_pixels > 0]
     example = objects[int(rng.integers(len(objects)))]
@@ -481,8 +502,11 @@ def make_count_sample(scene: SceneRender, rng: np.random.Generator, config: Task
         image=scene.image,
         masks=_empty_masks(scene),
         use_depth_block=_wants_depth_block(rng, config),
-        meta={"query": {"size": query.size, "colour": query.colour, "shape": query.shape}, "count": len(members),
-              "object_ids": [obj.object_id for obj in members]},
+        meta={
+            "query": {"size": query.size, "colour": query.colour, "shape": query.shape},
+            "count": len(members),
+            "object_ids": [obj.object_id for obj in members],
+        },
     )
 
 
@@ -516,12 +540,16 @@ def _make_attribute_question(
     )
 
 
-def make_colour_sample(scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG) -> TaskSample | None:
+def make_colour_sample(
+    scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG
+) -> TaskSample | None:
     """ "What colour is the cube?" when a colour-free phrase picks out one object; None otherwise."""
     return _make_attribute_question(scene, rng, config, "colour", "vqa_colour", "What colour is the {phrase}?")
 
 
-def make_shape_sample(scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG) -> TaskSample | None:
+def make_shape_sample(
+    scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG
+) -> TaskSample | None:
     """ "What shape is the red object?" when a shape-free phrase picks out one object; None otherwise."""
     return _make_attribute_question(scene, rng, config, "shape", "vqa_shape", "What shape is the {phrase}?")
 

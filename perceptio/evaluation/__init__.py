@@ -5,6 +5,7 @@ from .metric_modules import metric_path
 from .multiple_choice import multiple_choice_accuracy
 from .segmentation_metrics import ReferringSegmentationScore, ciou, giou, mask_intersection_union
 
+
 REFCOCO_TASKS: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog")
 # The benchmarks of `perceptio eval TASK`, each with the split it reads by default (HardBLINK's release has none).
 EVALUATION_DEFAULT_SPLITS: dict[str, str | None] = {

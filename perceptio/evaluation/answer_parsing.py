@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 import string
 
+
 # Perceptio's spatial tokens, which come before the answer text and are not part of it.
 SPATIAL_TOKEN_PATTERN = re.compile(r"\[SEG\]|<DEPTH_START>|<DEPTH_END>|<DEPTH_\d+>")
 
@@ -93,9 +94,7 @@ def mentioned_letters(text: str) -> list[str]:
         raise ValueError(f"text must be a str (the generated answer); got {type(text).__name__}.")
     cleaned = remove_spatial_tokens(text)
     return [
-        match.group(1)
-        for match in STANDALONE_LETTER_PATTERN.finditer(cleaned)
-        if not _is_english_word(cleaned, match)
+        match.group(1) for match in STANDALONE_LETTER_PATTERN.finditer(cleaned) if not _is_english_word(cleaned, match)
     ]
 
 

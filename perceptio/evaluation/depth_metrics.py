@@ -18,6 +18,7 @@ import torch
 
 from ..modeling_perceptio.modeling_perceptio_depth_tokenizer import CONSTANT_MAP_RELATIVE_RANGE
 
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -87,7 +88,11 @@ def pair_order_counts(
         first, second = pixels[candidates[0]], pixels[candidates[1]]
         true_difference = image_target.flatten()[first] - image_target.flatten()[second]
         kept = true_difference.abs() > margin
-        first, second, true_difference = first[kept][:num_pairs], second[kept][:num_pairs], true_difference[kept][:num_pairs]
+        first, second, true_difference = (
+            first[kept][:num_pairs],
+            second[kept][:num_pairs],
+            true_difference[kept][:num_pairs],
+        )
         predicted_difference = image_pred.flatten()[first] - image_pred.flatten()[second]
         if not larger_is_nearer:
             predicted_difference = -predicted_difference
@@ -137,7 +142,9 @@ def _batched(
     """Validated (B, H, W) prediction, target and boolean valid mask."""
     pred, target = _as_float_tensor(pred, "pred"), _as_float_tensor(target, "target")
     if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
+        raise ValueError(
+            f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}."
+        )
     if pred.dim() not in (2, 3):
         raise ValueError(f"depth maps must be (H, W) or (B, H, W), got shape {tuple(pred.shape)}.")
     if valid is None:
@@ -145,7 +152,9 @@ def _batched(
     else:
         valid = torch.from_numpy(valid) if isinstance(valid, np.ndarray) else valid
         if not torch.is_tensor(valid) or valid.shape != pred.shape:
-            raise ValueError(f"valid must be a mask of shape {tuple(pred.shape)}, got {getattr(valid, 'shape', valid)!r}.")
+            raise ValueError(
+                f"valid must be a mask of shape {tuple(pred.shape)}, got {getattr(valid, 'shape', valid)!r}."
+            )
         valid = valid.detach().cpu().bool()
     if pred.dim() == 2:
         pred, target, valid = pred.unsqueeze(0), target.unsqueeze(0), valid.unsqueeze(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 # Each module is a folder metrics/<name>/ holding <name>.py, the layout `evaluate.load` expects of a local path.
 METRICS_DIRECTORY = Path(__file__).resolve().parent / "metrics"
 

@@ -32,8 +32,7 @@ def parsed_letters(
     predictions, references = list(predictions), list(references)
     if len(predictions) != len(references):
         raise ValueError(
-            f"predictions and references must have one entry per sample; got {len(predictions)} and "
-            f"{len(references)}."
+            f"predictions and references must have one entry per sample; got {len(predictions)} and {len(references)}."
         )
     if not predictions:
         raise ValueError("predictions and references are empty; at least one sample is needed to score.")

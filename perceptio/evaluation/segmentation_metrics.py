@@ -25,6 +25,7 @@ from numbers import Real
 import numpy as np
 import torch
 
+
 ArrayLike = np.ndarray | torch.Tensor | Sequence
 
 # The IoU of a sample whose prediction and target are both empty: predicting "no object" there is right.

@@ -34,6 +34,7 @@ from .convert_sam2_original import convert_original_sam2, is_original_sam2_check
 from .export_perceptio import export_pretrained
 from .model_card import PerceptioCardData, write_model_card
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_NUM_DEPTH_TOKENS = PerceptioConfig().num_depth_tokens
 SAM2_MODEL_TYPES = ("sam2", "sam2_video")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import Sam2Config, Sam2Model
 
+
 ORIGINAL_CHECKPOINT_SUFFIXES = (".pt", ".pth")
 # Checkpoint file name -> the sam2 package's hydra config that defines it (Meta's released files).
 RELEASED_CHECKPOINT_CONFIGS = {
@@ -106,7 +107,9 @@ def build_original_sam2(config_name: str, overrides: Sequence[str] = ()) -> torc
     try:
         config = compose(config_name=config_name, overrides=list(overrides))
     except Exception as error:  # hydra raises its own exception types for unknown names and bad overrides
-        raise ValueError(f"sam2 could not compose the config {config_name!r} with overrides {list(overrides)}: {error}")
+        raise ValueError(
+            f"sam2 could not compose the config {config_name!r} with overrides {list(overrides)}: {error}"
+        )
     OmegaConf.resolve(config)
     return instantiate(config.model, _recursive_=True).eval()
 

@@ -15,6 +15,7 @@ from ..modeling_perceptio import PerceptioForConditionalGeneration
 from ..modeling_perceptio.pipeline_perceptio import custom_pipelines_config
 from ..processing import PerceptioProcessor
 
+
 HUB_CODE_PACKAGES = ("modeling_perceptio", "processing")
 MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_perceptio.PerceptioConfig",
@@ -37,7 +38,9 @@ def hub_source_files() -> list[Path]:
     names = [path.name for path in files]
     duplicates = {name for name in names if names.count(name) > 1}
     if duplicates:
-        raise ValueError(f"Hub-shipped files must have distinct names when copied flat; duplicated: {sorted(duplicates)}.")
+        raise ValueError(
+            f"Hub-shipped files must have distinct names when copied flat; duplicated: {sorted(duplicates)}."
+        )
     return files
 
 

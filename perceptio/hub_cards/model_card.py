@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..modeling_perceptio import PerceptioConfig
 
+
 CARD_FILE = "README.md"
 TEMPLATE_FILE = "model_card_template.md"
 DEFAULT_TAGS = ("perceptio", "vision-language", "referring-segmentation", "depth-estimation", "internvl", "sam2")
@@ -116,7 +117,9 @@ def check_evaluation_summary(summary: Any) -> dict[str, Any]:
     if not isinstance(metrics, dict) or not metrics:
         raise ValueError(f"Evaluation summary of {task!r} needs a non-empty 'metrics' object (name -> number).")
     bad = {
-        name: value for name, value in metrics.items() if isinstance(value, bool) or not isinstance(value, (int, float))
+        name: value
+        for name, value in metrics.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float))
     }
     if bad:
         raise ValueError(f"Evaluation metrics of {task!r} must be numbers; got {bad}.")

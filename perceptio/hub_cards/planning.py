@@ -39,6 +39,7 @@ from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig,
 from ..processing.spatial_tokens_perceptio import spatial_vocabulary
 from ..trainers.peft_presets import LLM_LAYERS_PATTERN, PerceptioLoraPreset
 
+
 BF16_BYTES = 2
 # Per trainable parameter: bf16 gradient + fp32 master weight + two fp32 Adam moments.
 OPTIMIZER_BYTES_PER_TRAINABLE = 2 + 4 + 8

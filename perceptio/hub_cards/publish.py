@@ -22,8 +22,14 @@ from huggingface_hub import HfApi
 
 from ..checkpoint_loading import check_checkpoint_folder
 
+
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-REQUIRED_FILES = ("config.json", "model.safetensors|model.safetensors.index.json", "processor_config.json", "README.md")
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors|model.safetensors.index.json",
+    "processor_config.json",
+    "README.md",
+)
 # Never uploaded: version control, caches and editor debris.
 IGNORED_PATTERNS = (".git/*", ".git", "*/.git/*", ".cache/*", "*/__pycache__/*", "__pycache__/*", "*.pyc", ".DS_Store")
 GLOB_CHARACTERS = "*?[]"
@@ -31,7 +37,7 @@ DEFAULT_CHECK_PROMPT = "Describe the scene."
 CHECK_TIMEOUT_S = 1800
 
 # Runs in the child process: block `perceptio`, load with trust_remote_code, run a text prompt, save the results.
-ISOLATED_LOAD_SCRIPT = r'''
+ISOLATED_LOAD_SCRIPT = r"""
 import sys
 
 class BlockPerceptio:
@@ -59,7 +65,7 @@ torch.save(
     },
     output_path,
 )
-'''
+"""
 
 
 @dataclass
@@ -93,9 +99,7 @@ class PushPlan:
 def check_repo_id(repo_id: str) -> str:
     """`repo_id` if it is `ORG/NAME`, else a `ValueError` saying what is accepted."""
     if not isinstance(repo_id, str) or not REPO_ID_PATTERN.match(repo_id) or ".." in repo_id:
-        raise ValueError(
-            f"repo_id must look like ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}."
-        )
+        raise ValueError(f"repo_id must look like ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}.")
     return repo_id
 
 
@@ -103,7 +107,9 @@ def check_export_folder(folder: str | Path) -> Path:
     """The folder, or a `ValueError` naming what an exported Perceptio folder lacks."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; push a folder written by `perceptio build` or `perceptio export`.")
+        raise ValueError(
+            f"{folder} is not a folder; push a folder written by `perceptio build` or `perceptio export`."
+        )
     missing = [
         required for required in REQUIRED_FILES if not any((folder / name).is_file() for name in required.split("|"))
     ]
@@ -147,7 +153,11 @@ def load_in_isolation(
         environment.pop("PYTHONPATH", None)
         completed = subprocess.run(
             [sys.executable, "-c", ISOLATED_LOAD_SCRIPT, str(folder), prompt, str(output_path)],
-            capture_output=True, text=True, env=environment, cwd=scratch, timeout=timeout_s,
+            capture_output=True,
+            text=True,
+            env=environment,
+            cwd=scratch,
+            timeout=timeout_s,
         )
         if completed.returncode != 0 or not output_path.is_file():
             raise ValueError(

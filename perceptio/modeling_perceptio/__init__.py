@@ -5,6 +5,7 @@ from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConf
 from .modeling_perceptio import PerceptioForConditionalGeneration
 from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 
+
 __all__ = [
     "PerceptioConfig",
     "PerceptioDepthTokenizerConfig",

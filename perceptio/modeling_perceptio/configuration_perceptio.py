@@ -7,6 +7,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 
+
 LM_LOSS_REDUCTIONS = ("token", "segment")
 
 
@@ -130,7 +131,10 @@ class PerceptioConfig(InternVLConfig):
             value = getattr(self, name)
             if value is not None and not 0 <= value < vocab_size:
                 raise ValueError(f"{name} ({value}) must lie inside the vocabulary [0, {vocab_size}).")
-        if self.depth_code_token_offset is not None and self.depth_code_token_offset + self.num_depth_codes > vocab_size:
+        if (
+            self.depth_code_token_offset is not None
+            and self.depth_code_token_offset + self.num_depth_codes > vocab_size
+        ):
             raise ValueError(
                 f"depth code ids [{self.depth_code_token_offset}, {self.depth_code_token_offset + self.num_depth_codes})"
                 f" must lie inside the vocabulary [0, {vocab_size}): depth_code_token_offset + num_depth_codes is too "
@@ -147,13 +151,17 @@ class PerceptioConfig(InternVLConfig):
         seen: dict[int, str] = {}
         for name, token_id in named_ids.items():
             if token_id in seen:
-                raise ValueError(f"{name} and {seen[token_id]} share the id {token_id}; spatial tokens need their own.")
+                raise ValueError(
+                    f"{name} and {seen[token_id]} share the id {token_id}; spatial tokens need their own."
+                )
             seen[token_id] = name
         if self.depth_code_token_offset is not None:
             codes = self.depth_code_token_ids
             for name, token_id in named_ids.items():
                 if token_id in codes:
-                    raise ValueError(f"{name} ({token_id}) falls inside the depth code ids [{codes.start}, {codes.stop}).")
+                    raise ValueError(
+                        f"{name} ({token_id}) falls inside the depth code ids [{codes.start}, {codes.stop})."
+                    )
 
 
 __all__ = ["PerceptioConfig"]

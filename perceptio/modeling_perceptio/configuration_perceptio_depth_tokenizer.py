@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+
 RECONSTRUCTION_LOSS_TYPES = ("l1", "mse")
 
 
@@ -55,7 +56,9 @@ class PerceptioDepthTokenizerConfig(PreTrainedConfig):
     reconstruction_loss_type: str = "l1"
 
     def __post_init__(self, **kwargs):
-        self.hidden_channels = list(self.hidden_channels) if self.hidden_channels is not None else [16, 32, 64, 128, 256]
+        self.hidden_channels = (
+            list(self.hidden_channels) if self.hidden_channels is not None else [16, 32, 64, 128, 256]
+        )
         self._validate_sizes()
         self._validate_rates()
         super().__post_init__(**kwargs)

@@ -71,8 +71,11 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         code_ids = range(depth_code_token_offset, depth_code_token_offset + num_depth_codes)
-        markers = {"seg_token_id": seg_token_id, "depth_start_token_id": depth_start_token_id,
-                   "depth_end_token_id": depth_end_token_id}
+        markers = {
+            "seg_token_id": seg_token_id,
+            "depth_start_token_id": depth_start_token_id,
+            "depth_end_token_id": depth_end_token_id,
+        }
         if len(set(markers.values())) != len(markers) or any(value in code_ids for value in markers.values()):
             raise ValueError(f"The spatial token ids {markers} must be distinct and outside the code ids {code_ids}.")
         self.seg_token_id = seg_token_id
@@ -317,7 +320,10 @@ class PerceptioGenerationMixin:
         inputs = processor(images=image_list, text=[processor.format_prompt(prompt) for prompt in prompt_list])
         original_sizes = processor.image_sizes(image_list)
         return self.predict_from_inputs(
-            inputs, processor=processor, original_sizes=original_sizes, mask_threshold=mask_threshold,
+            inputs,
+            processor=processor,
+            original_sizes=original_sizes,
+            mask_threshold=mask_threshold,
             **generate_kwargs,
         )
 
@@ -435,19 +441,23 @@ class PerceptioGenerationMixin:
         if prompt_mask is None:
             prompt_mask = torch.ones_like(input_ids)
         generated_length = sequences.shape[1] - prompt_length
-        attention_mask = torch.cat(
-            [prompt_mask[sources], prompt_mask.new_ones(len(rows), generated_length)], dim=1
-        )
+        attention_mask = torch.cat([prompt_mask[sources], prompt_mask.new_ones(len(rows), generated_length)], dim=1)
         pixel_values = self._tiles_of_prompts(input_ids, inputs.get("pixel_values"), sources)
         with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length) as capture:
             self(
-                input_ids=sequences[list(rows)], attention_mask=attention_mask, pixel_values=pixel_values,
+                input_ids=sequences[list(rows)],
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
                 logits_to_keep=1,
             )
         return [
             self._stack_states(
-                [capture.states[(index, int(position))] for position in
-                 (sequences[row, prompt_length:] == self.config.seg_token_id).nonzero(as_tuple=True)[0]]
+                [
+                    capture.states[(index, int(position))]
+                    for position in (sequences[row, prompt_length:] == self.config.seg_token_id).nonzero(
+                        as_tuple=True
+                    )[0]
+                ]
             )
             for index, row in enumerate(rows)
         ]

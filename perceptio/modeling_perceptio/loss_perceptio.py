@@ -134,7 +134,9 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> tuple[
     return token_losses.sum(1) / counts.clamp_min(1), counts
 
 
-def segment_averaged_lm_loss(logits: torch.Tensor, labels: torch.LongTensor, ids: DepthTokenIds | None) -> torch.Tensor:
+def segment_averaged_lm_loss(
+    logits: torch.Tensor, labels: torch.LongTensor, ids: DepthTokenIds | None
+) -> torch.Tensor:
     """Next-token cross-entropy averaged within each segment of each sample, then over the batch's segments.
 
     A sample's segments are its depth block and the rest of its supervised tokens (`[SEG]`s and the text answer), so a

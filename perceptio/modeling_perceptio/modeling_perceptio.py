@@ -33,6 +33,7 @@ from .loss_perceptio import (
 )
 from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 
+
 # Inputs that only the training forward and the post-generation mask stage use; generation steps never need them.
 POST_GENERATION_INPUTS = ("sam_pixel_values", "gt_masks", "depth_maps")
 MASK_LOSS_NAMES = ("loss_mask", "loss_mask_iou")
@@ -158,7 +159,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         if not token_ids:
             raise ValueError("token_ids is empty; pass the ids of the tokens that were added.")
         if min(token_ids) < 0 or max(token_ids) >= embeddings.shape[0]:
-            raise ValueError(f"token ids must lie in [0, {embeddings.shape[0]}), got {min(token_ids)}..{max(token_ids)}.")
+            raise ValueError(
+                f"token ids must lie in [0, {embeddings.shape[0]}), got {min(token_ids)}..{max(token_ids)}."
+            )
         matrices = [embeddings]
         output_embeddings = self.get_output_embeddings().weight
         if output_embeddings.data_ptr() != embeddings.data_ptr():
@@ -209,7 +212,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         """SAM2 prompt inputs for (B, P, C) `[SEG]`-style embeddings: each is appended to the sparse embedding of an
         empty point (label −1), as Sa2VA prompts SAM2. Returns sparse (B, P, 2, C) and dense embeddings."""
         batch_size, num_prompts = prompt_embeddings.shape[:2]
-        points = torch.zeros(batch_size, num_prompts, 1, 2, dtype=prompt_embeddings.dtype, device=prompt_embeddings.device)
+        points = torch.zeros(
+            batch_size, num_prompts, 1, 2, dtype=prompt_embeddings.dtype, device=prompt_embeddings.device
+        )
         labels = -torch.ones(batch_size, num_prompts, 1, dtype=torch.int32, device=prompt_embeddings.device)
         sparse, dense = self.grounding_encoder.prompt_encoder(points, labels, None, None)
         return torch.cat([sparse, prompt_embeddings.to(sparse.dtype)[:, :, None]], dim=2), dense
@@ -505,7 +510,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
     def _zero_weight_mask_loss(self, hidden_states: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         # A batch without [SEG] still runs the mask path (weight 0) so every process in DDP/DeepSpeed builds the same
         # graph and reduces the same gradients.
-        dummy_states = [hidden_states[0, :1]] + [hidden_states[index, :0] for index in range(1, hidden_states.shape[0])]
+        dummy_states = [hidden_states[0, :1]] + [
+            hidden_states[index, :0] for index in range(1, hidden_states.shape[0])
+        ]
         masks = self.predict_masks(dummy_states, sam_pixel_values)
         return (masks.candidate_logits[0].sum() + masks.candidate_scores[0].sum()) * 0.0
 

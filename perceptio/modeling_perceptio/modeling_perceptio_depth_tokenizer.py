@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 
+
 # A map whose value range is below this fraction of its magnitude is constant up to float rounding.
 CONSTANT_MAP_RELATIVE_RANGE = 1e-5
 
@@ -348,7 +349,9 @@ class PerceptioDepthTokenizer(PerceptioDepthTokenizerPreTrainedModel):
         commitment_loss = F.mse_loss(latents, quantized.detach())
         # Straight-through estimator: the decoder's gradient reaches the encoder as if quantisation were identity.
         straight_through = latents + (quantized - latents).detach()
-        reconstruction = self._decode_latent_rows(straight_through.view(batch_size, self.config.num_tokens, -1), clamp=False)
+        reconstruction = self._decode_latent_rows(
+            straight_through.view(batch_size, self.config.num_tokens, -1), clamp=False
+        )
         reconstruction_loss = self._reconstruction_loss(reconstruction, target)
         codes = codes.view(batch_size, self.config.num_tokens)
         return PerceptioDepthTokenizerOutput(
@@ -394,7 +397,9 @@ class PerceptioDepthTokenizer(PerceptioDepthTokenizerPreTrainedModel):
     def _validated_depth(self, depth: torch.Tensor) -> torch.Tensor:
         """Check a depth batch and return it as a float (B, C, H, W) tensor on the model's device."""
         if not torch.is_tensor(depth):
-            raise ValueError(f"depth must be a torch.Tensor of shape (B, H, W) or (B, 1, H, W), got {type(depth).__name__}.")
+            raise ValueError(
+                f"depth must be a torch.Tensor of shape (B, H, W) or (B, 1, H, W), got {type(depth).__name__}."
+            )
         if depth.dim() == 3:
             depth = depth.unsqueeze(1)
         if depth.dim() != 4:
@@ -419,7 +424,12 @@ class PerceptioDepthTokenizer(PerceptioDepthTokenizerPreTrainedModel):
         return depth
 
     def _validated_code_values(self, codes: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(codes) or codes.dtype.is_floating_point or codes.is_complex() or codes.dtype == torch.bool:
+        if (
+            not torch.is_tensor(codes)
+            or codes.dtype.is_floating_point
+            or codes.is_complex()
+            or codes.dtype == torch.bool
+        ):
             raise ValueError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}.")
         if codes.numel() > 0 and (codes.min() < 0 or codes.max() >= self.config.num_codes):
             raise ValueError(

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import Pipeline
 
+
 PIPELINE_TASK = "perceptio-spatial"
 
 

@@ -3,4 +3,5 @@
 from .image_processing_perceptio import PerceptioImageProcessor
 from .processing_perceptio import PerceptioProcessor
 
+
 __all__ = ["PerceptioImageProcessor", "PerceptioProcessor"]

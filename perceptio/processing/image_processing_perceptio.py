@@ -15,6 +15,7 @@ from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACCEPTED_IMAGES = (
@@ -63,7 +64,9 @@ def to_rgb_array(image: Any) -> np.ndarray:
     """Convert a user image to a uint8 (H, W, 3) RGB array, or raise a `ValueError` saying what is accepted."""
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
-            raise ValueError(f"Got a zero-sized PIL image ({image.width}x{image.height}); accepted: {ACCEPTED_IMAGES}.")
+            raise ValueError(
+                f"Got a zero-sized PIL image ({image.width}x{image.height}); accepted: {ACCEPTED_IMAGES}."
+            )
         has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
         converted = image.convert("RGBA" if has_alpha else "RGB")
         return _array_to_rgb(np.asarray(converted), "hwc")
@@ -128,7 +131,9 @@ class PerceptioImageProcessor(BaseImageProcessor):
         for name, value in (("tile_size", tile_size), ("sam_image_size", sam_image_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not (isinstance(min_num_tiles, int) and isinstance(max_num_tiles, int) and 1 <= min_num_tiles <= max_num_tiles):
+        if not (
+            isinstance(min_num_tiles, int) and isinstance(max_num_tiles, int) and 1 <= min_num_tiles <= max_num_tiles
+        ):
             raise ValueError(
                 f"min_num_tiles and max_num_tiles must be integers with 1 <= min <= max, got {min_num_tiles} and "
                 f"{max_num_tiles}."
@@ -153,7 +158,9 @@ class PerceptioImageProcessor(BaseImageProcessor):
             raise ValueError(f"max_num_tiles must be an integer >= {self.min_num_tiles}, got {max_tiles!r}.")
         pil_image = Image.fromarray(image)
         width, height = pil_image.size
-        columns, rows = closest_tile_grid(width, height, candidate_tile_grids(self.min_num_tiles, max_tiles), self.tile_size)
+        columns, rows = closest_tile_grid(
+            width, height, candidate_tile_grids(self.min_num_tiles, max_tiles), self.tile_size
+        )
         resized = pil_image.resize((columns * self.tile_size, rows * self.tile_size), Image.Resampling.BICUBIC)
         tiles = [
             resized.crop((c * self.tile_size, r * self.tile_size, (c + 1) * self.tile_size, (r + 1) * self.tile_size))

@@ -230,10 +230,13 @@ class PerceptioPostProcessingMixin:
 def _as_rows(generated_ids: Any) -> list[Any]:
     if torch.is_tensor(generated_ids):
         if generated_ids.ndim != 2:
-            raise ValueError(f"generated_ids must be a (batch, length) tensor, got shape {tuple(generated_ids.shape)}.")
+            raise ValueError(
+                f"generated_ids must be a (batch, length) tensor, got shape {tuple(generated_ids.shape)}."
+            )
         return list(generated_ids)
-    if isinstance(generated_ids, (list, tuple)) and all(isinstance(row, (list, tuple)) or torch.is_tensor(row)
-                                                        for row in generated_ids):
+    if isinstance(generated_ids, (list, tuple)) and all(
+        isinstance(row, (list, tuple)) or torch.is_tensor(row) for row in generated_ids
+    ):
         return list(generated_ids)
     raise ValueError("generated_ids must be a (batch, length) tensor or a list of id lists.")
 
@@ -241,10 +244,13 @@ def _as_rows(generated_ids: Any) -> list[Any]:
 def _as_id_list(token_ids: Any) -> list[int]:
     if torch.is_tensor(token_ids):
         if token_ids.ndim != 1 or token_ids.dtype.is_floating_point:
-            raise ValueError(f"token ids must be a 1-D integer tensor, got {token_ids.dtype} {tuple(token_ids.shape)}.")
+            raise ValueError(
+                f"token ids must be a 1-D integer tensor, got {token_ids.dtype} {tuple(token_ids.shape)}."
+            )
         return token_ids.tolist()
-    if isinstance(token_ids, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
-                                                    for t in token_ids):
+    if isinstance(token_ids, (list, tuple)) and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in token_ids
+    ):
         return [int(t) for t in token_ids]
     raise ValueError("token ids must be a 1-D integer tensor or a list of ints.")
 

@@ -21,6 +21,7 @@ from .spatial_tokens_perceptio import (
     format_assistant_target,
 )
 
+
 IGNORE_INDEX = -100
 PADDING_SIDES = ("left", "right")
 # `padding` as transformers' tokenizers take it; False and "do_not_pad" need prompts of one length.
@@ -165,8 +166,13 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
         encoded = self.tokenizer(expanded, add_special_tokens=add_special_tokens)
         _check_lengths_stack(encoded["input_ids"], padding, max_length)
         encoded = self.tokenizer.pad(
-            encoded, padding=padding, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side, return_attention_mask=True, return_tensors="pt",
+            encoded,
+            padding=padding,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=True,
+            return_tensors="pt",
         )
         data["input_ids"] = encoded["input_ids"]
         if return_attention_mask:
@@ -247,7 +253,9 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
         prompt_text = self.format_prompt(prompt, num_images=len(image_list))
         inputs = self(images=image_list or None, text=prompt_text, max_num_tiles=max_num_tiles)
         prompt_ids = inputs["input_ids"][0]
-        target_ids = self.tokenizer(target + END_OF_TURN, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        target_ids = self.tokenizer(target + END_OF_TURN, add_special_tokens=False, return_tensors="pt")["input_ids"][
+            0
+        ]
         example = {
             "input_ids": torch.cat([prompt_ids, target_ids]),
             "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), target_ids]),
@@ -257,7 +265,9 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
                 example[key] = inputs[key]
         return example
 
-    def pad(self, sequences: Sequence[torch.Tensor], padding_side: str, padding_value: int | None = None) -> torch.Tensor:
+    def pad(
+        self, sequences: Sequence[torch.Tensor], padding_side: str, padding_value: int | None = None
+    ) -> torch.Tensor:
         """Pad 1-D id sequences into a (batch, length) tensor; the pad token id unless `padding_value` is given."""
         _check_padding_side(padding_side)
         if not sequences:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+
 SEG_TOKEN = "[SEG]"
 DEPTH_START_TOKEN = "<DEPTH_START>"
 DEPTH_END_TOKEN = "<DEPTH_END>"

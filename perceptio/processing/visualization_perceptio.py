@@ -10,9 +10,16 @@ from PIL import Image
 
 from .image_processing_perceptio import to_rgb_array
 
+
 # Distinct, colour-blind-friendly mask colours (Okabe–Ito), cycled when there are more masks.
 MASK_COLORS = (
-    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167)
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
 )
 # Anchors of a perceptually ordered dark-blue -> teal -> yellow ramp (viridis' endpoints and midpoints), interpolated
 # linearly; dark = far, bright = near, since Perceptio's depth is larger for nearer points.

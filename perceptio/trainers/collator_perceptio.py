@@ -22,6 +22,7 @@ from perceptio.modeling_perceptio.loss_perceptio import DepthTokenIds, find_dept
 from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.processing.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
 
+
 # A mask stored as 8-bit image (the schema's 0/255) is "object" above this value; a float mask above 0.5.
 MASK_BYTE_THRESHOLD = 127
 MASK_FLOAT_THRESHOLD = 0.5
@@ -69,11 +70,15 @@ class PerceptioDataCollator:
         if not isinstance(processor, PerceptioProcessor):
             raise ValueError(f"processor must be a PerceptioProcessor, got {type(processor).__name__}.")
         if padding_side != "right":
-            raise ValueError(f"padding_side must be 'right' for training (labels follow inputs), got {padding_side!r}.")
+            raise ValueError(
+                f"padding_side must be 'right' for training (labels follow inputs), got {padding_side!r}."
+            )
         if not isinstance(return_tasks, bool):
             raise ValueError(f"return_tasks must be a bool, got {return_tasks!r}.")
         if depth_tokenizer is not None and not isinstance(depth_tokenizer, PerceptioDepthTokenizer):
-            raise ValueError(f"depth_tokenizer must be a PerceptioDepthTokenizer or None, got {type(depth_tokenizer).__name__}.")
+            raise ValueError(
+                f"depth_tokenizer must be a PerceptioDepthTokenizer or None, got {type(depth_tokenizer).__name__}."
+            )
         if num_depth_tokens is None and depth_tokenizer is not None:
             num_depth_tokens = depth_tokenizer.config.num_tokens
         if num_depth_tokens is not None and (not isinstance(num_depth_tokens, int) or num_depth_tokens <= 0):
@@ -172,7 +177,9 @@ class PerceptioDataCollator:
                 example[key] = torch.as_tensor(sample[key])
         example["gt_masks"] = masks_to_tensor(sample.get("gt_masks"), name)
         depth_map = sample.get("depth_map")
-        example["depth_map"] = None if depth_map is None else torch.as_tensor(np.asarray(depth_map), dtype=torch.float32)
+        example["depth_map"] = (
+            None if depth_map is None else torch.as_tensor(np.asarray(depth_map), dtype=torch.float32)
+        )
         return example
 
     def _depth_codes(self, sample: Mapping[str, Any], depth_map: torch.Tensor, name: str) -> list[int]:
@@ -207,7 +214,9 @@ class PerceptioDataCollator:
         num_seg = int((example["input_ids"] == self.processor.spatial_ids.seg).sum())
         num_masks = example["gt_masks"].shape[0]
         if num_seg != num_masks:
-            raise ValueError(f"{name} has {num_seg} [SEG] token(s) but {num_masks} mask(s); each [SEG] needs one mask.")
+            raise ValueError(
+                f"{name} has {num_seg} [SEG] token(s) but {num_masks} mask(s); each [SEG] needs one mask."
+            )
         ids = self.depth_token_ids
         has_block = bool((example["labels"] == self.processor.spatial_ids.depth_start).any())
         if has_block and ids is None:

@@ -23,6 +23,7 @@ from perceptio.data.depth_teacher import DepthTeacher, add_teacher_depth_column
 from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.trainers.collator_perceptio import masks_to_tensor, relative_inverse_depth, sample_name
 
+
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted")
 DEPTH_CODES_COLUMN = "depth_codes"
 INVERSE_DEPTH_COLUMN = "inverse_depth"
@@ -58,7 +59,9 @@ def mix_task_datasets(
         raise ValueError(f"stopping_strategy must be one of {STOPPING_STRATEGIES}, got {stopping_strategy!r}.")
     kinds = {type(dataset) for dataset in task_datasets.values()}
     if not kinds <= {Dataset} and not kinds <= {IterableDataset}:
-        raise ValueError(f"task datasets must all be Dataset or all IterableDataset, got {sorted(k.__name__ for k in kinds)}.")
+        raise ValueError(
+            f"task datasets must all be Dataset or all IterableDataset, got {sorted(k.__name__ for k in kinds)}."
+        )
     tasks = sorted(task for task in task_datasets if weights[task] > 0)
     _check_same_features({task: task_datasets[task] for task in tasks})
     total = sum(weights[task] for task in tasks)

@@ -24,6 +24,7 @@ from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import
 from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.trainers.trainer_perceptio import WindowMeans
 
+
 LOGGED_OUTPUTS = ("reconstruction_loss", "commitment_loss", "perplexity", "dead_code_count")
 EVALUATION_FILE_NAME = "depth_tokenizer_evaluation.json"
 
@@ -55,7 +56,9 @@ class DepthMapCollator:
             raise ValueError(f"every row needs a {self.depth_column!r} depth map.")
         maps = [torch.as_tensor(np.asarray(row[self.depth_column]), dtype=torch.float32) for row in rows]
         if len({tuple(depth.shape) for depth in maps}) > 1:
-            raise ValueError(f"depth maps in a batch must share one size, got {sorted({tuple(m.shape) for m in maps})}.")
+            raise ValueError(
+                f"depth maps in a batch must share one size, got {sorted({tuple(m.shape) for m in maps})}."
+            )
         return {"depth": torch.stack(maps)}
 
 
@@ -153,7 +156,9 @@ def train_depth_tokenizer(
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     tokenizer.eval()
-    evaluation = evaluate_depth_tokenizer(tokenizer, eval_maps, num_pairs=eval_num_pairs, margin=eval_margin, seed=seed)
+    evaluation = evaluate_depth_tokenizer(
+        tokenizer, eval_maps, num_pairs=eval_num_pairs, margin=eval_margin, seed=seed
+    )
     evaluation.save(Path(output_dir) / EVALUATION_FILE_NAME)
     print(evaluation.to_table())
     return DepthTokenizerTrainingResult(tokenizer=tokenizer, evaluation=evaluation)

@@ -30,6 +30,7 @@ from ..modeling_perceptio import PerceptioForConditionalGeneration
 from ..modeling_perceptio.loss_perceptio import mask_iou
 from ..processing import PerceptioImageProcessor
 
+
 SCENE_STREAMS = {"train": 0, "eval": 1}
 ATTRIBUTE_VOCABULARIES: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOUR_PALETTE),
@@ -143,9 +144,7 @@ def render_instance_scenes(
 
 def object_attribute_ids(scene_object) -> tuple[int, int, int]:
     """A rendered object's colour, shape and size as indices into `ATTRIBUTE_VOCABULARIES`."""
-    return tuple(
-        names.index(getattr(scene_object, attribute)) for attribute, names in ATTRIBUTE_VOCABULARIES.items()
-    )
+    return tuple(names.index(getattr(scene_object, attribute)) for attribute, names in ATTRIBUTE_VOCABULARIES.items())
 
 
 def sample_attribute_prompts(

@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 
+
 # The language model's projections only: the vision tower and SAM2 also have modules named `q_proj`.
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLM_LAYERS_PATTERN = r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{})"

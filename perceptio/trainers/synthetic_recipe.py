@@ -48,6 +48,7 @@ from .depth_tokenizer_trainer import train_depth_tokenizer
 from .grounding_pretraining import GroundingPretrainingResult, pretrain_grounding_encoder, render_instance_scenes
 from .trainer_perceptio import PerceptioTrainer
 
+
 ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only")
 # The answer tasks of the reading stage: a word or a number that only the image can give.
 READING_TASKS = ("vqa_colour", "vqa_shape", "vqa_count")
@@ -172,7 +173,9 @@ class SyntheticTinyRecipe:
 def build_recipe_processor(recipe: SyntheticTinyRecipe) -> PerceptioProcessor:
     """The tiny tokenizer with one tile of the rendered size and a 128-pixel SAM2 view."""
     image_processor = PerceptioImageProcessor(
-        tile_size=recipe.image_size, max_num_tiles=1, sam_image_size=tiny_sam2_config().prompt_encoder_config.image_size
+        tile_size=recipe.image_size,
+        max_num_tiles=1,
+        sam_image_size=tiny_sam2_config().prompt_encoder_config.image_size,
     )
     return PerceptioProcessor(
         image_processor=image_processor,
@@ -294,8 +297,9 @@ def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
     """The reading stage's data: the training rows of `recipe.reading_tasks`, without depth blocks."""
     tasks = set(recipe.reading_tasks)
     rows = train_split.filter(lambda task: task in tasks, input_columns="task", desc="Reading-stage rows")
-    return rows.map(lambda row: {"use_depth_block": False, "prompt": without_depth_request(row["prompt"])},
-                    desc="No depth blocks")
+    return rows.map(
+        lambda row: {"use_depth_block": False, "prompt": without_depth_request(row["prompt"])}, desc="No depth blocks"
+    )
 
 
 def without_depth_request(prompt: str) -> str:
@@ -395,7 +399,9 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     DatasetDict({split: dataset[split] for split in EVALUATION_SPLITS}).save_to_disk(str(output_dir / "dataset"))
     timings["dataset_s"] = time.perf_counter() - started
     tokenizer_started = time.perf_counter()
-    depth_tokenizer, tokenizer_evaluation = train_recipe_tokenizer(recipe, dataset["train"], output_dir / "depth_tokenizer")
+    depth_tokenizer, tokenizer_evaluation = train_recipe_tokenizer(
+        recipe, dataset["train"], output_dir / "depth_tokenizer"
+    )
     timings["depth_tokenizer_s"] = time.perf_counter() - tokenizer_started
     processor = build_recipe_processor(recipe)
     model = build_recipe_model(recipe, processor, depth_tokenizer)

@@ -32,6 +32,7 @@ from perceptio.modeling_perceptio.loss_perceptio import per_sample_lm_loss
 from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
 
+
 logger = logging.getLogger(__name__)
 
 LOSS_COMPONENTS = (
@@ -126,7 +127,11 @@ class PerceptioTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(model, PerceptioForConditionalGeneration):
+        if (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or not isinstance(model, PerceptioForConditionalGeneration)
+        ):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         # `save_pretrained` writes InternVL's checkpoint key layout (`language_model.model.*`), which the Trainer's
         # raw, non-strict resume load would silently skip; `from_pretrained` converts it, and the strict load proves
@@ -138,7 +143,11 @@ class PerceptioTrainer(Trainer):
         values = torch.stack([_component(outputs, name).detach().float() for name in LOSS_COMPONENTS])
         finite = torch.isfinite(values)
         if not bool(finite.all()):
-            bad = [f"{name}={value:g}" for name, value, ok in zip(LOSS_COMPONENTS, values.tolist(), finite.tolist()) if not ok]
+            bad = [
+                f"{name}={value:g}"
+                for name, value, ok in zip(LOSS_COMPONENTS, values.tolist(), finite.tolist())
+                if not ok
+            ]
             raise NonFiniteLossError(
                 f"Non-finite loss component at step {self.state.global_step}: {', '.join(bad)}. Lower the learning "
                 "rate or that component's weight, or check the batch's targets."

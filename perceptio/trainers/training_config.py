@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+
 SECTIONS = ("training", "model", "data", "loss")
 TINY_MODEL = "tiny"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -98,7 +99,11 @@ class DataArguments:
             raise ValueError("data needs synthetic_num_train > 0 or at least one entry in dataset_paths.")
         if SYNTHETIC_SOURCE in self.dataset_paths:
             raise ValueError(f"{SYNTHETIC_SOURCE!r} is not a dataset path; use data.synthetic_num_train.")
-        bad = {task: weight for task, weight in self.task_weights.items() if not isinstance(weight, (int, float)) or weight < 0}
+        bad = {
+            task: weight
+            for task, weight in self.task_weights.items()
+            if not isinstance(weight, (int, float)) or weight < 0
+        }
         if bad:
             raise ValueError(f"data.task_weights must be non-negative numbers, got {bad}.")
 

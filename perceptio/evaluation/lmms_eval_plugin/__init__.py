@@ -11,6 +11,7 @@ Importing this package does not import lmms-eval; the adapter class lives in `pe
 
 from __future__ import annotations
 
+
 MODEL_ID = "perceptio"
 ADAPTER_CLASS_PATH = "perceptio.evaluation.lmms_eval_plugin.perceptio_lmms.PerceptioLmms"
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ...checkpoint_loading import load_perceptio_checkpoint
 
+
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -68,7 +69,9 @@ class PerceptioLmms(lmms):
             )
         self.batch_size_per_call = _positive_int(batch_size, "batch_size")
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
-        self.model, self.processor = load_perceptio_checkpoint(pretrained, device=device or _default_device(), dtype=dtype)
+        self.model, self.processor = load_perceptio_checkpoint(
+            pretrained, device=device or _default_device(), dtype=dtype
+        )
 
     @property
     def batch_size(self) -> int:
@@ -101,9 +104,13 @@ class PerceptioLmms(lmms):
             images.append(visual.convert("RGB"))
         return images
 
-    def _inputs(self, contexts: Sequence[str], visuals: Sequence[list[Image.Image]], continuations: Sequence[str] = ()):
+    def _inputs(
+        self, contexts: Sequence[str], visuals: Sequence[list[Image.Image]], continuations: Sequence[str] = ()
+    ):
         """Processor inputs of chat-formatted prompts (plus an optional continuation each) and their images."""
-        prompts = [self.processor.format_prompt(context, num_images=len(images)) for context, images in zip(contexts, visuals)]
+        prompts = [
+            self.processor.format_prompt(context, num_images=len(images)) for context, images in zip(contexts, visuals)
+        ]
         texts = [prompt + continuation for prompt, continuation in zip(prompts, continuations)] or prompts
         images = [list(images) for images in visuals] if any(visuals) else None
         return self.processor(images=images, text=texts), prompts
@@ -111,7 +118,9 @@ class PerceptioLmms(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy (or sampled, when the task sets a temperature) answers, cut at each task's `until` strings."""
         answers: list[str] = []
-        for start in tqdm(range(0, len(requests), self.batch_size), desc="Perceptio responding", disable=self.rank != 0):
+        for start in tqdm(
+            range(0, len(requests), self.batch_size), desc="Perceptio responding", disable=self.rank != 0
+        ):
             chunk = requests[start : start + self.batch_size]
             # One generate call per run of requests with the same image count and generation settings.
             groups: list[list[tuple[Instance, list[Image.Image], dict, tuple]]] = []
@@ -173,9 +182,15 @@ class PerceptioLmms(lmms):
             prompt_only, _ = self._inputs([context], [images])
             prompt_length = prompt_only["input_ids"].shape[1]
             full = full.to(self.model.device)
-            logits = self.model(
-                input_ids=full["input_ids"], attention_mask=full["attention_mask"], pixel_values=full.get("pixel_values")
-            ).logits[0, prompt_length - 1 : -1].float()
+            logits = (
+                self.model(
+                    input_ids=full["input_ids"],
+                    attention_mask=full["attention_mask"],
+                    pixel_values=full.get("pixel_values"),
+                )
+                .logits[0, prompt_length - 1 : -1]
+                .float()
+            )
             continuation_ids = full["input_ids"][0, prompt_length:]
             log_probs = torch.log_softmax(logits, dim=-1)
             total = float(log_probs.gather(-1, continuation_ids[:, None]).sum())

@@ -7,6 +7,7 @@ from .refcoco import run_refcoco
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
 from .synthetic import run_synthetic
 
+
 __all__ = [
     "EVALUATION_TASKS",
     "BadSampleError",

@@ -18,6 +18,7 @@ from .choice_scoring import choice_record, choice_summary
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
 
+
 BLINK_SUBSET = "Relative_Depth"
 BLINK_DEPTH_COLUMNS: tuple[str, ...] = ("question", "image_1", "choices", "answer")
 DEFAULT_CHOICE_PROMPT = (

@@ -3,4 +3,5 @@ command that loads one, and stays importable from here."""
 
 from ...checkpoint_loading import load_perceptio_checkpoint
 
+
 __all__ = ["load_perceptio_checkpoint"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+
 # An RLE dict: {"size": [height, width], "counts": str | list[int]}.
 RLE_KEYS = frozenset({"size", "counts"})
 
@@ -20,7 +21,7 @@ def _mask_utils():
         from pycocotools import mask as mask_utils
     except ImportError as error:
         raise ImportError(
-            "RefCOCO masks are decoded with pycocotools; install it with `pip install \"perceptio[eval]\"` "
+            'RefCOCO masks are decoded with pycocotools; install it with `pip install "perceptio[eval]"` '
             "(or `pip install pycocotools`)."
         ) from error
     return mask_utils
@@ -28,7 +29,9 @@ def _mask_utils():
 
 def _as_polygons(segmentation: Any) -> list[list[float]]:
     """A COCO polygon list [[x0, y0, x1, y1, ...], ...]; a single flat polygon is wrapped."""
-    polygons = [segmentation] if segmentation and not isinstance(segmentation[0], (list, tuple, np.ndarray)) else segmentation
+    polygons = (
+        [segmentation] if segmentation and not isinstance(segmentation[0], (list, tuple, np.ndarray)) else segmentation
+    )
     checked = []
     for index, polygon in enumerate(polygons):
         values = [float(value) for value in polygon]

@@ -51,9 +51,7 @@ def load_split(
 
 def _load_source(source: str, config_name: str | None) -> datasets.Dataset | datasets.DatasetDict:
     path = Path(source)
-    is_saved_to_disk = path.is_dir() and (
-        (path / "dataset_dict.json").exists() or (path / "state.json").exists()
-    )
+    is_saved_to_disk = path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
     if is_saved_to_disk:
         return datasets.load_from_disk(str(path))
     try:

@@ -26,6 +26,7 @@ from .choice_scoring import choice_record, choice_summary, choice_summary_by
 from .dataset_inputs import decode_rgb_image
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
 
+
 HARDBLINK_POINT_COUNTS: tuple[int, ...] = (3, 4, 5)
 
 
@@ -71,7 +72,9 @@ def _hardblink_question(question: dict, answers: dict[str, str], image_folder: P
         raise BadSampleError(f"{where}: bad answer for question_id {question_id!r} ({error}).") from error
     if not isinstance(question["text"], str) or not question["text"].strip():
         raise BadSampleError(f"{where}: `text` must be the non-empty question.")
-    image = decode_rgb_image(image_folder / str(question["image"]), f"{where} ({image_folder / str(question['image'])})")
+    image = decode_rgb_image(
+        image_folder / str(question["image"]), f"{where} ({image_folder / str(question['image'])})"
+    )
     return image, question["text"], answers[question_id]
 
 

@@ -31,6 +31,7 @@ from .coco_masks import segmentation_to_mask
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
 from .resumable_run import BadSampleError, ResumableRun, RunSettings
 
+
 DEFAULT_REFERRING_PROMPT = "Please segment {sentence}."
 PER_OBJECT_COLUMNS: tuple[str, ...] = ("image", "segmentation", "answer")
 PER_IMAGE_COLUMNS: tuple[str, ...] = ("image", "references")
@@ -56,7 +57,7 @@ class ImageQueries:
 
 
 def referring_layout(split: datasets.Dataset) -> str:
-    """"per_image" or "per_object", from the columns; ValueError naming the columns of both when neither fits."""
+    """ "per_image" or "per_object", from the columns; ValueError naming the columns of both when neither fits."""
     if "references" in split.column_names:
         require_columns(split, PER_IMAGE_COLUMNS, "one-row-per-image RefCOCO")
         return "per_image"
@@ -67,7 +68,9 @@ def referring_layout(split: datasets.Dataset) -> str:
 def _sentence_text(sentence: Any, where: str) -> str:
     text = sentence.get("sent", sentence.get("raw")) if isinstance(sentence, dict) else sentence
     if not isinstance(text, str) or not text.strip():
-        raise BadSampleError(f"{where}: a sentence must be a non-empty string (or a dict with 'sent'); got {sentence!r}.")
+        raise BadSampleError(
+            f"{where}: a sentence must be a non-empty string (or a dict with 'sent'); got {sentence!r}."
+        )
     return text.strip()
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+
 # Generation length when the caller gives none: enough for [SEG]s, a 100-code depth block and a short answer.
 DEFAULT_MAX_NEW_TOKENS = 160
 DEFAULT_BATCH_SIZE = 8
@@ -186,7 +187,9 @@ class ResumableRun:
                     progress.update(1)
             if ready:
                 predictions = model.predict(
-                    [image for image, _, _ in ready], [prompt for _, prompt, _ in ready], processor=processor,
+                    [image for image, _, _ in ready],
+                    [prompt for _, prompt, _ in ready],
+                    processor=processor,
                     **self.settings.predict_kwargs(),
                 )
                 for (_, _, context), prediction in zip(ready, predictions):

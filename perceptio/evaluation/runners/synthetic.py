@@ -47,6 +47,7 @@ from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_
 from .refcoco import referring_summary
 from .resumable_run import ResumableRun, RunSettings, batches
 
+
 SYNTHETIC_COLUMNS: tuple[str, ...] = ("image", "prompt", "answer", "masks", "depth", "use_depth_block", "task", "meta")
 DEPTH_PAIRS_PER_IMAGE = 1000
 DEPTH_PAIR_MARGIN = 0.05

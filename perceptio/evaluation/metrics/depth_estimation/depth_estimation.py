@@ -12,6 +12,7 @@ import numpy as np
 
 from perceptio.evaluation.depth_metrics import abs_rel, delta1, pair_order_counts, rmse
 
+
 _DESCRIPTION = """\
 Dense depth metrics over a set of (prediction, reference) map pairs. AbsRel, RMSE and delta < 1.25 are computed per
 sample and averaged over samples (the usual monocular-depth protocol, so every image weighs the same whatever its

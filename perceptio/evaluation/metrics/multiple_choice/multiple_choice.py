@@ -12,6 +12,7 @@ import evaluate
 
 from perceptio.evaluation.multiple_choice import multiple_choice_summary
 
+
 _DESCRIPTION = """\
 Multiple-choice accuracy with a strict parser: an answer scores only when, after removing spatial tokens, it names
 exactly one option letter ("(B)", "B", "B.", "The answer is (B).") and that letter is the reference. An answer naming

@@ -14,6 +14,7 @@ import torch
 
 from perceptio.evaluation.segmentation_metrics import ReferringSegmentationScore
 
+
 COUNTS_CONFIGS = ("default", "counts")
 MASKS_CONFIG = "masks"
 
