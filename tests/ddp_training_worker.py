@@ -16,10 +16,10 @@ from datasets import Dataset
 from PIL import Image
 from transformers import TrainingArguments
 
-from perceptio.commands.train import OBJECTIVE_UNREACHED_MODULES
 from perceptio.tiny_models import build_tiny_perceptio
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.trainer_perceptio import PerceptioTrainer
+from perceptio.trainers.training_run import OBJECTIVE_UNREACHED_MODULES
 
 
 SIDE = 32

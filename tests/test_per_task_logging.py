@@ -205,8 +205,8 @@ def test_two_processes_log_the_same_per_task_losses_as_one(tmp_path):
 
 def worker_main(output: str) -> PerceptioTrainer:
     """One step over two samples (one referring, one of CUSTOM_TASK): per process with DDP, else accumulated."""
-    from perceptio.commands.train import OBJECTIVE_UNREACHED_MODULES
     from perceptio.tiny_models import build_tiny_perceptio
+    from perceptio.trainers.training_run import OBJECTIVE_UNREACHED_MODULES
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model, processor = build_tiny_perceptio(seed=0)
