@@ -77,19 +77,28 @@ def main(output: str, steps: int) -> PerceptioTrainer:
         model=model, args=args, train_dataset=Dataset.from_list(samples()), data_collator=collator
     )
     trainer.train()
+    write_log_and_finish(trainer, output)
+    return trainer
+
+
+def write_log_and_finish(trainer: PerceptioTrainer, output: str) -> None:
+    """The main process writes the log history to `output`; then both ranks finish their collectives before either
+    tears its process group down."""
     if trainer.is_world_process_zero():
         with open(output, "w", encoding="utf-8") as handle:
             json.dump(trainer.state.log_history, handle)
     if torch.distributed.is_initialized():
-        # Both ranks finish their collectives before either tears its process group down.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return trainer
+
+
+def exit_without_destructors() -> None:
+    """Leave the process at once. Freeing DDP's reducer frees gloo's process group, whose worker thread may then wait
+    for the GIL that the freeing thread holds, for good: callers keep their trainer alive until this call."""
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    # The trainer is kept, and the process leaves without running destructors: freeing DDP's reducer frees gloo's
-    # process group, whose worker thread may then wait for the GIL that the freeing thread holds, for good.
     trainer = main(sys.argv[1], int(sys.argv[2]))
-    sys.stdout.flush()
-    os._exit(0)
+    exit_without_destructors()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
+from perceptio.data.synthetic_tasks import without_depth_block
 from perceptio.embedded_checkpoint import load_embedded_perceptio
 from perceptio.evaluation.runners.resumable_run import RunSettings
 from perceptio.evaluation.runners.synthetic import run_synthetic
-from perceptio.trainers.synthetic_recipe import without_depth_request
 
 
 # A seed the recipe's splits never use (they draw from seed 0), so these scenes are held out.
@@ -43,7 +43,7 @@ def summary(tmp_path_factory):
         tasks=TASKS,
         cache_dir=str(tmp_path_factory.mktemp("scenes")),
     )
-    scenes = scenes["test"].map(lambda row: {"use_depth_block": False, "prompt": without_depth_request(row["prompt"])})
+    scenes = scenes["test"].map(without_depth_block)
     settings = RunSettings(tmp_path_factory.mktemp("eval"), batch_size=16, max_new_tokens=16, show_progress=False)
     return run_synthetic(model, processor, scenes, settings, split=None)
 

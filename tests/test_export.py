@@ -26,6 +26,24 @@ HUB_FOLDERS = [PACKAGE_ROOT / "modeling_perceptio", PACKAGE_ROOT / "processing"]
 ALLOWED_TOP_LEVEL = {"torch", "numpy", "PIL", "transformers", "safetensors"}
 
 
+def run_isolated_script(script: str, folder: Path, request: dict, tmp_path: Path, *arguments: str) -> dict:
+    """Run `tests/SCRIPT` on `folder` in a fresh interpreter that cannot import perceptio (the Hub user's situation),
+    with `request` as its inputs; returns what it saved."""
+    torch.save(request, tmp_path / "inputs.pt")
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(Path(__file__).with_name(script)), str(folder), str(tmp_path / "inputs.pt")]
+    completed = subprocess.run(
+        [*command, str(tmp_path / "outputs.pt"), *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return torch.load(tmp_path / "outputs.pt", weights_only=False)
+
+
 def _imports_leaving_the_folder(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     siblings = {file.stem for file in path.parent.glob("*.py")}
@@ -78,24 +96,7 @@ def test_exported_folder_loads_without_the_package_and_matches_bitwise(tiny_pair
     folder = export_pretrained(model, processor, tmp_path / "export")
     # A teacher-forced [SEG] after the prompt exercises the SAM2 path as well as the language model.
     request = {"image": rgb_image, "prompt": processor.format_prompt("Where is the red cube?") + "[SEG]"}
-    torch.save(request, tmp_path / "inputs.pt")
-    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("isolated_hub_load.py")),
-            str(folder),
-            str(tmp_path / "inputs.pt"),
-            str(tmp_path / "outputs.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    remote = torch.load(tmp_path / "outputs.pt", weights_only=False)
+    remote = run_isolated_script("isolated_hub_load.py", folder, request, tmp_path)
     assert remote["model_class"].startswith("transformers_modules.")
     inputs = processor(images=[request["image"]], text=[request["prompt"]])
     for key, value in inputs.items():
@@ -119,24 +120,7 @@ def test_a_save_pretrained_folder_gives_the_processor_without_the_package(tiny_p
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     request = {"image": rgb_image, "prompt": processor.format_prompt("Where is the red cube?")}
-    torch.save(request, tmp_path / "inputs.pt")
-    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("isolated_processor_load.py")),
-            str(folder),
-            str(tmp_path / "inputs.pt"),
-            str(tmp_path / "outputs.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    remote = torch.load(tmp_path / "outputs.pt", weights_only=False)
+    remote = run_isolated_script("isolated_processor_load.py", folder, request, tmp_path)
     # Without trust_remote_code: an error asking for it, never the bare tokenizer.
     assert remote["untrusted"].startswith("ValueError") and "trust_remote_code=True" in remote["untrusted"]
     assert remote["processor_class"].startswith("transformers_modules.")

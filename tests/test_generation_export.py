@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from test_export import run_isolated_script  # noqa: E402  (the shared isolated-interpreter runner)
 
 from perceptio.hub_cards.export_perceptio import export_pretrained
 from perceptio.modeling_perceptio.pipeline_perceptio import PIPELINE_TASK, custom_pipelines_config
@@ -31,25 +27,8 @@ def test_exported_folder_predicts_and_pipelines_without_the_package(tiny_pair, r
     exported = json.loads((folder / "config.json").read_text())
     assert exported["custom_pipelines"] == custom_pipelines_config()
     prompt = "Segment the cube."
-    torch.save({"image": rgb_image, "prompt": prompt}, tmp_path / "inputs.pt")
-    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("isolated_hub_predict.py")),
-            str(folder),
-            str(tmp_path / "inputs.pt"),
-            str(tmp_path / "outputs.pt"),
-            PIPELINE_TASK,
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    remote = torch.load(tmp_path / "outputs.pt", weights_only=False)
+    request = {"image": rgb_image, "prompt": prompt}
+    remote = run_isolated_script("isolated_hub_predict.py", folder, request, tmp_path, PIPELINE_TASK)
     assert remote["pipeline_class"] == "PerceptioSpatialPipeline"
     (local,) = model.predict([rgb_image], [prompt], processor=processor, max_new_tokens=22)
     assert len(local.masks) == 1 and local.depth is not None

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from ddp_training_worker import exit_without_destructors, write_log_and_finish
 from test_trainer import training_args  # noqa: E402  (the shared tiny TrainingArguments)
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -223,17 +224,10 @@ def worker_main(output: str) -> PerceptioTrainer:
     dataset = Dataset.from_list(task_samples(["referring", CUSTOM_TASK]))
     trainer = PerceptioTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
-    if trainer.is_world_process_zero():
-        with open(output, "w", encoding="utf-8") as handle:
-            json.dump(trainer.state.log_history, handle)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    write_log_and_finish(trainer, output)
     return trainer
 
 
 if __name__ == "__main__":
-    # As in tests/ddp_training_worker.py: keep the trainer and leave without destructors (a gloo teardown deadlock).
     trainer = worker_main(sys.argv[1])
-    sys.stdout.flush()
-    os._exit(0)
+    exit_without_destructors()

@@ -108,6 +108,12 @@ DEFAULT_TASK_CONFIG = TaskConfig()
 DEPTH_REQUEST = "Also estimate the depth of the scene."
 
 
+def without_depth_block(row: dict) -> dict[str, object]:
+    """The update that makes a dataset row the same question without a depth block: the flag off and the prompt
+    without `DEPTH_REQUEST` (for `Dataset.map`)."""
+    return {"use_depth_block": False, "prompt": row["prompt"].removesuffix(f" {DEPTH_REQUEST}")}
+
+
 @dataclass
 class TaskSample:
     """One question on one scene. `masks` is bool (K, H, W), one per referred object in answer order."""

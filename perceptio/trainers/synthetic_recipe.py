@@ -38,7 +38,7 @@ from transformers import TrainingArguments
 
 from ..data.scene_rendering import metric_depth_to_inverse_depth
 from ..data.synthetic_dataset import build_synthetic_dataset
-from ..data.synthetic_tasks import DEPTH_REQUEST
+from ..data.synthetic_tasks import without_depth_block
 from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
 from ..processing import PerceptioImageProcessor, PerceptioProcessor
 from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
@@ -297,14 +297,7 @@ def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
     """The reading stage's data: the training rows of `recipe.reading_tasks`, without depth blocks."""
     tasks = set(recipe.reading_tasks)
     rows = train_split.filter(lambda task: task in tasks, input_columns="task", desc="Reading-stage rows")
-    return rows.map(
-        lambda row: {"use_depth_block": False, "prompt": without_depth_request(row["prompt"])}, desc="No depth blocks"
-    )
-
-
-def without_depth_request(prompt: str) -> str:
-    """The prompt without the sentence that asks for a depth block."""
-    return prompt.replace(f" {DEPTH_REQUEST}", "")
+    return rows.map(without_depth_block, desc="No depth blocks")
 
 
 def train_recipe_model(
