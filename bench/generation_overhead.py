@@ -59,7 +59,7 @@ MEDIUM_VISION_CONFIG = {
 def medium_perceptio(seed: int):
     """A randomly initialised ~100M-parameter Perceptio with the tiny processor (64-px tiles, 128-px SAM2 input)."""
     processor = build_tiny_processor()
-    config_dict = tiny_perceptio_config(len(processor.tokenizer), processor.spatial_ids).to_dict()
+    config_dict = tiny_perceptio_config(len(processor.tokenizer), processor.spatial_vocabulary).to_dict()
     for name, sizes in (("text_config", MEDIUM_TEXT_CONFIG), ("vision_config", MEDIUM_VISION_CONFIG)):
         # Per-layer settings are derived from the layer count again when absent.
         config_dict[name].pop("layer_types", None)

@@ -47,7 +47,7 @@ MEDIUM_NUM_DEPTH_CODES = 128
 def medium_perceptio(seed: int = 0):
     """The ~100M-parameter configuration and its processor."""
     processor = build_tiny_processor(num_depth_codes=MEDIUM_NUM_DEPTH_CODES, max_num_tiles=1)
-    config = tiny_perceptio_config(len(processor.tokenizer), processor.spatial_ids)
+    config = tiny_perceptio_config(len(processor.tokenizer), processor.spatial_vocabulary)
     config.text_config.update(MEDIUM_TEXT)
     config.text_config.layer_types = ["full_attention"] * MEDIUM_TEXT["num_hidden_layers"]
     config.depth_tokenizer_config = PerceptioDepthTokenizerConfig()

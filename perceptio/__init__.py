@@ -22,6 +22,7 @@ from .modeling_perceptio import (
 from .modeling_perceptio.pipeline_perceptio import PerceptioSpatialPipeline
 from .processing import PerceptioImageProcessor, PerceptioProcessor
 from .processing.post_processing_perceptio import PerceptioPrediction
+from .processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 __version__ = "0.1.0"
@@ -63,5 +64,6 @@ __all__ = [
     "PerceptioPrediction",
     "PerceptioProcessor",
     "PerceptioSpatialPipeline",
+    "PerceptioSpatialVocabulary",
     "PerceptioTrainer",
 ]

@@ -20,6 +20,7 @@ COMMAND_MODULES: dict[str, str] = {
     "eval-depth-tokenizer": "eval_depth_tokenizer",
     "eval": "evaluate",
     "build": "build",
+    "convert-sa2va": "convert_sa2va",
     "export": "export",
     "push": "push",
 }

@@ -2,7 +2,7 @@
 
 A tiny model has a real byte-level BPE tokenizer (trained with `tokenizers` on the text bundled in
 `perceptio/assets/tiny_corpus.txt`), tiny InternVL / SAM2 / depth-tokenizer configurations,
-and random weights.
+and random weights. `num_depth_codes=0` gives a segmentation-only one (`[SEG]`, no depth tokens).
 
 >>> from perceptio.tiny_models import build_tiny_perceptio
 >>> model, processor = build_tiny_perceptio(seed=0)
@@ -23,11 +23,14 @@ from .modeling_perceptio.configuration_perceptio_depth_tokenizer import Percepti
 from .modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 from .processing.image_processing_perceptio import PerceptioImageProcessor
 from .processing.processing_perceptio import PerceptioProcessor
+from .processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 TINY_VOCAB_SIZE = 1024
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_NUM_DEPTH_CODES = 32
+# N of the tiny depth tokenizer: its 32-pixel maps become a 4×4 code grid.
+TINY_NUM_DEPTH_TOKENS = 16
 
 
 def tiny_corpus() -> str:
@@ -92,9 +95,16 @@ def tiny_sam2_config() -> Sam2Config:
     )
 
 
-def tiny_perceptio_config(vocab_size: int, spatial_ids, with_depth_tokenizer: bool = True) -> PerceptioConfig:
-    """The tiny InternVL (qwen2 text, hidden 128, 4 layers) + tiny SAM2 + tiny depth tokenizer."""
-    depth_config = tiny_depth_tokenizer_config(spatial_ids.num_depth_codes) if with_depth_tokenizer else None
+def tiny_perceptio_config(
+    vocab_size: int, vocabulary: PerceptioSpatialVocabulary, with_depth_tokenizer: bool = True
+) -> PerceptioConfig:
+    """The tiny InternVL (qwen2 text, hidden 128, 4 layers) + tiny SAM2 + tiny depth tokenizer (when the vocabulary
+    has depth tokens and `with_depth_tokenizer`), with the spatial token ids of `vocabulary`."""
+    if vocabulary.has_depth_block:
+        # N is the tiny depth tokenizer's grid, with or without the tokenizer (a processor may leave it open).
+        vocabulary = vocabulary.with_num_depth_tokens(TINY_NUM_DEPTH_TOKENS)
+    use_depth_tokenizer = with_depth_tokenizer and vocabulary.has_depth_block
+    depth_config = tiny_depth_tokenizer_config(vocabulary.num_depth_codes) if use_depth_tokenizer else None
     return PerceptioConfig(
         text_config={
             "model_type": "qwen2",
@@ -116,36 +126,41 @@ def tiny_perceptio_config(vocab_size: int, spatial_ids, with_depth_tokenizer: bo
             "patch_size": 4,
         },
         image_seq_length=64,
-        image_token_id=spatial_ids.image_context,
         tie_word_embeddings=False,
         sam2_config=tiny_sam2_config(),
         depth_tokenizer_config=depth_config,
-        seg_token_id=spatial_ids.seg,
-        depth_start_token_id=spatial_ids.depth_start,
-        depth_end_token_id=spatial_ids.depth_end,
-        depth_code_token_offset=spatial_ids.depth_code_offset,
-        num_depth_codes=spatial_ids.num_depth_codes,
-        num_depth_tokens=depth_config.num_tokens if depth_config is not None else 16,
+        **vocabulary.config_fields(),
     )
 
 
-def build_tiny_processor(num_depth_codes: int = TINY_NUM_DEPTH_CODES, max_num_tiles: int = 2) -> PerceptioProcessor:
-    """A processor with the tiny tokenizer, 64-pixel tiles and a 128-pixel SAM2 input."""
+def build_tiny_processor(
+    num_depth_codes: int = TINY_NUM_DEPTH_CODES, max_num_tiles: int = 2, num_depth_tokens: int | None = None
+) -> PerceptioProcessor:
+    """A processor with the tiny tokenizer, 64-pixel tiles and a 128-pixel SAM2 input; `num_depth_codes=0` makes it
+    segmentation-only."""
     image_processor = PerceptioImageProcessor(tile_size=64, max_num_tiles=max_num_tiles, sam_image_size=128)
     return PerceptioProcessor(
         image_processor=image_processor,
         tokenizer=train_tiny_tokenizer(),
         num_depth_codes=num_depth_codes,
         image_seq_length=64,
+        num_depth_tokens=num_depth_tokens,
     )
 
 
 def build_tiny_perceptio(
-    seed: int = 0, with_depth_tokenizer: bool = True, max_num_tiles: int = 2
+    seed: int = 0,
+    with_depth_tokenizer: bool = True,
+    max_num_tiles: int = 2,
+    num_depth_codes: int = TINY_NUM_DEPTH_CODES,
 ) -> tuple[PerceptioForConditionalGeneration, PerceptioProcessor]:
-    """A randomly initialised tiny Perceptio and its processor (a few MB; builds in about a second on CPU)."""
-    processor = build_tiny_processor(max_num_tiles=max_num_tiles)
-    config = tiny_perceptio_config(len(processor.tokenizer), processor.spatial_ids, with_depth_tokenizer)
+    """A randomly initialised tiny Perceptio and its processor (a few MB; builds in about a second on CPU).
+
+    `num_depth_codes=0` builds a segmentation-only one: `[SEG]` but no depth tokens and no depth tokenizer.
+    """
+    num_depth_tokens = TINY_NUM_DEPTH_TOKENS if num_depth_codes else 0
+    processor = build_tiny_processor(num_depth_codes, max_num_tiles, num_depth_tokens)
+    config = tiny_perceptio_config(len(processor.tokenizer), processor.spatial_vocabulary, with_depth_tokenizer)
     torch.manual_seed(seed)
     model = PerceptioForConditionalGeneration(config)
     model.eval()

@@ -15,7 +15,7 @@ from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration
 from perceptio.cli import main
 from perceptio.hub_cards.build_perceptio import build_perceptio
 from perceptio.hub_cards.publish import load_in_isolation
-from perceptio.processing.spatial_tokens_perceptio import spatial_vocabulary
+from perceptio.processing.spatial_vocabulary_perceptio import spatial_tokens
 from perceptio.tiny_models import tiny_depth_tokenizer_config, tiny_sam2_config, train_tiny_tokenizer
 
 
@@ -151,7 +151,7 @@ def test_built_folder_loads_without_the_package_and_keeps_the_base_logits(parts,
     with torch.no_grad():
         base_logits = base_model(input_ids=report.input_ids).logits
     num_codes = tiny_depth_tokenizer_config().num_codes
-    assert report.logits.shape[-1] == base_vocab + len(spatial_vocabulary(num_codes)) - len(INTERNVL_IMAGE_TOKENS)
+    assert report.logits.shape[-1] == base_vocab + len(spatial_tokens(num_codes)) - len(INTERNVL_IMAGE_TOKENS)
     # The new tokens only add columns: every base column is the base model's, bit for bit.
     assert torch.equal(report.logits[..., :base_vocab], base_logits)
 
@@ -161,10 +161,11 @@ def test_build_adds_spatial_tokens_at_the_mean_and_carries_the_chat_template(par
     processor = PerceptioProcessor.from_pretrained(built)
     base_model = parts["base_model"]
     base_vocab = base_model.config.text_config.vocab_size
-    ids = processor.spatial_ids
+    ids = processor.spatial_vocabulary
     assert ids.image_context == base_model.config.image_token_id == model.config.image_token_id
     assert min(ids.seg, ids.depth_start, ids.depth_end, ids.depth_code_offset) >= base_vocab
     assert model.config.num_depth_tokens == TINY_NUM_DEPTH_TOKENS
+    assert ids == model.config.spatial_vocabulary
     for built_matrix, base_matrix in (
         (model.get_input_embeddings().weight, base_model.get_input_embeddings().weight),
         (model.get_output_embeddings().weight, base_model.get_output_embeddings().weight),

@@ -24,6 +24,9 @@ from perceptio.hub_cards.export_perceptio import (
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "perceptio"
 HUB_FOLDERS = [PACKAGE_ROOT / "modeling_perceptio", PACKAGE_ROOT / "processing"]
 ALLOWED_TOP_LEVEL = {"torch", "numpy", "PIL", "transformers", "safetensors"}
+# The model code may import a module of the processing folder (`from ..processing.X import`), which the export makes
+# a sibling import; not the reverse, since a processor's save_pretrained copies its files and their imports as-is.
+CROSS_FOLDER_IMPORTS = {"modeling_perceptio": "processing"}
 
 
 def run_isolated_script(script: str, folder: Path, request: dict, tmp_path: Path, *arguments: str) -> dict:
@@ -44,6 +47,15 @@ def run_isolated_script(script: str, folder: Path, request: dict, tmp_path: Path
     return torch.load(tmp_path / "outputs.pt", weights_only=False)
 
 
+def _is_cross_folder_import(path: Path, node: ast.ImportFrom) -> bool:
+    """Whether `node` is `from ..processing.X import` of an existing module X, in the model folder."""
+    other = CROSS_FOLDER_IMPORTS.get(path.parent.name)
+    if other is None or node.level != 2 or node.module is None:
+        return False
+    folder, _, module = node.module.partition(".")
+    return folder == other and (path.parent.parent / other / f"{module}.py").is_file()
+
+
 def _imports_leaving_the_folder(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     siblings = {file.stem for file in path.parent.glob("*.py")}
@@ -55,6 +67,8 @@ def _imports_leaving_the_folder(path: Path) -> list[str]:
                 if top not in ALLOWED_TOP_LEVEL and top not in sys.stdlib_module_names:
                     bad.append(f"{path.name}:{node.lineno} import {alias.name}")
         elif isinstance(node, ast.ImportFrom):
+            if _is_cross_folder_import(path, node):
+                continue
             if node.level > 1 or (node.level == 1 and (node.module or "").split(".")[0] not in siblings):
                 bad.append(f"{path.name}:{node.lineno} from {'.' * node.level}{node.module or ''}")
             elif node.level == 0:
@@ -74,6 +88,31 @@ def test_import_check_catches_a_package_import(tmp_path):
     offender = tmp_path / "modeling_bad.py"
     offender.write_text("from perceptio.tiny_models import build_tiny_perceptio\nfrom ..x import y\nimport yaml\n")
     assert len(_imports_leaving_the_folder(offender)) == 3
+
+
+def test_import_check_allows_only_the_model_folder_to_import_processing_modules(tmp_path):
+    for folder in ("modeling_perceptio", "processing"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "processing" / "vocabulary_x.py").write_text("")
+    model_file = tmp_path / "modeling_perceptio" / "modeling_x.py"
+    model_file.write_text(
+        "from ..processing.vocabulary_x import V\nfrom ..processing.missing_x import W\nfrom ..processing import Z\n"
+    )
+    assert [line.split()[0] for line in _imports_leaving_the_folder(model_file)] == [
+        "modeling_x.py:2",
+        "modeling_x.py:3",
+    ]
+    processing_file = tmp_path / "processing" / "processing_x.py"
+    processing_file.write_text("from ..modeling_perceptio.modeling_x import M\n")
+    assert len(_imports_leaving_the_folder(processing_file)) == 1
+
+
+def test_exported_files_import_only_their_flat_folder(tiny_pair, tmp_path):
+    folder = export_pretrained(*tiny_pair, tmp_path / "export")
+    sources = [folder / source.name for source in hub_source_files()]
+    assert any("from ..processing." in source.read_text() for source in hub_source_files())
+    bad = [line for path in sources for line in _imports_leaving_the_folder(path)]
+    assert not bad, "Exported code imports from outside its flat folder:\n" + "\n".join(bad)
 
 
 def test_export_writes_a_flat_self_contained_folder(tiny_pair, tmp_path):

@@ -9,11 +9,15 @@ from hypothesis import strategies as st
 from transformers import LogitsProcessor
 
 from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
+from perceptio.processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 SEG, START, END, OFFSET, K, N, VOCAB = 3, 4, 5, 10, 6, 3, 20
 CODES = range(OFFSET, OFFSET + K)
 TEXT_TOKENS = [0, 1, 2, 6, 7, 8, 9, 16, 17, 18, 19]
+VOCABULARY_FIELDS = dict(
+    seg=SEG, depth_start=START, depth_end=END, depth_code_offset=OFFSET, num_depth_codes=K, num_depth_tokens=N
+)
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -21,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def grammar(prompt_length: int = 0, max_depth_blocks: int = 1, prompts_with_images=None):
     return PerceptioSpatialGrammarLogitsProcessor(
-        SEG, START, END, OFFSET, K, N, prompt_length, max_depth_blocks, prompts_with_images
+        PerceptioSpatialVocabulary(**VOCABULARY_FIELDS), prompt_length, max_depth_blocks, prompts_with_images
     )
 
 
@@ -132,24 +136,18 @@ def test_zero_depth_blocks_forbids_the_block():
     "kwargs, message",
     [
         ({"num_depth_tokens": 0}, "num_depth_tokens"),
+        ({"num_depth_tokens": None}, "needs N"),
         ({"prompt_length": -1}, "prompt_length"),
-        ({"seg_token_id": START}, "distinct"),
-        ({"depth_end_token_id": OFFSET + 1}, "outside the code ids"),
+        ({"max_depth_blocks": -1}, "max_depth_blocks"),
+        ({"seg": START}, "distinct"),
+        ({"depth_end": OFFSET + 1}, "outside the code ids"),
     ],
 )
 def test_bad_grammar_arguments_raise(kwargs, message):
-    arguments = dict(
-        seg_token_id=SEG,
-        depth_start_token_id=START,
-        depth_end_token_id=END,
-        depth_code_token_offset=OFFSET,
-        num_depth_codes=K,
-        num_depth_tokens=N,
-        prompt_length=0,
-    )
-    arguments.update(kwargs)
+    vocabulary_fields = {**VOCABULARY_FIELDS, **{k: v for k, v in kwargs.items() if k in VOCABULARY_FIELDS}}
+    grammar_arguments = {"prompt_length": 0, **{k: v for k, v in kwargs.items() if k not in VOCABULARY_FIELDS}}
     with pytest.raises(ValueError, match=message):
-        PerceptioSpatialGrammarLogitsProcessor(**arguments)
+        PerceptioSpatialGrammarLogitsProcessor(PerceptioSpatialVocabulary(**vocabulary_fields), **grammar_arguments)
 
 
 def test_input_shorter_than_prompt_raises():

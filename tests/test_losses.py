@@ -12,20 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perceptio.modeling_perceptio.loss_perceptio import (
-    DepthTokenIds,
     depth_code_logits,
     depth_code_targets,
     depth_count_loss,
     depth_marker_loss,
     depth_token_loss,
-    find_depth_blocks,
     gather_block_steps,
     segmentation_loss,
 )
+from perceptio.processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
-# Vocabulary of 12: text 0..3, codes 4..6 (K = 3), <DEPTH_START> = 10, <DEPTH_END> = 11; N = 2 codes per block.
-IDS = DepthTokenIds(start=10, end=11, code_offset=4, num_codes=3, num_tokens=2)
+# Vocabulary of 12: text 0..3, codes 4..6 (K = 3), [SEG] = 9, <DEPTH_START> = 10, <DEPTH_END> = 11; N = 2 codes per block.
+IDS = PerceptioSpatialVocabulary(
+    seg=9, depth_start=10, depth_end=11, depth_code_offset=4, num_depth_codes=3, num_depth_tokens=2
+)
 VOCAB = 12
 # Labels: text, <DEPTH_START> at 2, codes 0 and 2 at 3 and 4, <DEPTH_END> at 5, text.
 LABELS = torch.tensor([[-100, 1, 10, 4, 6, 11, 2]])
@@ -35,14 +36,14 @@ def zero_logits() -> torch.Tensor:
     return torch.zeros(1, LABELS.shape[1], VOCAB)
 
 
-def block_steps(logits: torch.Tensor, labels: torch.Tensor = LABELS, ids: DepthTokenIds = IDS):
+def block_steps(logits: torch.Tensor, labels: torch.Tensor = LABELS, ids: PerceptioSpatialVocabulary = IDS):
     """The blocks of `labels` and the logits at their N + 2 steps."""
-    blocks = find_depth_blocks(labels, ids)
-    return blocks, gather_block_steps(logits, blocks, ids.num_tokens)
+    blocks = ids.find_depth_blocks(labels)
+    return blocks, gather_block_steps(logits, blocks, ids.num_depth_tokens)
 
 
 def test_find_depth_blocks_locates_the_block():
-    blocks = find_depth_blocks(LABELS, IDS)
+    blocks = IDS.find_depth_blocks(LABELS)
     assert blocks.samples.tolist() == [0]
     assert blocks.starts.tolist() == [2]
     assert blocks.ends.tolist() == [5]
@@ -63,7 +64,7 @@ def test_find_depth_blocks_rejects_malformed_blocks_naming_the_sample(row, messa
     length = max(len(valid), len(row))
     labels = torch.tensor([valid + [-100] * (length - len(valid)), row + [-100] * (length - len(row))])
     with pytest.raises(ValueError, match=f"Sample 1.*{message}|Sample 1 has {message}"):
-        find_depth_blocks(labels, IDS)
+        IDS.find_depth_blocks(labels)
 
 
 def test_loss_count_is_zero_when_code_mass_over_span_is_exactly_n():
@@ -110,7 +111,7 @@ def test_loss_marker_is_full_vocabulary_cross_entropy_at_the_boundaries():
 
 
 def _model_depth_losses(model, logits, labels, depth_maps=None):
-    blocks, step_logits = block_steps(logits, labels, model.depth_token_ids())
+    blocks, step_logits = block_steps(logits, labels, model.config.spatial_vocabulary)
     return model.depth_losses_of_step_logits(step_logits, blocks, labels, depth_maps)
 
 
@@ -212,9 +213,11 @@ def test_segmentation_loss_averages_the_best_candidates_over_masks():
 
 
 def test_segment_averaged_lm_loss_weighs_a_depth_block_as_one_answer():
-    from perceptio.modeling_perceptio.loss_perceptio import DepthTokenIds, segment_averaged_lm_loss
+    from perceptio.modeling_perceptio.loss_perceptio import segment_averaged_lm_loss
 
-    ids = DepthTokenIds(start=10, end=11, code_offset=12, num_codes=4, num_tokens=3)
+    ids = PerceptioSpatialVocabulary(
+        seg=9, depth_start=10, depth_end=11, depth_code_offset=12, num_depth_codes=4, num_depth_tokens=3
+    )
     logits = torch.randn(2, 8, 20)
     # Sample 0: a depth block (start, 3 codes, end) then one answer token; sample 1: three answer tokens.
     labels = torch.tensor([[-100, -100, 10, 12, 13, 14, 11, 5], [-100, -100, -100, 5, 6, 7, -100, -100]])
@@ -235,27 +238,30 @@ def test_lm_loss_reduction_is_validated():
         PerceptioConfig(lm_loss_reduction="mean")
 
 
-def reference_depth_blocks(rows: list[list[int]], ids: DepthTokenIds) -> tuple[list[int], list[int], list[int]] | str:
+def reference_depth_blocks(
+    rows: list[list[int]], ids: PerceptioSpatialVocabulary
+) -> tuple[list[int], list[int], list[int]] | str:
     """`find_depth_blocks` as a plain walk over the rows: the blocks' samples, starts and ends, or the start of the
     error message for the first malformed sample."""
     samples, starts, ends = [], [], []
     for sample, row in enumerate(rows):
-        block_starts = [position for position, token in enumerate(row) if token == ids.start]
+        block_starts = [position for position, token in enumerate(row) if token == ids.depth_start]
         if len(block_starts) > 1:
             return f"Sample {sample} has {len(block_starts)} depth blocks"
         if not block_starts:
-            if ids.end in row:
+            if ids.depth_end in row:
                 return f"Sample {sample} has <DEPTH_END> without <DEPTH_START>"
             continue
         start = block_starts[0]
-        if ids.end not in row[start:]:
+        if ids.depth_end not in row[start:]:
             return f"Sample {sample}: its depth block has no <DEPTH_END>"
-        end = row.index(ids.end, start)
+        end = row.index(ids.depth_end, start)
         inside = row[start + 1 : end]
-        non_codes = [token for token in inside if not ids.code_offset <= token < ids.code_offset + ids.num_codes]
+        offset, num_codes = ids.depth_code_offset, ids.num_depth_codes
+        non_codes = [token for token in inside if not offset <= token < offset + num_codes]
         if non_codes:
             return f"Sample {sample}: its depth block holds non-code tokens {non_codes[:5]}"
-        if len(inside) != ids.num_tokens:
+        if len(inside) != ids.num_depth_tokens:
             return f"Sample {sample}: its depth block has {len(inside)} codes but"
         samples.append(sample)
         starts.append(start)
@@ -284,8 +290,8 @@ def test_find_depth_blocks_matches_a_plain_walk_over_the_labels(rows):
     expected = reference_depth_blocks(rows, IDS)
     if isinstance(expected, str):
         with pytest.raises(ValueError, match="^" + re.escape(expected)):
-            find_depth_blocks(labels, IDS)
+            IDS.find_depth_blocks(labels)
         return
-    blocks = find_depth_blocks(labels, IDS)
+    blocks = IDS.find_depth_blocks(labels)
     for found, wanted in zip((blocks.samples, blocks.starts, blocks.ends), expected):
         assert found.dtype == torch.long and found.shape == (len(wanted),) and found.tolist() == wanted

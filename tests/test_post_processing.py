@@ -45,7 +45,7 @@ def test_parse_recovers_what_was_formatted(tiny_processor, num_seg, codes, answe
 def test_a_block_cut_short_is_truncated(tiny_processor, num_seg, cut):
     target = tiny_processor.format_target(num_seg, list(range(N)), "x")
     ids = ids_of(tiny_processor, target)
-    start = ids.index(tiny_processor.spatial_ids.depth_start)
+    start = ids.index(tiny_processor.spatial_vocabulary.depth_start)
     parsed = tiny_processor.parse_generation(ids[: start + cut], num_depth_tokens=N)
     assert parsed.depth_truncated and not parsed.depth_malformed and parsed.depth_codes is None
     assert parsed.num_seg_tokens == num_seg
@@ -61,12 +61,12 @@ def test_a_block_cut_short_is_truncated(tiny_processor, num_seg, cut):
     ],
 )
 def test_malformed_blocks_are_flagged(tiny_processor, make):
-    parsed = tiny_processor.parse_generation(make(tiny_processor.spatial_ids), num_depth_tokens=N)
+    parsed = tiny_processor.parse_generation(make(tiny_processor.spatial_vocabulary), num_depth_tokens=N)
     assert parsed.depth_malformed and parsed.depth_codes is None and not parsed.depth_truncated
 
 
 def test_post_process_resizes_masks_and_depth(tiny_processor):
-    spatial = tiny_processor.spatial_ids
+    spatial = tiny_processor.spatial_vocabulary
     rows = [
         [spatial.seg, spatial.seg, spatial.depth_start, *[spatial.depth_code_offset + 2] * N, spatial.depth_end, 70],
         [spatial.seg, 71, 72, tiny_processor.tokenizer.eos_token_id] + [tiny_processor.tokenizer.pad_token_id] * 17,
@@ -95,7 +95,7 @@ def test_post_process_resizes_masks_and_depth(tiny_processor):
 
 
 def test_post_process_skips_the_prompt(tiny_processor):
-    spatial = tiny_processor.spatial_ids
+    spatial = tiny_processor.spatial_vocabulary
     (result,) = tiny_processor.post_process_generation([[spatial.seg, 5, 6, 70]], prompt_length=3)
     assert result.token_ids == [70] and result.masks == []
 
@@ -123,11 +123,11 @@ def test_text_only_post_processing_needs_no_sizes(tiny_processor):
 )
 def test_bad_post_processing_arguments_raise(tiny_processor, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tiny_processor.post_process_generation([[tiny_processor.spatial_ids.seg, 70]], **kwargs)
+        tiny_processor.post_process_generation([[tiny_processor.spatial_vocabulary.seg, 70]], **kwargs)
 
 
 def test_complete_depth_block_without_a_map_raises(tiny_processor):
-    spatial = tiny_processor.spatial_ids
+    spatial = tiny_processor.spatial_vocabulary
     ids = [spatial.depth_start, *[spatial.depth_code_offset] * N, spatial.depth_end]
     with pytest.raises(ValueError, match="no depth map"):
         tiny_processor.post_process_generation([ids], original_sizes=[(4, 4)], num_depth_tokens=N)

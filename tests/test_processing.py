@@ -12,9 +12,9 @@ from PIL import Image
 from perceptio import PerceptioProcessor
 from perceptio.processing.image_processing_perceptio import to_rgb_array
 from perceptio.processing.processing_perceptio import IGNORE_INDEX
-from perceptio.processing.spatial_tokens_perceptio import (
+from perceptio.processing.spatial_vocabulary_perceptio import (
+    PerceptioSpatialVocabulary,
     depth_code_tokens,
-    format_assistant_target,
     strip_spatial_tokens,
 )
 
@@ -59,7 +59,7 @@ def test_valid_inputs_give_consistent_shapes_and_token_counts(tiny_processor, im
     assert 1 <= num_tiles <= max_num_tiles + (1 if max_num_tiles > 1 else 0)
     assert inputs["pixel_values"].shape[1:] == (3, 64, 64)
     assert inputs["sam_pixel_values"].shape == (1, 3, 128, 128)
-    image_context_id = tiny_processor.spatial_ids.image_context
+    image_context_id = tiny_processor.spatial_vocabulary.image_context
     assert int((inputs["input_ids"] == image_context_id).sum()) == num_tiles * tiny_processor.image_seq_length
     assert torch.isfinite(inputs["pixel_values"]).all()
     assert inputs["attention_mask"].shape == inputs["input_ids"].shape
@@ -106,7 +106,7 @@ def test_invalid_prompts_raise_value_error(tiny_processor, rgb_image, images, te
 def test_images_are_assigned_to_placeholders_in_order(tiny_processor, rgb_image):
     small = np.zeros((8, 8, 3), dtype=np.uint8)
     inputs = tiny_processor(images=[rgb_image, small], text=["<image> and <image>: compare"], max_num_tiles=1)
-    context = tiny_processor.spatial_ids.image_context
+    context = tiny_processor.spatial_vocabulary.image_context
     assert int((inputs["input_ids"] == context).sum()) == 2 * tiny_processor.image_seq_length
 
 
@@ -251,13 +251,13 @@ def test_pil_modes_convert_to_rgb():
 
 
 def test_spatial_tokens_have_contiguous_ids_and_survive_save_load(tiny_processor, tmp_path):
-    ids = tiny_processor.spatial_ids
+    ids = tiny_processor.spatial_vocabulary
     vocab = tiny_processor.tokenizer.get_vocab()
     codes = [vocab[token] for token in depth_code_tokens(tiny_processor.num_depth_codes)]
     assert codes == list(range(ids.depth_code_offset, ids.depth_code_offset + tiny_processor.num_depth_codes))
     tiny_processor.save_pretrained(tmp_path)
     loaded = PerceptioProcessor.from_pretrained(tmp_path)
-    assert loaded.spatial_ids == ids
+    assert loaded.spatial_vocabulary == ids
     assert loaded.image_processor.to_dict() == tiny_processor.image_processor.to_dict()
     sample = tiny_processor(text="[SEG]<DEPTH_START><DEPTH_3><DEPTH_END> done")["input_ids"]
     assert torch.equal(loaded(text="[SEG]<DEPTH_START><DEPTH_3><DEPTH_END> done")["input_ids"], sample)
@@ -276,7 +276,7 @@ def test_targets_tokenize_in_order_and_labels_cover_only_them(tiny_processor, nu
     example = tiny_processor.build_training_example("Describe.", target)
     labels, input_ids = example["labels"], example["input_ids"]
     supervised = input_ids[labels != IGNORE_INDEX].tolist()
-    ids = tiny_processor.spatial_ids
+    ids = tiny_processor.spatial_vocabulary
     expected_prefix = [ids.seg] * num_seg
     if codes is not None:
         expected_prefix += [ids.depth_start] + [ids.depth_code_id(code) for code in codes] + [ids.depth_end]
@@ -287,11 +287,13 @@ def test_targets_tokenize_in_order_and_labels_cover_only_them(tiny_processor, nu
 
 
 def test_target_format_rejects_bad_input():
+    # N not fixed: any non-empty block of codes in [0, K).
+    vocabulary = PerceptioSpatialVocabulary(0, 1, 2, depth_code_offset=3, num_depth_codes=4, num_depth_tokens=None)
     with pytest.raises(ValueError, match="num_seg"):
-        format_assistant_target(-1, None, "a", num_depth_codes=4)
+        vocabulary.format_target(-1, None, "a")
     with pytest.raises(ValueError, match="\\[0, 4\\)"):
-        format_assistant_target(0, [1, 4], "a", num_depth_codes=4)
+        vocabulary.format_target(0, [1, 4], "a")
     with pytest.raises(ValueError, match="exactly 3 codes"):
-        format_assistant_target(0, [1, 2], "a", num_depth_codes=4, num_depth_tokens=3)
+        vocabulary.with_num_depth_tokens(3).format_target(0, [1, 2], "a")
     with pytest.raises(ValueError, match="plain text"):
-        format_assistant_target(0, None, "a [SEG]", num_depth_codes=4)
+        vocabulary.format_target(0, None, "a [SEG]")

@@ -84,7 +84,7 @@ def test_collator_builds_a_padded_batch_with_any_subset_of_targets(tiny_pair, co
     processor = tiny_pair[1]
     samples = [make_sample(0, 2, True), make_sample(1, 0, False, image=False), make_sample(2, 1, False)]
     batch = collator(samples)
-    ids = processor.spatial_ids
+    ids = processor.spatial_vocabulary
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert batch["sam_pixel_values"].shape == (3, 3, 128, 128)
@@ -104,14 +104,17 @@ def test_collator_uses_cached_codes_and_they_match_the_tokenizer(tiny_pair, coll
     codes = model.depth_tokenizer.encode(torch.from_numpy(1.0 / sample["depth"])[None])[0]
     labels = collator([sample])["labels"][0]
     in_block = labels[
-        (labels >= processor.spatial_ids.depth_code_offset) & (labels < processor.spatial_ids.depth_code_offset + 32)
+        (labels >= processor.spatial_vocabulary.depth_code_offset)
+        & (labels < processor.spatial_vocabulary.depth_code_offset + 32)
     ]
-    assert torch.equal(in_block - processor.spatial_ids.depth_code_offset, codes)
+    assert torch.equal(in_block - processor.spatial_vocabulary.depth_code_offset, codes)
     cached = dict(sample, depth_codes=list(range(model.config.num_depth_tokens)))
     labels = collator([cached])["labels"][0]
-    start = (labels == processor.spatial_ids.depth_start).nonzero().item()
+    start = (labels == processor.spatial_vocabulary.depth_start).nonzero().item()
     block = labels[start + 1 : start + 1 + model.config.num_depth_tokens]
-    assert (block - processor.spatial_ids.depth_code_offset).tolist() == list(range(model.config.num_depth_tokens))
+    assert (block - processor.spatial_vocabulary.depth_code_offset).tolist() == list(
+        range(model.config.num_depth_tokens)
+    )
 
 
 def test_collator_rejects_wrong_code_count_naming_the_sample(tiny_pair, collator):
@@ -143,12 +146,12 @@ def test_collator_rejects_a_depth_sample_without_depth(collator):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.booleans()), min_size=1, max_size=3))
 def test_collator_batch_matches_each_samples_targets(collator, tiny_pair, layout):
-    processor = tiny_pair[1]
+    seg = tiny_pair[1].spatial_vocabulary.seg
     samples = [make_sample(index, masks, depth, image) for index, (masks, depth, image) in enumerate(layout)]
     batch = collator(samples)
     assert len(batch["gt_masks"]) == len(batch["depth_maps"]) == batch["sam_pixel_values"].shape[0] == len(samples)
     for row, (masks, depth, image) in enumerate(layout):
-        assert (batch["input_ids"][row] == processor.spatial_ids.seg).sum() == masks == batch["gt_masks"][row].shape[0]
+        assert (batch["input_ids"][row] == seg).sum() == masks == batch["gt_masks"][row].shape[0]
         assert (batch["depth_maps"][row] is not None) == depth
         assert (batch["sam_pixel_values"][row].abs().sum() > 0) == image
     assert batch.get("pixel_values", torch.zeros(0)).shape[0] == sum(image for _, _, image in layout)

@@ -29,9 +29,8 @@ from __future__ import annotations
 import re
 import string
 
+from perceptio.processing.spatial_vocabulary_perceptio import SPATIAL_TOKEN_PATTERN
 
-# Perceptio's spatial tokens, which come before the answer text and are not part of it.
-SPATIAL_TOKEN_PATTERN = re.compile(r"\[SEG\]|<DEPTH_START>|<DEPTH_END>|<DEPTH_\d+>")
 
 # An uppercase letter with no word character or hyphen touching it, and not part of a word joined by an apostrophe
 # ("I'm", "O'Neil"); a quoted letter ('B') still stands alone.

@@ -29,7 +29,7 @@ from transformers.utils import cached_file
 
 from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizer, PerceptioForConditionalGeneration
 from ..processing import PerceptioImageProcessor, PerceptioProcessor
-from ..processing.spatial_tokens_perceptio import spatial_vocabulary
+from ..processing.spatial_vocabulary_perceptio import spatial_tokens
 from .convert_sam2_original import convert_original_sam2, is_original_sam2_checkpoint
 from .export_perceptio import export_pretrained
 from .model_card import PerceptioCardData, write_model_card
@@ -223,22 +223,18 @@ def perceptio_config_from_parts(
     """PerceptioConfig: the base InternVL config with the grown vocabulary, SAM2, depth tokenizer and token ids."""
     fields = {key: value for key, value in base_config.to_dict().items() if key not in BASE_CONFIG_FIELDS_NOT_CARRIED}
     fields["text_config"] = {**fields["text_config"], "vocab_size": vocab_size}
-    ids = processor.spatial_ids
-    if fields.get("image_token_id") != ids.image_context:
+    vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer_config.num_tokens)
+    image_token_id = fields.pop("image_token_id", None)
+    if image_token_id != vocabulary.image_context:
         raise ValueError(
-            f"The base config's image_token_id ({fields.get('image_token_id')}) is not the id of <IMG_CONTEXT> in its "
-            f"tokenizer ({ids.image_context}); the base checkpoint's config and tokenizer disagree."
+            f"The base config's image_token_id ({image_token_id}) is not the id of <IMG_CONTEXT> in its "
+            f"tokenizer ({vocabulary.image_context}); the base checkpoint's config and tokenizer disagree."
         )
     return PerceptioConfig(
         **fields,
         sam2_config=sam2_config.to_dict(),
         depth_tokenizer_config=depth_tokenizer_config.to_dict(),
-        seg_token_id=ids.seg,
-        depth_start_token_id=ids.depth_start,
-        depth_end_token_id=ids.depth_end,
-        depth_code_token_offset=ids.depth_code_offset,
-        num_depth_codes=depth_tokenizer_config.num_codes,
-        num_depth_tokens=depth_tokenizer_config.num_tokens,
+        **vocabulary.config_fields(),
     )
 
 
@@ -321,7 +317,7 @@ def build_perceptio(
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     known = set(tokenizer.get_vocab())
-    added_tokens = [token for token in spatial_vocabulary(depth.config.num_codes) if token not in known]
+    added_tokens = [token for token in spatial_tokens(depth.config.num_codes) if token not in known]
     image_processor = PerceptioImageProcessor(
         tile_size=vision_tile_size(base_model.config.vision_config),
         max_num_tiles=base_max_num_tiles(base, PerceptioImageProcessor().max_num_tiles),
@@ -333,6 +329,7 @@ def build_perceptio(
         chat_template=base_chat_template(base, tokenizer),
         num_depth_codes=depth.config.num_codes,
         image_seq_length=base_model.config.image_seq_length,
+        num_depth_tokens=depth.config.num_tokens,
     )
     added_ids = sorted(tokenizer.convert_tokens_to_ids(added_tokens))
     base_vocab_size = base_model.get_input_embeddings().weight.shape[0]

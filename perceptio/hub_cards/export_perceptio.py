@@ -3,12 +3,14 @@
 The folder holds safetensors weights, the processor and tokenizer files, every source file of
 `perceptio/modeling_perceptio/` and `perceptio/processing/` copied flat, and `auto_map` entries so that
 `AutoModel.from_pretrained(folder, trust_remote_code=True)` works where the `perceptio` package is not installed.
+The model code imports the spatial vocabulary from the processing folder (`from ..processing.X import`); in the flat
+folder that import becomes `from .X import`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 from ..modeling_perceptio import PerceptioForConditionalGeneration
@@ -27,6 +29,10 @@ PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "image_processing_perceptio.PerceptioImageProcessor",
 }
 PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+# An import of a module of the other Hub-shipped folder, which the flat folder holds as a sibling.
+CROSS_FOLDER_IMPORT = re.compile(
+    rf"^(\s*from\s+)\.\.(?:{'|'.join(HUB_CODE_PACKAGES)})\.(\w+\s+import\b)", re.MULTILINE
+)
 
 
 def hub_source_files() -> list[Path]:
@@ -42,6 +48,11 @@ def hub_source_files() -> list[Path]:
             f"Hub-shipped files must have distinct names when copied flat; duplicated: {sorted(duplicates)}."
         )
     return files
+
+
+def flat_source(path: Path) -> str:
+    """The text of a Hub-shipped file as it runs in the flat folder: imports of the other folder made relative."""
+    return CROSS_FOLDER_IMPORT.sub(r"\1.\2", path.read_text(encoding="utf-8"))
 
 
 def export_pretrained(
@@ -62,7 +73,7 @@ def export_pretrained(
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     for source in hub_source_files():
-        shutil.copyfile(source, output_dir / source.name)
+        (output_dir / source.name).write_text(flat_source(source), encoding="utf-8")
     _add_auto_map(output_dir / "config.json", MODEL_AUTO_MAP)
     _add_custom_pipelines(output_dir / "config.json")
     for name in PROCESSOR_CONFIG_FILES:

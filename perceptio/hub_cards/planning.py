@@ -36,7 +36,7 @@ from torch import nn
 from transformers import Sam2Config
 
 from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
-from ..processing.spatial_tokens_perceptio import spatial_vocabulary
+from ..processing.spatial_vocabulary_perceptio import spatial_tokens
 from ..trainers.peft_presets import LLM_LAYERS_PATTERN, PerceptioLoraPreset
 
 
@@ -99,7 +99,7 @@ class PerceptioPreset:
     def config(self) -> PerceptioConfig:
         """The PerceptioConfig `perceptio build` makes from these parts (spatial tokens after the base vocabulary)."""
         depth_config = PerceptioDepthTokenizerConfig()
-        added = [token for token in spatial_vocabulary(depth_config.num_codes) if token not in BASE_SPECIAL_TOKENS]
+        added = [token for token in spatial_tokens(depth_config.num_codes) if token not in BASE_SPECIAL_TOKENS]
         offset = INTERNVL_VOCAB_SIZE
         seg, depth_start, depth_end = offset, offset + 1, offset + 2
         return PerceptioConfig(
@@ -228,11 +228,10 @@ def lora_trainable_parameters(model: PerceptioForConditionalGeneration, preset: 
             total += sum(parameter.numel() for parameter in module.parameters())
     if preset.train_spatial_token_rows:
         config = model.config
-        ids = {config.seg_token_id, config.depth_start_token_id, config.depth_end_token_id} - {None}
-        if config.depth_code_token_offset is not None:
-            ids |= set(config.depth_code_token_ids)
+        vocabulary = config.spatial_vocabulary
+        num_ids = 0 if vocabulary is None else len(vocabulary.spatial_token_ids)
         matrices = 1 if config.tie_word_embeddings else 2
-        total += len(ids) * config.text_config.hidden_size * matrices
+        total += num_ids * config.text_config.hidden_size * matrices
     return total
 
 

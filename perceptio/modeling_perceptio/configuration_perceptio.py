@@ -5,10 +5,12 @@ from __future__ import annotations
 from transformers import InternVLConfig, PreTrainedConfig, Sam2Config
 from transformers.configuration_utils import SubConfigSpec
 
+from ..processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 
 
 LM_LOSS_REDUCTIONS = ("token", "segment")
+SPATIAL_TOKEN_ID_FIELDS = ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "depth_code_token_offset")
 
 
 class PerceptioConfig(InternVLConfig):
@@ -26,14 +28,17 @@ class PerceptioConfig(InternVLConfig):
         depth_code_token_offset (`int`, *optional*): id of `<DEPTH_0>`; code `k` has id `offset + k`.
         num_depth_codes (`int`, defaults to 128): K, the number of depth code tokens (the codebook size).
         num_depth_tokens (`int`, defaults to 100): N, the number of codes in one depth block (the code grid size).
+            A segmentation-only vocabulary has `num_depth_codes=0`, `num_depth_tokens=0` and no depth token ids.
+            The token fields together are `spatial_vocabulary`, which checks them against each other.
         mask_loss_weight (`float`, defaults to 1.0): λ_mask in the total loss.
         mask_bce_weight, mask_dice_weight (`float`, defaults to 2.0 and 0.5): weights inside `loss_mask`.
         mask_dice_epsilon (`float`, defaults to 1.0): smoothing of the Dice loss.
         mask_iou_loss_weight (`float`, defaults to 1.0): λ of `loss_mask_iou`, the MSE that trains SAM2's IoU head (it
             picks the best of the multimask candidates at inference).
-        sam2_multimask_output (`bool`, defaults to True): decode each `[SEG]` into SAM2's three candidates (the best
-            one by predicted IoU is the mask) or, when False, into its single-mask output as Sa2VA does; single is the
-            better choice when SAM2 is trained from scratch, whose IoU head cannot yet rank candidates.
+        sam2_multimask_output (`bool`, defaults to True): decode each `[SEG]` into SAM2's three candidates and keep
+            the one with the best predicted IoU, as Sa2VA does (its SAM2 takes the multimask path whenever no point
+            prompt is given), or, when False, into SAM2's single-mask output; single is the better choice when SAM2 is
+            trained from scratch, whose IoU head cannot yet rank candidates.
         depth_marker_loss_weight, depth_token_loss_weight, depth_count_loss_weight, depth_recon_loss_weight
             (`float`, defaults to 1.0): λ of the four depth-token objectives.
         depth_soft_merge_temperature (`float`, defaults to 1.0): τ of the soft-merged depth reconstruction.
@@ -81,11 +86,12 @@ class PerceptioConfig(InternVLConfig):
         return self.depth_tokenizer_config is not None
 
     @property
-    def depth_code_token_ids(self) -> range:
-        """Ids of `<DEPTH_0>` … `<DEPTH_{K-1}>` (contiguous)."""
-        if self.depth_code_token_offset is None:
-            raise ValueError("depth_code_token_offset is not set: this config has no depth code tokens.")
-        return range(self.depth_code_token_offset, self.depth_code_token_offset + self.num_depth_codes)
+    def spatial_vocabulary(self) -> PerceptioSpatialVocabulary | None:
+        """The spatial token ids and the format's rules; `None` while no spatial token id is set (a config not yet
+        tied to a tokenizer)."""
+        if all(getattr(self, name) is None for name in SPATIAL_TOKEN_ID_FIELDS):
+            return None
+        return PerceptioSpatialVocabulary.from_config(self)
 
     def check_spatial_tokens(self) -> None:
         """Raise a `ValueError` naming the field when the spatial-token fields disagree with each other."""
@@ -93,10 +99,9 @@ class PerceptioConfig(InternVLConfig):
             raise ValueError(f"lm_loss_reduction must be one of {LM_LOSS_REDUCTIONS}, got {self.lm_loss_reduction!r}.")
         if not isinstance(self.sam2_multimask_output, bool):
             raise ValueError(f"sam2_multimask_output must be True or False, got {self.sam2_multimask_output!r}.")
-        for name in ("num_depth_codes", "num_depth_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.num_depth_tokens is None:
+            raise ValueError("num_depth_tokens must be a positive integer (0 without depth block), got None.")
+        PerceptioSpatialVocabulary.check_sizes(self.num_depth_codes, self.num_depth_tokens)
         for name in (
             "mask_loss_weight",
             "mask_bce_weight",
@@ -127,7 +132,7 @@ class PerceptioConfig(InternVLConfig):
                     f"({tokenizer_config.num_codes})."
                 )
         vocab_size = self.text_config.vocab_size
-        for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "depth_code_token_offset"):
+        for name in SPATIAL_TOKEN_ID_FIELDS:
             value = getattr(self, name)
             if value is not None and not 0 <= value < vocab_size:
                 raise ValueError(f"{name} ({value}) must lie inside the vocabulary [0, {vocab_size}).")
@@ -140,28 +145,8 @@ class PerceptioConfig(InternVLConfig):
                 f" must lie inside the vocabulary [0, {vocab_size}): depth_code_token_offset + num_depth_codes is too "
                 "large."
             )
-        self._check_distinct_spatial_ids()
-
-    def _check_distinct_spatial_ids(self) -> None:
-        named_ids = {
-            name: getattr(self, name)
-            for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "image_token_id")
-            if getattr(self, name) is not None
-        }
-        seen: dict[int, str] = {}
-        for name, token_id in named_ids.items():
-            if token_id in seen:
-                raise ValueError(
-                    f"{name} and {seen[token_id]} share the id {token_id}; spatial tokens need their own."
-                )
-            seen[token_id] = name
-        if self.depth_code_token_offset is not None:
-            codes = self.depth_code_token_ids
-            for name, token_id in named_ids.items():
-                if token_id in codes:
-                    raise ValueError(
-                        f"{name} ({token_id}) falls inside the depth code ids [{codes.start}, {codes.stop})."
-                    )
+        # Building the vocabulary checks the ids against each other: distinct, outside the codes, complete.
+        _ = self.spatial_vocabulary
 
 
 __all__ = ["PerceptioConfig"]

@@ -12,10 +12,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-
-# Rows of the grammar's forbidden-token table for the two in-block states (outside states are 0-3, see the table).
-WANTS_CODE = 4
-WANTS_END = 5
+from ..processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
@@ -29,16 +26,13 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
     - neither `[SEG]` nor a depth block after a prompt without an image: there is nothing to segment or measure, and
       a text-only request (lmms-eval sends some) must come back as text.
 
-    The state of each row is recomputed from its generated ids at every step (vectorised), so the processor holds no
-    per-row memory and stays correct when beam search reorders rows. Only ids after `prompt_length` are read, so
-    spatial tokens quoted in a prompt do not count.
+    The rules are the vocabulary's (`forbidden_next_tokens`, `grammar_states`); a segmentation-only vocabulary has no
+    depth tokens, so its sequences are `[SEG]`s and text. The state of each row is recomputed from its generated ids
+    at every step (vectorised), so the processor holds no per-row memory and stays correct when beam search reorders
+    rows. Only ids after `prompt_length` are read, so spatial tokens quoted in a prompt do not count.
 
     Args:
-        seg_token_id: id of `[SEG]`.
-        depth_start_token_id, depth_end_token_id: ids of `<DEPTH_START>` and `<DEPTH_END>`.
-        depth_code_token_offset: id of `<DEPTH_0>`; code `k` is `offset + k`.
-        num_depth_codes: K, the number of code tokens.
-        num_depth_tokens: N, the number of codes in a block.
+        vocabulary (`PerceptioSpatialVocabulary`): the spatial token ids; its N must be fixed when it has depth.
         prompt_length: length of the (padded) prompt; generated ids start there.
         max_depth_blocks: depth blocks allowed per sequence.
         prompts_with_images: per prompt, whether it holds an image; `None` when every prompt does. Rows are
@@ -47,43 +41,20 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
 
     def __init__(
         self,
-        seg_token_id: int,
-        depth_start_token_id: int,
-        depth_end_token_id: int,
-        depth_code_token_offset: int,
-        num_depth_codes: int,
-        num_depth_tokens: int,
+        vocabulary: PerceptioSpatialVocabulary,
         prompt_length: int,
         max_depth_blocks: int = 1,
         prompts_with_images: Sequence[bool] | torch.Tensor | None = None,
     ):
-        for name, value in (
-            ("seg_token_id", seg_token_id),
-            ("depth_start_token_id", depth_start_token_id),
-            ("depth_end_token_id", depth_end_token_id),
-            ("depth_code_token_offset", depth_code_token_offset),
-            ("prompt_length", prompt_length),
-            ("max_depth_blocks", max_depth_blocks),
-        ):
+        if vocabulary.num_depth_tokens is None:
+            raise ValueError(
+                "The grammar needs N, the codes per depth block, which this vocabulary does not fix; "
+                "use vocabulary.with_num_depth_tokens(N)."
+            )
+        for name, value in (("prompt_length", prompt_length), ("max_depth_blocks", max_depth_blocks)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        for name, value in (("num_depth_codes", num_depth_codes), ("num_depth_tokens", num_depth_tokens)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        code_ids = range(depth_code_token_offset, depth_code_token_offset + num_depth_codes)
-        markers = {
-            "seg_token_id": seg_token_id,
-            "depth_start_token_id": depth_start_token_id,
-            "depth_end_token_id": depth_end_token_id,
-        }
-        if len(set(markers.values())) != len(markers) or any(value in code_ids for value in markers.values()):
-            raise ValueError(f"The spatial token ids {markers} must be distinct and outside the code ids {code_ids}.")
-        self.seg_token_id = seg_token_id
-        self.depth_start_token_id = depth_start_token_id
-        self.depth_end_token_id = depth_end_token_id
-        self.depth_code_token_offset = depth_code_token_offset
-        self.num_depth_codes = num_depth_codes
-        self.num_depth_tokens = num_depth_tokens
+        self.vocabulary = vocabulary
         self.prompt_length = prompt_length
         self.max_depth_blocks = max_depth_blocks
         self.prompts_with_images = None if prompts_with_images is None else _as_prompt_flags(prompts_with_images)
@@ -98,50 +69,21 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
         prompts_with_images: Sequence[bool] | torch.Tensor | None = None,
     ):
         """The grammar of a `PerceptioConfig`; no depth blocks when the checkpoint has no depth tokenizer."""
-        missing = [
-            name
-            for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id", "depth_code_token_offset")
-            if getattr(config, name, None) is None
-        ]
-        if missing:
-            raise ValueError(f"The config lacks {missing}; the spatial grammar needs every spatial token id.")
+        vocabulary = config.spatial_vocabulary
+        if vocabulary is None:
+            raise ValueError(
+                "The config has no spatial token ids (seg_token_id and the depth ids are None); the spatial grammar "
+                "needs them: build the config with the processor's spatial_vocabulary.config_fields()."
+            )
         if max_depth_blocks is None:
             max_depth_blocks = 1 if config.has_depth_tokenizer else 0
-        return cls(
-            seg_token_id=config.seg_token_id,
-            depth_start_token_id=config.depth_start_token_id,
-            depth_end_token_id=config.depth_end_token_id,
-            depth_code_token_offset=config.depth_code_token_offset,
-            num_depth_codes=config.num_depth_codes,
-            num_depth_tokens=config.num_depth_tokens,
-            prompt_length=prompt_length,
-            max_depth_blocks=max_depth_blocks,
-            prompts_with_images=prompts_with_images,
-        )
+        return cls(vocabulary, prompt_length, max_depth_blocks, prompts_with_images)
 
     def _forbidden_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """(num_states, vocab) table: which tokens each grammar state forbids (built once per vocabulary size)."""
         if self._forbidden_table is not None and self._forbidden_table.shape[1] == vocab_size:
             return self._forbidden_table.to(device)
-        token_ids = torch.arange(vocab_size)
-        code = (token_ids >= self.depth_code_token_offset) & (
-            token_ids < self.depth_code_token_offset + self.num_depth_codes
-        )
-        end = token_ids == self.depth_end_token_id
-        start = token_ids == self.depth_start_token_id
-        seg = token_ids == self.seg_token_id
-        outside = code | end
-        table = torch.stack(
-            [
-                outside,  # [SEG] and a block allowed
-                outside | seg,  # a block allowed ([SEG] comes before the first block)
-                outside | start,  # [SEG] allowed (no more blocks)
-                outside | start | seg,  # text only (after the last allowed block, or no image)
-                ~code,  # inside a block, codes missing
-                ~end,  # inside a block, all codes written
-            ]
-        )
-        self._forbidden_table = table.to(device)
+        self._forbidden_table = self.vocabulary.forbidden_next_tokens(vocab_size).to(device)
         return self._forbidden_table
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -149,24 +91,12 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_length {self.prompt_length}."
             )
-        generated = input_ids[:, self.prompt_length :]
-        is_code = (generated >= self.depth_code_token_offset) & (
-            generated < self.depth_code_token_offset + self.num_depth_codes
-        )
-        blocks_started = (generated == self.depth_start_token_id).sum(-1)
-        blocks_ended = (generated == self.depth_end_token_id).sum(-1)
-        # Under the grammar codes occur only inside blocks, so the open block holds all codes not in closed blocks.
-        codes_in_open_block = is_code.sum(-1) - blocks_ended * self.num_depth_tokens
-        in_block = blocks_started > blocks_ended
-        wants_code = in_block & (codes_in_open_block < self.num_depth_tokens)
-        wants_end = in_block & ~wants_code
-        seg_forbidden = blocks_started > 0
-        start_forbidden = blocks_started >= self.max_depth_blocks
+        without_image = None
         if self.prompts_with_images is not None:
             without_image = ~self._rows_with_images(input_ids.shape[0], input_ids.device)
-            seg_forbidden, start_forbidden = seg_forbidden | without_image, start_forbidden | without_image
-        outside_state = seg_forbidden.long() + 2 * start_forbidden.long()
-        state = torch.where(wants_code, WANTS_CODE, torch.where(wants_end, WANTS_END, outside_state))
+        state = self.vocabulary.grammar_states(
+            input_ids[:, self.prompt_length :], self.max_depth_blocks, without_image
+        )
         forbidden = self._forbidden_tokens(scores.shape[-1], scores.device)[state]
         return scores.masked_fill(forbidden, float("-inf"))
 

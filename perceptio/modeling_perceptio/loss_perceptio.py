@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from ..processing.spatial_vocabulary_perceptio import DepthBlocks, PerceptioSpatialVocabulary
 
 
 def mask_bce_loss(mask_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def mask_iou(predicted: torch.Tensor, target: torch.Tensor, empty_iou: float = 1
     """IoU of boolean masks over their last two dimensions (the others broadcast); two empty masks score `empty_iou`.
 
     The batched torch counterpart of `perceptio.evaluation.segmentation_metrics` (whose `sample_iou` also scores two
-    empty masks 1), kept here because the model code imports only its own folder.
+    empty masks 1), kept here because the Hub-shipped model code cannot import `perceptio.evaluation`.
     """
     intersection = (predicted & target).flatten(-2).sum(-1).float()
     union = (predicted | target).flatten(-2).sum(-1).float()
@@ -72,35 +72,6 @@ def segmentation_loss(
     return per_candidate.view(num_masks, num_candidates).min(-1).values.mean()
 
 
-@dataclass(frozen=True)
-class DepthTokenIds:
-    """The ids the depth-token objectives need."""
-
-    start: int
-    end: int
-    code_offset: int
-    num_codes: int
-    num_tokens: int
-
-
-@dataclass
-class DepthBlocks:
-    """Where the depth blocks of a labelled batch are, as index tensors into the (unshifted) labels."""
-
-    samples: torch.Tensor
-    starts: torch.Tensor
-    ends: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.samples.numel())
-
-
-def is_depth_block_token(token_ids: torch.LongTensor, ids: DepthTokenIds) -> torch.Tensor:
-    """Whether each id is `<DEPTH_START>`, `<DEPTH_END>` or one of the depth codes."""
-    codes = (token_ids >= ids.code_offset) & (token_ids < ids.code_offset + ids.num_codes)
-    return codes | (token_ids == ids.start) | (token_ids == ids.end)
-
-
 # Logit rows (batch x positions) per chunk of the per-token cross-entropy: its float32 copy and log-softmax stay
 # bounded (2 x 1024 rows x 4 bytes x vocabulary, 1.2 GB for a 150k vocabulary) instead of twice the full logits.
 CROSS_ENTROPY_CHUNK_ROWS = 1024
@@ -135,68 +106,19 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> tuple[
 
 
 def segment_averaged_lm_loss(
-    logits: torch.Tensor, labels: torch.LongTensor, ids: DepthTokenIds | None
+    logits: torch.Tensor, labels: torch.LongTensor, vocabulary: PerceptioSpatialVocabulary | None
 ) -> torch.Tensor:
     """Next-token cross-entropy averaged within each segment of each sample, then over the batch's segments.
 
     A sample's segments are its depth block and the rest of its supervised tokens (`[SEG]`s and the text answer), so a
-    long depth block does not outweigh a one-word answer.
+    long depth block does not outweigh a one-word answer. Without a vocabulary each sample is one segment.
     """
     token_losses, supervised = next_token_losses(logits, labels)
     targets = labels[:, 1:].to(logits.device)
-    segment = is_depth_block_token(targets, ids).long() if ids is not None else torch.zeros_like(targets)
+    segment = vocabulary.is_depth_block_token(targets).long() if vocabulary is not None else torch.zeros_like(targets)
     sums = token_losses.new_zeros(targets.shape[0], 2).scatter_add_(1, segment, token_losses)
     counts = token_losses.new_zeros(targets.shape[0], 2).scatter_add_(1, segment, supervised.float())
     return (sums / counts.clamp_min(1.0)).sum() / (counts > 0).sum().clamp_min(1)
-
-
-def find_depth_blocks(labels: torch.LongTensor, ids: DepthTokenIds) -> DepthBlocks:
-    """Locate the supervised depth blocks (`<DEPTH_START>`, N codes, `<DEPTH_END>`) of each sample.
-
-    Raises a `ValueError` naming the sample when a block is unterminated, holds a number of codes other than N or
-    anything that is not a code, or when a sample has more than one block. Runs as tensor operations on the labels'
-    device with one host read per batch (a single device sync on an accelerator), since it runs every training step.
-    """
-    batch, length = labels.shape
-    positions = torch.arange(length, device=labels.device)
-    is_start = labels == ids.start
-    is_end = labels == ids.end
-    num_starts = is_start.sum(1)
-    # Counting the positions before a row's first match gives its index, or `length` when it has none: the first
-    # `<DEPTH_START>`, then the first `<DEPTH_END>` from there on.
-    starts = (is_start.cumsum(1) == 0).sum(1)
-    ends = ((is_end & (positions >= starts[:, None])).cumsum(1) == 0).sum(1)
-    inside = (positions > starts[:, None]) & (positions < ends[:, None])
-    is_code = (labels >= ids.code_offset) & (labels < ids.code_offset + ids.num_codes)
-    non_codes = inside & ~is_code
-    num_codes = ends - starts - 1
-    single = num_starts == 1
-    has_end = ends < length
-    holds_non_codes = non_codes.any(1)
-    has_block = single & has_end & ~holds_non_codes & (num_codes == ids.num_tokens)
-    malformed = (num_starts > 1) | ((num_starts == 0) & is_end.any(1)) | (single & ~has_block)
-    # The one host read: the first malformed sample (`batch` when none) and the number of blocks, which sizes the
-    # index tensors so they are built without a further sync.
-    sample, num_blocks = torch.stack([(malformed.cumsum(0) == 0).sum(), has_block.sum()]).tolist()
-    if sample < batch:
-        if num_starts[sample] > 1:
-            raise ValueError(f"Sample {sample} has {int(num_starts[sample])} depth blocks; at most one is allowed.")
-        if num_starts[sample] == 0:
-            raise ValueError(f"Sample {sample} has <DEPTH_END> without <DEPTH_START>.")
-        if not has_end[sample]:
-            raise ValueError(f"Sample {sample}: its depth block has no <DEPTH_END>.")
-        if holds_non_codes[sample]:
-            shown = labels[sample][non_codes[sample]][:5].tolist()
-            raise ValueError(
-                f"Sample {sample}: its depth block holds non-code tokens {shown}; "
-                f"only <DEPTH_k> with k in [0, {ids.num_codes}) may stand between <DEPTH_START> and <DEPTH_END>."
-            )
-        raise ValueError(
-            f"Sample {sample}: its depth block has {int(num_codes[sample])} codes but exactly {ids.num_tokens} "
-            "(num_depth_tokens) are needed."
-        )
-    samples = torch.nonzero_static(has_block, size=num_blocks).flatten()
-    return DepthBlocks(samples=samples, starts=starts[samples], ends=ends[samples])
 
 
 def gather_block_steps(values: torch.Tensor, blocks: DepthBlocks, num_tokens: int) -> torch.Tensor:
@@ -208,26 +130,30 @@ def gather_block_steps(values: torch.Tensor, blocks: DepthBlocks, num_tokens: in
     return values[samples, positions]
 
 
-def depth_marker_loss(step_logits: torch.Tensor, ids: DepthTokenIds) -> torch.Tensor:
+def depth_marker_loss(step_logits: torch.Tensor, vocabulary: PerceptioSpatialVocabulary) -> torch.Tensor:
     """Cross-entropy (full vocabulary) at the steps that must emit `<DEPTH_START>` and `<DEPTH_END>`.
 
     `step_logits` is (num_blocks, N + 2, V) from `gather_block_steps`.
     """
     boundaries = step_logits[:, [0, -1]].reshape(-1, step_logits.shape[-1]).float()
-    targets = torch.tensor([ids.start, ids.end], device=step_logits.device).repeat(step_logits.shape[0])
+    markers = [vocabulary.depth_start, vocabulary.depth_end]
+    targets = torch.tensor(markers, device=step_logits.device).repeat(step_logits.shape[0])
     return F.cross_entropy(boundaries, targets)
 
 
-def depth_code_logits(step_logits: torch.Tensor, ids: DepthTokenIds) -> torch.Tensor:
+def depth_code_logits(step_logits: torch.Tensor, vocabulary: PerceptioSpatialVocabulary) -> torch.Tensor:
     """The K code logits at the N code steps of each block: (num_blocks, N, K)."""
-    return step_logits[:, 1:-1, ids.code_offset : ids.code_offset + ids.num_codes]
+    codes = vocabulary.depth_code_ids
+    return step_logits[:, 1:-1, codes.start : codes.stop]
 
 
-def depth_code_targets(labels: torch.LongTensor, blocks: DepthBlocks, ids: DepthTokenIds) -> torch.LongTensor:
+def depth_code_targets(
+    labels: torch.LongTensor, blocks: DepthBlocks, vocabulary: PerceptioSpatialVocabulary
+) -> torch.LongTensor:
     """The ground-truth codes of each block: (num_blocks, N) in [0, K)."""
-    offsets = torch.arange(1, ids.num_tokens + 1, device=blocks.starts.device)
+    offsets = torch.arange(1, vocabulary.num_depth_tokens + 1, device=blocks.starts.device)
     positions = blocks.starts[:, None] + offsets[None, :]
-    return labels[blocks.samples[:, None].expand_as(positions), positions] - ids.code_offset
+    return labels[blocks.samples[:, None].expand_as(positions), positions] - vocabulary.depth_code_ids.start
 
 
 def depth_token_loss(code_logits: torch.Tensor, code_targets: torch.LongTensor) -> torch.Tensor:
@@ -235,12 +161,10 @@ def depth_token_loss(code_logits: torch.Tensor, code_targets: torch.LongTensor) 
     return F.cross_entropy(code_logits.reshape(-1, code_logits.shape[-1]).float(), code_targets.reshape(-1))
 
 
-def depth_count_loss(step_logits: torch.Tensor, ids: DepthTokenIds) -> torch.Tensor:
+def depth_count_loss(step_logits: torch.Tensor, vocabulary: PerceptioSpatialVocabulary) -> torch.Tensor:
     """Mean over blocks of ((Σ_t p_t − N) / N)², p_t the probability mass on the K codes at each step from the first
     code to `<DEPTH_END>` — a differentiable penalty on emitting too many or too few codes."""
     span = step_logits[:, 1:].float()
-    code_mass = torch.exp(
-        torch.logsumexp(span[..., ids.code_offset : ids.code_offset + ids.num_codes], dim=-1)
-        - torch.logsumexp(span, dim=-1)
-    )
-    return (((code_mass.sum(-1) - ids.num_tokens) / ids.num_tokens) ** 2).mean()
+    codes, num_tokens = vocabulary.depth_code_ids, vocabulary.num_depth_tokens
+    code_mass = torch.exp(torch.logsumexp(span[..., codes.start : codes.stop], dim=-1) - torch.logsumexp(span, dim=-1))
+    return (((code_mass.sum(-1) - num_tokens) / num_tokens) ** 2).mean()

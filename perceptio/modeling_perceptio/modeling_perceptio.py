@@ -14,17 +14,15 @@ from transformers.models.internvl.modeling_internvl import (
 )
 from transformers.utils import ModelOutput
 
+from ..processing.spatial_vocabulary_perceptio import DepthBlocks
 from .configuration_perceptio import LM_LOSS_REDUCTIONS, PerceptioConfig
 from .generation_perceptio import PerceptioGenerationMixin
 from .loss_perceptio import (
-    DepthBlocks,
-    DepthTokenIds,
     depth_code_logits,
     depth_code_targets,
     depth_count_loss,
     depth_marker_loss,
     depth_token_loss,
-    find_depth_blocks,
     gather_block_steps,
     mask_iou_prediction_loss,
     resize_masks_to_logits,
@@ -346,25 +344,10 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         """`loss_lm`, averaged as `config.lm_loss_reduction` says."""
         reduction = self.config.lm_loss_reduction
         if reduction == "segment":
-            return segment_averaged_lm_loss(logits, labels, self.depth_token_ids())
+            return segment_averaged_lm_loss(logits, labels, self.config.spatial_vocabulary)
         if reduction == "token":
             return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         raise ValueError(f"config.lm_loss_reduction must be one of {LM_LOSS_REDUCTIONS}, got {reduction!r}.")
-
-    def depth_token_ids(self) -> DepthTokenIds | None:
-        """The depth-token ids of this checkpoint, or `None` when its config defines no depth tokens."""
-        config = self.config
-        if config.depth_start_token_id is None or config.depth_end_token_id is None:
-            return None
-        if config.depth_code_token_offset is None:
-            return None
-        return DepthTokenIds(
-            start=config.depth_start_token_id,
-            end=config.depth_end_token_id,
-            code_offset=config.depth_code_token_offset,
-            num_codes=config.num_depth_codes,
-            num_tokens=config.num_depth_tokens,
-        )
 
     def depth_token_losses(
         self,
@@ -378,11 +361,11 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         terms never index the full (batch, length, vocabulary) logits, whose backward would scatter into a copy of
         their whole size.
         """
-        ids = self.depth_token_ids()
-        blocks = find_depth_blocks(labels, ids) if ids is not None else None
+        vocabulary = self.config.spatial_vocabulary
+        blocks = vocabulary.find_depth_blocks(labels) if vocabulary is not None else None
         if blocks is None or not len(blocks):
             return {name: hidden_states.new_zeros((), dtype=torch.float32) for name in DEPTH_LOSS_NAMES}
-        step_logits = self.lm_head(gather_block_steps(hidden_states, blocks, ids.num_tokens))
+        step_logits = self.lm_head(gather_block_steps(hidden_states, blocks, vocabulary.num_depth_tokens))
         return self.depth_losses_of_step_logits(step_logits, blocks, labels, depth_maps)
 
     def depth_losses_of_step_logits(
@@ -393,13 +376,13 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         depth_maps: list[torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The four depth terms from the logits (num_blocks, N + 2, V) at the block steps of `blocks`."""
-        ids = self.depth_token_ids()
-        code_logits = depth_code_logits(step_logits, ids)
-        code_targets = depth_code_targets(labels, blocks, ids)
+        vocabulary = self.config.spatial_vocabulary
+        code_logits = depth_code_logits(step_logits, vocabulary)
+        code_targets = depth_code_targets(labels, blocks, vocabulary)
         return {
-            "loss_marker": depth_marker_loss(step_logits, ids),
+            "loss_marker": depth_marker_loss(step_logits, vocabulary),
             "loss_token": depth_token_loss(code_logits, code_targets),
-            "loss_count": depth_count_loss(step_logits, ids),
+            "loss_count": depth_count_loss(step_logits, vocabulary),
             "loss_depth_recon": self._depth_reconstruction_loss(code_logits, code_targets, blocks, depth_maps),
         }
 

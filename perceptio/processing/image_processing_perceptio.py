@@ -18,6 +18,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SAM_RESAMPLE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 ACCEPTED_IMAGES = (
     "a PIL image (any mode: RGB, RGBA, L, LA, P, CMYK, ...), a numpy array (H, W) or (H, W, C) with C in "
     "{1, 3, 4}, uint8 or float in [0, 1], or a torch tensor (H, W) or (C, H, W) with C in {1, 3, 4}"
@@ -112,6 +113,12 @@ class PerceptioImageProcessor(BaseImageProcessor):
         use_thumbnail (`bool`, defaults to `True`): add a whole-image tile when an image is split in several.
         sam_image_size (`int`, defaults to 1024): side of the square SAM2 input.
         image_mean, image_std (`list[float]`): normalisation of both views (ImageNet's, as InternVL and SAM2 use).
+        sam_resample (`str`, defaults to "bilinear"): PIL filter of the SAM2 resize, one of `SAM_RESAMPLE_FILTERS`
+            (Sa2VA's checkpoints: "bicubic", PIL's default).
+        sam_image_mean, sam_image_std (`list[float]`, *optional*): normalisation of the SAM2 view when it differs from
+            `image_mean`/`image_std` (Sa2VA normalises with the ImageNet values rounded to bfloat16).
+        sam_mask_upsample (`bool`, defaults to `False`): bring mask logits to the SAM2 input size before the image size
+            in post-processing, as Sa2VA does (two bilinear resizes), instead of resizing them once.
     """
 
     model_input_names = ["pixel_values", "sam_pixel_values"]
@@ -125,6 +132,10 @@ class PerceptioImageProcessor(BaseImageProcessor):
         sam_image_size: int = 1024,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        sam_resample: str = "bilinear",
+        sam_image_mean: Sequence[float] | None = None,
+        sam_image_std: Sequence[float] | None = None,
+        sam_mask_upsample: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -145,10 +156,20 @@ class PerceptioImageProcessor(BaseImageProcessor):
         self.sam_image_size = sam_image_size
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
+        if sam_resample not in SAM_RESAMPLE_FILTERS:
+            raise ValueError(f"sam_resample must be one of {sorted(SAM_RESAMPLE_FILTERS)}, got {sam_resample!r}.")
+        self.sam_resample = sam_resample
+        self.sam_image_mean = list(sam_image_mean) if sam_image_mean is not None else None
+        self.sam_image_std = list(sam_image_std) if sam_image_std is not None else None
+        self.sam_mask_upsample = bool(sam_mask_upsample)
 
-    def _normalize(self, image: Image.Image) -> np.ndarray:
+    def _normalize(
+        self, image: Image.Image, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    ) -> np.ndarray:
         array = np.asarray(image, dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+        mean = np.asarray(self.image_mean if mean is None else mean, dtype=np.float32)
+        std = np.asarray(self.image_std if std is None else std, dtype=np.float32)
+        array = (array - mean) / std
         return array.transpose(2, 0, 1)
 
     def tile(self, image: np.ndarray, max_num_tiles: int | None = None) -> list[Image.Image]:
@@ -173,8 +194,9 @@ class PerceptioImageProcessor(BaseImageProcessor):
 
     def sam_view(self, image: np.ndarray) -> np.ndarray:
         """The square, normalised SAM2 input (3, S, S) of an RGB array."""
-        resized = Image.fromarray(image).resize((self.sam_image_size, self.sam_image_size), Image.Resampling.BILINEAR)
-        return self._normalize(resized)
+        size = (self.sam_image_size, self.sam_image_size)
+        resized = Image.fromarray(image).resize(size, SAM_RESAMPLE_FILTERS[self.sam_resample])
+        return self._normalize(resized, self.sam_image_mean, self.sam_image_std)
 
     def __call__(self, images: Sequence[Any] | Any, max_num_tiles: int | None = None, **kwargs) -> BatchFeature:
         """Pre-process a list of images.

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .image_processing_perceptio import to_rgb_array
-from .spatial_tokens_perceptio import strip_spatial_tokens
+from .spatial_vocabulary_perceptio import strip_spatial_tokens
 
 
 @dataclass
@@ -81,8 +81,9 @@ class PerceptioPrediction:
 class PerceptioPostProcessingMixin:
     """Adds `parse_generation`, `post_process_generation` and `image_sizes` to `PerceptioProcessor`.
 
-    Needs the processor's `tokenizer` and `spatial_ids` (`SpatialTokenIds`). The processor does not know N (codes
-    per depth block, a model setting): pass `num_depth_tokens` so a block of the wrong length counts as malformed.
+    Needs the processor's `tokenizer` and `spatial_vocabulary`, which reads the depth block. A processor that was
+    not given N (codes per depth block, a model setting) accepts blocks of any length: pass `num_depth_tokens` so a
+    block of the wrong length counts as malformed.
     """
 
     def image_sizes(self, images: Any) -> list[tuple[int, int]]:
@@ -96,18 +97,18 @@ class PerceptioPostProcessingMixin:
         """Split one generated sequence (prompt excluded) into `[SEG]` count, depth block and answer text.
 
         Reading stops at the end-of-turn (EOS) token; padding after it is ignored. With `num_depth_tokens` (the
-        model's N) a block with another number of codes is malformed; without it any non-empty block is accepted.
+        model's N; the processor's own when it has one) a block with another number of codes is malformed; without
+        either any non-empty block is accepted.
         """
-        _check_num_depth_tokens(num_depth_tokens)
+        vocabulary = self.spatial_vocabulary.with_num_depth_tokens(num_depth_tokens)
         ids = _as_id_list(token_ids)
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos in ids:
             ids = ids[: ids.index(eos)]
-        spatial = self.spatial_ids
-        codes, truncated, malformed = self._depth_block(ids, num_depth_tokens)
+        codes, truncated, malformed = vocabulary.read_depth_block(ids)
         return PerceptioParsedGeneration(
             text=strip_spatial_tokens(self.tokenizer.decode(ids, skip_special_tokens=True)),
-            num_seg_tokens=sum(token == spatial.seg for token in ids),
+            num_seg_tokens=sum(token == vocabulary.seg for token in ids),
             depth_codes=codes,
             depth_truncated=truncated,
             depth_malformed=malformed,
@@ -155,7 +156,9 @@ class PerceptioPostProcessingMixin:
         for index, ids in enumerate(rows):
             parsed = self.parse_generation(ids, num_depth_tokens)
             size = None if original_sizes is None else _check_size(original_sizes[index], index)
-            masks, scores = self._masks(index, parsed, mask_logits, mask_scores, size, mask_threshold)
+            masks, scores = self._masks(
+                index, parsed, mask_logits, mask_scores, size, mask_threshold, self._mask_upsample_size()
+            )
             predictions.append(
                 PerceptioPrediction(
                     text=parsed.text,
@@ -170,30 +173,17 @@ class PerceptioPostProcessingMixin:
             )
         return predictions
 
-    def _depth_block(self, ids: list[int], num_tokens: int | None) -> tuple[list[int] | None, bool, bool]:
-        """(codes, truncated, malformed) of the depth block of `ids`."""
-        spatial = self.spatial_ids
-        starts = [position for position, token in enumerate(ids) if token == spatial.depth_start]
-        ends = [position for position, token in enumerate(ids) if token == spatial.depth_end]
-        code_positions = [position for position, token in enumerate(ids) if spatial.is_depth_code(token)]
-        if not starts:
-            return None, False, bool(ends or code_positions)
-        start = starts[0]
-        if not ends or ends[-1] < start:
-            inside = ids[start + 1 :]
-            stray = len(starts) > 1 or bool(ends) or any(not spatial.is_depth_code(t) for t in inside)
-            stray = stray or any(position < start for position in code_positions)
-            stray = stray or (num_tokens is not None and len(inside) > num_tokens)
-            return None, not stray, stray
-        end = next(position for position in ends if position > start)
-        codes = [token - spatial.depth_code_offset for token in ids[start + 1 : end]]
-        wrong = len(starts) > 1 or len(ends) > 1 or len(code_positions) != len(codes)
-        wrong = wrong or any(not spatial.is_depth_code(token) for token in ids[start + 1 : end])
-        wrong = wrong or not codes or (num_tokens is not None and len(codes) != num_tokens)
-        return (None, False, True) if wrong else (codes, False, False)
+    def _mask_upsample_size(self) -> int | None:
+        """The SAM2 input side when the image processor asks for Sa2VA's two-step mask resize, else `None`."""
+        image_processor = getattr(self, "image_processor", None)
+        if getattr(image_processor, "sam_mask_upsample", False):
+            return image_processor.sam_image_size
+        return None
 
     @staticmethod
-    def _masks(index, parsed, mask_logits, mask_scores, size, threshold) -> tuple[list[np.ndarray], list[float]]:
+    def _masks(
+        index, parsed, mask_logits, mask_scores, size, threshold, upsample_size=None
+    ) -> tuple[list[np.ndarray], list[float]]:
         if mask_logits is None:
             return [], []
         logits, scores = mask_logits[index], mask_scores[index]
@@ -206,7 +196,10 @@ class PerceptioPostProcessingMixin:
             return [], []
         if size is None:
             raise ValueError(f"Sample {index} has masks; pass original_sizes so they come back at the image size.")
-        resized = F.interpolate(logits[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        logits = logits[:, None].float()
+        if upsample_size is not None:
+            logits = F.interpolate(logits, size=(upsample_size, upsample_size), mode="bilinear", align_corners=False)
+        resized = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
         return [mask.cpu().numpy() for mask in resized > threshold], [float(score) for score in scores]
 
     @staticmethod
@@ -258,13 +251,6 @@ def _as_id_list(token_ids: Any) -> list[int]:
 def _check_prompt_length(prompt_length: Any) -> None:
     if not isinstance(prompt_length, int) or isinstance(prompt_length, bool) or prompt_length < 0:
         raise ValueError(f"prompt_length must be a non-negative integer, got {prompt_length!r}.")
-
-
-def _check_num_depth_tokens(num_depth_tokens: Any) -> None:
-    if num_depth_tokens is not None and (
-        not isinstance(num_depth_tokens, int) or isinstance(num_depth_tokens, bool) or num_depth_tokens <= 0
-    ):
-        raise ValueError(f"num_depth_tokens must be a positive integer or None, got {num_depth_tokens!r}.")
 
 
 def _check_per_sample(name: str, values: Any, batch: int) -> None:

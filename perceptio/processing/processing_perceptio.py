@@ -11,14 +11,12 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .post_processing_perceptio import PerceptioPostProcessingMixin
-from .spatial_tokens_perceptio import (
+from .spatial_vocabulary_perceptio import (
     IMAGE_CONTEXT_TOKEN,
     IMAGE_END_TOKEN,
     IMAGE_PLACEHOLDER,
     IMAGE_START_TOKEN,
-    SpatialTokenIds,
-    add_spatial_tokens,
-    format_assistant_target,
+    PerceptioSpatialVocabulary,
 )
 
 
@@ -50,15 +48,19 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
     Turns images and prompts into Perceptio inputs, and (image, prompt, target) triples into training examples.
 
     The tokenizer gets the spatial vocabulary (`[SEG]`, `<DEPTH_START>`, `<DEPTH_END>`, `<DEPTH_0>`…`<DEPTH_{K-1}>`
-    and InternVL's image tokens) as special tokens with contiguous depth-code ids. Each `<image>` in a prompt is
-    expanded to `<img>` + `<IMG_CONTEXT>` × (tiles × image_seq_length) + `</img>`.
+    and InternVL's image tokens) as special tokens with contiguous depth-code ids; `spatial_vocabulary` holds their
+    ids and the format's rules. With `num_depth_codes=0` it is segmentation-only: `[SEG]` and the image tokens. Each
+    `<image>` in a prompt is expanded to `<img>` + `<IMG_CONTEXT>` × (tiles × image_seq_length) + `</img>`.
 
     Args:
         image_processor ([`PerceptioImageProcessor`]): tiles and SAM2 views.
         tokenizer: any fast tokenizer of the base LLM.
         chat_template (`str`, *optional*): Jinja chat template; ChatML by default.
-        num_depth_codes (`int`, defaults to 128): K, the number of depth code tokens.
+        num_depth_codes (`int`, defaults to 128): K, the number of depth code tokens; 0 for segmentation only.
         image_seq_length (`int`, defaults to 256): `<IMG_CONTEXT>` tokens per tile (the model's `image_seq_length`).
+        num_depth_tokens (`int`, *optional*): N, the codes per depth block (the model's `num_depth_tokens`). When
+            given, targets and generations are checked against it; otherwise any non-empty block is accepted unless
+            `parse_generation` is told N.
     """
 
     def __init__(
@@ -68,13 +70,18 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
         chat_template: str | None = None,
         num_depth_codes: int = 128,
         image_seq_length: int = 256,
+        num_depth_tokens: int | None = None,
         **kwargs,
     ):
         if not isinstance(image_seq_length, int) or image_seq_length <= 0:
             raise ValueError(f"image_seq_length must be a positive integer, got {image_seq_length!r}.")
+        # Kept as given: `save_pretrained` writes the `__init__` arguments found among the attributes.
         self.num_depth_codes = num_depth_codes
+        self.num_depth_tokens = num_depth_tokens
         self.image_seq_length = image_seq_length
-        self.spatial_ids: SpatialTokenIds = add_spatial_tokens(tokenizer, num_depth_codes)
+        self.spatial_vocabulary = PerceptioSpatialVocabulary.add_to_tokenizer(
+            tokenizer, num_depth_codes, num_depth_tokens
+        )
         if tokenizer.pad_token is None:
             raise ValueError("The tokenizer needs a pad token (set tokenizer.pad_token) so batches can be padded.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs)
@@ -91,7 +98,7 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
 
     def format_target(self, num_seg: int, depth_codes: Sequence[int] | None, answer: str) -> str:
         """The assistant target in the fixed order `[SEG]`s → depth block → answer."""
-        return format_assistant_target(num_seg, depth_codes, answer, self.num_depth_codes)
+        return self.spatial_vocabulary.format_target(num_seg, depth_codes, answer)
 
     def __call__(
         self,

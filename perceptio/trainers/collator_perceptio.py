@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from perceptio.data.scene_rendering import metric_depth_to_inverse_depth
-from perceptio.modeling_perceptio.loss_perceptio import DepthTokenIds, find_depth_blocks
 from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.processing.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
+from perceptio.processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 # A mask stored as 8-bit image (the schema's 0/255) is "object" above this value; a float mask above 0.5.
@@ -48,11 +48,15 @@ class PerceptioDataCollator:
     task. It is off by default so that every other consumer (a plain `transformers.Trainer`, `model(**batch)`) gets
     exactly the model's inputs; `PerceptioTrainer` turns it on for its own copy of the collator.
 
+    Targets are written and checked by the processor's `spatial_vocabulary`; with a segmentation-only vocabulary
+    (`num_depth_codes=0`) a sample that asks for a depth block is an error.
+
     Args:
         processor: the model's `PerceptioProcessor` (tokenizer with the spatial vocabulary, image processor).
         depth_tokenizer: the model's depth tokenizer, used to encode samples that have no cached codes; a CPU copy is
             kept so data-loader workers never touch an accelerator.
-        num_depth_tokens: N, the codes per depth block; read from `depth_tokenizer` when omitted.
+        num_depth_tokens: N, the codes per depth block; read from `depth_tokenizer`, else from the processor, when
+            omitted.
         max_num_tiles: tiles per image for InternVL (the image processor's default when omitted).
         padding_side: "right" (the only side for teacher-forced training; generation pads left).
         return_tasks: add the `tasks` list to the batch (not a model input; for `PerceptioTrainer`).
@@ -81,33 +85,19 @@ class PerceptioDataCollator:
             )
         if num_depth_tokens is None and depth_tokenizer is not None:
             num_depth_tokens = depth_tokenizer.config.num_tokens
-        if num_depth_tokens is not None and (not isinstance(num_depth_tokens, int) or num_depth_tokens <= 0):
-            raise ValueError(f"num_depth_tokens must be a positive integer, got {num_depth_tokens!r}.")
         if depth_tokenizer is not None and depth_tokenizer.config.num_tokens != num_depth_tokens:
             raise ValueError(
                 f"num_depth_tokens ({num_depth_tokens}) differs from the depth tokenizer's grid "
                 f"({depth_tokenizer.config.num_tokens} codes)."
             )
         self.processor = processor
+        self.spatial_vocabulary: PerceptioSpatialVocabulary = processor.spatial_vocabulary.with_num_depth_tokens(
+            num_depth_tokens
+        )
         self.depth_tokenizer = copy.deepcopy(depth_tokenizer).cpu().eval() if depth_tokenizer is not None else None
-        self.num_depth_tokens = num_depth_tokens
         self.max_num_tiles = max_num_tiles
         self.padding_side = padding_side
         self.return_tasks = return_tasks
-
-    @property
-    def depth_token_ids(self) -> DepthTokenIds | None:
-        """The depth-token ids of the processor's vocabulary (None until N is known)."""
-        if self.num_depth_tokens is None:
-            return None
-        ids = self.processor.spatial_ids
-        return DepthTokenIds(
-            start=ids.depth_start,
-            end=ids.depth_end,
-            code_offset=ids.depth_code_offset,
-            num_codes=ids.num_depth_codes,
-            num_tokens=self.num_depth_tokens,
-        )
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not isinstance(samples, Sequence) or not samples:
@@ -154,6 +144,11 @@ class PerceptioDataCollator:
                 raise ValueError(f"{name}: field {field!r} must be a string, got {type(sample.get(field)).__name__}.")
         masks = masks_to_tensor(sample.get("masks"), name)
         use_depth_block = bool(sample.get("use_depth_block", False))
+        if use_depth_block and not self.spatial_vocabulary.has_depth_block:
+            raise ValueError(
+                f"{name} asks for a depth block, but the processor's vocabulary is segmentation-only "
+                "(num_depth_codes=0); set its use_depth_block to False."
+            )
         depth_map = relative_inverse_depth(sample, name) if use_depth_block else None
         codes = self._depth_codes(sample, depth_map, name) if use_depth_block else None
         target = self.processor.format_target(masks.shape[0], codes, sample["answer"])
@@ -197,35 +192,31 @@ class PerceptioDataCollator:
         return codes
 
     def _check_codes(self, codes: list[int], name: str) -> None:
-        num_codes = self.processor.num_depth_codes
-        if self.num_depth_tokens is None:
+        if self.spatial_vocabulary.num_depth_tokens is None:
             raise ValueError(
                 f"{name} has a depth block but the collator does not know N: pass num_depth_tokens or depth_tokenizer."
             )
-        if len(codes) != self.num_depth_tokens:
-            raise ValueError(
-                f"{name}: its depth block has {len(codes)} codes but exactly {self.num_depth_tokens} (N) are needed."
-            )
-        outside = [code for code in codes if not 0 <= code < num_codes]
-        if outside:
-            raise ValueError(f"{name}: depth codes must lie in [0, {num_codes}), got {outside[:5]}.")
+        try:
+            self.spatial_vocabulary.check_depth_codes(codes)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
 
     def _check_example(self, example: Mapping[str, Any], name: str) -> None:
-        num_seg = int((example["input_ids"] == self.processor.spatial_ids.seg).sum())
+        vocabulary = self.spatial_vocabulary
+        num_seg = int((example["input_ids"] == vocabulary.seg).sum())
         num_masks = example["gt_masks"].shape[0]
         if num_seg != num_masks:
             raise ValueError(
                 f"{name} has {num_seg} [SEG] token(s) but {num_masks} mask(s); each [SEG] needs one mask."
             )
-        ids = self.depth_token_ids
-        has_block = bool((example["labels"] == self.processor.spatial_ids.depth_start).any())
-        if has_block and ids is None:
-            raise ValueError(f"{name} has a depth block but the collator does not know N: pass num_depth_tokens.")
-        if ids is not None:
-            try:
-                find_depth_blocks(example["labels"][None], ids)
-            except ValueError as error:
-                raise ValueError(f"{name}: {error}") from error
+        if vocabulary.num_depth_tokens is None:
+            if (example["labels"] == vocabulary.depth_start).any():
+                raise ValueError(f"{name} has a depth block but the collator does not know N: pass num_depth_tokens.")
+            return
+        try:
+            vocabulary.find_depth_blocks(example["labels"][None])
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
 
     def _sam_image(self, example: Mapping[str, Any]) -> torch.Tensor:
         sam = example.get("sam_pixel_values")

@@ -58,12 +58,8 @@ class PerceptioLoraPreset:
 
 def spatial_token_ids(model: PerceptioForConditionalGeneration) -> list[int]:
     """Ids of `[SEG]`, `<DEPTH_START>`, `<DEPTH_END>` and the K code tokens that the config defines."""
-    config = model.config
-    ids = [getattr(config, name) for name in ("seg_token_id", "depth_start_token_id", "depth_end_token_id")]
-    ids = [token_id for token_id in ids if token_id is not None]
-    if config.depth_code_token_offset is not None:
-        ids.extend(config.depth_code_token_ids)
-    return sorted(set(ids))
+    vocabulary = model.config.spatial_vocabulary
+    return [] if vocabulary is None else vocabulary.spatial_token_ids
 
 
 def perceptio_lora_config(

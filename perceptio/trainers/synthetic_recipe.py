@@ -194,7 +194,7 @@ def build_recipe_model(
     loss leans on Dice: with BCE-heavy weights a from-scratch decoder settles on empty masks, objects being a few
     percent of the image.
     """
-    ids = processor.spatial_ids
+    vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
     sam2_config = tiny_sam2_config()
     sam2_config.mask_decoder_config.dynamic_multimask_via_stability = False
     heads = max(1, recipe.text_hidden_size // 48)
@@ -219,7 +219,6 @@ def build_recipe_model(
             "patch_size": recipe.vision_patch_size,
         },
         image_seq_length=recipe.image_seq_length,
-        image_token_id=ids.image_context,
         tie_word_embeddings=False,
         sam2_config=sam2_config,
         sam2_multimask_output=False,
@@ -227,12 +226,7 @@ def build_recipe_model(
         mask_dice_weight=recipe.mask_dice_weight,
         lm_loss_reduction=recipe.lm_loss_reduction,
         depth_tokenizer_config=depth_tokenizer.config,
-        seg_token_id=ids.seg,
-        depth_start_token_id=ids.depth_start,
-        depth_end_token_id=ids.depth_end,
-        depth_code_token_offset=ids.depth_code_offset,
-        num_depth_codes=ids.num_depth_codes,
-        num_depth_tokens=depth_tokenizer.config.num_tokens,
+        **vocabulary.config_fields(),
     )
     torch.manual_seed(recipe.seed)
     model = PerceptioForConditionalGeneration(config)
