@@ -15,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import LogitsProcessor, LogitsProcessorList, TrainingArguments
 
@@ -59,6 +60,15 @@ def built(tmp_path_factory, depth_tokenizer_dir) -> dict[str, tuple[Path, Path]]
     return folders
 
 
+def stored_float_dtypes(folder: Path) -> set[str]:
+    """The safetensors dtypes of the floating-point weights in `folder`."""
+    dtypes = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            dtypes |= {handle.get_slice(name).get_dtype() for name in handle.keys()}
+    return dtypes & {"F32", "BF16", "F16"}
+
+
 def saved_state(folder: Path) -> dict[str, torch.Tensor]:
     """The weights of the checkpoint in `folder` as the model names them (a tied LM head left out)."""
     model = PerceptioForConditionalGeneration.from_pretrained(folder)
@@ -100,7 +110,9 @@ def test_old_weights_are_unchanged_and_new_rows_are_the_mean(built, depth_tokeni
             assert torch.equal(after[name], tensor), name
     depth_weights = load_file(depth_tokenizer_dir / "model.safetensors")
     for name, tensor in depth_weights.items():
-        assert torch.equal(after[f"depth_tokenizer.{name}"].to(tensor.dtype), tensor), name
+        # The depth tokenizer takes the model's dtype (bfloat16 here), as in any build.
+        built_tensor = after[f"depth_tokenizer.{name}"]
+        assert torch.equal(built_tensor, tensor.to(built_tensor.dtype)), name
     assert set(after) == set(before) | {f"depth_tokenizer.{name}" for name in depth_weights}
 
 
@@ -126,6 +138,8 @@ def test_config_and_processor_carry_the_depth_vocabulary(built, variant):
     before = json.loads((source / "generation_config.json").read_text())
     after = json.loads((output / "generation_config.json").read_text())
     assert after["eos_token_id"] == before["eos_token_id"]
+    # Sa2VA's weights are bfloat16; the build keeps them so (a float32 copy would double an 8B model's size).
+    assert stored_float_dtypes(output) == stored_float_dtypes(source) == {"BF16"}
     card = (output / "README.md").read_text()
     assert "<DEPTH_START>" in card and "Sa2VA's, converted" in card
 
@@ -166,6 +180,10 @@ def test_built_model_generates_segs_a_depth_block_and_text_under_the_grammar(bui
         max_new_tokens=len(script) + 2,
         logits_processor=LogitsProcessorList([PreferScript(script, processor.tokenizer.eos_token_id)]),
     )
+    ids = prediction.token_ids
+    block_end = ids.index(config.depth_end_token_id)
+    assert ids[: block_end + 1] == script[: block_end + 1], "[SEG]s, then a complete depth block"
+    assert config.seg_token_id not in ids[block_end:], "the grammar refused the [SEG] after the block"
     assert len(prediction.masks) == 2
     assert prediction.masks[0].shape == (image.height, image.width)
     assert prediction.depth is not None and prediction.depth.shape == (image.height, image.width)
@@ -212,7 +230,7 @@ def test_built_folder_trains_one_step_on_a_depth_sample(built, tmp_path):
     assert np.isfinite(result.training_loss)
     assert not torch.equal(model.text_hidden_fcs[0].weight.detach(), before)
     logged = trainer.state.log_history[0]
-    for name in ("loss_lm", "loss_mask", "loss_depth_token", "loss_depth_recon"):
+    for name in ("loss_lm", "loss_mask", "loss_marker", "loss_token", "loss_count", "loss_depth_recon"):
         assert name in logged and np.isfinite(logged[name]) and logged[name] > 0, (name, logged)
 
 
@@ -224,6 +242,13 @@ def test_an_unconverted_sa2va_is_refused_naming_config_and_model_type(depth_toke
     with pytest.raises(ValueError, match=r"config\.json: model_type is 'sa2va_chat'.*convert-sa2va"):
         add_depth_tokens(source, depth_tokenizer_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_source_is_never_overwritten(built, depth_tokenizer_dir):
+    source, _ = built["qwen2"]
+    with pytest.raises(ValueError, match="is the source"):
+        add_depth_tokens(source, depth_tokenizer_dir, source, overwrite=True)
+    assert json.loads((source / "config.json").read_text())["num_depth_codes"] == 0
 
 
 def test_a_checkpoint_with_depth_is_refused(built, depth_tokenizer_dir, tmp_path):
@@ -288,7 +313,9 @@ def decoder_parameters(llm: dict, vocab_size: int) -> int:
 def test_dry_run_plans_from_the_sa2va_config_alone(name, capsys):
     source = SA2VA_CONFIGS / name
     llm = json.loads((source / "config.json").read_text())["llm_config"]
-    config, plan = plan_from_sa2va(source)
+    planned = plan_from_sa2va(source)
+    config, plan = planned.config, planned.plan
+    assert planned.sam2_source.startswith("SAM2-L")
     grown = llm["vocab_size"] + 2 + config.num_depth_codes
     assert config.text_config.vocab_size == grown
     language = plan.component_parameters["language_model"] + plan.component_parameters["lm_head"]
@@ -302,8 +329,12 @@ def test_dry_run_plans_from_the_sa2va_config_alone(name, capsys):
     assert f"{plan.total_parameters:,}" in printed and "LoRA fine-tuning" in printed
 
 
-def test_dry_run_of_a_converted_folder_matches_the_build(built, depth_tokenizer_dir):
+def test_dry_run_of_a_converted_folder_matches_the_build(built, depth_tokenizer_dir, capsys):
     source, output = built["internlm2"]
-    config, plan = plan_from_sa2va(source, PerceptioDepthTokenizer.from_pretrained(depth_tokenizer_dir).config)
+    plan = plan_from_sa2va(source, PerceptioDepthTokenizer.from_pretrained(depth_tokenizer_dir).config).plan
     model = PerceptioForConditionalGeneration.from_pretrained(output)
     assert plan.total_parameters == sum(parameter.numel() for parameter in model.parameters())
+    argv = ["build", "--from-sa2va", str(source), "--depth-tokenizer", str(depth_tokenizer_dir), "--dry-run"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{plan.total_parameters:,}" in printed and "SAM2: the SAM2 of" in printed

@@ -9,7 +9,7 @@ A block is marked by an HTML comment on the line just before its fence, naming w
 Kinds (`MARKER_KINDS`): `gpu`, `network`, and `long-run` (a minute of CPU or more: too long for the default run). Unmarked python blocks of
 one page run in document order in one namespace; unmarked bash blocks may hold only plain `perceptio ...` commands,
 which run through `perceptio.cli.main` between them, in the same fresh temporary folder (it links the repository's
-`examples/` and `perceptio/`). All pages run in one subprocess, so the imports are paid once.
+`examples/`, `perceptio/` and `tests/`, whose fixtures hold the tiny Sa2VA checkpoint). All pages run in one subprocess, so the imports are paid once.
 Marked blocks are still checked statically: their `perceptio` commands parse with the real parsers, their scripts
 exist and take the flags given, their python compiles and its `perceptio` imports resolve.
 """
@@ -280,14 +280,12 @@ def test_docs_name_only_files_that_exist(path):
 
 def test_training_page_covers_every_loss_term_and_weight():
     from perceptio.modeling_perceptio.configuration_perceptio import PerceptioConfig
-    from perceptio.trainers.trainer_perceptio import LOSS_COMPONENTS
+    from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS
 
     text = (DOCS_DIR / "training.md").read_text(encoding="utf-8")
     weights = [name for name in vars(PerceptioConfig).get("__annotations__", {}) if name.endswith("_weight")]
     assert weights, "PerceptioConfig declares no *_weight fields; the check needs updating"
-    missing = [
-        name for name in (*LOSS_COMPONENTS, *weights, "depth_soft_merge_temperature") if f"`{name}`" not in text
-    ]
+    missing = [name for name in (*LOSS_TERMS, *weights, "depth_soft_merge_temperature") if f"`{name}`" not in text]
     assert not missing, f"docs/training.md does not document {missing}"
 
 
@@ -313,7 +311,7 @@ from perceptio.cli import main
 pages = json.load(open(sys.argv[1]))
 for page, blocks in pages.items():
     folder = tempfile.mkdtemp(prefix="perceptio-docs-")
-    for name in ("examples", "perceptio"):
+    for name in ("examples", "perceptio", "tests"):
         os.symlink(os.path.join(sys.argv[2], name), os.path.join(folder, name))
     os.chdir(folder)
     namespace = {"__name__": "__main__"}

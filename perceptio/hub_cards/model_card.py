@@ -27,6 +27,8 @@ from ..modeling_perceptio import PerceptioConfig
 CARD_FILE = "README.md"
 TEMPLATE_FILE = "model_card_template.md"
 DEFAULT_TAGS = ("perceptio", "vision-language", "referring-segmentation", "depth-estimation", "internvl", "sam2")
+# A segmentation-only checkpoint (no depth tokenizer) does not estimate depth.
+DEPTH_TAGS = ("depth-estimation",)
 # Task of `perceptio eval` -> (Hub task type, dataset id, dataset display name).
 EVALUATION_TASKS = {
     "refcoco": ("image-segmentation", "lmms-lab/RefCOCO", "RefCOCO"),
@@ -44,6 +46,14 @@ DEFAULT_TRAINING_RECIPE = (
     "and soft-merged depth-reconstruction terms (each ×1.0). Train with `perceptio train` (a transformers Trainer: "
     "`accelerate launch`, DeepSpeed and FSDP work as usual)."
 )
+SEGMENTATION_ONLY_TRAINING_RECIPE = (
+    "Sa2VA's recipe: PEFT LoRA on the language model (r = 128, α = 256) with the SAM2 mask decoder, "
+    "`text_hidden_fcs` and the `[SEG]` embedding row trained in full; vision tower and SAM2 image encoder frozen; "
+    "AdamW, learning rate 4e-5, cosine schedule, warm-up 5%, bf16. Loss: next-token cross-entropy + mask BCE (×2.0) "
+    "and Dice (×0.5). Train with `perceptio train` (a transformers Trainer)."
+)
+# Where a checkpoint's parts come from, which decides what the card says is newly initialised.
+SOURCE_KINDS = ("parts", "sa2va")
 
 
 @dataclass
@@ -59,7 +69,10 @@ class PerceptioCardData:
         tags: extra tags (the Perceptio tags are always added).
         evaluation: evaluation summaries (see the module docstring); fills `model-index` and a results table.
         fine_tuned: whether the checkpoint has been trained after `perceptio build` (else the card warns).
-        training_recipe: the recipe paragraph.
+        training_recipe: the recipe paragraph; `None` picks the default of the checkpoint's kind (with or without
+            depth tokens).
+        source_kind: "parts" for a checkpoint assembled from InternVL, SAM2 and a depth tokenizer (its
+            `text_hidden_fcs` is new), "sa2va" for one converted from Sa2VA (its `[SEG]` path is Sa2VA's).
         max_new_tokens: token budget in the usage example.
         base_source, sam2_source, depth_tokenizer_source: what the build used (for the "Built from" table).
     """
@@ -72,7 +85,8 @@ class PerceptioCardData:
     tags: list[str] = field(default_factory=list)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     fine_tuned: bool = False
-    training_recipe: str = DEFAULT_TRAINING_RECIPE
+    training_recipe: str | None = None
+    source_kind: str = "parts"
     max_new_tokens: int = 64
     base_source: str = "unknown"
     sam2_source: str = "unknown"
@@ -87,16 +101,19 @@ class PerceptioCardData:
             values = getattr(self, name)
             if not isinstance(values, (list, tuple)) or not all(isinstance(value, str) and value for value in values):
                 raise ValueError(f"{name} must be a list of non-empty strings, got {values!r}.")
+        if self.source_kind not in SOURCE_KINDS:
+            raise ValueError(f"source_kind must be one of {SOURCE_KINDS}, got {self.source_kind!r}.")
         self.evaluation = [check_evaluation_summary(summary) for summary in self.evaluation]
 
-    def with_build_sources(self, base: str, sam2: str, depth_tokenizer: str) -> PerceptioCardData:
-        """A copy that records the build's parts (and lists the Hub ids among them as base models)."""
-        hub_ids = [source for source in (base, sam2, depth_tokenizer) if _looks_like_hub_id(source)]
+    def with_build_sources(self, base: str, sam2: str, depth_tokenizer: str | None) -> PerceptioCardData:
+        """A copy that records the build's parts (and lists the Hub ids among them as base models); a
+        segmentation-only checkpoint has no `depth_tokenizer`."""
+        hub_ids = [source for source in (base, sam2, depth_tokenizer) if source and _looks_like_hub_id(source)]
         return replace(
             self,
             base_source=base,
             sam2_source=sam2,
-            depth_tokenizer_source=depth_tokenizer,
+            depth_tokenizer_source=depth_tokenizer or "none",
             base_models=list(dict.fromkeys([*self.base_models, *hub_ids])),
         )
 
@@ -175,14 +192,20 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def build_model_card(config, card_data: PerceptioCardData) -> ModelCard:
-    """The `ModelCard` of a Perceptio checkpoint whose `PerceptioConfig` is `config`."""
+    """The `ModelCard` of a Perceptio checkpoint whose `PerceptioConfig` is `config`.
+
+    A segmentation-only checkpoint (no depth tokenizer) gets a card without depth tokens, depth tags or depth losses.
+    """
+    has_depth = config.has_depth_tokenizer
+    tags = [tag for tag in DEFAULT_TAGS if has_depth or tag not in DEPTH_TAGS]
+    default_recipe = DEFAULT_TRAINING_RECIPE if has_depth else SEGMENTATION_ONLY_TRAINING_RECIPE
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license=card_data.license,
         base_model=card_data.base_models or None,
         datasets=card_data.datasets or None,
-        tags=list(dict.fromkeys([*DEFAULT_TAGS, *card_data.tags])),
+        tags=list(dict.fromkeys([*tags, *card_data.tags])),
         model_name=card_data.model_name,
         eval_results=evaluation_results(card_data.evaluation) or None,
     )
@@ -198,7 +221,9 @@ def build_model_card(config, card_data: PerceptioCardData) -> ModelCard:
         sam2_source=card_data.sam2_source,
         depth_tokenizer_source=card_data.depth_tokenizer_source,
         max_new_tokens=card_data.max_new_tokens,
-        training_recipe=card_data.training_recipe,
+        training_recipe=card_data.training_recipe or default_recipe,
+        has_depth=has_depth,
+        source_kind=card_data.source_kind,
         results_table=results_table(card_data.evaluation),
         seg_token_id=config.seg_token_id,
         depth_start_token_id=config.depth_start_token_id,
