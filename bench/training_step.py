@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from training_objectives import full_objective, lm_and_mask_objective  # the script's folder is on sys.path
 
 from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
@@ -73,20 +74,6 @@ def benchmark_batch(model, processor, batch_size: int) -> dict:
             }
         )
     return PerceptioDataCollator(processor, model.depth_tokenizer, max_num_tiles=1)(samples)
-
-
-def full_objective(model, batch) -> torch.Tensor:
-    return model(**batch).loss
-
-
-def lm_and_mask_objective(model, batch) -> torch.Tensor:
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    outputs = model(**inputs)
-    loss_lm = model.loss_function(
-        logits=outputs.logits, labels=batch["labels"], vocab_size=model.config.text_config.vocab_size
-    )
-    config = model.config
-    return loss_lm + config.mask_loss_weight * outputs.loss_mask + config.mask_iou_loss_weight * outputs.loss_mask_iou
 
 
 def time_step(model, optimizer, objective, batch) -> float:

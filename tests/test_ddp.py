@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from perceptio.trainers.trainer_perceptio import LOSS_COMPONENTS
+from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS
 
 
 WORKER = Path(__file__).with_name("ddp_training_worker.py")
@@ -35,7 +35,7 @@ def check_first_step_matches(tmp_path: Path, steps: int) -> None:
     assert len(distributed) == steps
     # DDP averages the two processes' batch-1 losses; the single process averages the same two samples by gradient
     # accumulation 2 × batch 1, so the first-step loss and every component must agree.
-    for name in ("loss", *LOSS_COMPONENTS):
+    for name in ("loss", *LOSS_TERMS):
         assert distributed[0][name] == pytest.approx(single[0][name], rel=1e-4, abs=1e-6), name
 
 

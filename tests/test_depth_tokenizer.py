@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
+from perceptio.evaluation.depth_metrics import normalised_inverse_depth
 from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import (
     PerceptioDepthNormalization,
@@ -234,6 +235,16 @@ def test_constant_map_normalises_to_zero_and_back():
     assert torch.equal(normalized, torch.zeros(2, 32, 32))
     assert torch.allclose(tokenizer.denormalize(normalized, stats), depth)
     assert tokenizer.encode(depth).shape == (2, tokenizer.config.num_tokens)
+
+
+def test_evaluation_ground_truth_is_normalised_as_the_tokenizer_normalises():
+    tokenizer = tiny_tokenizer()
+    side = tokenizer.config.image_size
+    depth = torch.rand(2, side, side, generator=torch.Generator().manual_seed(0)) * 4 + 0.5
+    depth[1] = 2.0 + 1e-7 * torch.rand(side, side)  # constant up to rounding: 0 in both
+    normalized, _ = tokenizer.normalize(depth)
+    for map_, expected in zip(depth, normalized):
+        torch.testing.assert_close(torch.from_numpy(normalised_inverse_depth(map_.numpy())).float(), expected)
 
 
 @settings(max_examples=30, deadline=None)

@@ -145,8 +145,12 @@ def test_captured_seg_states_equal_teacher_forced_ones(tiny_pair):
         torch.testing.assert_close(output.seg_hidden_states[row], hidden[row, positions], atol=1e-4, rtol=1e-4)
 
 
-def test_seg_cut_off_as_the_last_token_still_gets_its_state(tiny_pair):
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_seg_cut_off_as_the_last_token_gets_no_state_and_no_mask(tiny_pair, num_beams, monkeypatch):
+    # The last generated token is never fed back, so the model never computes a state there (Sa2VA has none either).
     model, processor = tiny_pair
+    if num_beams == 1:  # the hooks saw every state there is: no second forward pass
+        monkeypatch.setattr(model, "teacher_forced_seg_states", lambda *args: pytest.fail("extra forward pass"))
     config = model.config
     text = processor.tokenizer("a", add_special_tokens=False)["input_ids"]
     script = [config.seg_token_id, *text, config.seg_token_id]
@@ -154,16 +158,50 @@ def test_seg_cut_off_as_the_last_token_still_gets_its_state(tiny_pair):
     generation_inputs = {k: v for k, v in inputs.items() if k != "sam_pixel_values"}
     output = model.generate(
         **generation_inputs,
-        logits_processor=[ForceScript(inputs["input_ids"].shape[1], [script])],
+        logits_processor=[ForceScript(inputs["input_ids"].shape[1], [script], copies=num_beams)],
         max_new_tokens=len(script),
+        num_beams=num_beams,
         return_dict_in_generate=True,
     )
     assert output.sequences[0, -1] == config.seg_token_id
-    forced = model.teacher_forced_seg_states(output.sequences, inputs["input_ids"], generation_inputs, [0])[0]
-    assert output.seg_hidden_states[0].shape[0] == 2
-    torch.testing.assert_close(output.seg_hidden_states[0], forced, atol=1e-4, rtol=1e-4)
-    (result,) = predict(model, processor, images([(48, 72)]), ["Segment."], [script], max_new_tokens=len(script))
-    assert len(result.masks) == 2
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=output.sequences[:, :-1], pixel_values=generation_inputs["pixel_values"]
+        ).last_hidden_state
+    # Only the first [SEG], read when the model wrote the next token, has a state: its own, not a stale one.
+    assert output.seg_hidden_states[0].shape[0] == 1
+    first_seg = inputs["input_ids"].shape[1]
+    torch.testing.assert_close(output.seg_hidden_states[0][0], hidden[0, first_seg], atol=1e-4, rtol=1e-4)
+    (result,) = predict(
+        model,
+        processor,
+        images([(48, 72)]),
+        ["Segment."],
+        [script],
+        copies=num_beams,
+        num_beams=num_beams,
+        max_new_tokens=len(script),
+    )
+    assert result.token_ids == script and result.seg_truncated and len(result.masks) == 1
+    (finished,) = predict(model, processor, images([(48, 72)]), ["Segment."], [script + [text[0]]])
+    assert not finished.seg_truncated and len(finished.masks) == 2
+
+
+def test_predict_stops_at_the_checkpoints_generation_config_eos_ids(tiny_pair, monkeypatch):
+    # A converted InternLM2 Sa2VA checkpoint stops at <|im_end|>, which its generation_config.json lists.
+    model, processor = tiny_pair
+    stop, *words = processor.tokenizer("stop here now", add_special_tokens=False)["input_ids"]
+    script = [*words, stop, *words]
+    eos = processor.tokenizer.eos_token_id
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [eos, stop])
+    assert model.stop_token_ids(processor.tokenizer) == [eos, stop]
+    (result,) = predict(model, processor, images([(48, 72)]), ["Say it."], [script], max_new_tokens=len(script))
+    assert result.token_ids == [*words, stop]
+    # An explicit eos_token_id still wins.
+    (result,) = predict(
+        model, processor, images([(48, 72)]), ["Say it."], [script], max_new_tokens=len(script), eos_token_id=eos
+    )
+    assert result.token_ids == script
 
 
 def test_batched_equals_sequential_with_mixed_sizes_and_left_padding(tiny_pair):

@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText
 
+from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS
+
 
 def _segmentation_example(processor, image, num_seg=2, with_depth=True):
     codes = list(range(16)) if with_depth else None
@@ -29,16 +31,7 @@ def test_forward_backward_reports_every_component(tiny_model, tiny_processor, rg
     example = _segmentation_example(tiny_processor, rgb_image)
     masks = [torch.from_numpy(np.random.default_rng(1).random((2, 48, 72)) > 0.5)]
     output = _forward(tiny_model, example, masks)
-    components = (
-        "loss_lm",
-        "loss_mask",
-        "loss_mask_iou",
-        "loss_marker",
-        "loss_token",
-        "loss_count",
-        "loss_depth_recon",
-    )
-    for name in ("loss", *components):
+    for name in ("loss", *LOSS_TERMS):
         value = getattr(output, name)
         assert value is not None and torch.isfinite(value) and value > 0, name
     config = tiny_model.config
@@ -51,7 +44,9 @@ def test_forward_backward_reports_every_component(tiny_model, tiny_processor, rg
         config.depth_count_loss_weight,
         config.depth_recon_loss_weight,
     )
-    expected = sum(weight * getattr(output, name) for weight, name in zip(weights, components))
+    names = ("loss_lm", "loss_mask", "loss_mask_iou", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
+    assert tuple(LOSS_TERMS) == names
+    expected = sum(weight * getattr(output, name) for weight, name in zip(weights, names))
     assert torch.allclose(output.loss, expected)
     assert [tuple(m.shape) for m in output.pred_masks] == [(2, 32, 32)]
     output.loss.backward()

@@ -25,14 +25,10 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from perceptio.data.synthetic_dataset import generate_sample
 from perceptio.data.synthetic_tasks import TASK_NAMES
-from perceptio.modeling_perceptio import loss_perceptio
-from perceptio.modeling_perceptio.loss_perceptio import per_sample_lm_loss
+from perceptio.modeling_perceptio import loss_perceptio, modeling_perceptio
+from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS, next_token_losses, per_sample_lm_loss
 from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
-from perceptio.trainers.trainer_perceptio import (
-    LOSS_COMPONENTS,
-    TASK_LOSS_PREFIX,
-    PerceptioTrainer,
-)
+from perceptio.trainers.trainer_perceptio import TASK_LOSS_PREFIX, PerceptioTrainer
 
 
 IMAGE_SIDE = 64
@@ -123,9 +119,14 @@ def test_a_few_steps_log_the_lm_loss_of_exactly_the_tasks_present(tiny_model, co
     assert all(math.isfinite(value) and value > 0 for entry in logged for value in entry.values())
 
 
-def test_per_task_value_is_the_window_mean_of_each_samples_own_cross_entropy(tiny_model, collator, tmp_path):
+@pytest.mark.parametrize("reduction", ["token", "segment"])
+def test_per_task_value_is_the_window_mean_of_each_samples_own_cross_entropy(
+    tiny_model, collator, tmp_path, reduction
+):
     tasks = ["vqa_count", "vqa_colour", "vqa_count", "relative_depth"]
     samples = task_samples(tasks)
+    # However loss_lm averages, the per-task logs are the same per-sample means.
+    tiny_model.config.lm_loss_reduction = reduction
     reference = copy.deepcopy(tiny_model).eval()
     expected = {}
     for task, sample in zip(tasks, samples):
@@ -149,6 +150,29 @@ def test_per_task_value_is_the_window_mean_of_each_samples_own_cross_entropy(tin
     assert task_logs(logged) == {name: pytest.approx(mean, rel=1e-4) for name, mean in means.items()}
 
 
+def test_segment_averaging_computes_the_cross_entropy_once_per_step(tiny_model, collator, tmp_path, monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return next_token_losses(*args, **kwargs)
+
+    # Every per-token cross-entropy goes through next_token_losses, wherever it was imported.
+    monkeypatch.setattr(loss_perceptio, "next_token_losses", counted)
+    monkeypatch.setattr(modeling_perceptio, "next_token_losses", counted)
+    tiny_model.config.lm_loss_reduction = "segment"
+    trainer = PerceptioTrainer(
+        model=tiny_model,
+        args=training_args(tmp_path, per_device_train_batch_size=2),
+        train_dataset=Dataset.from_list(task_samples(["vqa_count", "referring"])),
+        data_collator=collator,
+    )
+    trainer.train()
+    (logged,) = training_logs(trainer)
+    assert set(task_logs(logged)) == {TASK_LOSS_PREFIX + "vqa_count", TASK_LOSS_PREFIX + "referring"}
+    assert len(calls) == 1, "the forward's loss_lm and the per-task logs must share one cross-entropy pass"
+
+
 def test_a_batch_without_task_names_trains_and_logs_no_per_task_keys(tiny_pair, tiny_model, collator, tmp_path):
     processor = tiny_pair[1]
     built = [
@@ -164,7 +188,7 @@ def test_a_batch_without_task_names_trains_and_logs_no_per_task_keys(tiny_pair, 
     )
     trainer.train()
     (logged,) = training_logs(trainer)
-    assert all(math.isfinite(logged[name]) for name in ("loss", *LOSS_COMPONENTS))
+    assert all(math.isfinite(logged[name]) for name in ("loss", *LOSS_TERMS))
     assert task_logs(logged) == {}
 
 

@@ -74,9 +74,10 @@ def test_sam2_prompt_path_matches_sa2va(converted):
     best = scores.argmax(-1)
     assert best.tolist() == expected["sam_best"].tolist()
     rows = torch.arange(len(prompts))
-    seg_id = model.config.seg_token_id
+    # One [SEG] per prompt, then the end of the turn (a sequence cut right after a [SEG] gives that one no mask).
+    ids = [model.config.seg_token_id] * len(prompts) + [processor.tokenizer.eos_token_id]
     prediction = processor.post_process_generation(
-        torch.full((1, len(prompts)), seg_id),
+        torch.tensor([ids]),
         original_sizes=processor.image_sizes(image),
         mask_logits=[candidates[rows, best]],
         mask_scores=[scores[rows, best]],
@@ -121,27 +122,23 @@ def test_logits_and_seg_states_match_sa2va(converted, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generation_and_masks_match_sa2va(converted, variant):
-    """(b) `predict` against Sa2VA's `predict_forward`: identical generated ids and masks."""
+    """(b) `predict` against Sa2VA's `predict_forward`: identical generated ids and masks, stopping where Sa2VA
+    stops (its stop words are the converted folder's `generation_config.json`, which predict reads by default)."""
     model, processor, folder = converted[variant]
     expected = fixture_outputs(variant)
     stop_ids = GenerationConfig.from_pretrained(folder).eos_token_id
+    assert model.stop_token_ids(processor.tokenizer) == stop_ids
     generated = expected["generated_ids"]
     prediction = model.predict(
-        fixture_image(variant),
-        PROMPT,
-        processor=processor,
-        max_new_tokens=len(generated),
-        do_sample=False,
-        eos_token_id=stop_ids,
+        fixture_image(variant), PROMPT, processor=processor, max_new_tokens=len(generated), do_sample=False
     )[0]
     assert prediction.token_ids == generated.tolist()
     sa2va_masks = expected["masks"]
     assert len(sa2va_masks) > 0
-    np.testing.assert_array_equal(np.stack(prediction.masks[: len(sa2va_masks)]), sa2va_masks)
-    # Sa2VA has no mask for a [SEG] that is the very last generated token (its state is never computed);
-    # Perceptio also segments that one.
-    trailing_seg = int(generated[-1] == model.config.seg_token_id)
-    assert len(prediction.masks) == len(sa2va_masks) + trailing_seg
+    # A [SEG] that is the very last generated token is never read by the model: neither Sa2VA nor Perceptio has a
+    # state, nor a mask, for it.
+    np.testing.assert_array_equal(np.stack(prediction.masks), sa2va_masks)
+    assert prediction.seg_truncated == (generated[-1] == model.config.seg_token_id)
 
 
 def test_converted_config_is_segmentation_only_and_reads_the_checkpoint(converted):

@@ -15,7 +15,7 @@ from test_trainer import make_sample, training_args  # noqa: E402  (the shared t
 from transformers import LogitsProcessor
 
 from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
-from perceptio.modeling_perceptio.loss_perceptio import segment_averaged_lm_loss
+from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS, segment_averaged_lm_loss
 from perceptio.processing.spatial_vocabulary_perceptio import (
     PerceptioSpatialVocabulary,
     spatial_tokens,
@@ -23,7 +23,7 @@ from perceptio.processing.spatial_vocabulary_perceptio import (
 )
 from perceptio.tiny_models import build_tiny_perceptio, train_tiny_tokenizer
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
-from perceptio.trainers.trainer_perceptio import LOSS_COMPONENTS, PerceptioTrainer
+from perceptio.trainers.trainer_perceptio import PerceptioTrainer
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -255,7 +255,7 @@ def test_segmentation_only_model_trains_a_step_without_depth_terms(segmentation_
     )
     trainer.train()
     (logged,) = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert all(np.isfinite(logged[name]) for name in LOSS_COMPONENTS)
+    assert all(np.isfinite(logged[name]) for name in LOSS_TERMS)
     assert logged["loss_lm"] > 0 and logged["loss_mask"] > 0
     assert all(logged[name] == 0.0 for name in DEPTH_NAMES)
     changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}

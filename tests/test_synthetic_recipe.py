@@ -30,6 +30,8 @@ SMOKE = dict(
     num_validation=4,
     num_test=4,
     depth_tokenizer_steps=4,
+    vision_pretraining_scenes=8,
+    vision_pretraining_steps=2,
     grounding_scenes=8,
     grounding_steps=2,
     reading_steps=2,
@@ -49,7 +51,9 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
     assert 0 <= grounding["final"]["prompt_iou"] <= 1 and [entry["step"] for entry in grounding["log"]] == [1, 2]
     assert 0 <= grounding["final"]["two_object_overlap"] <= 1
     assert [entry["step"] for entry in saved["reading_log"]] == [1, 2]
-    assert {"dataset_s", "depth_tokenizer_s", "grounding_s", "reading_s", "model_s", "total_s"} == set(
+    vision = saved["vision_pretraining"]
+    assert [entry["step"] for entry in vision["log"]] == [1, 2] and 0 <= vision["final"]["pooled_shape"] <= 1
+    assert {"dataset_s", "depth_tokenizer_s", "vision_s", "grounding_s", "reading_s", "model_s", "total_s"} == set(
         saved["timings"]
     )
     model = PerceptioForConditionalGeneration.from_pretrained(tmp_path / "model")
@@ -116,3 +120,9 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(reading_tasks=("captioning",))
     with pytest.raises(ValueError, match="reading_steps"):
         SyntheticTinyRecipe(reading_steps=-1)
+    with pytest.raises(ValueError, match="vision_pretraining_steps"):
+        SyntheticTinyRecipe(vision_pretraining_steps=-5)
+    with pytest.raises(ValueError, match="vision_pretraining_scenes"):
+        SyntheticTinyRecipe(vision_pretraining_scenes=0)
+    with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):
+        SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)

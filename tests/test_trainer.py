@@ -18,8 +18,14 @@ from PIL import Image
 from transformers import TrainingArguments
 
 from perceptio.cli import main as cli_main
+from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS, LossTerm
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
-from perceptio.trainers.data_mixture import add_depth_code_column, mix_task_datasets, referring_to_samples
+from perceptio.trainers.data_mixture import (
+    add_depth_code_column,
+    mix_task_datasets,
+    referring_to_samples,
+    validate_task_weights,
+)
 from perceptio.trainers.peft_presets import (
     PerceptioLoraPreset,
     apply_perceptio_lora,
@@ -27,7 +33,8 @@ from perceptio.trainers.peft_presets import (
     merge_perceptio_adapter,
     spatial_token_ids,
 )
-from perceptio.trainers.trainer_perceptio import LOSS_COMPONENTS, NonFiniteLossError, PerceptioTrainer
+from perceptio.trainers.trainer_perceptio import NonFiniteLossError, PerceptioTrainer
+from perceptio.trainers.training_config import parse_training_config
 
 
 TINY_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "tiny-cpu.yaml"
@@ -170,12 +177,12 @@ def test_a_few_steps_lower_every_loss_component_on_a_repeated_batch(tiny_model, 
     history = []
     for _ in range(STEPS):
         outputs = tiny_model(**batch)
-        history.append({name: getattr(outputs, name).item() for name in LOSS_COMPONENTS})
+        history.append({name: getattr(outputs, name).item() for name in LOSS_TERMS})
         optimizer.zero_grad()
         outputs.loss.backward()
         optimizer.step()
     # loss_mask_iou regresses on a moving target (the candidates' actual IoU), so it need not fall in a few steps.
-    for name in (name for name in LOSS_COMPONENTS if name != "loss_mask_iou"):
+    for name in (name for name in LOSS_TERMS if name != "loss_mask_iou"):
         assert history[-1][name] < history[0][name], (name, [step[name] for step in history])
 
 
@@ -217,9 +224,46 @@ def test_trainer_logs_every_component_as_window_mean(tiny_model, collator, tmp_p
     )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 1 and all(math.isfinite(logged[0][name]) for name in LOSS_COMPONENTS)
+    assert len(logged) == 1 and all(math.isfinite(logged[0][name]) for name in LOSS_TERMS)
     # The total is the weighted sum of the component means (all weights are 1 in the tiny config).
-    assert logged[0]["loss"] == pytest.approx(sum(logged[0][name] for name in LOSS_COMPONENTS), rel=1e-4)
+    assert logged[0]["loss"] == pytest.approx(sum(logged[0][name] for name in LOSS_TERMS), rel=1e-4)
+
+
+def test_a_term_added_to_the_registry_alone_is_summed_logged_and_configurable(
+    tiny_model, collator, tmp_path, monkeypatch
+):
+    # A new mask term: its registry entry, its value from the mask stage and its config weight, nothing else.
+    monkeypatch.setitem(LOSS_TERMS, "loss_mask_extra", LossTerm("mask_extra_loss_weight", "mask"))
+    tiny_model.config.mask_extra_loss_weight = 0.25
+    mask_losses = type(tiny_model).mask_losses
+    monkeypatch.setattr(
+        type(tiny_model),
+        "mask_losses",
+        lambda self, *args: {**mask_losses(self, *args), "loss_mask_extra": torch.tensor(2.0)},
+    )
+    batch = collator([make_sample(0, 1, True)])
+    with torch.no_grad():
+        outputs = tiny_model(**batch)
+        tiny_model.config.mask_extra_loss_weight = 0.0
+        without = tiny_model(**batch).loss
+        tiny_model.config.mask_extra_loss_weight = 0.25
+    assert outputs.loss_dict["loss_mask_extra"] == outputs.loss_mask_extra == 2.0
+    torch.testing.assert_close(outputs.loss, without + 0.25 * 2.0)
+    trainer = PerceptioTrainer(
+        model=tiny_model,
+        args=training_args(tmp_path, learning_rate=0.0),
+        train_dataset=Dataset.from_list([make_sample(0, 1, True)]),
+        data_collator=collator,
+    )
+    trainer.train()
+    (logged,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged["loss_mask_extra"] == pytest.approx(2.0)
+    raw = {
+        "training": {"output_dir": str(tmp_path)},
+        "data": {"synthetic_num_train": 1},
+        "loss": {"mask_extra_loss_weight": 0.5},
+    }
+    assert parse_training_config(raw).loss.overrides() == {"mask_extra_loss_weight": 0.5}
 
 
 def test_non_finite_component_stops_training_naming_it(tiny_model, collator, tmp_path):
@@ -298,8 +342,35 @@ def test_mixture_follows_task_weights_and_caches_depth_codes(tiny_pair):
         {"a": task_a.to_iterable_dataset(), "b": task_b.to_iterable_dataset()}, {"a": 1, "b": 1}
     )
     assert {row["task"] for _, row in zip(range(20), streamed)} == {"a", "b"}
-    with pytest.raises(ValueError, match="same tasks"):
+    with pytest.raises(ValueError, match=r"must weigh the tasks \['a'\]: \['b'\] are not among them and \['a'\] have"):
         mix_task_datasets({"a": task_a}, {"b": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("weights", "options", "message"),
+    [
+        ({"a": -1.0}, {}, r"must be non-negative numbers, got \{'a': -1.0\}"),
+        ({"a": True}, {}, "must be non-negative numbers"),
+        ({"a": float("nan")}, {}, "must be non-negative numbers"),
+        ({"a": "1"}, {}, "must be non-negative numbers"),
+        ({"a": 0, "b": 0}, {}, "positive weight"),
+        ({"a": 1.0}, {"tasks": ["a", "b"]}, r"\['b'\] have no weight"),
+        ({"a": 1.0, "c": 1.0}, {"tasks": ["a"], "default": 1.0}, r"\['c'\] are not among them"),
+        ({"a": 0.0}, {"tasks": ["a", "b"], "default": 0.0}, "positive weight"),
+    ],
+)
+def test_task_weights_are_checked_by_one_function(weights, options, message):
+    with pytest.raises(ValueError, match=message):
+        validate_task_weights(weights, **options)
+
+
+def test_task_weights_left_out_take_the_default_and_every_caller_checks_alike(tmp_path):
+    assert validate_task_weights({"a": 2}, ["a", "b"], default=1.0) == {"a": 2.0, "b": 1.0}
+    # The tasks of a YAML file are known only once its data is built: a lone zero weight is no error yet.
+    assert validate_task_weights({"a": 0}, default=1.0) == {"a": 0.0}
+    raw = {"training": {"output_dir": str(tmp_path)}, "data": {"synthetic_num_train": 1, "task_weights": {"a": True}}}
+    with pytest.raises(ValueError, match="data.task_weights must be non-negative numbers"):
+        parse_training_config(raw)
 
 
 def test_referring_rows_become_samples_with_one_seg_per_mask(collator):
@@ -348,7 +419,7 @@ def test_train_command_runs_and_resume_reproduces_the_loss_trajectory(tmp_path):
     assert cli_main(["train", "--config", str(resumed_config), "--resume", str(checkpoint)]) == 0
     resumed = _losses(tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json")
     for step in (3, 4):
-        for name in ("loss", *LOSS_COMPONENTS):
+        for name in ("loss", *LOSS_TERMS):
             assert resumed[step][name] == pytest.approx(uninterrupted[step][name], rel=1e-4, abs=1e-6), (step, name)
 
 
@@ -356,7 +427,7 @@ def test_train_command_smoke_one_step(tmp_path):
     config = _write_config(tmp_path, "smoke", max_steps=1, save_steps=1)
     assert cli_main(["train", "--config", str(config)]) == 0
     logged = _losses(tmp_path / "smoke" / "checkpoint-1" / "trainer_state.json")[1]
-    assert all(math.isfinite(logged[name]) for name in LOSS_COMPONENTS)
+    assert all(math.isfinite(logged[name]) for name in LOSS_TERMS)
 
 
 def test_train_command_rejects_unknown_config_keys(tmp_path, capsys):

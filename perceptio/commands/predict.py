@@ -38,6 +38,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mask-threshold", type=float, default=0.0, help="mask-logit threshold")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype (auto: the checkpoint's); the depth tokenizer stays in float32",
+    )
+    parser.add_argument(
+        "--attn-implementation", default="sdpa", help="transformers' attention kernel: sdpa, eager, flash_attention_2"
+    )
+    parser.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="transformers' static KV cache (fixed shapes; same answer, masks and depth as the default cache)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step (implies --static-cache; the first call compiles, which takes a while)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -45,13 +64,16 @@ def run(args: argparse.Namespace) -> int:
     """Run `perceptio predict` with the parsed arguments; returns the exit status."""
     from perceptio.checkpoint_loading import load_perceptio_checkpoint
     from perceptio.embedded_checkpoint import embedded_checkpoint_path
+    from perceptio.modeling_perceptio.generation_perceptio import decoding_kwargs
 
     if args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise ValueError("--max-new-tokens and --num-beams must be positive integers.")
     image_path = Path(args.image)
     image = load_image_file(image_path)
     model_dir = args.model if args.model is not None else embedded_checkpoint_path()
-    model, processor = load_perceptio_checkpoint(model_dir, device=args.device)
+    model, processor = load_perceptio_checkpoint(
+        model_dir, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation
+    )
     (prediction,) = model.predict(
         [image],
         [args.prompt],
@@ -59,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         mask_threshold=args.mask_threshold,
+        **decoding_kwargs(static_cache=args.static_cache or args.compile, compile=args.compile),
     )
     write_prediction_outputs(image, prediction, Path(args.output_dir), image=str(image_path), prompt=args.prompt)
     return 0

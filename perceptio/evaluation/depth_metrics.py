@@ -16,20 +16,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..modeling_perceptio.modeling_perceptio_depth_tokenizer import CONSTANT_MAP_RELATIVE_RANGE
+from ..modeling_perceptio.modeling_perceptio_depth_tokenizer import min_max_normalize
 
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
 def normalised_inverse_depth(inverse_depth: ArrayLike) -> np.ndarray:
-    """Min-max normalise a relative inverse depth map to [-1, 1] at its own size, as the depth tokenizer's `normalize`
-    does: a map constant up to float rounding (`CONSTANT_MAP_RELATIVE_RANGE`) becomes 0."""
-    inverse_depth = np.asarray(inverse_depth, dtype=np.float64)
-    low, high = float(inverse_depth.min()), float(inverse_depth.max())
-    if high - low <= CONSTANT_MAP_RELATIVE_RANGE * max(abs(low), abs(high)):
-        return np.zeros_like(inverse_depth)
-    return 2 * (inverse_depth - low) / (high - low) - 1
+    """Min-max normalise a relative inverse depth map to [-1, 1] at its own size (in float64) with the depth
+    tokenizer's own `min_max_normalize`: a map constant up to float rounding becomes 0."""
+    inverse_depth = torch.as_tensor(np.asarray(inverse_depth, dtype=np.float64))
+    return min_max_normalize(inverse_depth)[0].numpy()
 
 
 def normalized_to_positive(normalized: ArrayLike, offset: float = 1.0) -> torch.Tensor:

@@ -7,6 +7,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from .loss_perceptio import loss_weight_fields
 
 
 LM_LOSS_REDUCTIONS = ("token", "segment")
@@ -30,7 +31,8 @@ class PerceptioConfig(InternVLConfig):
         num_depth_tokens (`int`, defaults to 100): N, the number of codes in one depth block (the code grid size).
             A segmentation-only vocabulary has `num_depth_codes=0`, `num_depth_tokens=0` and no depth token ids.
             The token fields together are `spatial_vocabulary`, which checks them against each other.
-        mask_loss_weight (`float`, defaults to 1.0): λ_mask in the total loss.
+        mask_loss_weight (`float`, defaults to 1.0): λ_mask in the total loss. Each `*_loss_weight` field is the λ of
+            one term of `LOSS_TERMS` (`loss_perceptio.py`), which sums them.
         mask_bce_weight, mask_dice_weight (`float`, defaults to 2.0 and 0.5): weights inside `loss_mask`.
         mask_dice_epsilon (`float`, defaults to 1.0): smoothing of the Dice loss.
         mask_iou_loss_weight (`float`, defaults to 1.0): λ of `loss_mask_iou`, the MSE that trains SAM2's IoU head (it
@@ -102,16 +104,7 @@ class PerceptioConfig(InternVLConfig):
         if self.num_depth_tokens is None:
             raise ValueError("num_depth_tokens must be a positive integer (0 without depth block), got None.")
         PerceptioSpatialVocabulary.check_sizes(self.num_depth_codes, self.num_depth_tokens)
-        for name in (
-            "mask_loss_weight",
-            "mask_bce_weight",
-            "mask_dice_weight",
-            "mask_iou_loss_weight",
-            "depth_marker_loss_weight",
-            "depth_token_loss_weight",
-            "depth_count_loss_weight",
-            "depth_recon_loss_weight",
-        ):
+        for name in (*loss_weight_fields(), "mask_bce_weight", "mask_dice_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.mask_dice_epsilon <= 0 or self.depth_soft_merge_temperature <= 0:

@@ -108,7 +108,10 @@ class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):
                 f"Got {num_rows} rows for {num_prompts} prompts in prompts_with_images; rows must be the prompts' "
                 "consecutive copies (a whole number per prompt)."
             )
-        return self.prompts_with_images.to(device).repeat_interleave(num_rows // num_prompts)
+        if self.prompts_with_images.device != device:
+            # Moved once: copying the flags to the device at every step would wait on the host each time.
+            self.prompts_with_images = self.prompts_with_images.to(device)
+        return self.prompts_with_images.repeat_interleave(num_rows // num_prompts)
 
 
 def _as_prompt_flags(prompts_with_images: Sequence[bool] | torch.Tensor) -> torch.Tensor:
@@ -122,21 +125,53 @@ def _as_prompt_flags(prompts_with_images: Sequence[bool] | torch.Tensor) -> torc
     return flags
 
 
+# `[SEG]` states the hooks keep per row while generating. A row that generates more gets all of its states from one
+# teacher-forced forward after generation instead: the same states, one extra forward.
+SEG_STATE_CAPACITY = 32
+# The model attribute where `generate`'s capture keeps its buffers from one call to the next.
+SEG_BUFFERS_ATTRIBUTE = "_perceptio_seg_capture_buffers"
+
+
 class PerceptioSegStateCapture:
     """Forward hooks that keep the last-layer hidden state at each generated position whose *input* token is `[SEG]`.
 
-    A pre-hook on the model records the step's `input_ids`; a hook on the language model's final norm keeps only the
-    rows at `[SEG]` inputs, so no layer's full hidden states are stored. Positions are absolute (the KV cache feeds one
-    token per step after the prompt); `[SEG]`s inside the prompt are ignored.
+    A pre-hook on the model records the step's `input_ids`; a hook on the language model's final norm writes the rows
+    at generated `[SEG]` inputs, in order, into a buffer of `capacity` slots per row and counts them, so no layer's
+    full hidden states are stored. Each step is tensor work on the model's device (no host read, no branch on token
+    values): a decoding step neither syncs nor breaks a `torch.compile` graph here. The first forward is the prompt
+    (its `[SEG]`s are ignored), each later one-token forward a generated token (the KV cache feeds one per step); a
+    longer forward (a teacher-forced sequence, no cache) counts its positions from `prompt_length` on. Read the states
+    after generation with `states_of_row`.
+
+    With `reuse_buffers` (as `generate` uses it) the buffer stays on the model for the next call of the same shape, as
+    transformers' static cache does: a compiled decoding step, and its CUDA graph, then sees the same tensors in every
+    call instead of recording again.
     """
 
-    def __init__(self, model, seg_token_id: int, prompt_length: int):
+    def __init__(
+        self,
+        model,
+        seg_token_id: int,
+        prompt_length: int,
+        capacity: int = SEG_STATE_CAPACITY,
+        reuse_buffers: bool = False,
+    ):
+        for name, value in (("prompt_length", prompt_length), ("capacity", capacity)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if not isinstance(reuse_buffers, bool):
+            raise ValueError(f"reuse_buffers must be True or False, got {reuse_buffers!r}.")
         self.model = model
         self.seg_token_id = seg_token_id
         self.prompt_length = prompt_length
-        self.states: dict[tuple[int, int], torch.Tensor] = {}
+        self.capacity = capacity
+        self.reuse_buffers = reuse_buffers
+        # (rows, capacity + 1, d): the extra last slot takes every position that is not a kept `[SEG]`.
+        self.states: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self._host_counts: list[int] | None = None
         self._step_input_ids: torch.Tensor | None = None
-        self._length = 0
+        self._saw_prompt = False
         self._handles: list[Any] = []
 
     def __enter__(self) -> PerceptioSegStateCapture:
@@ -159,14 +194,87 @@ class PerceptioSegStateCapture:
         input_ids = self._step_input_ids
         if input_ids is None or output.shape[:2] != input_ids.shape:
             return
-        # With a cache each step feeds one new token; without one the whole sequence is fed again from position 0.
-        offset = self._length if input_ids.shape[1] == 1 else 0
-        self._length = offset + input_ids.shape[1]
-        rows, columns = (input_ids == self.seg_token_id).nonzero(as_tuple=True)
-        for row, column in zip(rows.tolist(), columns.tolist()):
-            generated_index = offset + column - self.prompt_length
-            if generated_index >= 0:
-                self.states[(row, generated_index)] = output[row, column].detach()
+        rows, length, hidden_size = output.shape
+        if self.states is None:
+            self.states, self.counts = self._zeroed_buffers(output)
+        elif self.states.shape[0] != rows:
+            raise ValueError(
+                f"The [SEG] capture holds {self.states.shape[0]} rows but a forward fed {rows}; use one capture per "
+                "generate call."
+            )
+        if self._saw_prompt and length == 1:
+            generated = torch.ones(1, dtype=torch.bool, device=input_ids.device)
+        else:
+            generated = torch.arange(length, device=input_ids.device) >= self.prompt_length
+        self._saw_prompt = True
+        self._host_counts = None
+        is_seg = (input_ids == self.seg_token_id) & generated
+        slots = self.counts[:, None] + is_seg.cumsum(1) - 1
+        slots = torch.where(is_seg, slots.clamp(max=self.capacity), self.capacity)
+        index = slots[..., None].expand(-1, -1, hidden_size)
+        self.states.scatter_(1, index, output.detach().to(self.states.dtype))
+        self.counts += is_seg.sum(1)
+
+    def _zeroed_buffers(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer and the counts (zeroed) for a forward's `output`. Made at the first forward (the prompt, which
+        transformers never compiles), so compiled decoding steps only write into them; marked static so CUDA graphs
+        may replay those writes."""
+        rows, _, hidden_size = output.shape
+        shape = (rows, self.capacity + 1, hidden_size)
+        kept = getattr(self.model, SEG_BUFFERS_ATTRIBUTE, None) if self.reuse_buffers else None
+        if (
+            kept is not None
+            and kept[0].shape == shape
+            and (kept[0].dtype, kept[0].device) == (output.dtype, output.device)
+        ):
+            kept[1].zero_()
+            return kept
+        states = output.new_zeros(shape)
+        counts = torch.zeros(rows, dtype=torch.long, device=output.device)
+        torch._dynamo.mark_static_address(states)
+        torch._dynamo.mark_static_address(counts)
+        if self.reuse_buffers:
+            setattr(self.model, SEG_BUFFERS_ATTRIBUTE, (states, counts))
+        return states, counts
+
+    def states_of_row(self, row: int, num_seg: int) -> torch.Tensor | None:
+        """The (num_seg, d) states kept for `row`, or `None` when the hooks did not keep exactly `num_seg` of them
+        (more `[SEG]`s than `capacity`, or rows the hooks could not follow). Reads the counts from the device once; a
+        copy, since a reused buffer is written again by the next `generate`."""
+        if self.states is None:
+            return None
+        if self._host_counts is None:
+            self._host_counts = self.counts.tolist()
+        if not 0 <= row < len(self._host_counts):
+            raise ValueError(f"row must lie in [0, {len(self._host_counts)}), got {row!r}.")
+        if num_seg > self.capacity or self._host_counts[row] != num_seg:
+            return None
+        return self.states[row, :num_seg].clone()
+
+
+def decoding_kwargs(static_cache: bool = False, compile: bool = False) -> dict[str, Any]:
+    """`generate` keyword arguments for a decoding mode: transformers' dynamic cache (`{}`, the default), its static
+    cache (`cache_implementation="static"`), or the static cache with the decoding step under `torch.compile`.
+
+    transformers compiles the decoding step by itself when the cache is static and the model is on an accelerator, so
+    `compile=False` turns that off (`disable_compile`) and `compile=True` turns it on on every device (on CPU it is
+    slow to start; tests use it). Compiling needs the static cache: its fixed shapes let one graph serve every step.
+    The grammar and the `[SEG]` capture give the same tokens, masks and depth in every mode.
+    """
+    for name, value in (("static_cache", static_cache), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}.")
+    if compile and not static_cache:
+        raise ValueError("compile=True needs static_cache=True: the compiled decoding step needs the static cache.")
+    if not static_cache:
+        return {}
+    if not compile:
+        return {"cache_implementation": "static", "disable_compile": True}
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": compile_config}
 
 
 class PerceptioGenerationMixin:
@@ -176,12 +284,16 @@ class PerceptioGenerationMixin:
     - `generate(...)`: transformers' `generate` with the spatial grammar on by default (`spatial_grammar=False`
       switches it off); a prompt without image tokens gets neither `[SEG]` nor a depth block. With
       `return_dict_in_generate=True` the output also carries `seg_hidden_states`: per row, the last-layer states
-      (num_seg, d) at the generated `[SEG]` tokens, in order.
+      (num_seg, d) at the generated `[SEG]` tokens that were fed back to the model, in order.
     - `predict(images, prompts, processor=None, **generate_kwargs)`: generation, masks and depth in one call.
+    - `generate` stops at the checkpoint's `generation_config.eos_token_id`, as transformers' does (a converted
+      Sa2VA checkpoint lists its template's stop words there, e.g. InternLM2's `<|im_end|>`); `predict` stops there
+      and at the tokenizer's EOS (`stop_token_ids`).
 
-    A `[SEG]` that is the last generated token (cut off by `max_new_tokens`) is never fed back as an input, so the
-    hooks cannot see its state; it (and every `[SEG]` under beam search, whose rows are reordered) gets its state from
-    one teacher-forced forward of its sequence instead of being dropped, so every `[SEG]` gets a mask.
+    A `[SEG]`'s state is the model's last hidden state where it reads that token. The last generated token (a
+    `[SEG]` cut off by `max_new_tokens`) is never read, so it has no state and gets no mask, as in Sa2VA; the
+    prediction flags it (`seg_truncated`). Under beam search, whose rows are reordered, the states come from one
+    teacher-forced forward of the tokens generation fed, so they are the same states.
     """
 
     def generate(self, *args, spatial_grammar: bool = True, **kwargs):
@@ -208,7 +320,10 @@ class PerceptioGenerationMixin:
         capture_seg = kwargs.get("return_dict_in_generate", False) and self.config.seg_token_id is not None
         if input_ids is None or not capture_seg:
             return super().generate(*args, **kwargs)
-        with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length) as capture:
+        capture = PerceptioSegStateCapture(
+            self, self.config.seg_token_id, prompt_length, SEG_STATE_CAPACITY, reuse_buffers=True
+        )
+        with capture:
             output = super().generate(*args, **kwargs)
         output.seg_hidden_states = self._seg_states_of_generation(output.sequences, capture, input_ids, kwargs)
         return output
@@ -279,7 +394,7 @@ class PerceptioGenerationMixin:
             if reserved in generate_kwargs:
                 raise ValueError(f"{reserved} is set by predict; do not pass it.")
         tokenizer = processor.tokenizer
-        generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        generate_kwargs.setdefault("eos_token_id", self.stop_token_ids(tokenizer))
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         inputs = {key: self._on_model_device(value) for key, value in inputs.items()}
         sam_pixel_values = inputs.get("sam_pixel_values")
@@ -305,6 +420,15 @@ class PerceptioGenerationMixin:
             num_depth_tokens=num_depth_tokens,
         )
 
+    def stop_token_ids(self, tokenizer) -> list[int] | None:
+        """The ids `predict` stops at: the tokenizer's EOS and every `eos_token_id` of the checkpoint's
+        `generation_config` (where a converted Sa2VA checkpoint keeps its template's stop words); `None` if neither
+        names one."""
+        configured = self.generation_config.eos_token_id
+        configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+        stops = [token for token in [tokenizer.eos_token_id, *configured] if token is not None]
+        return list(dict.fromkeys(stops)) or None
+
     def _on_model_device(self, value):
         """A processor output on the model's device; floating tensors (pixels) in the model's dtype."""
         if not torch.is_tensor(value):
@@ -328,21 +452,18 @@ class PerceptioGenerationMixin:
     def _seg_states_of_generation(
         self, sequences: torch.LongTensor, capture: PerceptioSegStateCapture, input_ids: torch.Tensor, kwargs: dict
     ) -> list[torch.Tensor]:
-        """Per row, the states at its generated `[SEG]`s: captured by the hooks, or teacher-forced where the hooks
-        could not see them (beam search reorders rows; a `[SEG]` cut off as the last token is never an input)."""
+        """Per row, the states at its generated `[SEG]`s but the last token: captured by the hooks, or teacher-forced
+        where the hooks could not follow the rows (beam search reorders them)."""
         prompt_length = input_ids.shape[1]
-        generated = sequences[:, prompt_length:]
+        # The last token is never fed back: a [SEG] there has no state.
+        read = sequences[:, prompt_length:-1]
         num_beams = kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", None)
         num_beams = num_beams or self.generation_config.num_beams or 1
-        positions = [
-            (generated[row] == self.config.seg_token_id).nonzero(as_tuple=True)[0].tolist()
-            for row in range(generated.shape[0])
-        ]
-        states: list[torch.Tensor | None] = [None] * generated.shape[0]
+        num_seg = (read == self.config.seg_token_id).sum(-1).tolist()
+        states: list[torch.Tensor | None] = [None] * read.shape[0]
         if num_beams == 1:
-            for row, row_positions in enumerate(positions):
-                if all((row, index) in capture.states for index in row_positions):
-                    states[row] = self._stack_states([capture.states[(row, index)] for index in row_positions])
+            for row, count in enumerate(num_seg):
+                states[row] = capture.states_of_row(row, count)
         missing = [row for row, value in enumerate(states) if value is None]
         if missing:
             forced = self.teacher_forced_seg_states(sequences, input_ids, kwargs, missing)
@@ -350,16 +471,12 @@ class PerceptioGenerationMixin:
                 states[row] = value
         return states
 
-    def _stack_states(self, states: list[torch.Tensor]) -> torch.Tensor:
-        if states:
-            return torch.stack(states)
-        return torch.zeros(0, self.config.text_config.hidden_size, dtype=self.dtype, device=self.device)
-
     @torch.no_grad()
     def teacher_forced_seg_states(
         self, sequences: torch.LongTensor, input_ids: torch.Tensor, inputs: dict, rows: Sequence[int]
     ) -> list[torch.Tensor]:
-        """Last-layer states at the generated `[SEG]`s of `rows`, from one forward of prompt + generated ids.
+        """Last-layer states at the generated `[SEG]`s of `rows`, from one forward of the ids generation fed: the
+        prompt and every generated token but the last (which is never read, so a `[SEG]` there has no state).
 
         `inputs` holds the prompt's `attention_mask` and `pixel_values`; rows may be expanded copies of the prompts
         (beams, `num_return_sequences`), whose tiles are looked up from the prompt they copy.
@@ -370,27 +487,15 @@ class PerceptioGenerationMixin:
         prompt_mask = inputs.get("attention_mask")
         if prompt_mask is None:
             prompt_mask = torch.ones_like(input_ids)
-        generated_length = sequences.shape[1] - prompt_length
-        attention_mask = torch.cat([prompt_mask[sources], prompt_mask.new_ones(len(rows), generated_length)], dim=1)
+        fed = sequences[list(rows), :-1]
+        read_length = fed.shape[1] - prompt_length
+        attention_mask = torch.cat([prompt_mask[sources], prompt_mask.new_ones(len(rows), read_length)], dim=1)
         pixel_values = self._tiles_of_prompts(input_ids, inputs.get("pixel_values"), sources)
-        with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length) as capture:
-            self(
-                input_ids=sequences[list(rows)],
-                attention_mask=attention_mask,
-                pixel_values=pixel_values,
-                logits_to_keep=1,
-            )
-        return [
-            self._stack_states(
-                [
-                    capture.states[(index, int(position))]
-                    for position in (sequences[row, prompt_length:] == self.config.seg_token_id).nonzero(
-                        as_tuple=True
-                    )[0]
-                ]
-            )
-            for index, row in enumerate(rows)
-        ]
+        # Room for every fed token to be a [SEG], so each row's states are kept.
+        with PerceptioSegStateCapture(self, self.config.seg_token_id, prompt_length, capacity=read_length) as capture:
+            self(input_ids=fed, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=1)
+        num_seg = (fed[:, prompt_length:] == self.config.seg_token_id).sum(-1).tolist()
+        return [capture.states_of_row(index, count) for index, count in enumerate(num_seg)]
 
     def _tiles_of_prompts(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, sources: Sequence[int]
@@ -435,4 +540,9 @@ class PerceptioGenerationMixin:
         return depth_maps
 
 
-__all__ = ["PerceptioGenerationMixin", "PerceptioSegStateCapture", "PerceptioSpatialGrammarLogitsProcessor"]
+__all__ = [
+    "PerceptioGenerationMixin",
+    "PerceptioSegStateCapture",
+    "PerceptioSpatialGrammarLogitsProcessor",
+    "decoding_kwargs",
+]

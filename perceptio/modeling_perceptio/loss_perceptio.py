@@ -2,10 +2,65 @@
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from ..processing.spatial_vocabulary_perceptio import DepthBlocks, PerceptioSpatialVocabulary
+
+
+class LossTerm(NamedTuple):
+    """How one term enters the composite loss.
+
+    Attributes:
+        weight_field: the `PerceptioConfig` field holding its λ (the `loss:` key of a `perceptio train` YAML file);
+            `None` for a term weighted 1 that no setting changes.
+        kind: the forward stage that computes it: "lm" (the next-token cross-entropy), "mask" (from the `[SEG]`
+            masks) or "depth" (from the depth-block steps). A stage with nothing to supervise gives its terms 0.
+    """
+
+    weight_field: str | None
+    kind: Literal["lm", "mask", "depth"]
+
+
+# Every term of the composite loss, in summation order: loss = Σ λ · term. The key is the term's name on the model
+# output (`output.loss_dict`), in the trainer's logs and in docs/training.md; this mapping is the only list of them.
+LOSS_TERMS: dict[str, LossTerm] = {
+    "loss_lm": LossTerm(None, "lm"),
+    "loss_mask": LossTerm("mask_loss_weight", "mask"),
+    "loss_mask_iou": LossTerm("mask_iou_loss_weight", "mask"),
+    "loss_marker": LossTerm("depth_marker_loss_weight", "depth"),
+    "loss_token": LossTerm("depth_token_loss_weight", "depth"),
+    "loss_count": LossTerm("depth_count_loss_weight", "depth"),
+    "loss_depth_recon": LossTerm("depth_recon_loss_weight", "depth"),
+}
+
+
+def loss_term_names(kind: str | None = None) -> tuple[str, ...]:
+    """The names of the terms of one `kind` ("lm", "mask", "depth"), or of every term, in summation order."""
+    return tuple(name for name, term in LOSS_TERMS.items() if kind is None or term.kind == kind)
+
+
+def loss_weight_fields(kind: str | None = None) -> tuple[str, ...]:
+    """The config fields that weight the terms of one `kind`, or of every term (`mask_loss_weight`, ...)."""
+    return tuple(
+        term.weight_field
+        for term in LOSS_TERMS.values()
+        if term.weight_field is not None and (kind is None or term.kind == kind)
+    )
+
+
+def weighted_loss_sum(losses: dict[str, torch.Tensor], config) -> torch.Tensor:
+    """Σ over `LOSS_TERMS` of the config's λ × the term, in the registry's order; `losses` must hold every term."""
+    missing = sorted(set(LOSS_TERMS) - set(losses))
+    if missing:
+        raise ValueError(f"No value for the loss terms {missing}; every entry of LOSS_TERMS needs one.")
+    total = None
+    for name, term in LOSS_TERMS.items():
+        weighted = losses[name] if term.weight_field is None else getattr(config, term.weight_field) * losses[name]
+        total = weighted if total is None else total + weighted
+    return total
 
 
 def mask_bce_loss(mask_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -100,7 +155,11 @@ def next_token_losses(
 
 def per_sample_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's mean next-token cross-entropy over its supervised tokens (0 when it has none), and their count."""
-    token_losses, supervised = next_token_losses(logits, labels)
+    return per_sample_mean(*next_token_losses(logits, labels))
+
+
+def per_sample_mean(token_losses: torch.Tensor, supervised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_sample_lm_loss` from the output of `next_token_losses`, for a caller that already has it."""
     counts = supervised.sum(1)
     return token_losses.sum(1) / counts.clamp_min(1), counts
 
@@ -113,8 +172,17 @@ def segment_averaged_lm_loss(
     A sample's segments are its depth block and the rest of its supervised tokens (`[SEG]`s and the text answer), so a
     long depth block does not outweigh a one-word answer. Without a vocabulary each sample is one segment.
     """
-    token_losses, supervised = next_token_losses(logits, labels)
-    targets = labels[:, 1:].to(logits.device)
+    return segment_mean(*next_token_losses(logits, labels), labels, vocabulary)
+
+
+def segment_mean(
+    token_losses: torch.Tensor,
+    supervised: torch.Tensor,
+    labels: torch.LongTensor,
+    vocabulary: PerceptioSpatialVocabulary | None,
+) -> torch.Tensor:
+    """`segment_averaged_lm_loss` from the output of `next_token_losses` and the unshifted labels (B, T)."""
+    targets = labels[:, 1:].to(token_losses.device)
     segment = vocabulary.is_depth_block_token(targets).long() if vocabulary is not None else torch.zeros_like(targets)
     sums = token_losses.new_zeros(targets.shape[0], 2).scatter_add_(1, segment, token_losses)
     counts = token_losses.new_zeros(targets.shape[0], 2).scatter_add_(1, segment, supervised.float())

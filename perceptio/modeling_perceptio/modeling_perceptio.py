@@ -18,50 +18,65 @@ from ..processing.spatial_vocabulary_perceptio import DepthBlocks
 from .configuration_perceptio import LM_LOSS_REDUCTIONS, PerceptioConfig
 from .generation_perceptio import PerceptioGenerationMixin
 from .loss_perceptio import (
+    LOSS_TERMS,
     depth_code_logits,
     depth_code_targets,
     depth_count_loss,
     depth_marker_loss,
     depth_token_loss,
     gather_block_steps,
+    loss_term_names,
     mask_iou_prediction_loss,
+    next_token_losses,
+    per_sample_lm_loss,
+    per_sample_mean,
     resize_masks_to_logits,
-    segment_averaged_lm_loss,
+    segment_mean,
     segmentation_loss,
+    weighted_loss_sum,
 )
 from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 
 
 # Inputs that only the training forward and the post-generation mask stage use; generation steps never need them.
 POST_GENERATION_INPUTS = ("sam_pixel_values", "gt_masks", "depth_maps")
-MASK_LOSS_NAMES = ("loss_mask", "loss_mask_iou")
-DEPTH_LOSS_NAMES = ("loss_marker", "loss_token", "loss_count", "loss_depth_recon")
 
 
 @dataclass
 class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
     r"""
-    loss_lm (`torch.FloatTensor`, *optional*): next-token cross-entropy on the assistant tokens.
-    loss_mask (`torch.FloatTensor`, *optional*): BCE + Dice of the `[SEG]` masks, each on its best candidate as in
-        SAM's training (0 when the batch has none).
-    loss_mask_iou (`torch.FloatTensor`, *optional*): MSE of SAM2's predicted IoU of each multimask candidate against
-        its actual IoU — trains the head that picks the best candidate at inference.
-    loss_marker, loss_token, loss_count, loss_depth_recon (`torch.FloatTensor`, *optional*): the depth-token terms.
+    loss_dict (`dict[str, torch.FloatTensor]`, *optional*): with labels, every term of the composite loss, keyed
+        by its `LOSS_TERMS` name (with `gt_masks` alone, the mask terms); each is also an attribute
+        (`output.loss_mask`, `None` when not computed):
+        - `loss_lm`: next-token cross-entropy on the assistant tokens.
+        - `loss_mask`: BCE + Dice of the `[SEG]` masks, each on its best candidate as in SAM's training (0 when the
+          batch has none).
+        - `loss_mask_iou`: MSE of SAM2's predicted IoU of each multimask candidate against its actual IoU — trains
+          the head that picks the best candidate at inference.
+        - `loss_marker`, `loss_token`, `loss_count`, `loss_depth_recon`: the depth-token terms.
+    lm_loss_per_sample (`torch.FloatTensor` of shape `(batch,)`, *optional*): with labels and
+        `return_lm_loss_per_sample=True`, each sample's mean next-token cross-entropy over its own supervised tokens
+        (0 when it has none), detached; the trainer's per-task `loss_lm/<task>` logs read it.
+    lm_tokens_per_sample (`torch.LongTensor` of shape `(batch,)`, *optional*): alongside, each sample's number of
+        supervised tokens.
     pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, the low-res mask logits (num_seg, h, w) of its
         `[SEG]` tokens: the best-IoU mask of SAM2's multimask output, or its single mask when
         `config.sam2_multimask_output` is False.
     pred_mask_scores (`list[torch.FloatTensor]`, *optional*): per sample, SAM2's predicted IoU of each mask.
     """
 
-    loss_lm: torch.FloatTensor | None = None
-    loss_mask: torch.FloatTensor | None = None
-    loss_mask_iou: torch.FloatTensor | None = None
-    loss_marker: torch.FloatTensor | None = None
-    loss_token: torch.FloatTensor | None = None
-    loss_count: torch.FloatTensor | None = None
-    loss_depth_recon: torch.FloatTensor | None = None
+    loss_dict: dict[str, torch.FloatTensor] | None = None
+    lm_loss_per_sample: torch.FloatTensor | None = None
+    lm_tokens_per_sample: torch.LongTensor | None = None
     pred_masks: list[torch.FloatTensor] | None = None
     pred_mask_scores: list[torch.FloatTensor] | None = None
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: a loss term's name reads its entry of `loss_dict`, so a term added
+        # to `LOSS_TERMS` needs no field here.
+        if name in LOSS_TERMS:
+            return (self.__dict__.get("loss_dict") or {}).get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
 @dataclass
@@ -282,6 +297,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         sam_pixel_values: torch.FloatTensor | None = None,
         gt_masks: list[torch.Tensor] | None = None,
         depth_maps: list[torch.Tensor | None] | None = None,
+        return_lm_loss_per_sample: bool = False,
         **kwargs,
     ) -> PerceptioCausalLMOutputWithPast:
         r"""
@@ -293,6 +309,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             (larger = nearer) that its depth block encodes, the target of the soft-merged reconstruction; `None` for a
             sample uses its ground-truth codes decoded by the depth tokenizer instead.
         labels (`torch.LongTensor`, *optional*): next-token targets, -100 outside the assistant answer.
+        return_lm_loss_per_sample (`bool`, defaults to False): with labels, also return `lm_loss_per_sample` and
+            `lm_tokens_per_sample` (free with `lm_loss_reduction="segment"`, which already has each token's
+            cross-entropy; one more cross-entropy pass with "token").
 
         Generation kwargs (the cache and friends) pass through to InternVL untouched.
         """
@@ -309,23 +328,19 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         logits = self.lm_head(hidden_states if logits_to_keep == 0 else self._keep(hidden_states, logits_to_keep))
 
         masks, mask_losses = self._mask_stage(input_ids, hidden_states, sam_pixel_values, gt_masks, labels)
-        loss = loss_lm = None
-        depth_losses = dict.fromkeys(DEPTH_LOSS_NAMES)
+        loss = per_sample = None
+        # gt_masks without labels still give the mask terms (a mask-only objective, bench/training_step.py).
+        loss_dict = mask_losses if gt_masks is not None else None
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("Training needs logits at every position: call with labels and logits_to_keep=0.")
-            loss_lm = self.language_model_loss(logits, labels)
-            depth_losses = self.depth_token_losses(hidden_states, labels, depth_maps)
-            config = self.config
-            loss = (
-                loss_lm
-                + config.mask_loss_weight * mask_losses["loss_mask"]
-                + config.mask_iou_loss_weight * mask_losses["loss_mask_iou"]
-                + config.depth_marker_loss_weight * depth_losses["loss_marker"]
-                + config.depth_token_loss_weight * depth_losses["loss_token"]
-                + config.depth_count_loss_weight * depth_losses["loss_count"]
-                + config.depth_recon_loss_weight * depth_losses["loss_depth_recon"]
-            )
+            loss_lm, per_sample = self.language_model_loss(logits, labels, return_lm_loss_per_sample)
+            loss_dict = {
+                "loss_lm": loss_lm,
+                **mask_losses,
+                **self.depth_token_losses(hidden_states, labels, depth_maps),
+            }
+            loss = weighted_loss_sum(loss_dict, self.config)
         return PerceptioCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -333,20 +348,27 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
-            loss_lm=loss_lm,
-            **mask_losses,
-            **depth_losses,
+            loss_dict=loss_dict,
+            lm_loss_per_sample=None if per_sample is None else per_sample[0],
+            lm_tokens_per_sample=None if per_sample is None else per_sample[1],
             pred_masks=masks.mask_logits if masks is not None else None,
             pred_mask_scores=masks.mask_scores if masks is not None else None,
         )
 
-    def language_model_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-        """`loss_lm`, averaged as `config.lm_loss_reduction` says."""
+    def language_model_loss(
+        self, logits: torch.Tensor, labels: torch.LongTensor, return_per_sample: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """`loss_lm`, averaged as `config.lm_loss_reduction` says, and when asked each sample's (detached) mean
+        next-token cross-entropy with its number of supervised tokens (`per_sample_lm_loss`)."""
         reduction = self.config.lm_loss_reduction
         if reduction == "segment":
-            return segment_averaged_lm_loss(logits, labels, self.config.spatial_vocabulary)
+            token_losses, supervised = next_token_losses(logits, labels)
+            loss = segment_mean(token_losses, supervised, labels, self.config.spatial_vocabulary)
+            return loss, per_sample_mean(token_losses.detach(), supervised) if return_per_sample else None
         if reduction == "token":
-            return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            # transformers' own loss keeps "token" identical to InternVL's; the per-sample means need their own pass.
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            return loss, per_sample_lm_loss(logits.detach(), labels) if return_per_sample else None
         raise ValueError(f"config.lm_loss_reduction must be one of {LM_LOSS_REDUCTIONS}, got {reduction!r}.")
 
     def depth_token_losses(
@@ -364,7 +386,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         vocabulary = self.config.spatial_vocabulary
         blocks = vocabulary.find_depth_blocks(labels) if vocabulary is not None else None
         if blocks is None or not len(blocks):
-            return {name: hidden_states.new_zeros((), dtype=torch.float32) for name in DEPTH_LOSS_NAMES}
+            return {name: hidden_states.new_zeros((), dtype=torch.float32) for name in loss_term_names("depth")}
         step_logits = self.lm_head(gather_block_steps(hidden_states, blocks, vocabulary.num_depth_tokens))
         return self.depth_losses_of_step_logits(step_logits, blocks, labels, depth_maps)
 
@@ -440,7 +462,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         """Masks from the `[SEG]` states of a teacher-forced sequence, and `loss_mask` / `loss_mask_iou` in training
         (zeros when nothing is supervised; `None` outside training)."""
         training = labels is not None or gt_masks is not None
-        no_losses = dict.fromkeys(MASK_LOSS_NAMES, hidden_states.new_zeros(()) if training else None)
+        no_losses = dict.fromkeys(loss_term_names("mask"), hidden_states.new_zeros(()) if training else None)
         if not training and sam_pixel_values is None:
             return None, no_losses
         if input_ids is None or self.config.seg_token_id is None:

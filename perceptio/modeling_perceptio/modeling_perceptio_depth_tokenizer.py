@@ -24,6 +24,24 @@ from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConf
 CONSTANT_MAP_RELATIVE_RANGE = 1e-5
 
 
+def min_max_normalize(depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max each map of `depth` (..., H, W) to [-1, 1]; a map constant up to float rounding becomes 0. Returns
+    the normalised maps and each map's minimum and maximum (...,).
+
+    The one definition of the depth tokenizer's normalisation: its `normalize` and the evaluation's ground truth
+    (`perceptio.evaluation.depth_metrics.normalised_inverse_depth`) both call it.
+    """
+    minimum = depth.amin(dim=(-2, -1), keepdim=True)
+    maximum = depth.amax(dim=(-2, -1), keepdim=True)
+    value_range = maximum - minimum
+    magnitude = torch.maximum(minimum.abs(), maximum.abs())
+    # Resampling a constant map leaves a few ulps of ripple; stretching that to [-1, 1] would invent structure.
+    is_constant = value_range <= CONSTANT_MAP_RELATIVE_RANGE * magnitude
+    scaled = (depth - minimum) / value_range.clamp_min(torch.finfo(depth.dtype).tiny)
+    normalized = torch.where(is_constant, torch.zeros_like(depth), 2 * scaled - 1)
+    return normalized, minimum[..., 0, 0], maximum[..., 0, 0]
+
+
 @dataclass
 class PerceptioDepthNormalization:
     """What `normalize` removed from each map, so `denormalize` can put it back.
@@ -231,6 +249,11 @@ class PerceptioDepthTokenizerPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     # The composite loss is already a mean; Trainer must not rescale it by the number of items.
     accepts_loss_kwargs = False
+    # No attention layers: the attention kernel a Perceptio model is loaded with ("sdpa", "flash_attention_2"…) is the
+    # other parts' choice and must not be refused here.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -276,15 +299,7 @@ class PerceptioDepthTokenizer(PerceptioDepthTokenizerPreTrainedModel):
         if original_size != (side, side):
             # Antialiasing averages the pixels a shrink drops, so thin structures do not alias.
             depth = F.interpolate(depth, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        depth = depth[:, 0]
-        minimum = depth.amin(dim=(1, 2))
-        maximum = depth.amax(dim=(1, 2))
-        value_range = (maximum - minimum).view(-1, 1, 1)
-        magnitude = torch.maximum(minimum.abs(), maximum.abs()).view(-1, 1, 1)
-        # Resampling a constant map leaves a few ulps of ripple; stretching that to [-1, 1] would invent structure.
-        is_constant = value_range <= CONSTANT_MAP_RELATIVE_RANGE * magnitude
-        scaled = (depth - minimum.view(-1, 1, 1)) / value_range.clamp_min(torch.finfo(depth.dtype).tiny)
-        normalized = torch.where(is_constant, torch.zeros_like(depth), 2 * scaled - 1)
+        normalized, minimum, maximum = min_max_normalize(depth[:, 0])
         return normalized, PerceptioDepthNormalization(minimum, maximum, original_size)
 
     def denormalize(self, normalized: torch.Tensor, stats: PerceptioDepthNormalization) -> torch.Tensor:

@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import Pipeline
 
+from .generation_perceptio import decoding_kwargs
+
 
 PIPELINE_TASK = "perceptio-spatial"
 
@@ -30,7 +32,9 @@ class PerceptioSpatialPipeline(Pipeline):
     Perceptio's answer to a question about an image: `pipe(image, prompt="Segment the red cube.")` or
     `pipe({"image": image, "prompt": "..."})` returns a `PerceptioPrediction` (text, masks, mask scores, depth,
     depth codes; masks and depth at the image's size). Generation arguments (`max_new_tokens`, `do_sample`,
-    `num_beams`, `spatial_grammar`…) and `mask_threshold` may be given at construction or per call.
+    `num_beams`, `spatial_grammar`…), `mask_threshold` and the decoding mode (`static_cache=True`: transformers'
+    static KV cache; `compile=True`: the decoding step under `torch.compile`, which implies the static cache) may be
+    given at construction or per call.
 
     Example (a folder written by `perceptio export`; `image` is any PIL image):
 
@@ -48,9 +52,19 @@ class PerceptioSpatialPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, prompt: str | None = None, mask_threshold: float | None = None, **generate_kwargs):
+    def _sanitize_parameters(
+        self,
+        prompt: str | None = None,
+        mask_threshold: float | None = None,
+        static_cache: bool | None = None,
+        compile: bool | None = None,
+        **generate_kwargs,
+    ):
         preprocess_params = {} if prompt is None else {"prompt": prompt}
         forward_params = dict(generate_kwargs)
+        if static_cache is not None or compile is not None:
+            # `compile` implies the static cache, as `perceptio predict --compile` does.
+            forward_params.update(decoding_kwargs(static_cache=bool(static_cache or compile), compile=bool(compile)))
         if mask_threshold is not None:
             forward_params["mask_threshold"] = mask_threshold
         return preprocess_params, forward_params, {}

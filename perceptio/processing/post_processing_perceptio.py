@@ -20,7 +20,9 @@ class PerceptioParsedGeneration:
 
     Attributes:
         text: the answer with every spatial and special token removed.
-        num_seg_tokens: number of `[SEG]` tokens (each gets one mask).
+        num_seg_tokens: number of `[SEG]` tokens that get a mask: all of them but a `seg_truncated` one.
+        seg_truncated: the sequence ended (max_new_tokens) right after a `[SEG]`, with no end-of-turn token. That
+            `[SEG]` was never fed back to the model, so it has no hidden state and gets no mask (as in Sa2VA).
         depth_codes: the N codes of a complete depth block, else `None`.
         depth_truncated: a depth block was opened but the sequence ended (max_new_tokens or EOS) before it closed.
         depth_malformed: a depth block has the wrong number of codes, a stray code or marker, or there are several
@@ -30,6 +32,7 @@ class PerceptioParsedGeneration:
 
     text: str
     num_seg_tokens: int
+    seg_truncated: bool
     depth_codes: list[int] | None
     depth_truncated: bool
     depth_malformed: bool
@@ -48,6 +51,8 @@ class PerceptioPrediction:
             normalised [-1, 1] space where larger = nearer; `None` without a complete depth block.
         depth_codes: the N depth codes, or `None`.
         token_ids: the generated ids (prompt excluded, up to the end-of-turn token).
+        seg_truncated: the last generated token is a `[SEG]` without a mask, cut off before the model read it (raise
+            `max_new_tokens`).
         depth_truncated: a depth block was cut short (raise `max_new_tokens`).
         depth_malformed: a depth block broke the grammar (generation with `spatial_grammar=False`).
     """
@@ -58,6 +63,7 @@ class PerceptioPrediction:
     depth: np.ndarray | None = None
     depth_codes: list[int] | None = None
     token_ids: list[int] = field(default_factory=list)
+    seg_truncated: bool = False
     depth_truncated: bool = False
     depth_malformed: bool = False
 
@@ -72,6 +78,7 @@ class PerceptioPrediction:
             "depth_size": list(self.depth.shape) if self.depth is not None else None,
             "depth_range": [float(self.depth.min()), float(self.depth.max())] if self.depth is not None else None,
             "depth_codes": self.depth_codes,
+            "seg_truncated": self.seg_truncated,
             "depth_truncated": self.depth_truncated,
             "depth_malformed": self.depth_malformed,
             "token_ids": self.token_ids,
@@ -96,19 +103,23 @@ class PerceptioPostProcessingMixin:
     ) -> PerceptioParsedGeneration:
         """Split one generated sequence (prompt excluded) into `[SEG]` count, depth block and answer text.
 
-        Reading stops at the end-of-turn (EOS) token; padding after it is ignored. With `num_depth_tokens` (the
+        Reading stops at the end-of-turn (EOS) token; padding after it is ignored. A sequence without it that ends in
+        `[SEG]` was cut right after that token, which then gets no mask (`seg_truncated`). With `num_depth_tokens` (the
         model's N; the processor's own when it has one) a block with another number of codes is malformed; without
         either any non-empty block is accepted.
         """
         vocabulary = self.spatial_vocabulary.with_num_depth_tokens(num_depth_tokens)
         ids = _as_id_list(token_ids)
         eos = self.tokenizer.eos_token_id
-        if eos is not None and eos in ids:
+        ended = eos is not None and eos in ids
+        if ended:
             ids = ids[: ids.index(eos)]
+        seg_truncated = not ended and bool(ids) and ids[-1] == vocabulary.seg
         codes, truncated, malformed = vocabulary.read_depth_block(ids)
         return PerceptioParsedGeneration(
             text=strip_spatial_tokens(self.tokenizer.decode(ids, skip_special_tokens=True)),
-            num_seg_tokens=sum(token == vocabulary.seg for token in ids),
+            num_seg_tokens=sum(token == vocabulary.seg for token in ids) - seg_truncated,
+            seg_truncated=seg_truncated,
             depth_codes=codes,
             depth_truncated=truncated,
             depth_malformed=malformed,
@@ -134,7 +145,8 @@ class PerceptioPostProcessingMixin:
             original_sizes: (height, width) per sample (`image_sizes(images)`); masks and depth are resized to it.
                 Required when masks or depth are given.
             mask_logits, mask_scores: per sample, low-res logits (num_seg, h, w) and scores (num_seg,) from
-                `model.predict_masks`; each sample needs one mask per `[SEG]`. `None`: no masks (text only).
+                `model.predict_masks`; each sample needs one mask per `[SEG]` but a `seg_truncated` one. `None`: no
+                masks (text only).
             depth_maps: per sample, the decoded normalised depth (S, S) or `None`; must be given for each complete
                 depth block.
             mask_threshold: logits above it are foreground.
@@ -167,6 +179,7 @@ class PerceptioPostProcessingMixin:
                     depth=self._depth(index, parsed, depth_maps, size),
                     depth_codes=parsed.depth_codes,
                     token_ids=parsed.token_ids,
+                    seg_truncated=parsed.seg_truncated,
                     depth_truncated=parsed.depth_truncated,
                     depth_malformed=parsed.depth_malformed,
                 )

@@ -29,6 +29,7 @@ from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_sc
 from ..modeling_perceptio import PerceptioForConditionalGeneration
 from ..modeling_perceptio.loss_perceptio import mask_iou
 from ..processing import PerceptioImageProcessor
+from .pretraining_loop import run_pretraining_steps
 
 
 SCENE_STREAMS = {"train": 0, "eval": 1}
@@ -273,22 +274,16 @@ def pretrain_grounding_encoder(
     )
     trainable = evaluable_scenes(train_scenes, 1)
     generator = torch.Generator().manual_seed(seed)
-    sam.train()
-    log: list[dict[str, float]] = []
-    progress = tqdm(range(steps), desc="Pretraining SAM2 on attribute prompts")
-    for step in progress:
+
+    def step_loss() -> torch.Tensor:
         indices = [trainable[i] for i in torch.randint(len(trainable), (batch_size,), generator=generator).tolist()]
         attribute_ids, targets = sample_attribute_prompts(train_scenes, indices, prompts_per_image, generator)
         logits, scores, _ = attribute_prompt_candidates(
             model, prompt_embedding, train_scenes.sam_pixel_values[indices], attribute_ids
         )
-        losses = model.mask_losses(logits.flatten(0, 1), scores.flatten(0, 1), targets.flatten(0, 1))
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % logging_steps == 0 or step + 1 == steps:
-            log.append({"step": step + 1, "loss": loss.item()})
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+        return sum(model.mask_losses(logits.flatten(0, 1), scores.flatten(0, 1), targets.flatten(0, 1)).values())
+
+    sam.train()
+    log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Pretraining SAM2 on attribute prompts")
     sam.eval()
     return GroundingPretrainingResult(log, initial, grounding_gate(model, prompt_embedding, eval_scenes, seed))

@@ -1,7 +1,8 @@
 """The `synthetic-tiny` recipe: a tiny Perceptio trained end to end on CPU on rendered 3D scenes.
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
-depth tokenizer on its exact depth, pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
+depth tokenizer on its exact depth, pretrains the vision tower on dense patch labels (the stand-in for a pretrained
+InternViT, see `vision_pretraining`), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
 stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
 (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
 and saves the result. Everything follows from `seed`.
@@ -38,15 +39,17 @@ from transformers import TrainingArguments
 
 from ..data.scene_rendering import metric_depth_to_inverse_depth
 from ..data.synthetic_dataset import build_synthetic_dataset
-from ..data.synthetic_tasks import without_depth_block
+from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
 from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
+from ..modeling_perceptio.loss_perceptio import loss_weight_fields
 from ..processing import PerceptioImageProcessor, PerceptioProcessor
 from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
 from .collator_perceptio import PerceptioDataCollator
-from .data_mixture import add_depth_code_column
+from .data_mixture import add_depth_code_column, validate_task_weights
 from .depth_tokenizer_trainer import train_depth_tokenizer
 from .grounding_pretraining import GroundingPretrainingResult, pretrain_grounding_encoder, render_instance_scenes
 from .trainer_perceptio import PerceptioTrainer
+from .vision_pretraining import VisionPretrainingResult, pretrain_vision_tower, render_patch_labelled_scenes
 
 
 ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only")
@@ -62,12 +65,8 @@ RECIPE_TASK_WEIGHTS = {
 # Saved next to the model (`output_dir/dataset`) for `perceptio eval synthetic`; the training split stays in the cache.
 EVALUATION_SPLITS = ("validation", "test")
 GROUNDING_EVAL_SCENES = 200
-DEPTH_LOSS_WEIGHT_FIELDS = (
-    "depth_marker_loss_weight",
-    "depth_token_loss_weight",
-    "depth_count_loss_weight",
-    "depth_recon_loss_weight",
-)
+VISION_EVAL_SCENES = 200
+DEPTH_LOSS_WEIGHT_FIELDS = loss_weight_fields("depth")
 
 
 @dataclass
@@ -85,6 +84,9 @@ class SyntheticTinyRecipe:
     depth_codebook_dim: int = 32
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
+    vision_pretraining_scenes: int = 3000
+    vision_pretraining_steps: int = 2000
+    vision_pretraining_learning_rate: float = 2e-3
     grounding_scenes: int = 3000
     grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
@@ -138,11 +140,21 @@ class SyntheticTinyRecipe:
                 f"image_size ({self.image_size}) must be an even multiple of vision_patch_size "
                 f"({self.vision_patch_size}) so InternVL's pixel shuffle tiles the patch grid."
             )
-        rates = ("learning_rate", "grounding_learning_rate", "grounding_image_encoder_learning_rate")
+        rates = (
+            "learning_rate",
+            "grounding_learning_rate",
+            "grounding_image_encoder_learning_rate",
+            "vision_pretraining_learning_rate",
+        )
         if not all(getattr(self, name) > 0 for name in rates) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"{', '.join(rates)} must be > 0 and warmup_ratio in [0, 1).")
-        if not isinstance(self.reading_steps, int) or isinstance(self.reading_steps, bool) or self.reading_steps < 0:
-            raise ValueError(f"reading_steps must be a non-negative integer, got {self.reading_steps!r}.")
+        for name in ("reading_steps", "vision_pretraining_steps", "vision_pretraining_scenes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if self.vision_pretraining_steps and not self.vision_pretraining_scenes:
+            raise ValueError("vision_pretraining_scenes must be > 0 when vision_pretraining_steps is.")
+        validate_task_weights(self.task_weights, TASK_NAMES, default=0.0, where="task_weights")
         unknown = sorted(set(self.reading_tasks) - set(self.task_weights))
         if self.reading_steps and (not self.reading_tasks or unknown):
             raise ValueError(
@@ -287,6 +299,27 @@ def pretrain_recipe_grounding(
     return result
 
 
+def pretrain_recipe_vision_tower(
+    recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
+) -> VisionPretrainingResult:
+    """Train the model's vision tower on dense patch labels of freshly rendered scenes."""
+    image_processor = processor.image_processor
+    patch_size = recipe.vision_patch_size
+    train_scenes = render_patch_labelled_scenes(
+        recipe.vision_pretraining_scenes, image_processor, patch_size, recipe.seed, "train"
+    )
+    eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, patch_size, recipe.seed, "eval")
+    return pretrain_vision_tower(
+        model,
+        train_scenes,
+        eval_scenes,
+        steps=recipe.vision_pretraining_steps,
+        learning_rate=recipe.vision_pretraining_learning_rate,
+        seed=recipe.seed,
+        logging_steps=recipe.logging_steps,
+    )
+
+
 def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
     """The reading stage's data: the training rows of `recipe.reading_tasks`, without depth blocks."""
     tasks = set(recipe.reading_tasks)
@@ -392,6 +425,9 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     timings["depth_tokenizer_s"] = time.perf_counter() - tokenizer_started
     processor = build_recipe_processor(recipe)
     model = build_recipe_model(recipe, processor, depth_tokenizer)
+    vision_started = time.perf_counter()
+    vision = pretrain_recipe_vision_tower(recipe, model, processor) if recipe.vision_pretraining_steps else None
+    timings["vision_s"] = time.perf_counter() - vision_started
     grounding_started = time.perf_counter()
     grounding = pretrain_recipe_grounding(recipe, model, processor)
     timings["grounding_s"] = time.perf_counter() - grounding_started
@@ -417,6 +453,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
         "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
         "timings": timings,
         "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
+        "vision_pretraining": asdict(vision) if vision is not None else None,
         "grounding_pretraining": asdict(grounding),
         "reading_log": reading_log,
         "training_log": log,

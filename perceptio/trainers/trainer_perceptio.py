@@ -1,17 +1,19 @@
 """`PerceptioTrainer`: a `transformers.Trainer` that logs every term of Perceptio's composite loss.
 
-The model returns the total loss and each component (`loss_lm`, `loss_mask`, `loss_mask_iou`, `loss_marker`, `loss_token`,
-`loss_count`, `loss_depth_recon`). The trainer sums the components of every training micro-batch, and at each
-logging step adds their mean over the window (averaged across processes) to the Trainer's own logs, so the console,
-TensorBoard and W&B show them next to `loss`. A non-finite component stops training with an error naming it.
+The model returns the total loss and each of its terms (`output.loss_dict`, one entry per `LOSS_TERMS` name:
+`loss_lm`, `loss_mask`, `loss_mask_iou`, `loss_marker`, `loss_token`, `loss_count`, `loss_depth_recon`). The trainer
+sums the terms of every training micro-batch, and at each logging step adds their mean over the window (averaged
+across processes) to the Trainer's own logs under the same names, so the console, TensorBoard and W&B show them next
+to `loss`. A non-finite term stops training with an error naming it.
 
 It also logs the language-model loss per task, so a task that does not learn shows early: `loss_lm/<task>` is the
 mean over the window's samples of that task of each sample's next-token cross-entropy over its own supervised tokens
 (shifted as the model's `loss_function` shifts them). Samples weigh equally, and so do the tokens of a sample,
 whatever averaging the model's `loss_lm` uses, so the per-task values need not average to `loss_lm`. The task names
 come from the batch's `tasks` list, which the trainer's copy of `PerceptioDataCollator` adds (`return_tasks=True`)
-and `compute_loss` pops before the forward. The per-sample losses reuse the forward's logits (no second pass) and
-accumulate on the device, with no host sync; at logging, the per-task sums and counts of all processes are summed
+and `compute_loss` pops before the forward. The per-sample losses come from the forward
+(`return_lm_loss_per_sample=True`, which reuses the per-token cross-entropy of `loss_lm` when it averages by segment)
+and accumulate on the device, with no host sync; at logging, the per-task sums and counts of all processes are summed
 (over the synthetic `TASK_NAMES` and any other name a process has seen), then divided. Samples without a task and
 tasks absent from the window are not logged.
 """
@@ -28,22 +30,13 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.training_args import ParallelMode
 
 from perceptio.data.synthetic_tasks import TASK_NAMES
-from perceptio.modeling_perceptio.loss_perceptio import per_sample_lm_loss
+from perceptio.modeling_perceptio.loss_perceptio import loss_term_names
 from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
 
 
 logger = logging.getLogger(__name__)
 
-LOSS_COMPONENTS = (
-    "loss_lm",
-    "loss_mask",
-    "loss_mask_iou",
-    "loss_marker",
-    "loss_token",
-    "loss_count",
-    "loss_depth_recon",
-)
 TASK_LOSS_PREFIX = "loss_lm/"
 
 
@@ -100,7 +93,7 @@ class PerceptioTrainer(Trainer):
         if isinstance(self.data_collator, PerceptioDataCollator) and not self.data_collator.return_tasks:
             self.data_collator = copy.copy(self.data_collator)
             self.data_collator.return_tasks = True
-        self._component_means = WindowMeans(LOSS_COMPONENTS)
+        self._component_means = WindowMeans(loss_term_names())
         # Task name -> column of `_task_stats`; starts with the synthetic tasks, grows with any other name seen.
         self._task_index = {name: index for index, name in enumerate(TASK_NAMES)}
         # (2, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples.
@@ -110,11 +103,12 @@ class PerceptioTrainer(Trainer):
         """The model's total loss; in training, also records each component (stopping on a non-finite one) and the
         LM loss per task of the batch's `tasks`, which is popped because it is no model input."""
         tasks = inputs.pop("tasks", None)
-        outputs = model(**inputs)
+        record_tasks = model.training and tasks is not None
+        outputs = model(**inputs, return_lm_loss_per_sample=True) if record_tasks else model(**inputs)
         if model.training:
             self._record_components(outputs)
-            if tasks is not None:
-                self._record_task_losses(outputs.logits, inputs["labels"], tasks)
+            if record_tasks:
+                self._record_task_losses(outputs, inputs["labels"].shape[0], tasks)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -140,22 +134,18 @@ class PerceptioTrainer(Trainer):
         model.load_state_dict(restored.state_dict(), strict=True)
 
     def _record_components(self, outputs) -> None:
-        values = torch.stack([_component(outputs, name).detach().float() for name in LOSS_COMPONENTS])
+        names = self._component_means.names
+        values = torch.stack([_component(outputs, name).detach().float() for name in names])
         finite = torch.isfinite(values)
         if not bool(finite.all()):
-            bad = [
-                f"{name}={value:g}"
-                for name, value, ok in zip(LOSS_COMPONENTS, values.tolist(), finite.tolist())
-                if not ok
-            ]
+            bad = [f"{name}={value:g}" for name, value, ok in zip(names, values.tolist(), finite.tolist()) if not ok]
             raise NonFiniteLossError(
                 f"Non-finite loss component at step {self.state.global_step}: {', '.join(bad)}. Lower the learning "
                 "rate or that component's weight, or check the batch's targets."
             )
         self._component_means.add(values)
 
-    def _record_task_losses(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> None:
-        batch = labels.shape[0]
+    def _record_task_losses(self, outputs, batch: int, tasks) -> None:
         if not isinstance(tasks, (list, tuple)) or len(tasks) != batch or not all(isinstance(t, str) for t in tasks):
             raise ValueError(
                 f"The batch's 'tasks' must be a list of {batch} task names (str, {NO_TASK!r} for none), one "
@@ -166,7 +156,12 @@ class PerceptioTrainer(Trainer):
             return
         for row in rows:
             self._task_index.setdefault(tasks[row], len(self._task_index))
-        losses, counts = per_sample_lm_loss(logits.detach(), labels)
+        losses, counts = outputs.lm_loss_per_sample, outputs.lm_tokens_per_sample
+        if losses is None:
+            raise ValueError(
+                "The model output has no lm_loss_per_sample; PerceptioTrainer's per-task logs need a Perceptio model "
+                "called with labels and return_lm_loss_per_sample=True."
+            )
         if self._task_stats is None or self._task_stats.shape[1] < len(self._task_index):
             grown = torch.zeros(2, len(self._task_index), device=losses.device)
             if self._task_stats is not None:
@@ -202,7 +197,7 @@ class PerceptioTrainer(Trainer):
 
 
 def _component(outputs, name: str) -> torch.Tensor:
-    value = getattr(outputs, name, None)
+    value = (getattr(outputs, "loss_dict", None) or {}).get(name)
     if value is None:
         raise ValueError(
             f"The model output has no {name}; PerceptioTrainer needs a Perceptio model called with labels."
@@ -210,4 +205,4 @@ def _component(outputs, name: str) -> torch.Tensor:
     return value
 
 
-__all__ = ["LOSS_COMPONENTS", "TASK_LOSS_PREFIX", "NonFiniteLossError", "PerceptioTrainer", "WindowMeans"]
+__all__ = ["TASK_LOSS_PREFIX", "NonFiniteLossError", "PerceptioTrainer", "WindowMeans"]

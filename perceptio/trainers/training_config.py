@@ -23,6 +23,9 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from perceptio.modeling_perceptio.loss_perceptio import loss_weight_fields
+from perceptio.trainers.data_mixture import validate_task_weights
+
 
 SECTIONS = ("training", "model", "data", "loss")
 TINY_MODEL = "tiny"
@@ -99,31 +102,52 @@ class DataArguments:
             raise ValueError("data needs synthetic_num_train > 0 or at least one entry in dataset_paths.")
         if SYNTHETIC_SOURCE in self.dataset_paths:
             raise ValueError(f"{SYNTHETIC_SOURCE!r} is not a dataset path; use data.synthetic_num_train.")
-        bad = {
-            task: weight
-            for task, weight in self.task_weights.items()
-            if not isinstance(weight, (int, float)) or weight < 0
-        }
-        if bad:
-            raise ValueError(f"data.task_weights must be non-negative numbers, got {bad}.")
+        # The tasks are known only once the data is built; tasks left out weigh 1.
+        validate_task_weights(self.task_weights, default=1.0, where="data.task_weights")
 
 
 @dataclass
 class LossWeightArguments:
-    """λ of each loss term and how `loss_lm` averages; unset (null) keeps the checkpoint config's value."""
+    """λ of each loss term and how `loss_lm` averages; unset (null) keeps the checkpoint config's value.
 
-    mask_loss_weight: float | None = None
-    mask_iou_loss_weight: float | None = None
-    depth_marker_loss_weight: float | None = None
-    depth_token_loss_weight: float | None = None
-    depth_count_loss_weight: float | None = None
-    depth_recon_loss_weight: float | None = None
+    Attributes:
+        weights: config weight field -> λ. The YAML section lists them flat (`mask_loss_weight: 1.0`); the accepted
+            names are the `weight_field`s of `LOSS_TERMS`, so a new loss term is configurable with no change here.
+        depth_soft_merge_temperature: τ of the soft-merged depth reconstruction.
+        lm_loss_reduction: "token" or "segment".
+    """
+
+    weights: dict[str, float | None] = field(default_factory=dict)
     depth_soft_merge_temperature: float | None = None
     lm_loss_reduction: str | None = None
 
-    def overrides(self) -> dict[str, float]:
-        """The weights that were set, as model-config fields."""
-        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+    def __post_init__(self):
+        unknown = sorted(set(self.weights) - set(loss_weight_fields()))
+        if unknown:
+            raise ValueError(f"unknown loss weights {unknown}; the loss terms' weights are {loss_weight_fields()}.")
+
+    @classmethod
+    def section_keys(cls) -> set[str]:
+        """The keys of a `loss:` section: each loss term's weight field and the other fields."""
+        return ({item.name for item in dataclasses.fields(cls)} - {"weights"}) | set(loss_weight_fields())
+
+    @classmethod
+    def from_section(cls, values: Mapping[str, Any]) -> LossWeightArguments:
+        """The arguments of a flat `loss:` section."""
+        weight_fields = set(loss_weight_fields())
+        return cls(
+            weights={name: value for name, value in values.items() if name in weight_fields},
+            **{name: value for name, value in values.items() if name not in weight_fields},
+        )
+
+    def overrides(self) -> dict[str, float | str]:
+        """The settings that were set, as model-config fields."""
+        settings = {
+            **self.weights,
+            "depth_soft_merge_temperature": self.depth_soft_merge_temperature,
+            "lm_loss_reduction": self.lm_loss_reduction,
+        }
+        return {name: value for name, value in settings.items() if value is not None}
 
 
 @dataclass
@@ -179,11 +203,16 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _parse_section(dataclass_type: type, values: dict[str, Any], where: str):
-    names = {item.name for item in dataclasses.fields(dataclass_type) if item.init}
+    if dataclass_type is LossWeightArguments:
+        names = LossWeightArguments.section_keys()
+    else:
+        names = {item.name for item in dataclasses.fields(dataclass_type) if item.init}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}.")
     try:
+        if dataclass_type is LossWeightArguments:
+            return LossWeightArguments.from_section(values)
         if dataclass_type is TrainingArguments:
             (arguments,) = HfArgumentParser(TrainingArguments).parse_dict(values)
             return arguments

@@ -86,7 +86,12 @@ def build_train_dataset(data_args, model):
     from datasets import load_from_disk
 
     from perceptio.data.synthetic_dataset import build_synthetic_dataset
-    from perceptio.trainers.data_mixture import add_depth_code_column, mix_task_datasets, split_by_task
+    from perceptio.trainers.data_mixture import (
+        add_depth_code_column,
+        mix_task_datasets,
+        split_by_task,
+        validate_task_weights,
+    )
 
     task_datasets = {}
     if data_args.synthetic_num_train:
@@ -103,9 +108,7 @@ def build_train_dataset(data_args, model):
         if task in task_datasets:
             raise ValueError(f"task {task!r} is both a synthetic task and a data.dataset_paths entry.")
         task_datasets[task] = load_from_disk(path)
-    unknown = sorted(set(data_args.task_weights) - set(task_datasets))
-    if unknown:
-        raise ValueError(f"data.task_weights names tasks without data: {unknown}; tasks are {sorted(task_datasets)}.")
+    weights = validate_task_weights(data_args.task_weights, task_datasets, default=1.0, where="data.task_weights")
     if data_args.cache_depth_codes and model.depth_tokenizer is not None:
         task_datasets = {
             task: dataset
@@ -115,7 +118,6 @@ def build_train_dataset(data_args, model):
         }
     if data_args.streaming:
         task_datasets = {task: dataset.to_iterable_dataset() for task, dataset in task_datasets.items()}
-    weights = {task: float(data_args.task_weights.get(task, 1.0)) for task in task_datasets}
     return mix_task_datasets(
         task_datasets, weights, seed=data_args.mixture_seed, stopping_strategy=data_args.stopping_strategy
     )

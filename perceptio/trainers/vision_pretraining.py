@@ -1,0 +1,253 @@
+"""Dense pretraining of a from-scratch InternVL vision tower on rendered scenes, standing in for a pretrained InternViT.
+
+Perceptio starts from InternVL, whose vision tower arrives pretrained: its patch features already say what is where.
+The tiny recipe's vision tower starts from random weights, and a language model that must discover colour, shape and
+depth through a handful of answer tokens per question learns to read its image very slowly. This stage gives the tower
+what pretraining gives InternViT: every patch token is trained to say the colour, shape and size of the object it
+shows (or that it shows none) and how near it is, and the mean of an object's patch tokens is trained to say its shape,
+the attribute a single patch shows least of. The heads are linear probes, discarded after the stage, so the features
+must carry the attributes linearly, where the language model's attention can read them.
+
+The held-out probe accuracies (on foreground patches, and per object for the pooled shape) are the stage's gate,
+reported before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
+from ..modeling_perceptio import PerceptioForConditionalGeneration
+from ..processing import PerceptioImageProcessor
+from .pretraining_loop import run_pretraining_steps
+
+
+SCENE_STREAMS = {"train": 2, "eval": 3}
+PATCH_ATTRIBUTES: dict[str, int] = {"colour": len(COLOUR_PALETTE), "shape": len(SHAPES), "size": len(SIZE_NAMES)}
+NUM_DEPTH_BINS = 8
+BACKGROUND = -1
+# Objects covering fewer patches than this are left out of the pooled-shape objective: one patch shows no outline.
+MIN_POOLED_PATCHES = 2
+
+
+@dataclass
+class PatchLabelledScenes:
+    """Rendered scenes as vision-tower inputs with per-patch labels.
+
+    `pixel_values` (S, 3, H, W) as the processor normalises a tile; `patch_objects` (S, P) the index of the object
+    most of each patch shows (`BACKGROUND` for none); `object_attributes` (S, max_objects, 3) each object's colour,
+    shape and size ids (padding rows unused); `patch_depth` (S, P) each patch's mean metric depth.
+    """
+
+    pixel_values: torch.Tensor
+    patch_objects: torch.LongTensor
+    object_attributes: torch.LongTensor
+    patch_depth: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+def patch_majority(instance_ids: np.ndarray, patch_size: int) -> np.ndarray:
+    """The most frequent value of each `patch_size`² patch of an (H, W) id map, row-major -> (P,)."""
+    height, width = instance_ids.shape
+    rows, columns = height // patch_size, width // patch_size
+    patches = instance_ids.reshape(rows, patch_size, columns, patch_size).transpose(0, 2, 1, 3)
+    patches = patches.reshape(rows * columns, -1)
+    offset = patches - BACKGROUND
+    counts = np.stack([(offset == value).sum(-1) for value in range(int(offset.max()) + 1)], -1)
+    return counts.argmax(-1) + BACKGROUND
+
+
+def render_patch_labelled_scenes(
+    num_scenes: int, image_processor: PerceptioImageProcessor, patch_size: int, seed: int, stream: str = "train"
+) -> PatchLabelledScenes:
+    """Render `num_scenes` scenes of `stream` ("train" or "eval", disjoint) at the tile size, with patch labels."""
+    if not isinstance(num_scenes, int) or num_scenes <= 0:
+        raise ValueError(f"num_scenes must be a positive integer, got {num_scenes!r}.")
+    if stream not in SCENE_STREAMS:
+        raise ValueError(f"stream must be one of {sorted(SCENE_STREAMS)}, got {stream!r}.")
+    size = image_processor.tile_size
+    if size % patch_size:
+        raise ValueError(f"The tile size ({size}) must be a multiple of patch_size ({patch_size}).")
+    rng = np.random.default_rng([seed, SCENE_STREAMS[stream]])
+    pixel_values, patch_objects, attributes, patch_depth = [], [], [], []
+    vocabularies = {"colour": tuple(COLOUR_PALETTE), "shape": SHAPES, "size": SIZE_NAMES}
+    for _ in tqdm(range(num_scenes), desc=f"Rendering {stream} scenes for the vision tower"):
+        scene = render_scene(int(rng.integers(2**63 - 1)), size)
+        pixel_values.append(image_processor(scene.image)["pixel_values"][0])
+        instance_ids = np.full(scene.image.shape[:2], BACKGROUND)
+        for index, mask in enumerate(scene.instance_masks):
+            instance_ids[mask] = index
+        patch_objects.append(torch.from_numpy(patch_majority(instance_ids, patch_size)))
+        attributes.append(
+            torch.tensor(
+                [[names.index(getattr(obj, name)) for name, names in vocabularies.items()] for obj in scene.objects]
+            )
+        )
+        depth = scene.depth.reshape(size // patch_size, patch_size, size // patch_size, patch_size).mean((1, 3))
+        patch_depth.append(torch.from_numpy(depth.reshape(-1).astype(np.float32)))
+    max_objects = max(len(rows) for rows in attributes)
+    padded = torch.zeros(num_scenes, max_objects, len(vocabularies), dtype=torch.long)
+    for index, rows in enumerate(attributes):
+        padded[index, : len(rows)] = rows
+    return PatchLabelledScenes(torch.stack(pixel_values), torch.stack(patch_objects), padded, torch.stack(patch_depth))
+
+
+class VisionProbeHeads(nn.Module):
+    """Linear probes on patch features: one per attribute (its classes plus background) and one for the depth bin."""
+
+    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor):
+        super().__init__()
+        self.attributes = nn.ModuleDict(
+            {name: nn.Linear(hidden_size, num_classes + 1) for name, num_classes in PATCH_ATTRIBUTES.items()}
+        )
+        self.depth = nn.Linear(hidden_size, NUM_DEPTH_BINS)
+        self.register_buffer("depth_bin_edges", depth_bin_edges)
+
+
+@dataclass
+class VisionProbeAccuracy:
+    """Held-out probe accuracies: per foreground patch for colour, shape, size and depth bin, per object for the
+    pooled shape."""
+
+    colour: float
+    shape: float
+    size: float
+    depth_bin: float
+    pooled_shape: float
+
+
+@dataclass
+class VisionPretrainingResult:
+    """The training log (step, loss) and the held-out probe accuracies before and after the stage."""
+
+    log: list[dict[str, float]]
+    initial: VisionProbeAccuracy
+    final: VisionProbeAccuracy
+
+
+def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-patch class targets (B, P) of `indices`: each attribute (background = its last class) and the depth bin."""
+    objects = scenes.patch_objects[indices]
+    background = objects == BACKGROUND
+    rows = scenes.object_attributes[indices].gather(1, objects.clamp(min=0)[..., None].expand(-1, -1, 3))
+    targets = {
+        name: torch.where(background, num_classes, rows[..., column])
+        for column, (name, num_classes) in enumerate(PATCH_ATTRIBUTES.items())
+    }
+    targets["depth_bin"] = torch.bucketize(scenes.patch_depth[indices], edges)
+    return targets
+
+
+def pooled_object_features(
+    features: torch.Tensor, objects: torch.LongTensor, attributes: torch.LongTensor
+) -> tuple[torch.Tensor, torch.LongTensor]:
+    """The mean patch feature of every object covering at least `MIN_POOLED_PATCHES` patches, and its shape id."""
+    membership = nn.functional.one_hot(objects + 1, attributes.shape[1] + 1)[..., 1:].to(features.dtype)
+    counts = membership.sum(1)
+    pooled = torch.einsum("bpo,bpd->bod", membership, features) / counts.clamp(min=1)[..., None]
+    keep = counts >= MIN_POOLED_PATCHES
+    return pooled[keep], attributes[..., 1][keep]
+
+
+def probe_losses(
+    heads: VisionProbeHeads, features: torch.Tensor, targets: dict[str, torch.Tensor], scenes, indices
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy of every probe, the pooled shape included."""
+    losses = {
+        name: nn.functional.cross_entropy(head(features).flatten(0, 1), targets[name].flatten())
+        for name, head in heads.attributes.items()
+    }
+    losses["depth_bin"] = nn.functional.cross_entropy(
+        heads.depth(features).flatten(0, 1), targets["depth_bin"].flatten()
+    )
+    pooled, shapes = pooled_object_features(features, scenes.patch_objects[indices], scenes.object_attributes[indices])
+    losses["pooled_shape"] = nn.functional.cross_entropy(heads.attributes["shape"](pooled), shapes)
+    return losses
+
+
+def patch_features(model: PerceptioForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's last patch features (B, P, D) without the class token, as InternVL's projector reads them."""
+    return model.model.vision_tower(pixel_values=pixel_values.to(model.device)).last_hidden_state[:, 1:]
+
+
+@torch.no_grad()
+def probe_accuracy(
+    model: PerceptioForConditionalGeneration,
+    heads: VisionProbeHeads,
+    scenes: PatchLabelledScenes,
+    batch_size: int = 64,
+) -> VisionProbeAccuracy:
+    """Held-out accuracy of every probe."""
+    correct = dict.fromkeys(("colour", "shape", "size", "depth_bin", "pooled_shape"), 0.0)
+    foreground_total, object_total = 0, 0
+    for start in range(0, len(scenes), batch_size):
+        indices = torch.arange(start, min(start + batch_size, len(scenes)))
+        features = patch_features(model, scenes.pixel_values[indices])
+        targets = patch_targets(scenes, indices, heads.depth_bin_edges)
+        foreground = scenes.patch_objects[indices] != BACKGROUND
+        for name, head in heads.attributes.items():
+            correct[name] += ((head(features).argmax(-1) == targets[name]) & foreground).sum().item()
+        correct["depth_bin"] += ((heads.depth(features).argmax(-1) == targets["depth_bin"]) & foreground).sum().item()
+        pooled, shapes = pooled_object_features(
+            features, scenes.patch_objects[indices], scenes.object_attributes[indices]
+        )
+        correct["pooled_shape"] += (heads.attributes["shape"](pooled).argmax(-1) == shapes).sum().item()
+        foreground_total += int(foreground.sum())
+        object_total += len(shapes)
+    return VisionProbeAccuracy(
+        **{
+            name: value / (object_total if name == "pooled_shape" else foreground_total)
+            for name, value in correct.items()
+        }
+    )
+
+
+def depth_bin_edges(scenes: PatchLabelledScenes) -> torch.Tensor:
+    """Edges that split the training patches' depths into `NUM_DEPTH_BINS` equally populated bins."""
+    quantiles = torch.linspace(0, 1, NUM_DEPTH_BINS + 1)[1:-1]
+    return torch.quantile(scenes.patch_depth.flatten().double(), quantiles.double()).float()
+
+
+def pretrain_vision_tower(
+    model: PerceptioForConditionalGeneration,
+    train_scenes: PatchLabelledScenes,
+    eval_scenes: PatchLabelledScenes,
+    steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    logging_steps: int = 50,
+) -> VisionPretrainingResult:
+    """Train `model.model.vision_tower` on the patch probes; the rest of the model is untouched."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not learning_rate > 0 or not weight_decay >= 0:
+        raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate!r}, {weight_decay!r}.")
+    torch.manual_seed(seed)
+    tower = model.model.vision_tower
+    heads = VisionProbeHeads(model.config.vision_config.hidden_size, depth_bin_edges(train_scenes)).to(model.device)
+    initial = probe_accuracy(model, heads, eval_scenes)
+    optimizer = torch.optim.AdamW(
+        list(tower.parameters()) + list(heads.parameters()), lr=learning_rate, weight_decay=weight_decay
+    )
+    generator = torch.Generator().manual_seed(seed)
+
+    def step_loss() -> torch.Tensor:
+        indices = torch.randint(len(train_scenes), (batch_size,), generator=generator)
+        features = patch_features(model, train_scenes.pixel_values[indices])
+        targets = patch_targets(train_scenes, indices, heads.depth_bin_edges)
+        return sum(probe_losses(heads, features, targets, train_scenes, indices).values())
+
+    tower.train()
+    log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Pretraining the vision tower")
+    tower.eval()
+    return VisionPretrainingResult(log, initial, probe_accuracy(model, heads, eval_scenes))

@@ -1,0 +1,122 @@
+"""Dense patch-label pretraining of the vision tower (the synthetic recipe's stand-in for a pretrained InternViT)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from perceptio.trainers.vision_pretraining import (
+    BACKGROUND,
+    NUM_DEPTH_BINS,
+    PATCH_ATTRIBUTES,
+    VisionProbeHeads,
+    depth_bin_edges,
+    patch_majority,
+    patch_targets,
+    pooled_object_features,
+    pretrain_vision_tower,
+    probe_accuracy,
+    render_patch_labelled_scenes,
+)
+
+
+@pytest.fixture(scope="module")
+def scenes(tiny_pair):
+    model, processor = tiny_pair
+    patch = model.config.vision_config.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    image_processor = processor.image_processor
+    return (
+        render_patch_labelled_scenes(48, image_processor, patch, seed=0, stream="train"),
+        render_patch_labelled_scenes(12, image_processor, patch, seed=0, stream="eval"),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.int64, (8, 12), elements=st.integers(BACKGROUND, 3)), st.sampled_from([1, 2, 4]))
+def test_patch_majority_is_the_most_frequent_id_of_each_patch(ids, patch):
+    majority = patch_majority(ids, patch)
+    assert majority.shape == ((8 // patch) * (12 // patch),)
+    for index, value in enumerate(majority):
+        row, column = divmod(index, 12 // patch)
+        block = ids[row * patch : (row + 1) * patch, column * patch : (column + 1) * patch].ravel()
+        counts = np.bincount(block - BACKGROUND)
+        assert counts[value - BACKGROUND] == counts.max()
+
+
+def test_scenes_are_tiles_with_labels_of_their_own_objects(scenes, tiny_pair):
+    train, evaluation = scenes
+    tile = tiny_pair[1].image_processor.tile_size
+    assert train.pixel_values.shape[1:] == (3, tile, tile)
+    assert train.patch_objects.shape == train.patch_depth.shape
+    for objects, attributes in zip(train.patch_objects, train.object_attributes):
+        assert objects.min() >= BACKGROUND and objects.max() < len(attributes)
+    assert (train.patch_objects != BACKGROUND).any() and (train.patch_depth > 0).all()
+    assert not torch.equal(train.pixel_values[: len(evaluation)], evaluation.pixel_values)
+
+
+def test_targets_mark_background_with_the_extra_class_and_fill_every_depth_bin(scenes):
+    train, _ = scenes
+    edges = depth_bin_edges(train)
+    targets = patch_targets(train, torch.arange(len(train)), edges)
+    background = train.patch_objects == BACKGROUND
+    for name, num_classes in PATCH_ATTRIBUTES.items():
+        assert (targets[name][background] == num_classes).all() and (targets[name][~background] < num_classes).all()
+    counts = torch.bincount(targets["depth_bin"].flatten(), minlength=NUM_DEPTH_BINS)
+    assert len(counts) == NUM_DEPTH_BINS and (counts > 0).all()
+
+
+def test_pooled_features_average_each_object_patches():
+    features = torch.arange(12, dtype=torch.float32).view(1, 4, 3)
+    objects = torch.tensor([[0, 0, BACKGROUND, 1]])
+    attributes = torch.tensor([[[0, 2, 1], [1, 0, 0]]])
+    pooled, shapes = pooled_object_features(features, objects, attributes)
+    # Object 1 covers one patch, too few to show an outline; object 0 is the mean of patches 0 and 1.
+    assert torch.equal(pooled, features[0, :2].mean(0, keepdim=True)) and shapes.tolist() == [2]
+
+
+def test_pretraining_trains_the_vision_tower_only_and_its_probes_learn(scenes, tiny_model):
+    train, evaluation = scenes
+    others = {name: value.clone() for name, value in tiny_model.named_parameters() if "vision_tower" not in name}
+    result = pretrain_vision_tower(tiny_model, train, evaluation, steps=30, batch_size=16, logging_steps=10)
+    assert [entry["step"] for entry in result.log] == [10, 20, 30]
+    assert result.final.colour > result.initial.colour + 0.2
+    assert all(torch.equal(value, others[name]) for name, value in tiny_model.named_parameters() if name in others)
+
+
+def test_probe_accuracy_of_constant_heads_is_the_share_of_one_class(scenes, tiny_pair):
+    train, evaluation = scenes
+    heads = VisionProbeHeads(tiny_pair[0].config.vision_config.hidden_size, depth_bin_edges(train))
+    with torch.no_grad():
+        for head in (*heads.attributes.values(), heads.depth):
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[0] = 1.0
+    accuracy = probe_accuracy(tiny_pair[0], heads, evaluation)
+    foreground = evaluation.patch_objects != BACKGROUND
+    colour = patch_targets(evaluation, torch.arange(len(evaluation)), heads.depth_bin_edges)["colour"]
+    assert accuracy.colour == pytest.approx(((colour == 0) & foreground).sum().item() / foreground.sum().item())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [({"steps": 0}, "steps"), ({"batch_size": -1}, "batch_size"), ({"learning_rate": 0.0}, "learning_rate")],
+)
+def test_pretraining_settings_are_validated(scenes, tiny_model, arguments, message):
+    train, evaluation = scenes
+    with pytest.raises(ValueError, match=message):
+        pretrain_vision_tower(tiny_model, train, evaluation, **{"steps": 1, **arguments})
+
+
+def test_scene_rendering_settings_are_validated(tiny_pair):
+    image_processor = tiny_pair[1].image_processor
+    with pytest.raises(ValueError, match="num_scenes"):
+        render_patch_labelled_scenes(0, image_processor, 4, seed=0)
+    with pytest.raises(ValueError, match="stream"):
+        render_patch_labelled_scenes(1, image_processor, 4, seed=0, stream="test")
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        render_patch_labelled_scenes(1, image_processor, 5, seed=0)
