@@ -40,6 +40,26 @@ def test_parse_recovers_what_was_formatted(tiny_processor, num_seg, codes, answe
     assert parsed.token_ids == ids[: ids.index(eos)]
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(num_seg=st.integers(0, 3), answer=ANSWERS, trailing=st.lists(st.integers(10, 60), max_size=5))
+def test_reading_stops_at_the_first_stop_token_given(tiny_processor, num_seg, answer, trailing):
+    """A checkpoint whose turn ends with another token than EOS (Sa2VA's `<|im_end|>`) passes its stop ids: the
+    answer ends at the first of them, whatever follows (more text, EOS, padding)."""
+    end_of_turn = tiny_processor.tokenizer.convert_tokens_to_ids("<img>")
+    eos = tiny_processor.tokenizer.eos_token_id
+    ids = ids_of(tiny_processor, tiny_processor.format_target(num_seg, None, answer)) + [end_of_turn]
+    parsed = tiny_processor.parse_generation(ids + trailing + [eos], stop_token_ids=[eos, end_of_turn])
+    assert parsed.token_ids == ids[:-1] and parsed.text == answer and parsed.num_seg_tokens == num_seg
+    assert not parsed.seg_truncated
+    (prediction,) = tiny_processor.post_process_generation([ids + trailing], stop_token_ids=[end_of_turn])
+    assert prediction.token_ids == ids[:-1] and prediction.text == answer
+
+
+def test_stop_token_ids_must_be_ids(tiny_processor):
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        tiny_processor.parse_generation([1, 2], stop_token_ids=["</s>"])
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(num_seg=st.integers(0, 3), cut=st.integers(1, N + 1))
 def test_a_block_cut_short_is_truncated(tiny_processor, num_seg, cut):

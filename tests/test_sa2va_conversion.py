@@ -155,6 +155,8 @@ def test_converted_config_is_segmentation_only_and_reads_the_checkpoint(converte
         image_processor = processor.image_processor
         assert image_processor.sam_resample == "bicubic" and image_processor.sam_mask_upsample
         assert (folder / "chat_template.jinja").is_file()
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        assert "segmentation-only" in card and "DEPTH" not in card, "the converted folder has its own card"
 
 
 def test_sam2_weights_are_the_original_sam2_conversion(converted):

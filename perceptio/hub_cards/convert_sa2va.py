@@ -39,6 +39,7 @@ from transformers import AutoTokenizer, GenerationConfig, Sam2Config
 from ..modeling_perceptio import PerceptioConfig, PerceptioForConditionalGeneration
 from ..processing.image_processing_perceptio import IMAGENET_MEAN, IMAGENET_STD, PerceptioImageProcessor
 from .convert_sam2_original import POINT_EMBEDDING, rename_original_key
+from .model_card import PerceptioCardData, write_model_card
 
 
 SA2VA_MODEL_TYPE = "sa2va_chat"
@@ -710,6 +711,12 @@ def convert_sa2va(source_dir: str | Path, output_dir: str | Path, overwrite: boo
         perceptio_config.save_pretrained(staging)
         generation_config_from_sa2va(template_name, tokenizer).save_pretrained(staging)
         write_processor_files(staging, tokenizer, perceptio_config.image_seq_length)
+        write_model_card(
+            staging,
+            PerceptioCardData(model_name=output_dir.resolve().name, source_kind="sa2va").with_build_sources(
+                base=str(source_dir), sam2=f"{source_dir} (Sa2VA's SAM2)", depth_tokenizer=None
+            ),
+        )
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)

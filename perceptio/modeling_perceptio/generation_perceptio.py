@@ -404,7 +404,8 @@ class PerceptioGenerationMixin:
         generated = output.sequences[:, prompt_length:]
         copies = generated.shape[0] // inputs["input_ids"].shape[0]
         num_depth_tokens = self.config.num_depth_tokens
-        parsed = [processor.parse_generation(row, num_depth_tokens) for row in generated]
+        stops = generate_kwargs["eos_token_id"]
+        parsed = [processor.parse_generation(row, num_depth_tokens, stops) for row in generated]
         seg_states = output.seg_hidden_states
         self._check_seg_states_match(parsed, seg_states)
         masks = self._masks_of_generation(seg_states, sam_pixel_values, copies)
@@ -418,6 +419,7 @@ class PerceptioGenerationMixin:
             depth_maps=depth_maps,
             mask_threshold=mask_threshold,
             num_depth_tokens=num_depth_tokens,
+            stop_token_ids=stops,
         )
 
     def stop_token_ids(self, tokenizer) -> list[int] | None:

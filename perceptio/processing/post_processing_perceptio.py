@@ -99,21 +99,26 @@ class PerceptioPostProcessingMixin:
         return [tuple(to_rgb_array(image).shape[:2]) for image in image_list]
 
     def parse_generation(
-        self, token_ids: Sequence[int] | torch.Tensor, num_depth_tokens: int | None = None
+        self,
+        token_ids: Sequence[int] | torch.Tensor,
+        num_depth_tokens: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> PerceptioParsedGeneration:
         """Split one generated sequence (prompt excluded) into `[SEG]` count, depth block and answer text.
 
-        Reading stops at the end-of-turn (EOS) token; padding after it is ignored. A sequence without it that ends in
-        `[SEG]` was cut right after that token, which then gets no mask (`seg_truncated`). With `num_depth_tokens` (the
-        model's N; the processor's own when it has one) a block with another number of codes is malformed; without
-        either any non-empty block is accepted.
+        Reading stops at the first stop token (`stop_token_ids`, the ids generation stopped at; by default the
+        tokenizer's EOS); padding after it is ignored. A sequence without one that ends in `[SEG]` was cut right after
+        that token, which then gets no mask (`seg_truncated`). With `num_depth_tokens` (the model's N; the processor's
+        own when it has one) a block with another number of codes is malformed; without either any non-empty block is
+        accepted.
         """
         vocabulary = self.spatial_vocabulary.with_num_depth_tokens(num_depth_tokens)
         ids = _as_id_list(token_ids)
-        eos = self.tokenizer.eos_token_id
-        ended = eos is not None and eos in ids
+        stops = self._stop_token_ids(stop_token_ids)
+        end = next((position for position, token in enumerate(ids) if token in stops), None)
+        ended = end is not None
         if ended:
-            ids = ids[: ids.index(eos)]
+            ids = ids[:end]
         seg_truncated = not ended and bool(ids) and ids[-1] == vocabulary.seg
         codes, truncated, malformed = vocabulary.read_depth_block(ids)
         return PerceptioParsedGeneration(
@@ -126,6 +131,16 @@ class PerceptioPostProcessingMixin:
             token_ids=ids,
         )
 
+    def _stop_token_ids(self, stop_token_ids: Sequence[int] | int | None) -> set[int]:
+        """The ids that end a generated answer: those given, or the tokenizer's EOS."""
+        if stop_token_ids is None:
+            eos = self.tokenizer.eos_token_id
+            return set() if eos is None else {eos}
+        stops = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
+        if not all(isinstance(token, int) and not isinstance(token, bool) for token in stops):
+            raise ValueError(f"stop_token_ids must be token ids (ints), got {stop_token_ids!r}.")
+        return set(stops)
+
     def post_process_generation(
         self,
         generated_ids: torch.Tensor | Sequence[Sequence[int]],
@@ -136,6 +151,7 @@ class PerceptioPostProcessingMixin:
         mask_threshold: float = 0.0,
         prompt_length: int = 0,
         num_depth_tokens: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> list[PerceptioPrediction]:
         r"""
         Turn generated ids plus the model's mask logits and decoded depth into one `PerceptioPrediction` per sample.
@@ -152,6 +168,7 @@ class PerceptioPostProcessingMixin:
             mask_threshold: logits above it are foreground.
             prompt_length: number of leading prompt positions to skip in each row.
             num_depth_tokens: the model's N (`model.config.num_depth_tokens`); see `parse_generation`.
+            stop_token_ids: the ids generation stopped at (`model.stop_token_ids(tokenizer)`); see `parse_generation`.
         """
         _check_prompt_length(prompt_length)
         rows = [_as_id_list(row)[prompt_length:] for row in _as_rows(generated_ids)]
@@ -166,7 +183,7 @@ class PerceptioPostProcessingMixin:
             raise ValueError(f"mask_threshold must be a number, got {mask_threshold!r}.")
         predictions = []
         for index, ids in enumerate(rows):
-            parsed = self.parse_generation(ids, num_depth_tokens)
+            parsed = self.parse_generation(ids, num_depth_tokens, stop_token_ids)
             size = None if original_sizes is None else _check_size(original_sizes[index], index)
             masks, scores = self._masks(
                 index, parsed, mask_logits, mask_scores, size, mask_threshold, self._mask_upsample_size()
