@@ -48,3 +48,23 @@ def test_eval_offers_the_one_evaluation_task_list():
     assert tuple(task.choices) == EVALUATION_TASKS == tuple(EVALUATION_DEFAULT_SPLITS)
     assert runners.EVALUATION_TASKS is EVALUATION_TASKS
     assert set(MODEL_CARD_TASKS) == set(EVALUATION_TASKS)  # a model card can name every benchmark
+
+
+def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
+    import perceptio.trainers.synthetic_recipe as recipe_module
+
+    received = {}
+
+    def record(output_dir, recipe, ablation):
+        received.update(recipe=recipe, ablation=ablation)
+        return {"timings": {"total_s": 0.0}}
+
+    monkeypatch.setattr(recipe_module, "run_synthetic_tiny_recipe", record)
+    arguments = ["train", "--recipe", "synthetic-tiny", "--output-dir", str(tmp_path), "--seed", "3"]
+    assert main([*arguments, "--vision-pretraining-steps", "7"]) == 0
+    recipe = received["recipe"]
+    assert recipe.vision_pretraining_steps == 7 and recipe.seed == 3
+    assert recipe.train_steps == recipe_module.SyntheticTinyRecipe().train_steps
+    assert main([*arguments, "--train-steps", "5"]) == 0
+    assert received["recipe"].train_steps == 5 and received["recipe"].vision_pretraining_steps == 0
+    assert main([*arguments, "--vision-pretraining-steps", "-1"]) == 2, "a bad value is one line, not a traceback"

@@ -246,3 +246,17 @@ def test_samples_with_a_depth_block_ask_for_it_unless_they_are_depth_questions()
         else:
             assert asks == sample["use_depth_block"]
     assert any(sample["use_depth_block"] and sample["task"] != "relative_depth" for sample in samples)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        ({"captioning": 1.0}, r"tasks must weigh the tasks .*\['captioning'\] are not among them"),
+        ({"referring": -1.0}, "tasks must be non-negative numbers"),
+        ({"referring": 0.0}, "tasks must give some task a positive weight"),
+        ("referring", "non-empty list of task names"),
+    ],
+)
+def test_dataset_task_weights_are_checked_as_every_task_weight_is(tmp_path, tasks, message):
+    with pytest.raises(ValueError, match=message):
+        build_synthetic_dataset(1, 0, 0, image_size=32, seed=0, tasks=tasks, cache_dir=str(tmp_path))

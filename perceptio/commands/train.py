@@ -14,6 +14,7 @@ EXAMPLE = """example:
   accelerate launch --num_processes 8 -m perceptio.cli train --config examples/configs/perceptio-8b-lora.yaml
   perceptio train --recipe synthetic-tiny --output-dir runs/synthetic-tiny      # the embedded checkpoint's recipe
   perceptio train --recipe synthetic-tiny --ablation no-depth-tokens --output-dir runs/ablation-no-depth
+  perceptio train --recipe synthetic-tiny --vision-pretraining-steps 2000 --output-dir runs/vision-pretrained
 """
 RECIPES = ("synthetic-tiny",)
 
@@ -36,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ablation", default="full", help="with --recipe: full, no-depth-tokens, no-seg or depth-lm-only"
     )
     parser.add_argument("--train-steps", type=int, help="with --recipe: override the recipe's training steps")
+    parser.add_argument(
+        "--vision-pretraining-steps",
+        type=int,
+        help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--resume",
@@ -69,8 +75,8 @@ def run_recipe(args: argparse.Namespace) -> int:
     if args.resume is not None:
         raise ValueError("--resume applies to --config runs; a recipe reruns from its seed.")
     recipe = SyntheticTinyRecipe(seed=args.seed)
-    if args.train_steps is not None:
-        recipe = replace(recipe, train_steps=args.train_steps)
+    overrides = {"train_steps": args.train_steps, "vision_pretraining_steps": args.vision_pretraining_steps}
+    recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})
     summary = run_synthetic_tiny_recipe(args.output_dir, recipe, ablation=args.ablation)
     print(
         f"Recipe {args.recipe} ({args.ablation}) done in {summary['timings']['total_s'] / 60:.1f} min; model in "

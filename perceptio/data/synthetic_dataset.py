@@ -38,6 +38,7 @@ from PIL import Image
 
 from .scene_rendering import metric_depth_to_inverse_depth, normalise_image_size, render_scene
 from .synthetic_tasks import DEFAULT_TASK_CONFIG, TASK_NAMES, TaskConfig, generate_task_sample
+from .task_weights import validate_task_weights
 
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "validation", "test")
@@ -89,17 +90,11 @@ def _task_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def _validate_task_weights(tasks: Sequence[str] | Mapping[str, float]) -> dict[str, float]:
-    weights = dict(tasks) if isinstance(tasks, Mapping) else {task: 1.0 for task in tasks}
-    if isinstance(tasks, str) or not weights:
+    """{task: weight} from a list of task names (equal weights) or a mapping, checked as every task weight is."""
+    if isinstance(tasks, str) or not tasks:
         raise ValueError(f"tasks must be a non-empty list of task names or a {{task: weight}} mapping, got {tasks!r}")
-    unknown = sorted(set(weights) - set(TASK_NAMES))
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; accepted tasks are {TASK_NAMES}")
-    if (
-        any(not (isinstance(weight, (int, float)) and weight >= 0) for weight in weights.values())
-        or sum(weights.values()) <= 0
-    ):
-        raise ValueError(f"task weights must be non-negative numbers with a positive sum, got {weights}")
+    weights = dict(tasks) if isinstance(tasks, Mapping) else dict.fromkeys(tasks, 1.0)
+    validate_task_weights(weights, TASK_NAMES, default=0.0, where="tasks")
     return {task: float(weight) for task, weight in weights.items()}
 
 

@@ -1,8 +1,8 @@
 """The `synthetic-tiny` recipe: a tiny Perceptio trained end to end on CPU on rendered 3D scenes.
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
-depth tokenizer on its exact depth, pretrains the vision tower on dense patch labels (the stand-in for a pretrained
-InternViT, see `vision_pretraining`), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
+depth tokenizer on its exact depth, optionally (`vision_pretraining_steps`) pretrains the vision tower on dense patch
+labels (a stand-in for a pretrained InternViT, see `vision_pretraining`), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
 stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
 (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
 and saves the result. Everything follows from `seed`.
@@ -40,12 +40,13 @@ from transformers import TrainingArguments
 from ..data.scene_rendering import metric_depth_to_inverse_depth
 from ..data.synthetic_dataset import build_synthetic_dataset
 from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
+from ..data.task_weights import validate_task_weights
 from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
 from ..modeling_perceptio.loss_perceptio import loss_weight_fields
 from ..processing import PerceptioImageProcessor, PerceptioProcessor
 from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
 from .collator_perceptio import PerceptioDataCollator
-from .data_mixture import add_depth_code_column, validate_task_weights
+from .data_mixture import add_depth_code_column
 from .depth_tokenizer_trainer import train_depth_tokenizer
 from .grounding_pretraining import GroundingPretrainingResult, pretrain_grounding_encoder, render_instance_scenes
 from .trainer_perceptio import PerceptioTrainer
@@ -85,7 +86,7 @@ class SyntheticTinyRecipe:
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
     vision_pretraining_scenes: int = 3000
-    vision_pretraining_steps: int = 2000
+    vision_pretraining_steps: int = 0
     vision_pretraining_learning_rate: float = 2e-3
     grounding_scenes: int = 3000
     grounding_steps: int = 2500

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from perceptio.data.task_weights import validate_task_weights
 from perceptio.modeling_perceptio.loss_perceptio import loss_weight_fields
-from perceptio.trainers.data_mixture import validate_task_weights
 
 
 SECTIONS = ("training", "model", "data", "loss")
