@@ -123,6 +123,6 @@ def test_recipe_settings_are_validated():
     with pytest.raises(ValueError, match="vision_pretraining_steps"):
         SyntheticTinyRecipe(vision_pretraining_steps=-5)
     with pytest.raises(ValueError, match="vision_pretraining_scenes"):
-        SyntheticTinyRecipe(vision_pretraining_scenes=0)
+        SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
