@@ -7,9 +7,9 @@
 # not installed: the PyPI build does not load beside a CPU torch it was not built for, and Sa2VA only uses a few of
 # its PIL transforms (and timm only for an identity DropPath), which make_fixtures.py provides from standins/.
 #
-# Usage: scripts/sa2va_fixtures/make_env.sh [VENV_DIR]   (default /work/venvs/sa2va-fixtures)
+# Usage: scripts/sa2va_fixtures/make_env.sh [VENV_DIR]   (default .venv-sa2va-fixtures in the repository root)
 set -euo pipefail
-VENV_DIR="${1:-/work/venvs/sa2va-fixtures}"
+VENV_DIR="${1:-$(cd "$(dirname "$0")/../.." && pwd)/.venv-sa2va-fixtures}"
 python3 -m venv --system-site-packages "$VENV_DIR"
 "$VENV_DIR/bin/pip" install --quiet \
     "transformers==4.49.0" \

@@ -19,7 +19,7 @@ stay small; everything of SAM2-L that the weights' shapes cannot tell (heads, wi
 
 Run it in the venv of `make_env.sh`:
 
-    /work/venvs/sa2va-fixtures/bin/python scripts/sa2va_fixtures/make_fixtures.py --sa2va-repo PATH_TO_CHECKOUT
+    .venv-sa2va-fixtures/bin/python scripts/sa2va_fixtures/make_fixtures.py --sa2va-repo PATH_TO_CHECKOUT
 """
 
 from __future__ import annotations
