@@ -47,3 +47,16 @@ def single_torch_thread():
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def biased_checkpoint(tiny_pair, tmp_path_factory):
+    """A tiny checkpoint whose generation config biases it to write one [SEG] and then a depth block."""
+    model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
+    config = model.config
+    seg, start = config.seg_token_id, config.depth_start_token_id
+    model.generation_config.sequence_bias = [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

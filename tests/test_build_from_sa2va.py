@@ -17,7 +17,8 @@ from datasets import Dataset
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import LogitsProcessor, LogitsProcessorList, TrainingArguments
+from test_trainer import training_args
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from perceptio import PerceptioForConditionalGeneration
 from perceptio.cli import main
@@ -211,17 +212,7 @@ def test_built_folder_trains_one_step_on_a_depth_sample(built, tmp_path):
     batch = collator([sample])
     block = processor.spatial_vocabulary.find_depth_blocks(batch["labels"])
     assert len(block) == 1
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=1,
-        max_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
+    arguments = training_args(tmp_path)
     before = model.text_hidden_fcs[0].weight.detach().clone()
     trainer = PerceptioTrainer(
         model=model, args=arguments, train_dataset=Dataset.from_list([sample]), data_collator=collator

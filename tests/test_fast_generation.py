@@ -228,28 +228,15 @@ def test_capture_arguments_are_checked(tiny_pair):
         generation_perceptio.PerceptioSegStateCapture(tiny_pair[0], 3, 0, capacity=-1)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_pair, tmp_path_factory):
-    """A tiny checkpoint biased to write one [SEG] and then a depth block (as in test_predict_command)."""
-    model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
-    config = model.config
-    seg, start = config.seg_token_id, config.depth_start_token_id
-    model.generation_config.sequence_bias = [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
-    folder = tmp_path_factory.mktemp("checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-def test_bf16_loading_keeps_the_depth_tokenizer_in_float32_and_attention_passes_through(checkpoint):
-    model, processor = load_perceptio_checkpoint(checkpoint, dtype="bfloat16")
+def test_bf16_loading_keeps_the_depth_tokenizer_in_float32_and_attention_passes_through(biased_checkpoint):
+    model, processor = load_perceptio_checkpoint(biased_checkpoint, dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and model.grounding_encoder.dtype == torch.bfloat16
     assert model.depth_tokenizer.dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
     image = images([(40, 70)])[0]
     (prediction,) = model.predict([image], ["Segment the cube."], processor=processor, max_new_tokens=22)
     assert len(prediction.masks) == 1 and prediction.depth is not None
-    full, _ = load_perceptio_checkpoint(checkpoint, dtype="float32", attn_implementation="eager")
+    full, _ = load_perceptio_checkpoint(biased_checkpoint, dtype="float32", attn_implementation="eager")
     configs = (full.config, full.config.text_config, full.config.vision_config, full.config.sam2_config)
     assert {config._attn_implementation for config in configs} == {"eager"}
     codes = torch.tensor([prediction.depth_codes])
@@ -257,17 +244,25 @@ def test_bf16_loading_keeps_the_depth_tokenizer_in_float32_and_attention_passes_
     assert torch.equal(model.depth_tokenizer.decode(codes), full.depth_tokenizer.decode(codes))
 
 
-def predict_command(checkpoint, image_file, output_dir, *flags) -> dict:
-    arguments = ["predict", "--model", str(checkpoint), "--image", str(image_file), "--prompt", "Segment the cube."]
+def predict_command(biased_checkpoint, image_file, output_dir, *flags) -> dict:
+    arguments = [
+        "predict",
+        "--model",
+        str(biased_checkpoint),
+        "--image",
+        str(image_file),
+        "--prompt",
+        "Segment the cube.",
+    ]
     assert main([*arguments, "--output-dir", str(output_dir), "--max-new-tokens", "22", *flags]) == 0
     return json.loads((output_dir / "prediction.json").read_text())
 
 
-def test_predict_static_cache_and_compile_flags_give_the_same_prediction(checkpoint, tmp_path, monkeypatch):
+def test_predict_static_cache_and_compile_flags_give_the_same_prediction(biased_checkpoint, tmp_path, monkeypatch):
     image_file = tmp_path / "scene.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(image_file)
-    default = predict_command(checkpoint, image_file, tmp_path / "default", "--attn-implementation", "eager")
-    static = predict_command(checkpoint, image_file, tmp_path / "static", "--static-cache")
+    default = predict_command(biased_checkpoint, image_file, tmp_path / "default", "--attn-implementation", "eager")
+    static = predict_command(biased_checkpoint, image_file, tmp_path / "static", "--static-cache")
     asked = []
 
     def spy(static_cache=False, compile=False):
@@ -276,7 +271,7 @@ def test_predict_static_cache_and_compile_flags_give_the_same_prediction(checkpo
 
     monkeypatch.setattr(generation_perceptio, "decoding_kwargs", spy)
     torch._dynamo.reset()
-    compiled = predict_command(checkpoint, image_file, tmp_path / "compiled", "--compile", "--dtype", "float32")
+    compiled = predict_command(biased_checkpoint, image_file, tmp_path / "compiled", "--compile", "--dtype", "float32")
     assert asked == [(True, True)], "--compile implies the static cache"
     for result in (static, compiled):
         assert result["token_ids"] == default["token_ids"] and result["depth_codes"] == default["depth_codes"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -15,19 +14,6 @@ from perceptio.cli import build_parser, main
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_pair, tmp_path_factory):
-    """A tiny checkpoint whose generation config biases it to write one [SEG] and then a depth block."""
-    model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
-    config = model.config
-    seg, start = config.seg_token_id, config.depth_start_token_id
-    model.generation_config.sequence_bias = [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
-    folder = tmp_path_factory.mktemp("checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture()
 def image_file(tmp_path):
     path = tmp_path / "scene.png"
@@ -35,13 +21,13 @@ def image_file(tmp_path):
     return path
 
 
-def test_predict_writes_overlay_depth_and_json(checkpoint, image_file, tmp_path):
+def test_predict_writes_overlay_depth_and_json(biased_checkpoint, image_file, tmp_path):
     output_dir = tmp_path / "out"
     code = main(
         [
             "predict",
             "--model",
-            str(checkpoint),
+            str(biased_checkpoint),
             "--image",
             str(image_file),
             "--prompt",
@@ -63,12 +49,12 @@ def test_predict_writes_overlay_depth_and_json(checkpoint, image_file, tmp_path)
     assert (np.asarray(overlay) != original).any() == (result["mask_areas"][0] > 0)
 
 
-def test_truncated_depth_writes_no_depth_picture(checkpoint, image_file, tmp_path):
+def test_truncated_depth_writes_no_depth_picture(biased_checkpoint, image_file, tmp_path):
     code = main(
         [
             "predict",
             "--model",
-            str(checkpoint),
+            str(biased_checkpoint),
             "--image",
             str(image_file),
             "--prompt",
@@ -92,9 +78,9 @@ def test_truncated_depth_writes_no_depth_picture(checkpoint, image_file, tmp_pat
         ({"--max-new-tokens": "0"}, "positive"),
     ],
 )
-def test_bad_arguments_fail_with_a_message(checkpoint, image_file, tmp_path, capsys, change, message):
+def test_bad_arguments_fail_with_a_message(biased_checkpoint, image_file, tmp_path, capsys, change, message):
     arguments = {
-        "--model": str(checkpoint),
+        "--model": str(biased_checkpoint),
         "--image": str(image_file),
         "--prompt": "Hi",
         "--output-dir": str(tmp_path),
@@ -105,11 +91,21 @@ def test_bad_arguments_fail_with_a_message(checkpoint, image_file, tmp_path, cap
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_unreadable_image_fails_with_a_message(checkpoint, tmp_path, capsys):
+def test_unreadable_image_fails_with_a_message(biased_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     code = main(
-        ["predict", "--model", str(checkpoint), "--image", str(bad), "--prompt", "Hi", "--output-dir", str(tmp_path)]
+        [
+            "predict",
+            "--model",
+            str(biased_checkpoint),
+            "--image",
+            str(bad),
+            "--prompt",
+            "Hi",
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     assert code == 2 and "not an image" in capsys.readouterr().err
 

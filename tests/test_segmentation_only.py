@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList, TrainingArguments
+from test_trainer import training_args
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from perceptio import PerceptioForConditionalGeneration
 from perceptio.cli import main
@@ -167,17 +168,7 @@ def test_trainer_fine_tunes_it_on_a_mask_sample(converted, tmp_path):
         "task": "referring",
     }
     collator = PerceptioDataCollator(processor, depth_tokenizer=None, max_num_tiles=1)
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=1,
-        max_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
+    arguments = training_args(tmp_path)
     before = model.grounding_encoder.mask_decoder.iou_prediction_head.proj_out.weight.detach().clone()
     trainer = PerceptioTrainer(
         model=model, args=arguments, train_dataset=datasets.Dataset.from_list([sample]), data_collator=collator
