@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from perceptio.data.scene_rendering import metric_depth_to_inverse_depth, render_scene
-from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from perceptio.models.perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 from perceptio.trainers.depth_tokenizer_trainer import train_depth_tokenizer
 
 

@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from perceptio.modeling_perceptio.configuration_perceptio import PerceptioConfig
-from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.perceptio.configuration_perceptio import PerceptioConfig
+from perceptio.models.perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.tiny_models import build_tiny_perceptio, build_tiny_processor, tiny_perceptio_config
 
 

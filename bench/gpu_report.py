@@ -55,8 +55,8 @@ try:
     from transformers import InternVLForConditionalGeneration
 
     from perceptio.hub_cards.planning import GIB, get_preset, plan_build
-    from perceptio.modeling_perceptio.generation_perceptio import SEG_BUFFERS_ATTRIBUTE, decoding_kwargs
-    from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+    from perceptio.models.perceptio.generation_perceptio import SEG_BUFFERS_ATTRIBUTE, decoding_kwargs
+    from perceptio.models.perceptio.modeling_perceptio import PerceptioForConditionalGeneration
     from perceptio.tiny_models import build_tiny_perceptio
     from perceptio.trainers.peft_presets import PerceptioLoraPreset, apply_perceptio_lora
 except ImportError as import_error:  # the device machine cannot install anything: say what is missing, once

@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 from training_objectives import full_objective, lm_and_mask_objective  # the script's folder is on sys.path
 
-from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
-from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from perceptio.models.perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.tiny_models import build_tiny_perceptio, build_tiny_processor, tiny_perceptio_config
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 

@@ -13,16 +13,17 @@ from transformers import (
     pipelines,
 )
 
-from .modeling_perceptio import (
+from .models.perceptio import (
     PerceptioConfig,
     PerceptioDepthTokenizer,
     PerceptioDepthTokenizerConfig,
     PerceptioForConditionalGeneration,
+    PerceptioImageProcessor,
+    PerceptioProcessor,
 )
-from .modeling_perceptio.pipeline_perceptio import PerceptioSpatialPipeline
-from .processing import PerceptioImageProcessor, PerceptioProcessor
-from .processing.post_processing_perceptio import PerceptioPrediction
-from .processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from .models.perceptio.pipeline_perceptio import PerceptioSpatialPipeline
+from .models.perceptio.post_processing_perceptio import PerceptioPrediction
+from .models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 __version__ = "0.1.0"

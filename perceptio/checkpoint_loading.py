@@ -19,8 +19,7 @@ from tokenizers import Tokenizer
 from transformers.processing_utils import PROCESSOR_NAME
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .modeling_perceptio import PerceptioConfig, PerceptioForConditionalGeneration
-from .processing import PerceptioProcessor
+from .models.perceptio import PerceptioConfig, PerceptioForConditionalGeneration, PerceptioProcessor
 
 
 TOKENIZER_NAME = "tokenizer.json"

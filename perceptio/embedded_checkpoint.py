@@ -18,8 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from .checkpoint_loading import load_perceptio_checkpoint
-from .modeling_perceptio import PerceptioForConditionalGeneration
-from .processing import PerceptioProcessor
+from .models.perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
 
 
 EMBEDDED_CHECKPOINT_NAME = "perceptio-tiny-synthetic"

@@ -18,12 +18,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Sam2Config
 
-from .modeling_perceptio.configuration_perceptio import PerceptioConfig
-from .modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
-from .modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
-from .processing.image_processing_perceptio import PerceptioImageProcessor
-from .processing.processing_perceptio import PerceptioProcessor
-from .processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from .models.perceptio.configuration_perceptio import PerceptioConfig
+from .models.perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from .models.perceptio.image_processing_perceptio import PerceptioImageProcessor
+from .models.perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+from .models.perceptio.processing_perceptio import PerceptioProcessor
+from .models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 TINY_VOCAB_SIZE = 1024

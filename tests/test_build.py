@@ -15,7 +15,7 @@ from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration
 from perceptio.cli import main
 from perceptio.hub_cards.build_perceptio import build_perceptio
 from perceptio.hub_cards.publish import load_in_isolation
-from perceptio.processing.spatial_vocabulary_perceptio import spatial_tokens
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import spatial_tokens
 from perceptio.tiny_models import tiny_depth_tokenizer_config, tiny_sam2_config, train_tiny_tokenizer
 
 

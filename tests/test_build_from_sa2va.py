@@ -26,8 +26,7 @@ from perceptio.hub_cards.build_from_sa2va import add_depth_tokens
 from perceptio.hub_cards.convert_sa2va import convert_sa2va
 from perceptio.hub_cards.planning import get_preset, plan_build
 from perceptio.hub_cards.planning_sa2va import plan_from_sa2va
-from perceptio.modeling_perceptio import PerceptioDepthTokenizer
-from perceptio.processing import PerceptioProcessor
+from perceptio.models.perceptio import PerceptioDepthTokenizer, PerceptioProcessor
 from perceptio.tiny_models import tiny_depth_tokenizer_config
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.trainer_perceptio import PerceptioTrainer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS
+from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS
 
 
 WORKER = Path(__file__).with_name("ddp_training_worker.py")

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from perceptio.evaluation.depth_metrics import normalised_inverse_depth
-from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
-from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import (
+from perceptio.models.perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import (
     PerceptioDepthNormalization,
     PerceptioDepthTokenizer,
 )

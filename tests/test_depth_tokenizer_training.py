@@ -12,8 +12,8 @@ from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, D
 
 from perceptio.cli import main
 from perceptio.evaluation.depth_tokenizer_evaluation import evaluate_depth_tokenizer
-from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
-from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+from perceptio.models.perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.trainers.depth_tokenizer_trainer import EVALUATION_FILE_NAME, LOGGED_OUTPUTS, train_depth_tokenizer
 
 

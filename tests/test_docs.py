@@ -279,8 +279,8 @@ def test_docs_name_only_files_that_exist(path):
 
 
 def test_training_page_covers_every_loss_term_and_weight():
-    from perceptio.modeling_perceptio.configuration_perceptio import PerceptioConfig
-    from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS
+    from perceptio.models.perceptio.configuration_perceptio import PerceptioConfig
+    from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS
 
     text = (DOCS_DIR / "training.md").read_text(encoding="utf-8")
     weights = [name for name in vars(PerceptioConfig).get("__annotations__", {}) if name.endswith("_weight")]

@@ -559,7 +559,7 @@ def test_vqa_summary_scores_exact_answers_ignoring_case_and_full_stop():
 def test_a_constant_depth_map_is_scored_in_the_tokenizers_normalised_space(ripple):
     from perceptio import PerceptioDepthTokenizer, PerceptioDepthTokenizerConfig
     from perceptio.evaluation.runners.synthetic import synthetic_record
-    from perceptio.processing.post_processing_perceptio import PerceptioPrediction
+    from perceptio.models.perceptio.post_processing_perceptio import PerceptioPrediction
 
     size = 16
     depth = np.full((size, size), 2.0, dtype=np.float32)

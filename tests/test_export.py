@@ -21,12 +21,16 @@ from perceptio.hub_cards.export_perceptio import (
 )
 
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "perceptio"
-HUB_FOLDERS = [PACKAGE_ROOT / "modeling_perceptio", PACKAGE_ROOT / "processing"]
+HUB_FOLDER = Path(__file__).resolve().parent.parent / "perceptio" / "models" / "perceptio"
 ALLOWED_TOP_LEVEL = {"torch", "numpy", "PIL", "transformers", "safetensors"}
-# The model code may import a module of the processing folder (`from ..processing.X import`), which the export makes
-# a sibling import; not the reverse, since a processor's save_pretrained copies its files and their imports as-is.
-CROSS_FOLDER_IMPORTS = {"modeling_perceptio": "processing"}
+# What `processor.save_pretrained` copies: the processor's modules and their `from .X import`s (transformers'
+# `custom_object_save` follows only same-folder relative imports).
+PROCESSOR_CODE_FILES = {
+    "processing_perceptio.py",
+    "image_processing_perceptio.py",
+    "post_processing_perceptio.py",
+    "spatial_vocabulary_perceptio.py",
+}
 
 
 def run_isolated_script(script: str, folder: Path, request: dict, tmp_path: Path, *arguments: str) -> dict:
@@ -47,15 +51,6 @@ def run_isolated_script(script: str, folder: Path, request: dict, tmp_path: Path
     return torch.load(tmp_path / "outputs.pt", weights_only=False)
 
 
-def _is_cross_folder_import(path: Path, node: ast.ImportFrom) -> bool:
-    """Whether `node` is `from ..processing.X import` of an existing module X, in the model folder."""
-    other = CROSS_FOLDER_IMPORTS.get(path.parent.name)
-    if other is None or node.level != 2 or node.module is None:
-        return False
-    folder, _, module = node.module.partition(".")
-    return folder == other and (path.parent.parent / other / f"{module}.py").is_file()
-
-
 def _imports_leaving_the_folder(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     siblings = {file.stem for file in path.parent.glob("*.py")}
@@ -67,8 +62,6 @@ def _imports_leaving_the_folder(path: Path) -> list[str]:
                 if top not in ALLOWED_TOP_LEVEL and top not in sys.stdlib_module_names:
                     bad.append(f"{path.name}:{node.lineno} import {alias.name}")
         elif isinstance(node, ast.ImportFrom):
-            if _is_cross_folder_import(path, node):
-                continue
             if node.level > 1 or (node.level == 1 and (node.module or "").split(".")[0] not in siblings):
                 bad.append(f"{path.name}:{node.lineno} from {'.' * node.level}{node.module or ''}")
             elif node.level == 0:
@@ -78,9 +71,10 @@ def _imports_leaving_the_folder(path: Path) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("folder", HUB_FOLDERS, ids=lambda folder: folder.name)
-def test_hub_shipped_files_import_only_their_folder(folder):
-    bad = [line for path in sorted(folder.glob("*.py")) for line in _imports_leaving_the_folder(path)]
+def test_hub_shipped_files_import_only_their_folder():
+    sources = sorted(HUB_FOLDER.glob("*.py"))
+    assert {"modeling_perceptio.py", *PROCESSOR_CODE_FILES} <= {path.name for path in sources}
+    bad = [line for path in sources for line in _imports_leaving_the_folder(path)]
     assert not bad, "Hub-shipped code imports from outside its folder:\n" + "\n".join(bad)
 
 
@@ -90,27 +84,10 @@ def test_import_check_catches_a_package_import(tmp_path):
     assert len(_imports_leaving_the_folder(offender)) == 3
 
 
-def test_import_check_allows_only_the_model_folder_to_import_processing_modules(tmp_path):
-    for folder in ("modeling_perceptio", "processing"):
-        (tmp_path / folder).mkdir()
-    (tmp_path / "processing" / "vocabulary_x.py").write_text("")
-    model_file = tmp_path / "modeling_perceptio" / "modeling_x.py"
-    model_file.write_text(
-        "from ..processing.vocabulary_x import V\nfrom ..processing.missing_x import W\nfrom ..processing import Z\n"
-    )
-    assert [line.split()[0] for line in _imports_leaving_the_folder(model_file)] == [
-        "modeling_x.py:2",
-        "modeling_x.py:3",
-    ]
-    processing_file = tmp_path / "processing" / "processing_x.py"
-    processing_file.write_text("from ..modeling_perceptio.modeling_x import M\n")
-    assert len(_imports_leaving_the_folder(processing_file)) == 1
-
-
 def test_exported_files_import_only_their_flat_folder(tiny_pair, tmp_path):
     folder = export_pretrained(*tiny_pair, tmp_path / "export")
     sources = [folder / source.name for source in hub_source_files()]
-    assert any("from ..processing." in source.read_text() for source in hub_source_files())
+    assert [path.read_bytes() for path in sources] == [source.read_bytes() for source in hub_source_files()]
     bad = [line for path in sources for line in _imports_leaving_the_folder(path)]
     assert not bad, "Exported code imports from outside its flat folder:\n" + "\n".join(bad)
 
@@ -158,6 +135,7 @@ def test_a_save_pretrained_folder_gives_the_processor_without_the_package(tiny_p
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    assert PROCESSOR_CODE_FILES <= {path.name for path in folder.iterdir()}
     request = {"image": rgb_image, "prompt": processor.format_prompt("Where is the red cube?")}
     remote = run_isolated_script("isolated_processor_load.py", folder, request, tmp_path)
     # Without trust_remote_code: an error asking for it, never the bare tokenizer.

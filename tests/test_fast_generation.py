@@ -15,10 +15,10 @@ from test_generation import ForceScript, images, spatial_script  # noqa: E402  (
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.cli import main
-from perceptio.modeling_perceptio import generation_perceptio
-from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor, decoding_kwargs
-from perceptio.modeling_perceptio.pipeline_perceptio import PerceptioSpatialPipeline
-from perceptio.processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from perceptio.models.perceptio import generation_perceptio
+from perceptio.models.perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor, decoding_kwargs
+from perceptio.models.perceptio.pipeline_perceptio import PerceptioSpatialPipeline
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

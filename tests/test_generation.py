@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, TextIteratorStreamer
 
-from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
+from perceptio.models.perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
 from perceptio.tiny_models import build_tiny_perceptio
 
 

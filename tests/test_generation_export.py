@@ -11,7 +11,7 @@ import pytest
 from test_export import run_isolated_script  # noqa: E402  (the shared isolated-interpreter runner)
 
 from perceptio.hub_cards.export_perceptio import export_pretrained
-from perceptio.modeling_perceptio.pipeline_perceptio import PIPELINE_TASK, custom_pipelines_config
+from perceptio.models.perceptio.pipeline_perceptio import PIPELINE_TASK, custom_pipelines_config
 from perceptio.tiny_models import build_tiny_perceptio
 
 

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LogitsProcessor
 
-from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
-from perceptio.processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from perceptio.models.perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 SEG, START, END, OFFSET, K, N, VOCAB = 3, 4, 5, 10, 6, 3, 20

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perceptio.modeling_perceptio.loss_perceptio import (
+from perceptio.models.perceptio.loss_perceptio import (
     depth_code_logits,
     depth_code_targets,
     depth_count_loss,
@@ -20,7 +20,7 @@ from perceptio.modeling_perceptio.loss_perceptio import (
     gather_block_steps,
     segmentation_loss,
 )
-from perceptio.processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 # Vocabulary of 12: text 0..3, codes 4..6 (K = 3), [SEG] = 9, <DEPTH_START> = 10, <DEPTH_END> = 11; N = 2 codes per block.
@@ -213,7 +213,7 @@ def test_segmentation_loss_averages_the_best_candidates_over_masks():
 
 
 def test_segment_averaged_lm_loss_weighs_a_depth_block_as_one_answer():
-    from perceptio.modeling_perceptio.loss_perceptio import segment_averaged_lm_loss
+    from perceptio.models.perceptio.loss_perceptio import segment_averaged_lm_loss
 
     ids = PerceptioSpatialVocabulary(
         seg=9, depth_start=10, depth_end=11, depth_code_offset=12, num_depth_codes=4, num_depth_tokens=3

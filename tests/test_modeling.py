@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText
 
-from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS
+from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS
 
 
 def _segmentation_example(processor, image, num_seg=2, with_depth=True):

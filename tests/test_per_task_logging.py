@@ -25,8 +25,8 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from perceptio.data.synthetic_dataset import generate_sample
 from perceptio.data.synthetic_tasks import TASK_NAMES
-from perceptio.modeling_perceptio import loss_perceptio, modeling_perceptio
-from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS, next_token_losses, per_sample_lm_loss
+from perceptio.models.perceptio import loss_perceptio, modeling_perceptio
+from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS, next_token_losses, per_sample_lm_loss
 from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
 from perceptio.trainers.trainer_perceptio import TASK_LOSS_PREFIX, PerceptioTrainer
 

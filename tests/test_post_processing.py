@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from perceptio.processing.post_processing_perceptio import PerceptioPrediction
+from perceptio.models.perceptio.post_processing_perceptio import PerceptioPrediction
 
 
 N = 16

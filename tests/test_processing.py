@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from perceptio import PerceptioProcessor
-from perceptio.processing.image_processing_perceptio import to_rgb_array
-from perceptio.processing.processing_perceptio import IGNORE_INDEX
-from perceptio.processing.spatial_vocabulary_perceptio import (
+from perceptio.models.perceptio.image_processing_perceptio import to_rgb_array
+from perceptio.models.perceptio.processing_perceptio import IGNORE_INDEX
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import (
     PerceptioSpatialVocabulary,
     depth_code_tokens,
     strip_spatial_tokens,

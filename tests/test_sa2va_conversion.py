@@ -30,7 +30,7 @@ from perceptio import PerceptioForConditionalGeneration
 from perceptio.cli import main
 from perceptio.hub_cards.convert_sa2va import convert_sa2va, split_internlm2_wqkv
 from perceptio.hub_cards.convert_sam2_original import original_state_dict_to_transformers
-from perceptio.processing import PerceptioImageProcessor, PerceptioProcessor
+from perceptio.models.perceptio import PerceptioImageProcessor, PerceptioProcessor
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sa2va"

@@ -195,7 +195,7 @@ def test_reading_an_empty_accumulator_raises():
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), density=st.sampled_from([0.0, 0.1, 0.5]))
 def test_torch_batched_mask_iou_equals_the_numpy_metric(seed, density):
-    from perceptio.modeling_perceptio.loss_perceptio import mask_iou
+    from perceptio.models.perceptio.loss_perceptio import mask_iou
 
     generator = torch.Generator().manual_seed(seed)
     predicted = torch.rand(3, 2, 5, 6, generator=generator) < density

@@ -19,8 +19,8 @@ from perceptio import PerceptioForConditionalGeneration
 from perceptio.cli import main
 from perceptio.hub_cards.convert_sa2va import convert_sa2va
 from perceptio.hub_cards.model_card import PerceptioCardData, write_model_card
-from perceptio.modeling_perceptio.pipeline_perceptio import PerceptioSpatialPipeline
-from perceptio.processing import PerceptioProcessor
+from perceptio.models.perceptio import PerceptioProcessor
+from perceptio.models.perceptio.pipeline_perceptio import PerceptioSpatialPipeline
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.trainer_perceptio import PerceptioTrainer
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from test_trainer import make_sample, training_args  # noqa: E402  (the shared tiny samples and TrainingArguments)
 from transformers import LogitsProcessor
 
-from perceptio.modeling_perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
-from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS, segment_averaged_lm_loss
-from perceptio.processing.spatial_vocabulary_perceptio import (
+from perceptio.models.perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
+from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS, segment_averaged_lm_loss
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import (
     PerceptioSpatialVocabulary,
     spatial_tokens,
     strip_spatial_tokens,

@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import TrainingArguments
 
 from perceptio.cli import main as cli_main
-from perceptio.modeling_perceptio.loss_perceptio import LOSS_TERMS, LossTerm
+from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS, LossTerm
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.data_mixture import (
     add_depth_code_column,

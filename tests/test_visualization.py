@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from perceptio.processing.visualization_perceptio import (
+from perceptio.models.perceptio.visualization_perceptio import (
     DEPTH_COLORMAP_ANCHORS,
     apply_depth_colormap,
     render_depth,

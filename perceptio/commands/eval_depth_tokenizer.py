@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `perceptio eval-depth-tokenizer` with the parsed arguments; returns the exit status."""
     from perceptio.evaluation.depth_tokenizer_evaluation import evaluate_depth_tokenizer
-    from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+    from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
     from perceptio.trainers.depth_tokenizer_trainer import EVALUATION_FILE_NAME
 
     if not Path(args.model, "config.json").is_file():

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `perceptio predict` with the parsed arguments; returns the exit status."""
     from perceptio.checkpoint_loading import load_perceptio_checkpoint
     from perceptio.embedded_checkpoint import embedded_checkpoint_path
-    from perceptio.modeling_perceptio.generation_perceptio import decoding_kwargs
+    from perceptio.models.perceptio.generation_perceptio import decoding_kwargs
 
     if args.max_new_tokens <= 0 or args.num_beams <= 0:
         raise ValueError("--max-new-tokens and --num-beams must be positive integers.")
@@ -106,7 +106,7 @@ def write_prediction_outputs(picture, prediction, output_dir: Path, **record) ->
 
     `record` adds fields (the image path, the prompt) to the JSON. Returns the JSON's content.
     """
-    from perceptio.processing.visualization_perceptio import render_depth, render_mask_overlay
+    from perceptio.models.perceptio.visualization_perceptio import render_depth, render_mask_overlay
 
     output_dir.mkdir(parents=True, exist_ok=True)
     render_mask_overlay(picture, prediction.masks).save(output_dir / OVERLAY_FILE)

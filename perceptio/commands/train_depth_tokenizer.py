@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `perceptio train-depth-tokenizer` with the parsed arguments; returns the exit status."""
     from perceptio.commands.eval_depth_tokenizer import load_depth_maps
-    from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+    from perceptio.models.perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
     from perceptio.trainers.depth_tokenizer_trainer import train_depth_tokenizer
 
     if (args.depth is None) == (args.images is None):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import string
 
-from perceptio.processing.spatial_vocabulary_perceptio import SPATIAL_TOKEN_PATTERN
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import SPATIAL_TOKEN_PATTERN
 
 
 # An uppercase letter with no word character or hyphen touching it, and not part of a word joined by an apostrophe

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..modeling_perceptio.modeling_perceptio_depth_tokenizer import min_max_normalize
+from ..models.perceptio.modeling_perceptio_depth_tokenizer import min_max_normalize
 
 
 ArrayLike = np.ndarray | torch.Tensor

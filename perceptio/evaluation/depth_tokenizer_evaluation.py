@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from perceptio.evaluation.depth_metrics import normalized_to_positive, pair_order_counts
-from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 
 
 @dataclass

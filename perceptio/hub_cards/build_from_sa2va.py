@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 
-from ..modeling_perceptio import (
+from ..models.perceptio import (
     PerceptioConfig,
     PerceptioDepthTokenizer,
     PerceptioDepthTokenizerConfig,
     PerceptioForConditionalGeneration,
+    PerceptioProcessor,
 )
-from ..processing import PerceptioProcessor
-from ..processing.spatial_vocabulary_perceptio import DEPTH_END_TOKEN, DEPTH_START_TOKEN, depth_code_tokens
+from ..models.perceptio.spatial_vocabulary_perceptio import DEPTH_END_TOKEN, DEPTH_START_TOKEN, depth_code_tokens
 from .build_perceptio import (
     BASE_CONFIG_FIELDS_NOT_CARRIED,
     PerceptioBuildResult,

@@ -27,9 +27,14 @@ from accelerate import init_empty_weights
 from transformers import AutoTokenizer, InternVLForConditionalGeneration, PreTrainedConfig, Sam2Config, Sam2Model
 from transformers.utils import cached_file
 
-from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizer, PerceptioForConditionalGeneration
-from ..processing import PerceptioImageProcessor, PerceptioProcessor
-from ..processing.spatial_vocabulary_perceptio import spatial_tokens
+from ..models.perceptio import (
+    PerceptioConfig,
+    PerceptioDepthTokenizer,
+    PerceptioForConditionalGeneration,
+    PerceptioImageProcessor,
+    PerceptioProcessor,
+)
+from ..models.perceptio.spatial_vocabulary_perceptio import spatial_tokens
 from .convert_sam2_original import convert_original_sam2, is_original_sam2_checkpoint
 from .export_perceptio import export_pretrained
 from .model_card import PerceptioCardData, write_model_card

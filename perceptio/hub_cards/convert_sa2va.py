@@ -36,8 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, Sam2Config
 
-from ..modeling_perceptio import PerceptioConfig, PerceptioForConditionalGeneration
-from ..processing.image_processing_perceptio import IMAGENET_MEAN, IMAGENET_STD, PerceptioImageProcessor
+from ..models.perceptio import PerceptioConfig, PerceptioForConditionalGeneration
+from ..models.perceptio.image_processing_perceptio import IMAGENET_MEAN, IMAGENET_STD, PerceptioImageProcessor
 from .convert_sam2_original import POINT_EMBEDDING, rename_original_key
 from .model_card import PerceptioCardData, write_model_card
 

@@ -1,24 +1,22 @@
 """Export a Perceptio model and processor as a flat, self-contained Hub folder.
 
 The folder holds safetensors weights, the processor and tokenizer files, every source file of
-`perceptio/modeling_perceptio/` and `perceptio/processing/` copied flat, and `auto_map` entries so that
+`perceptio/models/perceptio/` copied as it is, and `auto_map` entries so that
 `AutoModel.from_pretrained(folder, trust_remote_code=True)` works where the `perceptio` package is not installed.
-The model code imports the spatial vocabulary from the processing folder (`from ..processing.X import`); in the flat
-folder that import becomes `from .X import`.
+The modules of that folder import one another only as `from .X import`, so they run unchanged in the flat folder.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import shutil
 from pathlib import Path
 
-from ..modeling_perceptio import PerceptioForConditionalGeneration
-from ..modeling_perceptio.pipeline_perceptio import custom_pipelines_config
-from ..processing import PerceptioProcessor
+from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
+from ..models.perceptio.pipeline_perceptio import custom_pipelines_config
 
 
-HUB_CODE_PACKAGES = ("modeling_perceptio", "processing")
+HUB_CODE_FOLDER = Path(__file__).resolve().parent.parent / "models" / "perceptio"
 MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_perceptio.PerceptioConfig",
     "AutoModel": "modeling_perceptio.PerceptioForConditionalGeneration",
@@ -29,30 +27,11 @@ PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "image_processing_perceptio.PerceptioImageProcessor",
 }
 PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
-# An import of a module of the other Hub-shipped folder, which the flat folder holds as a sibling.
-CROSS_FOLDER_IMPORT = re.compile(
-    rf"^(\s*from\s+)\.\.(?:{'|'.join(HUB_CODE_PACKAGES)})\.(\w+\s+import\b)", re.MULTILINE
-)
 
 
 def hub_source_files() -> list[Path]:
-    """The Python files that ship with every exported checkpoint (package `__init__` files excluded)."""
-    package_root = Path(__file__).resolve().parent.parent
-    files = []
-    for package in HUB_CODE_PACKAGES:
-        files.extend(sorted(path for path in (package_root / package).glob("*.py") if path.name != "__init__.py"))
-    names = [path.name for path in files]
-    duplicates = {name for name in names if names.count(name) > 1}
-    if duplicates:
-        raise ValueError(
-            f"Hub-shipped files must have distinct names when copied flat; duplicated: {sorted(duplicates)}."
-        )
-    return files
-
-
-def flat_source(path: Path) -> str:
-    """The text of a Hub-shipped file as it runs in the flat folder: imports of the other folder made relative."""
-    return CROSS_FOLDER_IMPORT.sub(r"\1.\2", path.read_text(encoding="utf-8"))
+    """The Python files that ship with every exported checkpoint (the package `__init__` excluded)."""
+    return sorted(path for path in HUB_CODE_FOLDER.glob("*.py") if path.name != "__init__.py")
 
 
 def export_pretrained(
@@ -73,7 +52,7 @@ def export_pretrained(
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     for source in hub_source_files():
-        (output_dir / source.name).write_text(flat_source(source), encoding="utf-8")
+        shutil.copyfile(source, output_dir / source.name)
     _add_auto_map(output_dir / "config.json", MODEL_AUTO_MAP)
     _add_custom_pipelines(output_dir / "config.json")
     for name in PROCESSOR_CONFIG_FILES:

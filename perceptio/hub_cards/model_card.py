@@ -21,7 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..modeling_perceptio import PerceptioConfig
+from ..models.perceptio import PerceptioConfig
 
 
 CARD_FILE = "README.md"

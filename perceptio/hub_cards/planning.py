@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import Sam2Config
 
-from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
-from ..processing.spatial_vocabulary_perceptio import spatial_tokens
+from ..models.perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
+from ..models.perceptio.spatial_vocabulary_perceptio import spatial_tokens
 from ..trainers.peft_presets import LLM_LAYERS_PATTERN, PerceptioLoraPreset
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 
-from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig
+from ..models.perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig
 from .build_from_sa2va import PERCEPTIO_MODEL_TYPE, looks_like_hub_id, read_segmentation_only_checkpoint
 from .convert_sa2va import (
     CONFIG_FILE,

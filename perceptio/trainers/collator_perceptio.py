@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from perceptio.data.scene_rendering import metric_depth_to_inverse_depth
-from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
-from perceptio.processing.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
-from perceptio.processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+from perceptio.models.perceptio.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
+from perceptio.models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 # A mask stored as 8-bit image (the schema's 0/255) is "object" above this value; a float mask above 0.5.

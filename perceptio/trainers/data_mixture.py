@@ -21,7 +21,7 @@ from datasets.fingerprint import Hasher
 
 from perceptio.data.depth_teacher import DepthTeacher, add_teacher_depth_column
 from perceptio.data.task_weights import validate_task_weights
-from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.trainers.collator_perceptio import masks_to_tensor, relative_inverse_depth, sample_name
 
 

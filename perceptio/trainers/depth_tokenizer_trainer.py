@@ -20,8 +20,8 @@ from transformers import Trainer, TrainingArguments
 
 from perceptio.data.depth_teacher import DepthTeacher, add_teacher_depth_column
 from perceptio.evaluation.depth_tokenizer_evaluation import DepthTokenizerEvaluation, evaluate_depth_tokenizer
-from perceptio.modeling_perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
-from perceptio.modeling_perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+from perceptio.models.perceptio.configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
+from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.trainers.trainer_perceptio import WindowMeans
 
 

@@ -26,9 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
-from ..modeling_perceptio import PerceptioForConditionalGeneration
-from ..modeling_perceptio.loss_perceptio import mask_iou
-from ..processing import PerceptioImageProcessor
+from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
+from ..models.perceptio.loss_perceptio import mask_iou
 from .pretraining_loop import run_pretraining_steps
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 
 
 # The language model's projections only: the vision tower and SAM2 also have modules named `q_proj`.

@@ -41,9 +41,14 @@ from ..data.scene_rendering import metric_depth_to_inverse_depth
 from ..data.synthetic_dataset import build_synthetic_dataset
 from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
 from ..data.task_weights import validate_task_weights
-from ..modeling_perceptio import PerceptioConfig, PerceptioDepthTokenizerConfig, PerceptioForConditionalGeneration
-from ..modeling_perceptio.loss_perceptio import loss_weight_fields
-from ..processing import PerceptioImageProcessor, PerceptioProcessor
+from ..models.perceptio import (
+    PerceptioConfig,
+    PerceptioDepthTokenizerConfig,
+    PerceptioForConditionalGeneration,
+    PerceptioImageProcessor,
+    PerceptioProcessor,
+)
+from ..models.perceptio.loss_perceptio import loss_weight_fields
 from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
 from .collator_perceptio import PerceptioDataCollator
 from .data_mixture import add_depth_code_column

@@ -30,8 +30,8 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.training_args import ParallelMode
 
 from perceptio.data.synthetic_tasks import TASK_NAMES
-from perceptio.modeling_perceptio.loss_perceptio import loss_term_names
-from perceptio.modeling_perceptio.modeling_perceptio import PerceptioForConditionalGeneration
+from perceptio.models.perceptio.loss_perceptio import loss_term_names
+from perceptio.models.perceptio.modeling_perceptio import PerceptioForConditionalGeneration
 from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
 
 

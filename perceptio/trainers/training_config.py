@@ -24,7 +24,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from perceptio.data.task_weights import validate_task_weights
-from perceptio.modeling_perceptio.loss_perceptio import loss_weight_fields
+from perceptio.models.perceptio.loss_perceptio import loss_weight_fields
 
 
 SECTIONS = ("training", "model", "data", "loss")

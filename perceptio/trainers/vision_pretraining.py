@@ -22,8 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
-from ..modeling_perceptio import PerceptioForConditionalGeneration
-from ..processing import PerceptioImageProcessor
+from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
 from .pretraining_loop import run_pretraining_steps
 
 

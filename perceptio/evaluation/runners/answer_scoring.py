@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ...modeling_perceptio.loss_perceptio import per_sample_lm_loss
-from ...processing.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
+from ...models.perceptio.loss_perceptio import per_sample_lm_loss
+from ...models.perceptio.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
 from ...trainers.collator_perceptio import PerceptioDataCollator
 from .resumable_run import batches
 

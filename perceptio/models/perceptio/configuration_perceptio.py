@@ -5,9 +5,9 @@ from __future__ import annotations
 from transformers import InternVLConfig, PreTrainedConfig, Sam2Config
 from transformers.configuration_utils import SubConfigSpec
 
-from ..processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 from .loss_perceptio import loss_weight_fields
+from .spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 LM_LOSS_REDUCTIONS = ("token", "segment")

@@ -6,8 +6,8 @@ reads that format; the processor, the config, the collator, the losses, the gene
 post-processing all take their ids and rules from it. A segmentation-only vocabulary (`num_depth_codes=0`) has
 `[SEG]` and no depth tokens at all.
 
-It lives with the processing code because a processor's `save_pretrained` copies its file and the same-folder files
-it imports into the checkpoint; the model code imports it from here, and the flat Hub export rewrites that import.
+The processor imports it as a same-folder module (`from .spatial_vocabulary_perceptio import`), so a processor's
+`save_pretrained` copies this file into the checkpoint with the processor's own.
 """
 
 from __future__ import annotations

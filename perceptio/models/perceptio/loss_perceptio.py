@@ -7,7 +7,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..processing.spatial_vocabulary_perceptio import DepthBlocks, PerceptioSpatialVocabulary
+from .spatial_vocabulary_perceptio import DepthBlocks, PerceptioSpatialVocabulary
 
 
 class LossTerm(NamedTuple):

@@ -14,7 +14,6 @@ from transformers.models.internvl.modeling_internvl import (
 )
 from transformers.utils import ModelOutput
 
-from ..processing.spatial_vocabulary_perceptio import DepthBlocks
 from .configuration_perceptio import LM_LOSS_REDUCTIONS, PerceptioConfig
 from .generation_perceptio import PerceptioGenerationMixin
 from .loss_perceptio import (
@@ -36,6 +35,7 @@ from .loss_perceptio import (
     weighted_loss_sum,
 )
 from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
+from .spatial_vocabulary_perceptio import DepthBlocks
 
 
 # Inputs that only the training forward and the post-generation mask stage use; generation steps never need them.

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..processing.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from .spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 
 
 class PerceptioSpatialGrammarLogitsProcessor(LogitsProcessor):

@@ -1,0 +1,1 @@
+"""Perceptio model packages, in the layout of `transformers.models`."""
