@@ -176,7 +176,7 @@ def build_model(tiny: bool, device: torch.device):
         with torch.device(device):
             model = PerceptioForConditionalGeneration(get_preset(PRESET).config())
     model = model.to(torch.bfloat16)
-    # As `load_perceptio_checkpoint` (predict, eval) loads it: `depth_tokenizer_in_float32`.
+    # As `from_pretrained` in bf16 loads it (`PerceptioForConditionalGeneration._keep_in_fp32_modules_strict`).
     model.depth_tokenizer.float()
     return model.eval(), plan_build(model.config, PerceptioLoraPreset())
 

@@ -27,8 +27,6 @@ TOKENIZER_NAME = "tokenizer.json"
 PROCESSOR_CONFIG_NAMES = (PROCESSOR_NAME, "preprocessor_config.json")
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 MAX_ERROR_CHARACTERS = 400
-# Where the depth tokenizer's tensors live in a checkpoint's state dict.
-DEPTH_TOKENIZER_PREFIX = "depth_tokenizer."
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,7 +68,8 @@ def load_perceptio_checkpoint(
         path: a folder written by `save_pretrained` or `perceptio export` (it has a config.json).
         device: a torch device string ("cpu", "cuda", "cuda:1").
         dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16". The depth tokenizer always gets its
-            stored weights in float32 (`depth_tokenizer_in_float32`); SAM2 runs in `dtype`, as in Sa2VA.
+            stored weights in float32 (`PerceptioForConditionalGeneration._keep_in_fp32_modules_strict`); SAM2 runs
+            in `dtype`, as in Sa2VA.
         attn_implementation: transformers' attention kernel, passed to `from_pretrained` ("sdpa", PyTorch's fused
             attention, by default; "eager", "flash_attention_2"…).
 
@@ -92,45 +91,29 @@ def load_perceptio_checkpoint(
     except (ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{folder / CONFIG_NAME}: {one_line(error)}") from error
     try:
-        model = PerceptioForConditionalGeneration.from_pretrained(
-            folder, config=config, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        model, loading_info = PerceptioForConditionalGeneration.from_pretrained(
+            folder,
+            config=config,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ValueError(
             f"{folder}: the weights do not load into the model of its {CONFIG_NAME} ({one_line(error)})"
         ) from error
+    # transformers only warns and leaves such weights random: a model that would answer from noise.
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"{folder}: the weights lack {len(missing)} tensor(s) the model of its {CONFIG_NAME} needs "
+            f"(first: {', '.join(missing[:3])})."
+        )
     try:
         processor = PerceptioProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{folder}: the processor does not load ({one_line(error)})") from error
-    depth_tokenizer_in_float32(model, folder)
     return model.to(torch_device).eval(), processor
-
-
-def depth_tokenizer_in_float32(model: PerceptioForConditionalGeneration, folder: str | os.PathLike) -> None:
-    """Put the model's depth tokenizer in float32 with the weights `folder` stores, not their rounding to the dtype
-    the model was loaded in.
-
-    It is a few MB and decodes once per answer, and in bf16 its decoded depth is off by up to 0.6% of the depth range
-    (half from rounding its weights, half from computing in bf16; measured on the embedded checkpoint). A checkpoint
-    that stores it in bf16 keeps those values, computed in float32. No-op without a depth tokenizer.
-    """
-    if not isinstance(model, PerceptioForConditionalGeneration):
-        raise ValueError(f"model must be a PerceptioForConditionalGeneration, got {type(model).__name__}.")
-    tokenizer = model.depth_tokenizer
-    if tokenizer is None:
-        return
-    stored = {}
-    for path in _weights_files(Path(folder)):
-        with safe_open(str(path), framework="pt") as file:
-            for key in file.keys():
-                if key.startswith(DEPTH_TOKENIZER_PREFIX):
-                    stored[key[len(DEPTH_TOKENIZER_PREFIX) :]] = file.get_tensor(key)
-    try:
-        # Integer buffers (code usage counters) keep their dtype; loading casts the stored values.
-        tokenizer.float().load_state_dict(stored)
-    except RuntimeError as error:
-        raise ValueError(f"{folder}: the depth tokenizer's weights do not load ({one_line(error)})") from error
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

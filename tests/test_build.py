@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from test_export import run_isolated_script
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config, Sam2Model
 
 from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration, PerceptioProcessor
 from perceptio.cli import main
 from perceptio.hub_cards.build_perceptio import build_perceptio
+from perceptio.hub_cards.export_perceptio import export_pretrained
 from perceptio.hub_cards.publish import load_in_isolation
+from perceptio.models.perceptio.pipeline_perceptio import PIPELINE_TASK
 from perceptio.models.perceptio.spatial_vocabulary_perceptio import spatial_tokens
 from perceptio.tiny_models import tiny_depth_tokenizer_config, tiny_sam2_config, train_tiny_tokenizer
 
@@ -185,18 +189,87 @@ def test_build_writes_a_model_card_with_hub_metadata(built):
     assert f'model_id = "{built.resolve()}"' in card
 
 
-def test_bfloat16_build_saves_bfloat16_weights(parts, tmp_path):
+@pytest.fixture(scope="module")
+def built_bf16(parts):
+    """The folder a bfloat16 build (the 8B path's dtype) writes from the tiny parts."""
+    output = parts["root"] / "built-bf16"
     build_perceptio(
         parts["base"],
         parts["sam2"],
         parts["depth"],
-        tmp_path / "bf16",
+        output,
         dtype="bfloat16",
         num_depth_tokens=TINY_NUM_DEPTH_TOKENS,
     )
-    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as weights:
-        dtypes = {weights.get_slice(key).get_dtype() for key in weights.keys()}
-    assert "BF16" in dtypes and "F32" not in dtypes
+    return output
+
+
+def float_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in tensors.items() if tensor.is_floating_point()}
+
+
+def test_bfloat16_build_saves_bfloat16_weights_and_a_float32_depth_tokenizer(parts, built_bf16):
+    with safe_open(built_bf16 / "model.safetensors", "pt") as weights:
+        stored = {key: weights.get_tensor(key) for key in weights.keys()}
+    depth = {
+        key.removeprefix("depth_tokenizer."): tensor
+        for key, tensor in stored.items()
+        if key.startswith("depth_tokenizer.")
+    }
+    others = {key: tensor for key, tensor in stored.items() if not key.startswith("depth_tokenizer.")}
+    assert {tensor.dtype for tensor in float_tensors(others).values()} == {torch.bfloat16}
+    assert {tensor.dtype for tensor in float_tensors(depth).values()} == {torch.float32}
+    # The trained tokenizer's values, bit for bit: they never went through bf16.
+    trained = load_file(parts["depth"] / "model.safetensors")
+    assert depth.keys() == trained.keys()
+    assert all(
+        torch.equal(depth[name], tensor) and depth[name].dtype == tensor.dtype for name, tensor in trained.items()
+    )
+
+
+def bias_to_seg_then_depth(model: PerceptioForConditionalGeneration) -> None:
+    """Bias generation to one [SEG] and then a depth block (the grammar completes the block)."""
+    seg, start = model.config.seg_token_id, model.config.depth_start_token_id
+    model.generation_config.sequence_bias = [[[seg], 100.0], [[seg, seg], -200.0], [[start], 50.0]]
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_bfloat16_load_keeps_the_depth_tokenizer_in_float32_and_predicts_depth(
+    parts, built_bf16, rgb_image, tmp_path
+):
+    model = PerceptioForConditionalGeneration.from_pretrained(built_bf16, dtype=torch.bfloat16).eval()
+    processor = PerceptioProcessor.from_pretrained(built_bf16)
+    assert model.dtype == model.grounding_encoder.dtype == model.text_hidden_fcs[0].weight.dtype == torch.bfloat16
+    state = model.depth_tokenizer.state_dict()
+    trained = load_file(parts["depth"] / "model.safetensors")
+    assert {tensor.dtype for tensor in float_tensors(state).values()} == {torch.float32}
+    # Its trained values, and its integer code counters stay integers.
+    assert all(
+        torch.equal(state[name], tensor) and state[name].dtype == tensor.dtype for name, tensor in trained.items()
+    )
+    bias_to_seg_then_depth(model)
+    prompt = "Segment the cube."
+    (local,) = model.predict([rgb_image], [prompt], processor=processor, max_new_tokens=22)
+    assert len(local.masks) == 1 and local.depth is not None and local.depth.dtype == np.float32
+    assert local.depth.shape == rgb_image.shape[:2]
+    # The bf16 model's depth is the float32 tokenizer's decoding of its codes.
+    reference = PerceptioDepthTokenizer.from_pretrained(parts["depth"], dtype=torch.float32).eval()
+    codes = torch.tensor([local.depth_codes])
+    assert torch.equal(model.depth_tokenizer.decode(codes), reference.decode(codes))
+
+    # Saving the bf16-loaded model keeps the tokenizer in float32, and a Hub user's AutoModel load in bf16 (no
+    # perceptio package) keeps it so too and predicts the same.
+    folder = export_pretrained(model, processor, tmp_path / "export")
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        saved = {weights.get_slice(key).get_dtype() for key in weights.keys() if key.startswith("depth_tokenizer.")}
+    assert saved == {"F32", "I64"}
+    request = {"image": rgb_image, "prompt": prompt}
+    remote = run_isolated_script("isolated_hub_predict.py", folder, request, tmp_path, PIPELINE_TASK, "bfloat16")
+    assert remote["model_dtype"] == "torch.bfloat16" and remote["depth_tokenizer_dtypes"] == {"torch.float32"}
+    for result in (remote["predict"], remote["pipeline"]):
+        assert result["token_ids"] == local.token_ids and result["depth_codes"] == local.depth_codes
+        assert np.array_equal(result["depth"], local.depth)
+        assert len(result["masks"]) == 1
 
 
 def test_build_converts_an_original_sam2_checkpoint(parts, tmp_path):

@@ -60,12 +60,14 @@ def built(tmp_path_factory, depth_tokenizer_dir) -> dict[str, tuple[Path, Path]]
     return folders
 
 
-def stored_float_dtypes(folder: Path) -> set[str]:
-    """The safetensors dtypes of the floating-point weights in `folder`."""
+def stored_float_dtypes(folder: Path, depth_tokenizer: bool = False) -> set[str]:
+    """The safetensors dtypes of the floating-point weights in `folder`: the depth tokenizer's when
+    `depth_tokenizer`, else every other one."""
     dtypes = set()
     for path in folder.glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as handle:
-            dtypes |= {handle.get_slice(name).get_dtype() for name in handle.keys()}
+            names = [name for name in handle.keys() if name.startswith("depth_tokenizer.") == depth_tokenizer]
+            dtypes |= {handle.get_slice(name).get_dtype() for name in names}
     return dtypes & {"F32", "BF16", "F16"}
 
 
@@ -110,9 +112,9 @@ def test_old_weights_are_unchanged_and_new_rows_are_the_mean(built, depth_tokeni
             assert torch.equal(after[name], tensor), name
     depth_weights = load_file(depth_tokenizer_dir / "model.safetensors")
     for name, tensor in depth_weights.items():
-        # The depth tokenizer takes the model's dtype (bfloat16 here), as in any build.
+        # The depth tokenizer stays float32 in the bfloat16 build and its bfloat16 load: bit-equal to the trained one.
         built_tensor = after[f"depth_tokenizer.{name}"]
-        assert torch.equal(built_tensor, tensor.to(built_tensor.dtype)), name
+        assert built_tensor.dtype == tensor.dtype and torch.equal(built_tensor, tensor), name
     assert set(after) == set(before) | {f"depth_tokenizer.{name}" for name in depth_weights}
 
 
@@ -138,8 +140,10 @@ def test_config_and_processor_carry_the_depth_vocabulary(built, variant):
     before = json.loads((source / "generation_config.json").read_text())
     after = json.loads((output / "generation_config.json").read_text())
     assert after["eos_token_id"] == before["eos_token_id"]
-    # Sa2VA's weights are bfloat16; the build keeps them so (a float32 copy would double an 8B model's size).
+    # Sa2VA's weights are bfloat16; the build keeps them so (a float32 copy would double an 8B model's size), and
+    # adds the depth tokenizer in float32 (a few MB).
     assert stored_float_dtypes(output) == stored_float_dtypes(source) == {"BF16"}
+    assert stored_float_dtypes(output, depth_tokenizer=True) == {"F32"}
     card = (output / "README.md").read_text()
     assert "<DEPTH_START>" in card and "Sa2VA's, converted" in card
 

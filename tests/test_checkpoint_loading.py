@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import perceptio.embedded_checkpoint
 from perceptio.checkpoint_loading import check_checkpoint_folder, load_perceptio_checkpoint
@@ -132,6 +136,32 @@ def test_missing_and_lfs_pointer_weights_are_named(saved, tmp_path):
         check_checkpoint_folder(folder)
 
 
+def test_weights_that_lack_a_module_are_named(saved, tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(saved, folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as file:
+        kept = {key: file.get_tensor(key) for key in file.keys() if not key.startswith("depth_tokenizer.")}
+        metadata = file.metadata()
+    save_file(kept, str(folder / "model.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"checkpoint: the weights lack \d+ tensor\(s\) .*first: depth_tokenizer\."):
+        load_perceptio_checkpoint(folder)
+
+
 def test_a_good_folder_loads(saved):
     model, processor = load_perceptio_checkpoint(saved)
     assert not model.training and type(processor).__name__ == "PerceptioProcessor"
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float16"])
+def test_a_checkpoint_stored_in_bfloat16_gives_its_depth_tokenizer_in_float32(tiny_pair, tmp_path, dtype):
+    # An older build stored everything in bf16: the depth tokenizer gets those stored values, computed in float32.
+    model, processor = copy.deepcopy(tiny_pair[0]).to(torch.bfloat16), tiny_pair[1]
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    stored = model.depth_tokenizer.state_dict()
+    loaded, _ = load_perceptio_checkpoint(tmp_path, dtype=dtype)
+    assert loaded.dtype == (torch.float16 if dtype == "float16" else torch.bfloat16)
+    state = loaded.depth_tokenizer.state_dict()
+    assert {tensor.dtype for tensor in state.values() if tensor.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(state[name], tensor.to(state[name].dtype)) for name, tensor in stored.items())
+    assert all(state[name].dtype == tensor.dtype for name, tensor in stored.items() if not tensor.is_floating_point())

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
-        help="weight dtype (default: bfloat16; with --from-sa2va, the source's)",
+        help="weight dtype (default: bfloat16; with --from-sa2va, the source's); the depth tokenizer stays float32",
     )
     parser.add_argument(
         "--num-depth-tokens",
@@ -190,14 +190,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _plan_from_sa2va(args: argparse.Namespace) -> int:
-    import torch
-
     from perceptio.hub_cards.build_from_sa2va import load_any_depth_tokenizer
     from perceptio.hub_cards.planning_sa2va import plan_from_sa2va
 
-    depth_config = (
-        load_any_depth_tokenizer(args.depth_tokenizer, torch.float32).config if args.depth_tokenizer else None
-    )
+    depth_config = load_any_depth_tokenizer(args.depth_tokenizer).config if args.depth_tokenizer else None
     planned = plan_from_sa2va(args.from_sa2va, depth_config)
     config = planned.config
     print(

@@ -127,9 +127,10 @@ def check_depth_tokens_absent(tokenizer, folder: Path, num_depth_codes: int) -> 
         )
 
 
-def load_any_depth_tokenizer(name_or_path: str | Path, dtype: torch.dtype) -> PerceptioDepthTokenizer:
-    """The depth tokenizer of a folder or Hub id, whatever its grid (N follows it), or a `ValueError` naming the
-    folder or its config.json when it is missing or not a `PerceptioDepthTokenizer`."""
+def load_any_depth_tokenizer(name_or_path: str | Path) -> PerceptioDepthTokenizer:
+    """The depth tokenizer of a folder or Hub id in float32 (as `load_depth_tokenizer`), whatever its grid (N follows
+    it), or a `ValueError` naming the folder or its config.json when it is missing or not a
+    `PerceptioDepthTokenizer`."""
     path = Path(name_or_path)
     if not path.exists() and not looks_like_hub_id(name_or_path):
         raise ValueError(f"The depth tokenizer folder {path} does not exist.")
@@ -142,7 +143,7 @@ def load_any_depth_tokenizer(name_or_path: str | Path, dtype: torch.dtype) -> Pe
             f"(model_type {DEPTH_TOKENIZER_MODEL_TYPE!r}), as `perceptio train-depth-tokenizer` writes."
         )
     num_tokens = PerceptioDepthTokenizerConfig.from_dict(config_dict).num_tokens
-    return load_depth_tokenizer(name_or_path, dtype, num_tokens)
+    return load_depth_tokenizer(name_or_path, num_tokens)
 
 
 def grown_config(config: PerceptioConfig, vocab_size: int, depth_config, processor: PerceptioProcessor):
@@ -190,7 +191,8 @@ def add_depth_tokens(
         depth_tokenizer: folder or Hub id of a `PerceptioDepthTokenizer`; its codebook size is K and its code grid
             N, the codes per depth block.
         output_dir: folder to write (must be empty or absent unless `overwrite`).
-        dtype: `float32`, `bfloat16` or `float16`; the source's own dtype by default.
+        dtype: `float32`, `bfloat16` or `float16`; the source's own dtype by default. The depth tokenizer is
+            added in float32 whatever it is (see `load_depth_tokenizer`).
         overwrite: write into a non-empty `output_dir`.
         card_data: what the model card says beyond the build.
 
@@ -204,7 +206,7 @@ def add_depth_tokens(
         raise ValueError(f"The output folder {output_dir} is the source; write the build to another folder.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
-    depth = load_any_depth_tokenizer(depth_tokenizer, torch_dtype)
+    depth = load_any_depth_tokenizer(depth_tokenizer)
 
     source_processor = PerceptioProcessor.from_pretrained(str(checkpoint.folder))
     tokenizer = source_processor.tokenizer

@@ -10,6 +10,9 @@ InternVL3.5-*-HF (`qwen3`) all load this way. The original InternVL2.5 releases 
 `OpenGVLab/InternVL2_5-8B` with its InternLM2 text model) are remote-code models, not transformers' InternVL, and
 are rejected with an explanation: convert them with transformers' `convert_internvl_weights_to_hf.py` first.
 
+Dtype. Every weight is loaded and saved in the build's dtype except the depth tokenizer's, which stay float32 (a few
+MB; `PerceptioForConditionalGeneration` keeps it in float32 when loaded in bf16 or fp16).
+
 Memory. The base is loaded once (in `dtype`); the Perceptio model is built with its parameters on the meta device
 and the loaded tensors are assigned into it (`load_state_dict(..., assign=True)`), so nothing is copied: building
 an 8B model needs about one copy of the 8B weights, plus SAM2 and the depth tokenizer.
@@ -155,17 +158,23 @@ def load_sam2(
     return model.eval()
 
 
-def load_depth_tokenizer(
-    name_or_path: str | Path, dtype: torch.dtype, expected_num_tokens: int
-) -> PerceptioDepthTokenizer:
-    """The depth tokenizer; a `ValueError` naming its config.json when its code grid is not `expected_num_tokens`."""
+def load_depth_tokenizer(name_or_path: str | Path, expected_num_tokens: int) -> PerceptioDepthTokenizer:
+    """The depth tokenizer in float32; a `ValueError` naming its config.json when its code grid is not
+    `expected_num_tokens`.
+
+    Float32 whatever the build's dtype: the model keeps its depth tokenizer in float32
+    (`PerceptioForConditionalGeneration._keep_in_fp32_modules_strict`), and a build that stored it in bf16 would
+    have rounded away its trained values before any load could keep them.
+    """
     config_dict, where = read_config_dict(name_or_path, "depth tokenizer")
     if config_dict.get("model_type") != "perceptio_depth_tokenizer":
         raise ValueError(
             f"{where} has model_type {config_dict.get('model_type')!r}; expected a PerceptioDepthTokenizer "
             "(model_type 'perceptio_depth_tokenizer'), as `perceptio train-depth-tokenizer` writes."
         )
-    tokenizer, info = PerceptioDepthTokenizer.from_pretrained(str(name_or_path), dtype=dtype, output_loading_info=True)
+    tokenizer, info = PerceptioDepthTokenizer.from_pretrained(
+        str(name_or_path), dtype=torch.float32, output_loading_info=True
+    )
     config = tokenizer.config
     if config.num_tokens != expected_num_tokens:
         raise ValueError(
@@ -301,7 +310,8 @@ def build_perceptio(
         sam2: folder or Hub id of a transformers SAM2 (e.g. `facebook/sam2.1-hiera-large`), or an original `.pt`.
         depth_tokenizer: folder or Hub id of a `PerceptioDepthTokenizer`.
         output_dir: folder to write (must be empty or absent unless `overwrite`).
-        dtype: `float32`, `bfloat16` or `float16`: every weight is loaded and saved in it.
+        dtype: `float32`, `bfloat16` or `float16`: every weight is loaded and saved in it, except the depth
+            tokenizer's, which stay float32.
         num_depth_tokens: N, the codes per depth block the model is built for; the tokenizer's grid must match it.
         sam2_config_name, sam2_overrides: the sam2 package's hydra config (and overrides) of an original `.pt`;
             inferred for Meta's released file names.
@@ -316,7 +326,7 @@ def build_perceptio(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
-    depth = load_depth_tokenizer(depth_tokenizer, torch_dtype, num_depth_tokens)
+    depth = load_depth_tokenizer(depth_tokenizer, num_depth_tokens)
     sam = load_sam2(sam2, torch_dtype, sam2_config_name, tuple(sam2_overrides))
     base_model = load_internvl_base(base, torch_dtype)
 

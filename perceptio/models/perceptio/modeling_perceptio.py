@@ -115,6 +115,22 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
     config_class = PerceptioConfig
     # The composite loss is already a per-token mean; Trainer must not rescale it by the number of items.
     accepts_loss_kwargs = False
+    # The depth tokenizer stays in float32 when the model is loaded in bf16 or fp16: `from_pretrained` reads the
+    # tensors these patterns match straight into float32, whatever their stored dtype. It is a few MB and decodes once
+    # per answer, and in bf16 its decoded depth moves by up to 0.6% of the depth range (half from rounding its
+    # weights, half from computing in bf16; measured on the embedded checkpoint). Its `encode`, `decode` and
+    # `decode_soft` cast their inputs to its own dtype, so they take the bf16 model's logits and return float32 depth.
+    # `perceptio build` stores it in float32 whatever the build dtype, so the checkpoint holds its trained values.
+    # The patterns name its floating-point parts rather than "depth_tokenizer": transformers casts every tensor a
+    # pattern matches, and the quantizer's integer counters (`steps_since_used`, `initialized`) must stay int64.
+    # (A later `model.to(dtype)` casts it like any other module.)
+    _keep_in_fp32_modules_strict = [
+        "depth_tokenizer.encoder.",
+        "depth_tokenizer.decoder.",
+        "depth_tokenizer.quantizer.codebook",
+        "depth_tokenizer.quantizer.cluster_size",
+        "depth_tokenizer.quantizer.embedding_sum",
+    ]
 
     def __init__(self, config: PerceptioConfig):
         InternVLPreTrainedModel.__init__(self, config)
