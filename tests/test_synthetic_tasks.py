@@ -210,6 +210,20 @@ def test_splits_are_disjoint_and_reproducible(small_dataset, tmp_path):
     assert len(other["validation"]) == 0
 
 
+@pytest.mark.parametrize("num_objects", [1, 2])
+def test_num_objects_fixes_the_objects_of_every_scene(num_objects, tmp_path):
+    tasks = ("vqa_colour", "vqa_shape", "vqa_count")
+    dataset = build_synthetic_dataset(
+        6, 0, 0, image_size=64, seed=5, tasks=tasks, cache_dir=str(tmp_path), num_objects=num_objects
+    )
+    for row in dataset["train"]:
+        scene = render_scene(row["scene_seed"], 64, num_objects=num_objects)
+        assert len(scene.objects) == num_objects
+        assert np.array_equal(np.asarray(row["image"]), scene.image)
+    free = build_synthetic_dataset(6, 0, 0, image_size=64, seed=5, tasks=tasks, cache_dir=str(tmp_path))
+    assert [row["image"].tobytes() for row in free["train"]] != [row["image"].tobytes() for row in dataset["train"]]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -220,6 +234,10 @@ def test_splits_are_disjoint_and_reproducible(small_dataset, tmp_path):
         {"seed": -2},
         {"image_size": 3},
         {"num_proc": 0},
+        {"num_objects": 0},
+        {"num_objects": 7},
+        {"num_objects": True},
+        {"num_objects": 1.0},
     ],
 )
 def test_invalid_builder_arguments_raise_value_error(kwargs, tmp_path):

@@ -36,7 +36,12 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from .scene_rendering import metric_depth_to_inverse_depth, normalise_image_size, render_scene
+from .scene_rendering import (
+    DEFAULT_SAMPLING_CONFIG,
+    metric_depth_to_inverse_depth,
+    normalise_image_size,
+    render_scene,
+)
 from .synthetic_tasks import DEFAULT_TASK_CONFIG, TASK_NAMES, TaskConfig, generate_task_sample
 from .task_weights import validate_task_weights
 
@@ -105,8 +110,10 @@ def generate_sample(
     image_size: int | tuple[int, int],
     task_weights: Mapping[str, float] = DEFAULT_TASK_WEIGHTS,
     task_config: TaskConfig = DEFAULT_TASK_CONFIG,
+    num_objects: int | None = None,
 ) -> dict[str, Any]:
-    """Sample `index` of `split` as a dataset row (PIL images, numpy depth, JSON meta)."""
+    """Sample `index` of `split` as a dataset row (PIL images, numpy depth, JSON meta); its scene has `num_objects`
+    objects, or a random number of them when None."""
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
     size = normalise_image_size(image_size)
@@ -116,7 +123,7 @@ def generate_sample(
     task = names[int(rng.choice(len(names), p=probabilities / probabilities.sum()))]
     for attempt in range(MAX_SCENES_PER_SAMPLE):
         scene_seed = scene_seed_for(seed, split, index, attempt)
-        scene = render_scene(scene_seed, size)
+        scene = render_scene(scene_seed, size, num_objects=num_objects)
         sample = generate_task_sample(scene, task, rng, task_config)
         if sample is not None:
             return {
@@ -142,6 +149,7 @@ def _generate_split_rows(
     image_size: tuple[int, int],
     task_weights_json: str,
     task_config_json: str,
+    num_objects: int | None,
 ) -> Iterator[dict[str, Any]]:
     """`datasets.Dataset.from_generator` generator; `indices` is the only list so `num_proc` shards it."""
     task_weights = json.loads(task_weights_json)
@@ -152,7 +160,7 @@ def _generate_split_rows(
         }
     )
     for index in indices:
-        yield generate_sample(seed, split, index, image_size, task_weights, task_config)
+        yield generate_sample(seed, split, index, image_size, task_weights, task_config, num_objects)
 
 
 def _source_fingerprint() -> str:
@@ -179,12 +187,14 @@ def build_synthetic_dataset(
     num_proc: int | None = None,
     task_config: TaskConfig = DEFAULT_TASK_CONFIG,
     cache_dir: str | None = None,
+    num_objects: int | None = None,
 ) -> datasets.DatasetDict:
     """Render the train/validation/test splits (see the module docstring for the schema).
 
     `tasks` is a list of task names (equal weights) or a {task: weight} mapping; each sample draws its task from
     it. `num_proc` renders with several processes; `cache_dir` is where `datasets` caches the splits (its default
-    cache when None). The same arguments give the same samples.
+    cache when None). `num_objects` fixes the number of objects in every scene (1 to the renderer's maximum; None:
+    each scene draws it). The same arguments give the same samples.
     """
     counts = {
         "train": _validate_count("num_train", num_train),
@@ -195,6 +205,13 @@ def build_synthetic_dataset(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if num_proc is not None and (not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1):
         raise ValueError(f"num_proc must be a positive int or None, got {num_proc!r}")
+    max_objects = DEFAULT_SAMPLING_CONFIG.max_objects
+    if num_objects is not None and (
+        not isinstance(num_objects, (int, np.integer))
+        or isinstance(num_objects, bool)
+        or not 1 <= num_objects <= max_objects
+    ):
+        raise ValueError(f"num_objects must be an int in [1, {max_objects}] or None, got {num_objects!r}")
     size = normalise_image_size(image_size)
     task_weights = _validate_task_weights(tasks)
     features = dataset_features(size)
@@ -207,7 +224,9 @@ def build_synthetic_dataset(
             splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features, split=split)
             continue
         fingerprint = hashlib.sha256(
-            json.dumps([source, int(seed), split, count, size, task_weights_json, task_config_json]).encode()
+            json.dumps(
+                [source, int(seed), split, count, size, task_weights_json, task_config_json, num_objects]
+            ).encode()
         ).hexdigest()
         splits[split] = datasets.Dataset.from_generator(
             _generate_split_rows,
@@ -220,6 +239,7 @@ def build_synthetic_dataset(
                 "image_size": size,
                 "task_weights_json": task_weights_json,
                 "task_config_json": task_config_json,
+                "num_objects": None if num_objects is None else int(num_objects),
             },
             num_proc=num_proc if num_proc is None or num_proc <= count else count,
             split=datasets.NamedSplit(split),
