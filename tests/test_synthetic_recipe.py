@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 
 from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration, PerceptioProcessor
+from perceptio.data.scene_rendering import render_scene
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.trainers.synthetic_recipe import (
     ABLATIONS,
@@ -19,6 +20,7 @@ from perceptio.trainers.synthetic_recipe import (
     build_recipe_model,
     build_recipe_processor,
     pretrain_recipe_grounding,
+    reading_curriculum_split,
     reading_split,
     run_synthetic_tiny_recipe,
     train_recipe_model,
@@ -34,6 +36,8 @@ SMOKE = dict(
     vision_pretraining_steps=2,
     grounding_scenes=8,
     grounding_steps=2,
+    reading_curriculum=((1, 2), (2, 1)),
+    reading_curriculum_scenes=8,
     reading_steps=2,
     train_steps=2,
     batch_size=4,
@@ -50,7 +54,13 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
     grounding = saved["grounding_pretraining"]
     assert 0 <= grounding["final"]["prompt_iou"] <= 1 and [entry["step"] for entry in grounding["log"]] == [1, 2]
     assert 0 <= grounding["final"]["two_object_overlap"] <= 1
-    assert [entry["step"] for entry in saved["reading_log"]] == [1, 2]
+    assert [(entry["objects_per_scene"], entry["step"]) for entry in saved["reading_log"]] == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (0, 1),
+        (0, 2),
+    ]
     vision = saved["vision_pretraining"]
     assert [entry["step"] for entry in vision["log"]] == [1, 2] and 0 <= vision["final"]["pooled_shape"] <= 1
     assert {"dataset_s", "depth_tokenizer_s", "vision_s", "grounding_s", "reading_s", "model_s", "total_s"} == set(
@@ -126,3 +136,25 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
+
+
+@pytest.mark.parametrize("curriculum", [((0, 10),), ((7, 10),), ((1, 0),), ((1,),), (5,), ((1.5, 10),)])
+def test_reading_curriculum_phases_are_validated(curriculum):
+    with pytest.raises(ValueError, match="reading_curriculum"):
+        SyntheticTinyRecipe(reading_curriculum=curriculum)
+
+
+def test_reading_curriculum_needs_scenes_and_reading_tasks():
+    with pytest.raises(ValueError, match="reading_curriculum_scenes"):
+        SyntheticTinyRecipe(reading_curriculum_scenes=0)
+    with pytest.raises(ValueError, match="reading_tasks"):
+        SyntheticTinyRecipe(reading_steps=0, reading_tasks=())
+    assert SyntheticTinyRecipe(reading_curriculum=[[1, 5]]).reading_curriculum == ((1, 5),)
+
+
+def test_reading_curriculum_phases_render_scenes_of_their_object_count(tmp_path):
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    rows = reading_curriculum_split(recipe, 2, tmp_path)
+    assert len(rows) == recipe.reading_curriculum_scenes and set(rows["task"]) <= set(recipe.reading_tasks)
+    assert not any(rows["use_depth_block"]) and not any("depth" in prompt for prompt in rows["prompt"])
+    assert all(len(render_scene(seed, recipe.image_size, num_objects=2).objects) == 2 for seed in rows["scene_seed"])

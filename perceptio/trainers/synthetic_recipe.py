@@ -9,7 +9,9 @@ and saves the result. Everything follows from `seed`.
 
 The main stage has two parts. A reading stage trains on the answer tasks alone (`reading_tasks`: short answers that
 only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the
-long depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. SAM2 (pretrained on attribute
+long depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. The reading stage is a
+curriculum (`reading_curriculum`): scenes of one object, where a question can only be about that object, then of two,
+then the full scenes, where the question's phrase must first pick its object out among several. SAM2 (pretrained on attribute
 prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so the mask
 can only follow the sentence through the `[SEG]` states the language model writes.
 
@@ -37,7 +39,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
 
-from ..data.scene_rendering import metric_depth_to_inverse_depth
+from ..data.scene_rendering import DEFAULT_SAMPLING_CONFIG, metric_depth_to_inverse_depth
 from ..data.synthetic_dataset import build_synthetic_dataset
 from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
 from ..data.task_weights import validate_task_weights
@@ -107,7 +109,9 @@ class SyntheticTinyRecipe:
     text_num_layers: int = 4
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
-    reading_steps: int = 1200
+    reading_curriculum: tuple[tuple[int, int], ...] = ((1, 300), (2, 400))
+    reading_curriculum_scenes: int = 4500
+    reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
     train_steps: int = 2200
     batch_size: int = 16
@@ -154,15 +158,35 @@ class SyntheticTinyRecipe:
         )
         if not all(getattr(self, name) > 0 for name in rates) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"{', '.join(rates)} must be > 0 and warmup_ratio in [0, 1).")
-        for name in ("reading_steps", "vision_pretraining_steps", "vision_pretraining_scenes"):
+        for name in (
+            "reading_steps",
+            "reading_curriculum_scenes",
+            "vision_pretraining_steps",
+            "vision_pretraining_scenes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        max_objects = DEFAULT_SAMPLING_CONFIG.max_objects
+        for phase in self.reading_curriculum:
+            if (
+                not isinstance(phase, (tuple, list))
+                or len(phase) != 2
+                or not all(isinstance(value, int) and not isinstance(value, bool) for value in phase)
+            ):
+                raise ValueError(f"reading_curriculum phases must be (objects per scene, steps) ints, got {phase!r}.")
+            if not 1 <= phase[0] <= max_objects or phase[1] <= 0:
+                raise ValueError(
+                    f"a reading_curriculum phase needs 1 to {max_objects} objects per scene and steps > 0, got {phase!r}."
+                )
+        self.reading_curriculum = tuple(tuple(phase) for phase in self.reading_curriculum)
+        if self.reading_curriculum and not self.reading_curriculum_scenes:
+            raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
         if self.vision_pretraining_steps and not self.vision_pretraining_scenes:
             raise ValueError("vision_pretraining_scenes must be > 0 when vision_pretraining_steps is.")
         validate_task_weights(self.task_weights, TASK_NAMES, default=0.0, where="task_weights")
         unknown = sorted(set(self.reading_tasks) - set(self.task_weights))
-        if self.reading_steps and (not self.reading_tasks or unknown):
+        if (self.reading_steps or self.reading_curriculum) and (not self.reading_tasks or unknown):
             raise ValueError(
                 f"reading_tasks must name tasks of task_weights {sorted(self.task_weights)}; got {self.reading_tasks!r}."
             )
@@ -333,6 +357,47 @@ def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
     return rows.map(without_depth_block, desc="No depth blocks")
 
 
+def reading_curriculum_split(recipe: SyntheticTinyRecipe, num_objects: int, cache_dir: Path) -> Dataset:
+    """A curriculum phase's data: `recipe.reading_curriculum_scenes` questions of the reading tasks (equal shares)
+    on scenes of exactly `num_objects` objects, without depth blocks."""
+    dataset = build_synthetic_dataset(
+        recipe.reading_curriculum_scenes,
+        0,
+        0,
+        image_size=recipe.image_size,
+        seed=recipe.seed,
+        tasks=dict.fromkeys(recipe.reading_tasks, 1.0),
+        cache_dir=str(cache_dir),
+        num_objects=num_objects,
+    )
+    return dataset["train"].map(without_depth_block, desc="No depth blocks")
+
+
+def train_recipe_reading_stage(
+    recipe: SyntheticTinyRecipe,
+    model: PerceptioForConditionalGeneration,
+    processor: PerceptioProcessor,
+    train_split: Dataset,
+    output_dir: Path,
+    ablation: str = "full",
+) -> list[dict[str, Any]]:
+    """The reading stage: each `reading_curriculum` phase, then `reading_steps` on the full scenes' reading rows.
+
+    Each phase has its own warmup and cosine schedule. Log entries carry `objects_per_scene` (0: the full scenes).
+    """
+    phases = [(num_objects, steps, None) for num_objects, steps in recipe.reading_curriculum]
+    if recipe.reading_steps:
+        phases.append((0, recipe.reading_steps, reading_split(recipe, train_split)))
+    log = []
+    for num_objects, steps, rows in phases:
+        if rows is None:
+            rows = reading_curriculum_split(recipe, num_objects, output_dir / "dataset_cache")
+        name = f"reading-{num_objects}-objects" if num_objects else "reading"
+        phase_log = train_recipe_model(recipe, model, processor, rows, output_dir / name, ablation, steps)
+        log.extend({**entry, "objects_per_scene": num_objects} for entry in phase_log)
+    return log
+
+
 def train_recipe_model(
     recipe: SyntheticTinyRecipe,
     model: PerceptioForConditionalGeneration,
@@ -440,12 +505,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     if recipe.freeze_grounding_encoder:
         model.grounding_encoder.requires_grad_(False)
     model_started = time.perf_counter()
-    reading_log = []
-    if recipe.reading_steps:
-        reading = reading_split(recipe, dataset["train"])
-        reading_log = train_recipe_model(
-            recipe, model, processor, reading, output_dir / "reading", ablation, recipe.reading_steps
-        )
+    reading_log = train_recipe_reading_stage(recipe, model, processor, dataset["train"], output_dir, ablation)
     timings["reading_s"] = time.perf_counter() - model_started
     log = train_recipe_model(recipe, model, processor, dataset["train"], output_dir / "trainer", ablation)
     timings["model_s"] = time.perf_counter() - model_started
