@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from accelerate import init_empty_weights
 
+from perceptio import PerceptioForConditionalGeneration
 from perceptio.cli import main
 from perceptio.hub_cards.planning import (
     BF16_BYTES,
@@ -28,9 +30,16 @@ def test_planner_counts_equal_the_instantiated_tiny_model(tiny_model):
     )
     trainable = sum(parameter.numel() for parameter in tiny_model.parameters() if parameter.requires_grad)
     assert plan.full_trainable_parameters == trainable
-    state = {id(tensor): tensor for tensor in tiny_model.state_dict(keep_vars=True).values()}
-    assert plan.inference_bytes == sum(tensor.numel() for tensor in state.values()) * BF16_BYTES
     assert plan.full_bytes == plan.inference_bytes + trainable * OPTIMIZER_BYTES_PER_TRAINABLE
+
+
+def test_planned_inference_memory_is_what_a_bfloat16_load_holds(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    loaded = PerceptioForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    state = {id(tensor): tensor for tensor in loaded.state_dict(keep_vars=True).values()}
+    held = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    assert loaded.depth_tokenizer.decoder.projection.weight.dtype == torch.float32
+    assert plan_build(tiny_model.config).inference_bytes == held
 
 
 @pytest.mark.parametrize("preset", [PerceptioLoraPreset(), PerceptioLoraPreset(r=8, projections=("q_proj", "v_proj"))])

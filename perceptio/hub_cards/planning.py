@@ -3,7 +3,8 @@
 The planner builds the model on the meta device (shapes only, no memory), counts the parameters of each component,
 and estimates the memory of inference and of LoRA / full fine-tuning in bf16 with AdamW:
 
-- inference: every weight in bf16 (2 bytes each);
+- inference: every weight in bf16 (2 bytes each), except the depth tokenizer's, which a bf16 load keeps in float32
+  (4), and integer buffers at their own size;
 - fine-tuning: inference + for each trainable parameter its bf16 gradient (2), fp32 master copy (4) and Adam
   moments (8) — 14 bytes — plus, for LoRA, the bf16 adapter weights themselves (2).
 
@@ -41,6 +42,7 @@ from ..trainers.peft_presets import LLM_LAYERS_PATTERN, PerceptioLoraPreset
 
 
 BF16_BYTES = 2
+FP32_BYTES = 4
 # Per trainable parameter: bf16 gradient + fp32 master weight + two fp32 Adam moments.
 OPTIMIZER_BYTES_PER_TRAINABLE = 2 + 4 + 8
 GIB = 1024**3
@@ -235,10 +237,20 @@ def lora_trainable_parameters(model: PerceptioForConditionalGeneration, preset: 
     return total
 
 
-def state_numel(model: nn.Module) -> int:
-    """Elements of the saved state: parameters (tied ones once) plus persistent buffers such as the depth codebook."""
-    unique = {id(tensor): tensor for tensor in model.state_dict(keep_vars=True).values()}
-    return sum(tensor.numel() for tensor in unique.values())
+def bf16_state_bytes(model: PerceptioForConditionalGeneration) -> int:
+    """Bytes of the saved state (parameters, tied ones once, and persistent buffers) as a bf16 load holds it: floats
+    in bf16 except what the model keeps in float32 (`_keep_in_fp32_modules_strict`), integers at their own size."""
+    kept_in_float32 = tuple(model._keep_in_fp32_modules_strict or ())
+    unique = {id(tensor): (name, tensor) for name, tensor in model.state_dict(keep_vars=True).items()}
+    total = 0
+    for name, tensor in unique.values():
+        if not tensor.is_floating_point():
+            total += tensor.numel() * tensor.element_size()
+        elif any(pattern in name for pattern in kept_in_float32):
+            total += tensor.numel() * FP32_BYTES
+        else:
+            total += tensor.numel() * BF16_BYTES
+    return total
 
 
 def plan_build(config: PerceptioConfig, lora: PerceptioLoraPreset | None = None) -> BuildPlan:
@@ -248,7 +260,7 @@ def plan_build(config: PerceptioConfig, lora: PerceptioLoraPreset | None = None)
     components = component_parameter_counts(model)
     lora_trainable = lora_trainable_parameters(model, lora)
     full_trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-    inference = state_numel(model) * BF16_BYTES
+    inference = bf16_state_bytes(model)
     return BuildPlan(
         component_parameters=components,
         total_parameters=sum(components.values()),
