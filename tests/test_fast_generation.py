@@ -5,16 +5,15 @@ bf16 loading keeps the depth tokenizer in float32; `perceptio predict` and the p
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from test_generation import ForceScript, images, spatial_script  # noqa: E402  (the shared scripted generation)
+from test_predict_command import predict_command
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
-from perceptio.cli import main
 from perceptio.models.perceptio import generation_perceptio
 from perceptio.models.perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor, decoding_kwargs
 from perceptio.models.perceptio.pipeline_perceptio import PerceptioSpatialPipeline
@@ -242,20 +241,6 @@ def test_bf16_loading_keeps_the_depth_tokenizer_in_float32_and_attention_passes_
     codes = torch.tensor([prediction.depth_codes])
     # Bit-equal to the float32 checkpoint's decoding: the tokenizer's weights never went through bf16.
     assert torch.equal(model.depth_tokenizer.decode(codes), full.depth_tokenizer.decode(codes))
-
-
-def predict_command(biased_checkpoint, image_file, output_dir, *flags) -> dict:
-    arguments = [
-        "predict",
-        "--model",
-        str(biased_checkpoint),
-        "--image",
-        str(image_file),
-        "--prompt",
-        "Segment the cube.",
-    ]
-    assert main([*arguments, "--output-dir", str(output_dir), "--max-new-tokens", "22", *flags]) == 0
-    return json.loads((output_dir / "prediction.json").read_text())
 
 
 def test_predict_static_cache_and_compile_flags_give_the_same_prediction(biased_checkpoint, tmp_path, monkeypatch):

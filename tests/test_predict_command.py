@@ -21,25 +21,17 @@ def image_file(tmp_path):
     return path
 
 
+def predict_command(checkpoint, image_file, output_dir, *flags, prompt="Segment the cube.", max_new_tokens=22) -> dict:
+    """Run `perceptio predict`, check it succeeds, and return its prediction.json."""
+    arguments = ["predict", "--model", str(checkpoint), "--image", str(image_file), "--prompt", prompt]
+    code = main([*arguments, "--output-dir", str(output_dir), "--max-new-tokens", str(max_new_tokens), *flags])
+    assert code == 0
+    return json.loads((output_dir / "prediction.json").read_text())
+
+
 def test_predict_writes_overlay_depth_and_json(biased_checkpoint, image_file, tmp_path):
     output_dir = tmp_path / "out"
-    code = main(
-        [
-            "predict",
-            "--model",
-            str(biased_checkpoint),
-            "--image",
-            str(image_file),
-            "--prompt",
-            "Segment the cube.",
-            "--output-dir",
-            str(output_dir),
-            "--max-new-tokens",
-            "22",
-        ]
-    )
-    assert code == 0
-    result = json.loads((output_dir / "prediction.json").read_text())
+    result = predict_command(biased_checkpoint, image_file, output_dir)
     assert result["num_masks"] == 1 and result["mask_size"] == [40, 70] and result["depth_size"] == [40, 70]
     assert len(result["depth_codes"]) == 16 and not result["depth_truncated"]
     overlay = Image.open(output_dir / result["overlay"])
@@ -50,23 +42,8 @@ def test_predict_writes_overlay_depth_and_json(biased_checkpoint, image_file, tm
 
 
 def test_truncated_depth_writes_no_depth_picture(biased_checkpoint, image_file, tmp_path):
-    code = main(
-        [
-            "predict",
-            "--model",
-            str(biased_checkpoint),
-            "--image",
-            str(image_file),
-            "--prompt",
-            "Depth?",
-            "--output-dir",
-            str(tmp_path),
-            "--max-new-tokens",
-            "5",
-        ]
-    )
-    result = json.loads((tmp_path / "prediction.json").read_text())
-    assert code == 0 and result["depth_truncated"] and result["depth_image"] is None
+    result = predict_command(biased_checkpoint, image_file, tmp_path, prompt="Depth?", max_new_tokens=5)
+    assert result["depth_truncated"] and result["depth_image"] is None
     assert not (tmp_path / "depth.png").exists()
 
 

@@ -683,6 +683,17 @@ def _layout_is_visible(hits: _PrimaryHits, num_objects: int, num_pixels: int, co
     )
 
 
+def validate_num_objects(num_objects: int | None, config: SceneSamplingConfig = DEFAULT_SAMPLING_CONFIG) -> None:
+    """Raise a `ValueError` unless `num_objects` is None (each scene draws its count) or an int in
+    [1, `config.max_objects`]."""
+    if num_objects is not None and (
+        not isinstance(num_objects, (int, np.integer))
+        or isinstance(num_objects, bool)
+        or not 1 <= num_objects <= config.max_objects
+    ):
+        raise ValueError(f"num_objects must be an int in [1, {config.max_objects}] or None, got {num_objects!r}")
+
+
 def render_scene(
     seed: int,
     image_size: int | tuple[int, int] = 256,
@@ -699,12 +710,7 @@ def render_scene(
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     size = normalise_image_size(image_size)
-    if num_objects is not None and (
-        not isinstance(num_objects, (int, np.integer))
-        or isinstance(num_objects, bool)
-        or not 1 <= num_objects <= config.max_objects
-    ):
-        raise ValueError(f"num_objects must be an int in [1, {config.max_objects}] or None, got {num_objects!r}")
+    validate_num_objects(num_objects, config)
     rng = np.random.default_rng(int(seed))
     # The count is always drawn, so fixing num_objects leaves the rest of the scene's random stream unchanged.
     sampled_count = int(rng.integers(config.min_objects, config.max_objects + 1))

@@ -36,12 +36,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from .scene_rendering import (
-    DEFAULT_SAMPLING_CONFIG,
-    metric_depth_to_inverse_depth,
-    normalise_image_size,
-    render_scene,
-)
+from .scene_rendering import metric_depth_to_inverse_depth, normalise_image_size, render_scene, validate_num_objects
 from .synthetic_tasks import DEFAULT_TASK_CONFIG, TASK_NAMES, TaskConfig, generate_task_sample
 from .task_weights import validate_task_weights
 
@@ -205,13 +200,7 @@ def build_synthetic_dataset(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if num_proc is not None and (not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1):
         raise ValueError(f"num_proc must be a positive int or None, got {num_proc!r}")
-    max_objects = DEFAULT_SAMPLING_CONFIG.max_objects
-    if num_objects is not None and (
-        not isinstance(num_objects, (int, np.integer))
-        or isinstance(num_objects, bool)
-        or not 1 <= num_objects <= max_objects
-    ):
-        raise ValueError(f"num_objects must be an int in [1, {max_objects}] or None, got {num_objects!r}")
+    validate_num_objects(num_objects)
     size = normalise_image_size(image_size)
     task_weights = _validate_task_weights(tasks)
     features = dataset_features(size)

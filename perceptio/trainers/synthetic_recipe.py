@@ -385,13 +385,14 @@ def train_recipe_reading_stage(
 
     Each phase has its own warmup and cosine schedule. Log entries carry `objects_per_scene` (0: the full scenes).
     """
-    phases = [(num_objects, steps, None) for num_objects, steps in recipe.reading_curriculum]
-    if recipe.reading_steps:
-        phases.append((0, recipe.reading_steps, reading_split(recipe, train_split)))
     log = []
-    for num_objects, steps, rows in phases:
-        if rows is None:
+    for num_objects, steps in (*recipe.reading_curriculum, (0, recipe.reading_steps)):
+        if not steps:
+            continue
+        if num_objects:
             rows = reading_curriculum_split(recipe, num_objects, output_dir / "dataset_cache")
+        else:
+            rows = reading_split(recipe, train_split)
         name = f"reading-{num_objects}-objects" if num_objects else "reading"
         phase_log = train_recipe_model(recipe, model, processor, rows, output_dir / name, ablation, steps)
         log.extend({**entry, "objects_per_scene": num_objects} for entry in phase_log)
