@@ -21,6 +21,7 @@ from perceptio.evaluation.multiple_choice import multiple_choice_accuracy
 from perceptio.evaluation.runners import RunSettings, run_blink_depth, run_hardblink, run_refcoco, run_synthetic
 from perceptio.evaluation.runners.answer_scoring import answer_losses
 from perceptio.evaluation.runners.coco_masks import segmentation_to_mask
+from perceptio.evaluation.runners.dataset_inputs import load_split
 from perceptio.evaluation.runners.synthetic import (
     ANSWER_TASKS,
     normalised_answer,
@@ -185,11 +186,19 @@ def test_refcoco_bad_input_names_the_problem(tiny, tmp_path):
     model, processor = tiny
     _per_object_refcoco(tmp_path / "refcoco")
     settings = _settings(tmp_path, model, processor, _script(processor, model, seg=True))
-    with pytest.raises(ValueError, match=r"Split 'testA' is not in the dataset; it has \['val'\]"):
+    with pytest.raises(ValueError, match=r"Split 'testA' is not in the dataset at .*refcoco'; it has \['val'\]"):
         run_refcoco(model, processor, str(tmp_path / "refcoco"), settings, split="testA")
     no_sentences = datasets.Dataset.from_dict({"image": [_image(0)], "segmentation": [[0, 0, 5, 0, 5, 5]]})
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['answer'\]"):
         run_refcoco(model, processor, no_sentences, settings)
+
+
+def test_a_saved_dataset_with_an_empty_split_loads_its_other_splits(tmp_path):
+    rows = datasets.Dataset.from_dict({"answer": ["a", "b"]})
+    datasets.DatasetDict({"validation": rows.select([]), "test": rows}).save_to_disk(str(tmp_path / "data"))
+    assert load_split(str(tmp_path / "data"), "test")["answer"] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"Could not load the saved dataset at .*validation'"):
+        load_split(str(tmp_path / "data"), "validation")
 
 
 # --- BLINK and HardBLINK ---------------------------------------------------------------------------------------

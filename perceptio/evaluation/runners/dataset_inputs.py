@@ -8,6 +8,7 @@ columns there are, an image that fails to decode names its file or row (as a `Ba
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ def load_split(
     if isinstance(data, datasets.Dataset):
         return data
     if isinstance(data, (str, os.PathLike)):
-        data = _load_source(str(data), config_name)
+        data = _load_source(str(data), split, config_name)
         if isinstance(data, datasets.Dataset):
             return data
     if not isinstance(data, datasets.DatasetDict):
@@ -49,17 +50,35 @@ def load_split(
     return data[split]
 
 
-def _load_source(source: str, config_name: str | None) -> datasets.Dataset | datasets.DatasetDict:
+def _load_source(source: str, split: str | None, config_name: str | None) -> datasets.Dataset | datasets.DatasetDict:
     path = Path(source)
-    is_saved_to_disk = path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
-    if is_saved_to_disk:
-        return datasets.load_from_disk(str(path))
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        return _load_saved_splits(path, split)
+    if path.is_dir() and (path / "state.json").exists():
+        return _load_from_disk(path)
     try:
         if path.exists() or config_name is None:
             return datasets.load_dataset(source)
         return datasets.load_dataset(source, config_name)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ValueError(f"Could not load a dataset from {source!r}: {error}") from error
+
+
+def _load_saved_splits(path: Path, split: str | None) -> datasets.DatasetDict:
+    """The requested split of a `DatasetDict.save_to_disk` folder (every split when `split` is None), so a split
+    that is not asked for (an empty validation split, say) is never read."""
+    splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+    if split is not None and split not in splits:
+        raise ValueError(f"Split {split!r} is not in the dataset at {str(path)!r}; it has {sorted(splits)}.")
+    return datasets.DatasetDict({name: _load_from_disk(path / name) for name in ([split] if split else splits)})
+
+
+def _load_from_disk(path: Path) -> datasets.Dataset:
+    try:
+        return datasets.load_from_disk(str(path))
+    except (IndexError, OSError) as error:
+        # `datasets` cannot concatenate the arrow files of a split saved with no rows (IndexError).
+        raise ValueError(f"Could not load the saved dataset at {str(path)!r} (is it empty?): {error!r}") from error
 
 
 def require_columns(split: datasets.Dataset, columns: Sequence[str], layout: str) -> None:
