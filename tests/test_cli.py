@@ -68,3 +68,43 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--train-steps", "5"]) == 0
     assert received["recipe"].train_steps == 5 and received["recipe"].vision_pretraining_steps == 0
     assert main([*arguments, "--vision-pretraining-steps", "-1"]) == 2, "a bad value is one line, not a traceback"
+
+
+def _failing_command(monkeypatch, error: Exception):
+    import perceptio.commands.export as export_command
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(export_command, "run", fail)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (
+            ValueError("bad --dtype 'x'\nuse one of float32, bfloat16"),
+            2,
+            "bad --dtype 'x' use one of float32, bfloat16",
+        ),
+        (
+            FileNotFoundError(2, "No such file or directory", "model/config.json"),
+            2,
+            "No such file or directory: model/config.json",
+        ),
+        (RuntimeError("shape mismatch"), 1, "unexpected RuntimeError: shape mismatch (set PERCEPTIO_TRACEBACK=1"),
+    ],
+)
+def test_any_failure_is_one_line_naming_what_failed(monkeypatch, capsys, tmp_path, error, code, line):
+    _failing_command(monkeypatch, error)
+    monkeypatch.delenv("PERCEPTIO_TRACEBACK", raising=False)
+    assert main(["export", "--tiny", "--output-dir", str(tmp_path / "out")]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"perceptio export: error: {line}")
+
+
+def test_the_traceback_variable_lets_a_failure_raise(monkeypatch, tmp_path):
+    _failing_command(monkeypatch, RuntimeError("shape mismatch"))
+    monkeypatch.setenv("PERCEPTIO_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["export", "--tiny", "--output-dir", str(tmp_path / "out")])
