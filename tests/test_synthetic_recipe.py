@@ -136,6 +136,17 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
+    with pytest.raises(ValueError, match="vision_num_layers"):
+        SyntheticTinyRecipe(vision_num_layers=0)
+
+
+def test_the_recipe_sizes_the_vision_tower():
+    recipe = SyntheticTinyRecipe(**SMOKE, vision_hidden_size=32, vision_num_layers=3)
+    processor = build_recipe_processor(recipe)
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    vision = model.config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.intermediate_size) == (32, 3, 128)
+    assert len(model.model.vision_tower.encoder.layer) == 3
 
 
 @pytest.mark.parametrize("curriculum", [((0, 10),), ((7, 10),), ((1, 0),), ((1,),), (5,), ((1.5, 10),)])

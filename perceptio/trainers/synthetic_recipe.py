@@ -109,6 +109,7 @@ class SyntheticTinyRecipe:
     text_num_layers: int = 4
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
+    vision_num_layers: int = 2
     reading_curriculum: tuple[tuple[int, int], ...] = ((1, 300), (2, 400))
     reading_curriculum_scenes: int = 4500
     reading_steps: int = 500
@@ -137,6 +138,7 @@ class SyntheticTinyRecipe:
             "text_num_layers",
             "vision_hidden_size",
             "vision_patch_size",
+            "vision_num_layers",
             "train_steps",
             "batch_size",
             "logging_steps",
@@ -254,7 +256,7 @@ def build_recipe_model(
         },
         vision_config={
             "hidden_size": recipe.vision_hidden_size,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": recipe.vision_num_layers,
             "num_attention_heads": 4,
             "intermediate_size": 4 * recipe.vision_hidden_size,
             "image_size": recipe.image_size,
