@@ -39,7 +39,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
 
-from ..data.scene_rendering import DEFAULT_SAMPLING_CONFIG, metric_depth_to_inverse_depth
+from ..data.scene_rendering import metric_depth_to_inverse_depth, validate_num_objects
 from ..data.synthetic_dataset import build_synthetic_dataset
 from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
 from ..data.task_weights import validate_task_weights
@@ -169,18 +169,20 @@ class SyntheticTinyRecipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        max_objects = DEFAULT_SAMPLING_CONFIG.max_objects
         for phase in self.reading_curriculum:
             if (
                 not isinstance(phase, (tuple, list))
                 or len(phase) != 2
                 or not all(isinstance(value, int) and not isinstance(value, bool) for value in phase)
+                or phase[1] <= 0
             ):
-                raise ValueError(f"reading_curriculum phases must be (objects per scene, steps) ints, got {phase!r}.")
-            if not 1 <= phase[0] <= max_objects or phase[1] <= 0:
                 raise ValueError(
-                    f"a reading_curriculum phase needs 1 to {max_objects} objects per scene and steps > 0, got {phase!r}."
+                    f"reading_curriculum phases must be (objects per scene, steps > 0) ints, got {phase!r}."
                 )
+            try:
+                validate_num_objects(phase[0])
+            except ValueError as error:
+                raise ValueError(f"reading_curriculum phase {phase!r}: {error}") from error
         self.reading_curriculum = tuple(tuple(phase) for phase in self.reading_curriculum)
         if self.reading_curriculum and not self.reading_curriculum_scenes:
             raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
