@@ -24,6 +24,19 @@ def tiny_model(tiny_pair):
 
 
 @pytest.fixture()
+def tiny_attribute_model(tiny_model):
+    """The tiny model plus `[SEG]` attribute heads for two attributes of 4 and 3 classes (`loss_seg_attribute`
+    weighted 0.5)."""
+    config = copy.deepcopy(tiny_model.config)
+    config.seg_attribute_classes = [4, 3]
+    config.seg_attribute_loss_weight = 0.5
+    model = type(tiny_model)(config)
+    missing, unexpected = model.load_state_dict(tiny_model.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("seg_attribute_heads.") for name in missing)
+    return model
+
+
+@pytest.fixture()
 def tiny_processor(tiny_pair):
     return tiny_pair[1]
 

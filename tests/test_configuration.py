@@ -49,6 +49,10 @@ def test_default_config_has_no_depth_tokenizer():
         ),
         ({"mask_loss_weight": -1.0}, "mask_loss_weight"),
         ({"depth_soft_merge_temperature": 0.0}, "depth_soft_merge_temperature"),
+        ({"seg_attribute_classes": []}, "seg_attribute_classes"),
+        ({"seg_attribute_classes": [9, 1]}, "seg_attribute_classes"),
+        ({"seg_attribute_classes": "colour"}, "seg_attribute_classes"),
+        ({"seg_attribute_loss_weight": -0.5}, "seg_attribute_loss_weight"),
     ],
 )
 def test_invalid_fields_raise_value_error_naming_them(overrides, field):

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from perceptio.data.seg_attributes import SEG_ATTRIBUTES
 from perceptio.trainers.grounding_pretraining import (
-    ATTRIBUTE_VOCABULARIES,
     UNSPECIFIED_IDS,
     AttributePromptEmbedding,
     attribute_prompt_candidates,
@@ -59,7 +59,7 @@ def _picks_out(attributes: torch.Tensor, visible: torch.Tensor, phrase: torch.Te
 @settings(max_examples=50, deadline=None)
 @given(
     st.lists(
-        st.tuples(*(st.integers(0, len(names) - 1) for names in ATTRIBUTE_VOCABULARIES.values())),
+        st.tuples(*(st.integers(0, len(names) - 1) for names in SEG_ATTRIBUTES.values())),
         min_size=1,
         max_size=6,
         unique=True,

@@ -16,44 +16,119 @@ def _segmentation_example(processor, image, num_seg=2, with_depth=True):
     return processor.build_training_example("Segment the cubes.", target, images=image)
 
 
-def _forward(model, example, masks):
+def _forward(model, example, masks, **kwargs):
     return model(
         input_ids=example["input_ids"][None],
         pixel_values=example["pixel_values"],
         sam_pixel_values=example["sam_pixel_values"],
         labels=example["labels"][None],
         gt_masks=masks,
+        **kwargs,
     )
 
 
-def test_forward_backward_reports_every_component(tiny_model, tiny_processor, rgb_image):
-    tiny_model.train()
+def test_forward_backward_reports_every_component(tiny_attribute_model, tiny_processor, rgb_image):
+    model = tiny_attribute_model.train()
     example = _segmentation_example(tiny_processor, rgb_image)
     masks = [torch.from_numpy(np.random.default_rng(1).random((2, 48, 72)) > 0.5)]
-    output = _forward(tiny_model, example, masks)
+    output = _forward(model, example, masks, seg_attributes=[torch.tensor([[1, 2], [3, -100]])])
     for name in ("loss", *LOSS_TERMS):
         value = getattr(output, name)
         assert value is not None and torch.isfinite(value) and value > 0, name
-    config = tiny_model.config
+    config = model.config
     weights = (
         1.0,
         config.mask_loss_weight,
         config.mask_iou_loss_weight,
+        config.seg_attribute_loss_weight,
         config.depth_marker_loss_weight,
         config.depth_token_loss_weight,
         config.depth_count_loss_weight,
         config.depth_recon_loss_weight,
     )
-    names = ("loss_lm", "loss_mask", "loss_mask_iou", "loss_marker", "loss_token", "loss_count", "loss_depth_recon")
+    names = (
+        "loss_lm",
+        "loss_mask",
+        "loss_mask_iou",
+        "loss_seg_attribute",
+        "loss_marker",
+        "loss_token",
+        "loss_count",
+        "loss_depth_recon",
+    )
     assert tuple(LOSS_TERMS) == names
     expected = sum(weight * getattr(output, name) for weight, name in zip(weights, names))
     assert torch.allclose(output.loss, expected)
     assert [tuple(m.shape) for m in output.pred_masks] == [(2, 32, 32)]
     output.loss.backward()
-    assert tiny_model.text_hidden_fcs[0].weight.grad.abs().sum() > 0
-    decoder = tiny_model.grounding_encoder.mask_decoder
+    assert model.text_hidden_fcs[0].weight.grad.abs().sum() > 0
+    assert all(head.weight.grad.abs().sum() > 0 for head in model.seg_attribute_heads)
+    decoder = model.grounding_encoder.mask_decoder
     assert decoder.conv_s0.weight.grad.abs().sum() > 0
     assert decoder.iou_prediction_head.proj_out.weight.grad.abs().sum() > 0, "the IoU head learns from the IoU loss"
+
+
+def test_seg_attribute_loss_is_the_heads_cross_entropy_on_the_seg_states(
+    tiny_attribute_model, tiny_processor, rgb_image
+):
+    example = _segmentation_example(tiny_processor, rgb_image, with_depth=False)
+    captured = []
+    tiny_attribute_model.text_hidden_fcs.register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0])
+    )
+    labels = torch.tensor([[0, -100], [3, 1]])
+    output = _forward(tiny_attribute_model, example, [torch.ones(2, 8, 8)], seg_attributes=[labels])
+    states = captured[0]
+    first, second = (head(states) for head in tiny_attribute_model.seg_attribute_heads)
+    expected = (
+        torch.nn.functional.cross_entropy(first, labels[:, 0])
+        + torch.nn.functional.cross_entropy(second[1:], labels[1:, 1])
+    ) / 2
+    assert torch.allclose(output.loss_seg_attribute, expected)
+    output.loss_seg_attribute.backward()
+    embedding_grad = tiny_attribute_model.get_input_embeddings().weight.grad
+    assert embedding_grad is not None and embedding_grad.abs().sum() > 0, "the term trains the language model"
+
+
+def test_seg_attribute_loss_is_zero_without_labels_but_reaches_every_head(
+    tiny_attribute_model, tiny_processor, rgb_image
+):
+    example = _segmentation_example(tiny_processor, rgb_image, with_depth=False)
+    unlabelled = [torch.full((2, 2), -100)]
+    output = _forward(tiny_attribute_model, example, [torch.ones(2, 8, 8)], seg_attributes=unlabelled)
+    assert output.loss_seg_attribute == 0
+    output.loss.backward()
+    assert all(head.weight.grad is not None for head in tiny_attribute_model.seg_attribute_heads)
+    assert _forward(tiny_attribute_model, example, [torch.ones(2, 8, 8)]).loss_seg_attribute == 0
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([torch.tensor([[0, 0]])], "Sample 0 has 2 \\[SEG\\] token\\(s\\) but seg_attributes of shape \\(1, 2\\)"),
+        ([torch.tensor([[0, 0], [4, 0]])], "class ids below \\[4, 3\\]"),
+        ([torch.tensor([[0, -1], [0, 0]])], "class ids below"),
+        ([torch.zeros(2, 2), torch.zeros(2, 2)], "2 entries for a batch of 1"),
+    ],
+)
+def test_bad_seg_attributes_are_rejected(tiny_attribute_model, tiny_processor, rgb_image, labels, message):
+    example = _segmentation_example(tiny_processor, rgb_image, with_depth=False)
+    with pytest.raises(ValueError, match=message):
+        _forward(tiny_attribute_model, example, [torch.ones(2, 8, 8)], seg_attributes=labels)
+
+
+def test_seg_attributes_need_the_heads(tiny_model, tiny_processor, rgb_image):
+    example = _segmentation_example(tiny_processor, rgb_image, with_depth=False)
+    with pytest.raises(ValueError, match="no seg_attribute_heads; set config.seg_attribute_classes"):
+        _forward(tiny_model, example, [torch.ones(2, 8, 8)], seg_attributes=[torch.zeros(2, 2, dtype=torch.long)])
+
+
+def test_seg_attribute_heads_save_and_reload(tiny_attribute_model, tmp_path):
+    tiny_attribute_model.save_pretrained(tmp_path)
+    reloaded = type(tiny_attribute_model).from_pretrained(tmp_path)
+    assert reloaded.config.seg_attribute_classes == [4, 3]
+    for original, loaded in zip(tiny_attribute_model.seg_attribute_heads, reloaded.seg_attribute_heads):
+        assert torch.equal(original.weight, loaded.weight)
 
 
 def test_mask_loss_alone_reaches_llm_embeddings(tiny_model, tiny_processor, rgb_image):

@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration, PerceptioProcessor
 from perceptio.data.scene_rendering import render_scene
+from perceptio.data.seg_attributes import seg_attribute_classes
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.trainers.synthetic_recipe import (
     ABLATIONS,
@@ -84,12 +85,15 @@ def test_main_stage_trains_the_seg_projection_on_a_pretrained_sam2(tmp_path, fre
     pretrain_recipe_grounding(recipe, model, processor)
     pretrained = copy.deepcopy(model.grounding_encoder.state_dict())
     projection = copy.deepcopy(model.text_hidden_fcs.state_dict())
+    heads = copy.deepcopy(model.seg_attribute_heads.state_dict())
     assert any(
         not torch.equal(value, pretrained[f"vision_encoder.{name}"]) for name, value in untrained_encoder.items()
     )
     if freeze:
         model.grounding_encoder.requires_grad_(False)
-    train_recipe_model(recipe, model, processor, dataset["train"], tmp_path / "trainer")
+    log = train_recipe_model(recipe, model, processor, dataset["train"], tmp_path / "trainer")
+    assert all(entry["loss_seg_attribute"] > 0 for entry in log), "every referring [SEG] has attribute labels"
+    assert any(not torch.equal(value, heads[name]) for name, value in model.seg_attribute_heads.state_dict().items())
     after = model.grounding_encoder.state_dict()
     encoder = [name for name in after if name.startswith("vision_encoder.")]
     decoder = [name for name in after if name.startswith("mask_decoder.")]
@@ -138,6 +142,19 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
     with pytest.raises(ValueError, match="vision_num_layers"):
         SyntheticTinyRecipe(vision_num_layers=0)
+
+
+def test_the_seg_attribute_heads_follow_their_loss_weight():
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    processor = build_recipe_processor(recipe)
+    tokenizer = PerceptioDepthTokenizer(recipe.depth_tokenizer_config())
+    model = build_recipe_model(recipe, processor, tokenizer)
+    assert model.config.seg_attribute_classes == seg_attribute_classes()
+    assert [head.out_features for head in model.seg_attribute_heads] == seg_attribute_classes()
+    without = build_recipe_model(SyntheticTinyRecipe(**SMOKE, seg_attribute_loss_weight=0.0), processor, tokenizer)
+    assert without.seg_attribute_heads is None and without.config.seg_attribute_classes is None
+    with pytest.raises(ValueError, match="seg_attribute_loss_weight"):
+        SyntheticTinyRecipe(seg_attribute_loss_weight=-1.0)
 
 
 def test_the_recipe_sizes_the_vision_tower():

@@ -94,6 +94,19 @@ def test_every_referring_expression_picks_out_exactly_its_objects(seed):
         assert resolve(expression.text, scene) == expression.object_ids, expression
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**40))
+def test_each_referred_object_comes_with_what_its_own_phrase_names(seed):
+    scene = render_scene(seed, image_size=48)
+    objects = {obj.object_id: obj for obj in scene.objects}
+    for expression in referring_expressions(scene):
+        assert len(expression.named) == len(expression.object_ids), expression
+        for object_id, query in zip(expression.object_ids, expression.named):
+            assert query.matches(objects[object_id]), expression
+            phrase = query.phrase(plural=expression.kind == "plural")
+            assert f"the {phrase}" in expression.text, expression
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(min_value=0, max_value=2**40))
 def test_referring_sample_carries_one_mask_per_referred_object(seed):

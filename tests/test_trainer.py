@@ -170,13 +170,14 @@ def test_collator_batch_matches_each_samples_targets(collator, tiny_pair, layout
 STEPS = 8
 
 
-def test_a_few_steps_lower_every_loss_component_on_a_repeated_batch(tiny_model, collator):
-    batch = collator([make_sample(0, 1, True)])
-    optimizer = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=2e-3)
-    tiny_model.train()
+def test_a_few_steps_lower_every_loss_component_on_a_repeated_batch(tiny_attribute_model, collator):
+    batch = collator([{**make_sample(0, 1, True), "seg_attributes": [[2, 1]]}])
+    model = tiny_attribute_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
     history = []
     for _ in range(STEPS):
-        outputs = tiny_model(**batch)
+        outputs = model(**batch)
         history.append({name: getattr(outputs, name).item() for name in LOSS_TERMS})
         optimizer.zero_grad()
         outputs.loss.backward()

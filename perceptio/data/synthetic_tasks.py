@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -151,11 +151,14 @@ class ObjectQuery:
 
 @dataclass(frozen=True)
 class ReferringExpression:
-    """An expression and the ids of the objects it picks out, in answer order."""
+    """An expression, the ids of the objects it picks out in answer order, and for each of them the attributes that
+    its own noun phrase names (`named`: "the red cube left of the sphere" names colour and shape of its one object;
+    "the object nearest the camera" names none)."""
 
     text: str
     object_ids: tuple[int, ...]
     kind: str
+    named: tuple[ObjectQuery, ...]
 
 
 def _queries_for(obj: SceneObject) -> list[ObjectQuery]:
@@ -197,7 +200,9 @@ def _attribute_expressions(objects: list[SceneObject]) -> list[ReferringExpressi
     for obj in objects:
         for query in _queries_for(obj):
             if _matching(objects, query) == [obj]:
-                expressions.append(ReferringExpression(f"the {query.phrase()}", (obj.object_id,), "attributes"))
+                expressions.append(
+                    ReferringExpression(f"the {query.phrase()}", (obj.object_id,), "attributes", (query,))
+                )
     return expressions
 
 
@@ -220,7 +225,7 @@ def _superlative_expressions(objects: list[SceneObject], config: TaskConfig) -> 
             chosen = _extreme_by_distance(members, config.distance_margin, nearest)
             if chosen is not None:
                 text = f"the {query.phrase()} {wording}"
-                expressions.append(ReferringExpression(text, (chosen.object_id,), "superlative"))
+                expressions.append(ReferringExpression(text, (chosen.object_id,), "superlative", (query,)))
     return expressions
 
 
@@ -248,7 +253,7 @@ def _relation_expressions(
                 chosen = [obj for obj, offset in zip(candidates, offsets) if on_side(offset)]
                 if len(chosen) == 1:
                     text = f"the {query.phrase()} {side} the {reference_query.phrase()}"
-                    expressions.append(ReferringExpression(text, (chosen[0].object_id,), "relation"))
+                    expressions.append(ReferringExpression(text, (chosen[0].object_id,), "relation", (query,)))
     return expressions
 
 
@@ -258,7 +263,12 @@ def _plural_expressions(objects: list[SceneObject]) -> list[ReferringExpression]
         members = _matching(objects, query)
         if len(members) >= 2:
             expressions.append(
-                ReferringExpression(f"all the {query.phrase(plural=True)}", _left_to_right(members), "plural")
+                ReferringExpression(
+                    f"all the {query.phrase(plural=True)}",
+                    _left_to_right(members),
+                    "plural",
+                    (query,) * len(members),
+                )
             )
     return expressions
 
@@ -271,6 +281,7 @@ def _conjunction_expressions(objects: list[SceneObject]) -> list[ReferringExpres
             f"the {first_query.phrase()} and the {second_query.phrase()}",
             (first.object_id, second.object_id),
             "conjunction",
+            (first_query, second_query),
         )
         for (first, first_query), (second, second_query) in itertools.permutations(unique, 2)
     ]
@@ -317,7 +328,12 @@ def make_referring_sample(
         image=scene.image,
         masks=scene.instance_masks[list(expression.object_ids)],
         use_depth_block=_wants_depth_block(rng, config),
-        meta={"expression": expression.text, "kind": kind, "object_ids": list(expression.object_ids)},
+        meta={
+            "expression": expression.text,
+            "kind": kind,
+            "object_ids": list(expression.object_ids),
+            "named": [asdict(query) for query in expression.named],
+        },
     )
 
 

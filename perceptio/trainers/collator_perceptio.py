@@ -4,7 +4,9 @@ A sample is either a row of the schema documented in `perceptio/data/synthetic_d
 `answer`, `masks`, `depth`, `use_depth_block`, `task`, `meta`), optionally with the cached columns the joint data
 builder adds (`inverse_depth`: relative inverse depth from the teacher; `depth_codes`: the N depth codes), or an
 already-built example (`input_ids`, `labels` and optionally `pixel_values`, `sam_pixel_values`, `gt_masks`,
-`depth_map`). Either may carry a `task` name, which `return_tasks=True` puts in the batch for per-task logging.
+`depth_map`). Either may carry a `task` name, which `return_tasks=True` puts in the batch for per-task logging, and
+`seg_attributes` (one row of class ids per mask, see `perceptio/data/seg_attributes.py`), the targets of the model's
+`loss_seg_attribute`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from PIL import Image
 
 from perceptio.data.scene_rendering import metric_depth_to_inverse_depth
+from perceptio.data.seg_attributes import SEG_ATTRIBUTE_COLUMN
+from perceptio.models.perceptio.loss_perceptio import UNLABELLED_SEG_ATTRIBUTE
 from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.models.perceptio.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
 from perceptio.models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
@@ -37,7 +41,9 @@ class PerceptioDataCollator:
     Text is right-padded (labels with -100); InternVL tiles of all samples are concatenated into `pixel_values`;
     `sam_pixel_values` has one SAM2 image per sample, a zero image for samples without one, so every process in a
     distributed run builds the same graph; `gt_masks` holds one (num_seg, H, W) bool tensor per sample (empty when it
-    has none); `depth_maps` one relative inverse depth map (H, W) per sample with a depth block, else `None`.
+    has none); `depth_maps` one relative inverse depth map (H, W) per sample with a depth block, else `None`. When any
+    sample has a non-empty `seg_attributes` column, `seg_attributes` holds one (num_seg, A) long tensor per sample
+    (`UNLABELLED_SEG_ATTRIBUTE` rows for a sample without labels), for a model with `seg_attribute_heads`.
 
     Depth codes come from a sample's cached `depth_codes` when present, else `depth_tokenizer.encode` of its relative
     inverse depth (metric `depth` is converted to 1/z first). Caching them as a dataset column with
@@ -116,6 +122,7 @@ class PerceptioDataCollator:
             example = self._example_from_schema(sample, name)
         self._check_example(example, name)
         example["task"] = sample_task(sample, name)
+        example[SEG_ATTRIBUTE_COLUMN] = seg_attribute_rows(sample.get(SEG_ATTRIBUTE_COLUMN), example["gt_masks"], name)
         return example
 
     def pad_examples(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -134,6 +141,9 @@ class PerceptioDataCollator:
         batch["sam_pixel_values"] = torch.stack([self._sam_image(example) for example in examples])
         batch["gt_masks"] = [example["gt_masks"] for example in examples]
         batch["depth_maps"] = [example["depth_map"] for example in examples]
+        seg_attributes = batch_seg_attributes(examples)
+        if seg_attributes is not None:
+            batch[SEG_ATTRIBUTE_COLUMN] = seg_attributes
         if self.return_tasks:
             batch["tasks"] = [example.get("task", NO_TASK) for example in examples]
         return batch
@@ -248,6 +258,45 @@ def sample_task(sample: Mapping[str, Any], name: str) -> str:
     return task
 
 
+def seg_attribute_rows(rows: Any, masks: torch.Tensor, name: str) -> torch.Tensor | None:
+    """A sample's `seg_attributes` (one list of class ids per mask) as a long (num_masks, A) tensor; `None` when it
+    has none (missing or empty)."""
+    if rows is None or len(rows) == 0:
+        return None
+    try:
+        labels = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{name}: seg_attributes must be one list of integer class ids per mask, got {rows!r}."
+        ) from error
+    if labels.ndim != 2 or labels.shape[0] != masks.shape[0] or labels.shape[1] == 0:
+        raise ValueError(
+            f"{name}: seg_attributes must have one row of class ids per mask ({masks.shape[0]}), got shape "
+            f"{tuple(labels.shape)}."
+        )
+    return labels
+
+
+def batch_seg_attributes(examples: Sequence[Mapping[str, Any]]) -> list[torch.Tensor] | None:
+    """The batch's `seg_attributes`: one (num_seg, A) tensor per sample, unlabelled rows for samples without any;
+    `None` when no sample has labels."""
+    labelled = [example[SEG_ATTRIBUTE_COLUMN] for example in examples if example.get(SEG_ATTRIBUTE_COLUMN) is not None]
+    if not labelled:
+        return None
+    widths = {labels.shape[1] for labels in labelled}
+    if len(widths) != 1:
+        raise ValueError(
+            f"The batch's seg_attributes rows have different lengths {sorted(widths)}; use one per attribute."
+        )
+    width = widths.pop()
+    return [
+        example[SEG_ATTRIBUTE_COLUMN]
+        if example.get(SEG_ATTRIBUTE_COLUMN) is not None
+        else torch.full((example["gt_masks"].shape[0], width), UNLABELLED_SEG_ATTRIBUTE, dtype=torch.long)
+        for example in examples
+    ]
+
+
 def masks_to_tensor(masks: Any, name: str) -> torch.Tensor:
     """A sample's masks (list of PIL / arrays, or a (K, H, W) array; None or empty = no masks) -> bool (K, H, W)."""
     if masks is None or (not torch.is_tensor(masks) and not isinstance(masks, np.ndarray) and len(masks) == 0):
@@ -292,9 +341,11 @@ def relative_inverse_depth(sample: Mapping[str, Any], name: str) -> torch.Tensor
 
 __all__ = [
     "NO_TASK",
+    "batch_seg_attributes",
     "PerceptioDataCollator",
     "masks_to_tensor",
     "relative_inverse_depth",
     "sample_name",
+    "seg_attribute_rows",
     "sample_task",
 ]

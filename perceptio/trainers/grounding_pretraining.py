@@ -25,18 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
+from ..data.scene_rendering import render_scene
+from ..data.seg_attributes import SEG_ATTRIBUTES, not_named_ids
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
 from ..models.perceptio.loss_perceptio import mask_iou
 from .pretraining_loop import run_pretraining_steps
 
 
 SCENE_STREAMS = {"train": 0, "eval": 1}
-ATTRIBUTE_VOCABULARIES: dict[str, tuple[str, ...]] = {
-    "colour": tuple(COLOUR_PALETTE),
-    "shape": SHAPES,
-    "size": SIZE_NAMES,
-}
 # Objects smaller than this many pixels at the SAM2 input size are not prompted: a few pixels give no usable target.
 MIN_PROMPTED_PIXELS = 20
 EVAL_PROMPTS_PER_IMAGE = 2
@@ -49,7 +45,7 @@ ATTRIBUTE_EMBEDDING_STD = 0.25
 class InstanceSegmentationScenes:
     """Rendered scenes as SAM2 inputs: `sam_pixel_values` (S, 3, size, size), each scene's instance masks
     (objects, size, size) at the SAM2 input size and each object's attribute ids (objects, 3) as colour, shape, size
-    indices into `ATTRIBUTE_VOCABULARIES`."""
+    indices into `SEG_ATTRIBUTES`."""
 
     sam_pixel_values: torch.Tensor
     instance_masks: list[torch.Tensor]
@@ -93,8 +89,7 @@ class AttributePromptEmbedding(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.tables = nn.ModuleList(
-            nn.Embedding(len(names) + 1, hidden_size, padding_idx=len(names))
-            for names in ATTRIBUTE_VOCABULARIES.values()
+            nn.Embedding(len(names) + 1, hidden_size, padding_idx=len(names)) for names in SEG_ATTRIBUTES.values()
         )
         for table in self.tables:
             nn.init.normal_(table.weight[:-1], std=ATTRIBUTE_EMBEDDING_STD)
@@ -104,10 +99,10 @@ class AttributePromptEmbedding(nn.Module):
         return sum(table(attribute_ids[..., column]) for column, table in enumerate(self.tables))
 
 
-UNSPECIFIED_IDS = torch.tensor([len(names) for names in ATTRIBUTE_VOCABULARIES.values()])
+UNSPECIFIED_IDS = torch.tensor(not_named_ids())
 # The non-empty subsets of (colour, shape, size) a phrase can name, as boolean rows.
 ATTRIBUTE_SUBSETS = torch.tensor(
-    [[bool(bits >> column & 1) for column in range(len(ATTRIBUTE_VOCABULARIES))] for bits in range(1, 8)]
+    [[bool(bits >> column & 1) for column in range(len(SEG_ATTRIBUTES))] for bits in range(1, 8)]
 )
 
 
@@ -143,8 +138,8 @@ def render_instance_scenes(
 
 
 def object_attribute_ids(scene_object) -> tuple[int, int, int]:
-    """A rendered object's colour, shape and size as indices into `ATTRIBUTE_VOCABULARIES`."""
-    return tuple(names.index(getattr(scene_object, attribute)) for attribute, names in ATTRIBUTE_VOCABULARIES.items())
+    """A rendered object's colour, shape and size as indices into `SEG_ATTRIBUTES`."""
+    return tuple(names.index(getattr(scene_object, attribute)) for attribute, names in SEG_ATTRIBUTES.items())
 
 
 def sample_attribute_prompts(

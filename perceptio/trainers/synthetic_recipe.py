@@ -40,6 +40,7 @@ from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
 
 from ..data.scene_rendering import metric_depth_to_inverse_depth, validate_num_objects
+from ..data.seg_attributes import add_seg_attribute_column, seg_attribute_classes
 from ..data.synthetic_dataset import build_synthetic_dataset
 from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
 from ..data.task_weights import validate_task_weights
@@ -104,6 +105,7 @@ class SyntheticTinyRecipe:
     freeze_grounding_encoder: bool = True
     mask_bce_weight: float = 1.0
     mask_dice_weight: float = 2.0
+    seg_attribute_loss_weight: float = 1.0
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
     text_num_layers: int = 4
@@ -198,6 +200,8 @@ class SyntheticTinyRecipe:
             raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
             raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
+        if not self.seg_attribute_loss_weight >= 0:
+            raise ValueError(f"seg_attribute_loss_weight must be >= 0, got {self.seg_attribute_loss_weight!r}.")
 
     @property
     def image_seq_length(self) -> int:
@@ -238,7 +242,8 @@ def build_recipe_model(
 
     Its SAM2 decodes one mask per `[SEG]` (no candidates to rank with an IoU head trained from scratch) and its mask
     loss leans on Dice: with BCE-heavy weights a from-scratch decoder settles on empty masks, objects being a few
-    percent of the image.
+    percent of the image. With `seg_attribute_loss_weight` > 0 it has `seg_attribute_heads` for the scenes' colour,
+    shape and size, so each `[SEG]` state learns to carry what its phrase names.
     """
     vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
     sam2_config = tiny_sam2_config()
@@ -271,6 +276,8 @@ def build_recipe_model(
         mask_bce_weight=recipe.mask_bce_weight,
         mask_dice_weight=recipe.mask_dice_weight,
         lm_loss_reduction=recipe.lm_loss_reduction,
+        seg_attribute_classes=seg_attribute_classes() if recipe.seg_attribute_loss_weight else None,
+        seg_attribute_loss_weight=recipe.seg_attribute_loss_weight,
         depth_tokenizer_config=depth_tokenizer.config,
         **vocabulary.config_fields(),
     )
@@ -419,6 +426,8 @@ def train_recipe_model(
             setattr(model.config, name, 0.0)
     max_steps = recipe.train_steps if max_steps is None else max_steps
     train_split = add_depth_code_column(ablate(train_split, ablation), model.depth_tokenizer)
+    if model.seg_attribute_heads is not None:
+        train_split = add_seg_attribute_column(train_split)
     arguments = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,

@@ -48,6 +48,12 @@ class PerceptioConfig(InternVLConfig):
             over all supervised tokens of the batch (transformers' convention). "segment": first within each segment
             of a sample (its depth block, and its other answer tokens), then over the segments of the batch, so a
             64-code depth block weighs as much as a one-word answer instead of 64 times more.
+        seg_attribute_classes (`list[int]`, *optional*): the number of classes of each attribute a referring phrase
+            names (for the synthetic scenes: colour, shape and size, each plus "not named"). When set, the model has
+            one linear head per attribute on the `[SEG]` hidden states (`seg_attribute_heads`), and `forward` takes
+            `seg_attributes` labels: `loss_seg_attribute` then asks each `[SEG]` state to carry what its phrase names,
+            which the language-model loss never asks for. `None` (the default): no heads.
+        seg_attribute_loss_weight (`float`, defaults to 1.0): λ of `loss_seg_attribute`.
     """
 
     model_type = "perceptio"
@@ -77,6 +83,8 @@ class PerceptioConfig(InternVLConfig):
     depth_recon_loss_weight: float | int = 1.0
     depth_soft_merge_temperature: float | int = 1.0
     lm_loss_reduction: str = "token"
+    seg_attribute_classes: list[int] | None = None
+    seg_attribute_loss_weight: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -99,6 +107,15 @@ class PerceptioConfig(InternVLConfig):
         """Raise a `ValueError` naming the field when the spatial-token fields disagree with each other."""
         if self.lm_loss_reduction not in LM_LOSS_REDUCTIONS:
             raise ValueError(f"lm_loss_reduction must be one of {LM_LOSS_REDUCTIONS}, got {self.lm_loss_reduction!r}.")
+        classes = self.seg_attribute_classes
+        if classes is not None and (
+            not isinstance(classes, (list, tuple))
+            or not classes
+            or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 2 for size in classes)
+        ):
+            raise ValueError(
+                f"seg_attribute_classes must be None or a non-empty list of class counts >= 2, got {classes!r}."
+            )
         if not isinstance(self.sam2_multimask_output, bool):
             raise ValueError(f"sam2_multimask_output must be True or False, got {self.sam2_multimask_output!r}.")
         if self.num_depth_tokens is None:

@@ -30,6 +30,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "loss_lm": LossTerm(None, "lm"),
     "loss_mask": LossTerm("mask_loss_weight", "mask"),
     "loss_mask_iou": LossTerm("mask_iou_loss_weight", "mask"),
+    "loss_seg_attribute": LossTerm("seg_attribute_loss_weight", "mask"),
     "loss_marker": LossTerm("depth_marker_loss_weight", "depth"),
     "loss_token": LossTerm("depth_token_loss_weight", "depth"),
     "loss_count": LossTerm("depth_count_loss_weight", "depth"),
@@ -125,6 +126,25 @@ def segmentation_loss(
         flat_logits, repeated, dice_epsilon
     )
     return per_candidate.view(num_masks, num_candidates).min(-1).values.mean()
+
+
+# The `seg_attributes` label of a `[SEG]` whose phrase has no label for that attribute (skipped by the loss).
+UNLABELLED_SEG_ATTRIBUTE = -100
+
+
+def seg_attribute_loss(attribute_logits: list[torch.Tensor], labels: torch.LongTensor) -> torch.Tensor:
+    """Cross-entropy of each attribute head's logits (M, classes_a) against its column of `labels` (M, A), averaged
+    over the labelled `[SEG]`s (`UNLABELLED_SEG_ATTRIBUTE` marks a `[SEG]` without a label), then over the attributes.
+
+    It divides by the count instead of branching on it, so a batch with no label gives 0 and still reaches every head
+    (distributed processes build the same graph).
+    """
+    per_attribute = [
+        F.cross_entropy(logits.float(), labels[:, column], ignore_index=UNLABELLED_SEG_ATTRIBUTE, reduction="sum")
+        / (labels[:, column] >= 0).sum().clamp_min(1)
+        for column, logits in enumerate(attribute_logits)
+    ]
+    return torch.stack(per_attribute).mean()
 
 
 # Logit rows (batch x positions) per chunk of the per-token cross-entropy: its float32 copy and log-softmax stay

@@ -18,6 +18,7 @@ from .configuration_perceptio import LM_LOSS_REDUCTIONS, PerceptioConfig
 from .generation_perceptio import PerceptioGenerationMixin
 from .loss_perceptio import (
     LOSS_TERMS,
+    UNLABELLED_SEG_ATTRIBUTE,
     depth_code_logits,
     depth_code_targets,
     depth_count_loss,
@@ -30,6 +31,7 @@ from .loss_perceptio import (
     per_sample_lm_loss,
     per_sample_mean,
     resize_masks_to_logits,
+    seg_attribute_loss,
     segment_mean,
     segmentation_loss,
     weighted_loss_sum,
@@ -142,6 +144,11 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             nn.Linear(hidden_size, hidden_size),
             nn.ReLU(),
             nn.Linear(hidden_size, config.sam2_config.mask_decoder_config.hidden_size),
+        )
+        self.seg_attribute_heads = (
+            nn.ModuleList(nn.Linear(hidden_size, classes) for classes in config.seg_attribute_classes)
+            if config.seg_attribute_classes
+            else None
         )
         self.depth_tokenizer = (
             PerceptioDepthTokenizer(config.depth_tokenizer_config) if config.has_depth_tokenizer else None
@@ -314,6 +321,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         gt_masks: list[torch.Tensor] | None = None,
         depth_maps: list[torch.Tensor | None] | None = None,
         return_lm_loss_per_sample: bool = False,
+        seg_attributes: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> PerceptioCausalLMOutputWithPast:
         r"""
@@ -328,6 +336,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         return_lm_loss_per_sample (`bool`, defaults to False): with labels, also return `lm_loss_per_sample` and
             `lm_tokens_per_sample` (free with `lm_loss_reduction="segment"`, which already has each token's
             cross-entropy; one more cross-entropy pass with "token").
+        seg_attributes (`list[torch.LongTensor]`, *optional*): per sample, (num_seg, A) class ids of what each
+            `[SEG]`'s phrase names, one column per `config.seg_attribute_classes` entry, -100 where unlabelled; the
+            targets of `loss_seg_attribute` (needs `seg_attribute_heads`).
 
         Generation kwargs (the cache and friends) pass through to InternVL untouched.
         """
@@ -343,7 +354,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(hidden_states if logits_to_keep == 0 else self._keep(hidden_states, logits_to_keep))
 
-        masks, mask_losses = self._mask_stage(input_ids, hidden_states, sam_pixel_values, gt_masks, labels)
+        masks, mask_losses = self._mask_stage(
+            input_ids, hidden_states, sam_pixel_values, gt_masks, labels, seg_attributes
+        )
         loss = per_sample = None
         # gt_masks without labels still give the mask terms (a mask-only objective, bench/training_step.py).
         loss_dict = mask_losses if gt_masks is not None else None
@@ -474,9 +487,15 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         sam_pixel_values: torch.Tensor | None,
         gt_masks: list[torch.Tensor] | None,
         labels: torch.LongTensor | None,
+        seg_attributes: list[torch.Tensor] | None = None,
     ) -> tuple[PerceptioMaskOutput | None, dict[str, torch.Tensor | None]]:
-        """Masks from the `[SEG]` states of a teacher-forced sequence, and `loss_mask` / `loss_mask_iou` in training
-        (zeros when nothing is supervised; `None` outside training)."""
+        """Masks from the `[SEG]` states of a teacher-forced sequence, and in training `loss_mask` / `loss_mask_iou`
+        and `loss_seg_attribute` (zeros when nothing is supervised; `None` outside training)."""
+        if seg_attributes is not None and self.seg_attribute_heads is None:
+            raise ValueError(
+                "seg_attributes were given but the model has no seg_attribute_heads; set "
+                "config.seg_attribute_classes when building the model to train them."
+            )
         training = labels is not None or gt_masks is not None
         no_losses = dict.fromkeys(loss_term_names("mask"), hidden_states.new_zeros(()) if training else None)
         if not training and sam_pixel_values is None:
@@ -497,8 +516,13 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         if training and sum(seg_counts) == 0:
             return None, {**no_losses, "loss_mask": self._zero_weight_mask_loss(hidden_states, sam_pixel_values)}
         masks = self.predict_masks(seg_hidden, sam_pixel_values)
-        if not training or gt_masks is None:
+        if not training:
             return masks, no_losses
+        losses = dict(no_losses)
+        if seg_attributes is not None:
+            losses["loss_seg_attribute"] = self.seg_attribute_loss(seg_hidden, seg_attributes)
+        if gt_masks is None:
+            return masks, losses
         candidates = torch.cat(masks.candidate_logits)
         low_res = tuple(candidates.shape[-2:])
         # Samples' masks may come at different image sizes: bring each to the logits' size before stacking.
@@ -509,7 +533,29 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
                 if len(sample_masks)
             ]
         )
-        return masks, self.mask_losses(candidates, torch.cat(masks.candidate_scores), targets)
+        return masks, {**losses, **self.mask_losses(candidates, torch.cat(masks.candidate_scores), targets)}
+
+    def seg_attribute_loss(self, seg_hidden: list[torch.Tensor], seg_attributes: list[torch.Tensor]) -> torch.Tensor:
+        """`loss_seg_attribute`: the attribute heads on the `[SEG]` states (per sample (num_seg, hidden)) against
+        their labels (per sample (num_seg, A), -100 where unlabelled)."""
+        heads = self.seg_attribute_heads
+        if len(seg_attributes) != len(seg_hidden):
+            raise ValueError(f"seg_attributes has {len(seg_attributes)} entries for a batch of {len(seg_hidden)}.")
+        for index, (states, labels) in enumerate(zip(seg_hidden, seg_attributes)):
+            if tuple(labels.shape) != (states.shape[0], len(heads)):
+                raise ValueError(
+                    f"Sample {index} has {states.shape[0]} [SEG] token(s) but seg_attributes of shape "
+                    f"{tuple(labels.shape)}; give one row of {len(heads)} class ids per [SEG]."
+                )
+        states = torch.cat(seg_hidden)
+        labels = torch.cat([labels.to(states.device, torch.long) for labels in seg_attributes])
+        classes = torch.tensor(self.config.seg_attribute_classes, device=labels.device)
+        if bool(((labels < 0) & (labels != UNLABELLED_SEG_ATTRIBUTE) | (labels >= classes)).any()):
+            raise ValueError(
+                f"seg_attributes must be class ids below {self.config.seg_attribute_classes} per column, or "
+                f"{UNLABELLED_SEG_ATTRIBUTE} for none."
+            )
+        return seg_attribute_loss([head(states) for head in heads], labels)
 
     def mask_losses(
         self, candidate_logits: torch.Tensor, predicted_iou: torch.Tensor, targets: torch.Tensor

@@ -1,0 +1,155 @@
+"""Per-[SEG] attribute labels: from the synthetic referring rows, through the collator, to what the heads learn."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_trainer import make_sample
+
+from perceptio.data.seg_attributes import (
+    SEG_ATTRIBUTE_COLUMN,
+    SEG_ATTRIBUTES,
+    add_seg_attribute_column,
+    named_attribute_ids,
+    not_named_ids,
+    seg_attribute_classes,
+    seg_attribute_labels,
+)
+from perceptio.data.synthetic_dataset import build_synthetic_dataset
+from perceptio.trainers.collator_perceptio import PerceptioDataCollator
+
+
+@pytest.fixture(scope="module")
+def labelled_rows(tmp_path_factory):
+    dataset = build_synthetic_dataset(
+        48,
+        0,
+        0,
+        image_size=32,
+        seed=5,
+        tasks={"referring": 1.0, "vqa_colour": 0.3},
+        cache_dir=str(tmp_path_factory.mktemp("c")),
+    )["train"]
+    return add_seg_attribute_column(dataset)
+
+
+def test_labels_name_what_each_phrase_says_and_nothing_for_rows_without_masks(labelled_rows):
+    referring = 0
+    for row in labelled_rows:
+        labels = row[SEG_ATTRIBUTE_COLUMN]
+        assert len(labels) == len(row["masks"])
+        if row["task"] != "referring":
+            continue
+        referring += 1
+        meta = json.loads(row["meta"])
+        for object_labels, named in zip(labels, meta["named"]):
+            for class_id, (attribute, values) in zip(object_labels, SEG_ATTRIBUTES.items()):
+                if named[attribute] is None:
+                    assert class_id == len(values)
+                else:
+                    assert values[class_id] == named[attribute] and named[attribute] in meta["expression"]
+    assert referring >= 20
+
+
+def test_classes_count_every_value_and_not_named():
+    assert seg_attribute_classes() == [len(values) + 1 for values in SEG_ATTRIBUTES.values()]
+    assert not_named_ids() == [classes - 1 for classes in seg_attribute_classes()]
+
+
+@given(
+    named=st.fixed_dictionaries(
+        {attribute: st.one_of(st.none(), st.sampled_from(values)) for attribute, values in SEG_ATTRIBUTES.items()}
+    )
+)
+def test_named_attribute_ids_round_trip(named):
+    ids = named_attribute_ids(named)
+    decoded = {
+        attribute: None if class_id == len(values) else values[class_id]
+        for class_id, (attribute, values) in zip(ids, SEG_ATTRIBUTES.items())
+    }
+    assert decoded == named
+
+
+def test_bad_meta_raises_naming_what_to_do():
+    with pytest.raises(ValueError, match="one phrase per mask.*rebuild the dataset"):
+        seg_attribute_labels(json.dumps({"expression": "the cube"}), 1)
+    with pytest.raises(ValueError, match="one phrase per mask"):
+        seg_attribute_labels({"named": [{"shape": "cube"}]}, 2)
+    with pytest.raises(ValueError, match="The colour 'teal' is not one of"):
+        seg_attribute_labels({"named": [{"colour": "teal"}]}, 1)
+    assert seg_attribute_labels("{}", 0) == []
+
+
+def test_collator_passes_labels_and_fills_unlabelled_samples(tiny_pair):
+    processor = tiny_pair[1]
+    collator = PerceptioDataCollator(processor, depth_tokenizer=tiny_pair[0].depth_tokenizer, max_num_tiles=1)
+    labelled = {**make_sample(0, 2, False), SEG_ATTRIBUTE_COLUMN: [[1, 2, 0], [8, 3, 2]]}
+    batch = collator([labelled, make_sample(1, 1, False), make_sample(2, 0, False)])
+    assert [labels.tolist() for labels in batch[SEG_ATTRIBUTE_COLUMN]] == [
+        [[1, 2, 0], [8, 3, 2]],
+        [[-100, -100, -100]],
+        [],
+    ]
+    assert batch[SEG_ATTRIBUTE_COLUMN][2].shape == (0, 3)
+    assert SEG_ATTRIBUTE_COLUMN not in collator(
+        [make_sample(1, 1, False), {**make_sample(2, 0, False), SEG_ATTRIBUTE_COLUMN: []}]
+    )
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([[1, 2, 0]], "one row of class ids per mask \\(2\\), got shape \\(1, 3\\)"),
+        ([[1, 2], [0]], "one list of integer class ids per mask"),
+        ([["red", "cube"], ["blue", "cube"]], "one list of integer class ids per mask"),
+    ],
+)
+def test_collator_rejects_labels_that_do_not_match_the_masks(tiny_pair, labels, message):
+    collator = PerceptioDataCollator(tiny_pair[1], depth_tokenizer=tiny_pair[0].depth_tokenizer, max_num_tiles=1)
+    with pytest.raises(ValueError, match=f"sample 0 .*{message}"):
+        collator([{**make_sample(0, 2, False), SEG_ATTRIBUTE_COLUMN: labels}])
+
+
+def _head_predictions(model, batch) -> list[torch.Tensor]:
+    captured = []
+    hook = model.text_hidden_fcs.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    states = torch.cat(captured)
+    return [head(states).argmax(-1) for head in model.seg_attribute_heads]
+
+
+def test_the_heads_teach_the_seg_states_what_their_phrases_name(tiny_pair, labelled_rows, single_torch_thread):
+    """Overfit one batch of real referring rows on the attribute term alone, with the heads frozen at their random
+    init: only the language model learns, and its [SEG] states come to carry each phrase's attributes."""
+    model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
+    config = copy.deepcopy(model.config)
+    config.seg_attribute_classes = seg_attribute_classes()
+    with_heads = type(model)(config)
+    with_heads.load_state_dict(model.state_dict(), strict=False)
+    rows = [row for row in labelled_rows if row["task"] == "referring"][:8]
+    collator = PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer, max_num_tiles=1)
+    batch = collator([{**row, "use_depth_block": False} for row in rows])
+    labels = torch.cat(batch[SEG_ATTRIBUTE_COLUMN])
+    before = _head_predictions(with_heads, batch)
+    assert not all(torch.equal(predicted, labels[:, column]) for column, predicted in enumerate(before))
+    with_heads.seg_attribute_heads.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in with_heads.parameters() if p.requires_grad], lr=3e-3)
+    with_heads.train()
+    losses = []
+    for _ in range(60):
+        loss = with_heads(**batch).loss_seg_attribute
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    with_heads.eval()
+    for column, predicted in enumerate(_head_predictions(with_heads, batch)):
+        assert torch.equal(predicted, labels[:, column]), list(SEG_ATTRIBUTES)[column]
