@@ -22,6 +22,7 @@ from perceptio.data.seg_attributes import (
 )
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
+from perceptio.trainers.seg_attribute_accuracy import seg_attribute_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +116,6 @@ def test_collator_rejects_labels_that_do_not_match_the_masks(tiny_pair, labels, 
         collator([{**make_sample(0, 2, False), SEG_ATTRIBUTE_COLUMN: labels}])
 
 
-def _head_predictions(model, batch) -> list[torch.Tensor]:
-    captured = []
-    hook = model.text_hidden_fcs.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-    with torch.no_grad():
-        model(**batch)
-    hook.remove()
-    states = torch.cat(captured)
-    return [head(states).argmax(-1) for head in model.seg_attribute_heads]
-
-
 def test_the_heads_teach_the_seg_states_what_their_phrases_name(tiny_pair, labelled_rows, single_torch_thread):
     """Overfit one batch of real referring rows on the attribute term alone, with the heads frozen at their random
     init: only the language model learns, and its [SEG] states come to carry each phrase's attributes."""
@@ -133,12 +124,12 @@ def test_the_heads_teach_the_seg_states_what_their_phrases_name(tiny_pair, label
     config.seg_attribute_classes = seg_attribute_classes()
     with_heads = type(model)(config)
     with_heads.load_state_dict(model.state_dict(), strict=False)
-    rows = [row for row in labelled_rows if row["task"] == "referring"][:8]
+    rows = labelled_rows.select([i for i, task in enumerate(labelled_rows["task"]) if task == "referring"][:8])
     collator = PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer, max_num_tiles=1)
     batch = collator([{**row, "use_depth_block": False} for row in rows])
     labels = torch.cat(batch[SEG_ATTRIBUTE_COLUMN])
-    before = _head_predictions(with_heads, batch)
-    assert not all(torch.equal(predicted, labels[:, column]) for column, predicted in enumerate(before))
+    before = seg_attribute_accuracy(with_heads, processor, rows, batch_size=3)
+    assert before.num_seg == labels.shape[0] and min(before.accuracy.values()) < 1.0
     with_heads.seg_attribute_heads.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in with_heads.parameters() if p.requires_grad], lr=3e-3)
     with_heads.train()
@@ -150,6 +141,24 @@ def test_the_heads_teach_the_seg_states_what_their_phrases_name(tiny_pair, label
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
-    with_heads.eval()
-    for column, predicted in enumerate(_head_predictions(with_heads, batch)):
-        assert torch.equal(predicted, labels[:, column]), list(SEG_ATTRIBUTES)[column]
+    after = seg_attribute_accuracy(with_heads, processor, rows, batch_size=3)
+    assert after.accuracy == dict.fromkeys(SEG_ATTRIBUTES, 1.0)
+    assert after.majority_prior == before.majority_prior
+    for column, name in enumerate(SEG_ATTRIBUTES):
+        majority = labels[:, column].mode().values
+        assert after.majority_prior[name] == pytest.approx(
+            float((labels[:, column] == majority).float().mean()), abs=1e-4
+        )
+
+
+def test_seg_attribute_accuracy_needs_heads_and_rows_with_masks(tiny_pair, tiny_attribute_model, labelled_rows):
+    processor = tiny_pair[1]
+    with pytest.raises(ValueError, match="one seg_attribute_head per attribute"):
+        seg_attribute_accuracy(tiny_pair[0], processor, labelled_rows)
+    with pytest.raises(ValueError, match="one seg_attribute_head per attribute"):
+        seg_attribute_accuracy(tiny_attribute_model, processor, labelled_rows)
+    answers = labelled_rows.filter(lambda task: task != "referring", input_columns="task")
+    config = copy.deepcopy(tiny_pair[0].config)
+    config.seg_attribute_classes = seg_attribute_classes()
+    with pytest.raises(ValueError, match="No row has masks"):
+        seg_attribute_accuracy(type(tiny_pair[0])(config), processor, answers)

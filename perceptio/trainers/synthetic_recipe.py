@@ -57,6 +57,7 @@ from .collator_perceptio import PerceptioDataCollator
 from .data_mixture import add_depth_code_column
 from .depth_tokenizer_trainer import train_depth_tokenizer
 from .grounding_pretraining import GroundingPretrainingResult, pretrain_grounding_encoder, render_instance_scenes
+from .seg_attribute_accuracy import seg_attribute_accuracy
 from .trainer_perceptio import PerceptioTrainer
 from .vision_pretraining import VisionPretrainingResult, pretrain_vision_tower, render_patch_labelled_scenes
 
@@ -464,7 +465,8 @@ def run_synthetic_tiny_recipe(
     test splits, for `perceptio eval synthetic`) and `output_dir/recipe_summary.json`.
 
     Returns the summary: settings, timings, the depth tokenizer's evaluation, SAM2's grounding gate before and after
-    its pretraining, and the reading-stage and main-stage training logs.
+    its pretraining, how well the `[SEG]` states carry their phrase on the test split (`seg_attribute_accuracy`,
+    beside the majority prior), and the reading-stage and main-stage training logs.
     """
     recipe = recipe if recipe is not None else SyntheticTinyRecipe()
     if ablation not in ABLATIONS:
@@ -525,6 +527,11 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     timings["model_s"] = time.perf_counter() - model_started
     timings["total_s"] = time.perf_counter() - started
     model.eval()
+    seg_attributes = (
+        seg_attribute_accuracy(model, processor, dataset["test"], recipe.batch_size)
+        if model.seg_attribute_heads is not None
+        else None
+    )
     model.save_pretrained(output_dir / "model")
     processor.save_pretrained(output_dir / "model")
     summary = {
@@ -535,6 +542,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
         "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
         "vision_pretraining": asdict(vision) if vision is not None else None,
         "grounding_pretraining": asdict(grounding),
+        "seg_attribute_accuracy": asdict(seg_attributes) if seg_attributes is not None else None,
         "reading_log": reading_log,
         "training_log": log,
     }
