@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+import statistics
 
 import datasets
 import numpy as np
@@ -26,9 +28,11 @@ from perceptio.evaluation.runners.synthetic import (
     ANSWER_TASKS,
     normalised_answer,
     normalised_inverse_depth,
+    paired_ciou_control,
     paired_image_control,
     swapped_expression_pairs,
     swapped_image_pairs,
+    synthetic_summary,
 )
 from perceptio.evaluation.segmentation_metrics import ciou, giou, mask_intersection_union
 from perceptio.tiny_models import build_tiny_perceptio
@@ -353,6 +357,64 @@ def test_swapped_sentences_come_from_another_referring_row_with_another_sentence
     ]
     for index, partner in pairs:
         assert tasks[partner] == "referring" and prompts[partner] != prompts[index]
+
+
+def _referring_records(own: list[tuple[int, int]], swapped: list[tuple[int, int]]) -> list[dict]:
+    """Referring records of rows 0, 1, ... with the (intersection, union) counts `own`, and the swapped-sentence
+    records of the first len(swapped) rows with the counts `swapped`."""
+
+    def record(row: int, task: str, counts: tuple[int, int]) -> dict:
+        intersection, union = counts
+        fields = {"intersection": intersection, "union": union, "num_masks": 1, "use_depth_block": False}
+        return {"sample_id": f"{row}/{task}", "row": row, "task": task, "has_depth": False, **fields}
+
+    own_records = [record(row, "referring", counts) for row, counts in enumerate(own)]
+    return own_records + [record(row, "referring_swapped", counts) for row, counts in enumerate(swapped)]
+
+
+def _reference_bootstrap_se(own: list[tuple[int, int]], swapped: list[tuple[int, int]] | None = None) -> float:
+    """The bootstrap SE of ciou(own) (minus ciou(swapped) on the same rows), one resample at a time with another
+    generator and twice the resamples."""
+    generator, values = random.Random(1), []
+    for _ in range(2000):
+        rows = [generator.randrange(len(own)) for _ in own]
+        value = ciou(*zip(*(own[row] for row in rows)))
+        values.append(value - ciou(*zip(*(swapped[row] for row in rows))) if swapped else value)
+    return statistics.stdev(values)
+
+
+def test_swapped_sentence_margin_has_a_paired_bootstrap_standard_error():
+    own = [(30, 40), (10, 50), (45, 50), (0, 20), (25, 30), (60, 80), (5, 40), (35, 45)]
+    swapped = [(10, 60), (5, 55), (20, 70), (0, 30), (10, 45), (20, 90), (0, 50), (15, 60)]
+    referring = synthetic_summary(_referring_records(own, swapped))["referring"]
+    assert referring["swapped_expression_margin"] == pytest.approx(ciou(*zip(*own)) - ciou(*zip(*swapped)))
+    assert referring["ciou_se"] == pytest.approx(_reference_bootstrap_se(own), rel=0.15)
+    assert referring["swapped_expression_margin_se"] == pytest.approx(_reference_bootstrap_se(own, swapped), rel=0.15)
+    assert referring["follows_sentence"] is True
+    assert synthetic_summary(_referring_records(own, swapped))["referring"] == referring  # a fixed seed
+    # Resamples drawn only from the two empty rows have no union: they score 1, as `ciou` does.
+    own, swapped = [(0, 0), (0, 0), (5, 10)], [(0, 0), (0, 0), (0, 10)]
+    records = _referring_records(own, swapped)
+    control = paired_ciou_control(records[:3], records[3:])
+    assert control["ciou_se"] == pytest.approx(_reference_bootstrap_se(own), rel=0.15)
+    assert control["swapped_expression_margin_se"] == pytest.approx(_reference_bootstrap_se(own, swapped), rel=0.15)
+
+
+def test_follows_sentence_needs_the_own_sentence_to_win_by_two_standard_errors():
+    same = [(30, 40), (10, 50), (45, 50), (0, 20)]
+    control = synthetic_summary(_referring_records(same, same))["referring"]
+    assert control["swapped_expression_margin"] == control["swapped_expression_margin_se"] == 0
+    assert control["ciou_se"] > 0 and control["follows_sentence"] is False
+    # The own sentence wins on half of the rows and loses on the other half: a spread margin of 0.
+    control = synthetic_summary(_referring_records([(40, 50), (10, 50)] * 4, [(10, 50), (40, 50)] * 4))["referring"]
+    assert control["swapped_expression_margin"] == 0 and control["swapped_expression_margin_se"] > 0
+    assert control["follows_sentence"] is False
+    control = synthetic_summary(_referring_records([(3, 4), (1, 2)], [(1, 4)]))["referring"]
+    assert control["swapped_expression_margin"] == 0.5 and control["ciou_se"] > 0
+    assert control["swapped_expression_margin_se"] is None and control["follows_sentence"] is None
+    control = synthetic_summary(_referring_records([(3, 4)], [(1, 4)]))["referring"]
+    assert control["ciou_se"] is None and control["swapped_expression_margin_se"] is None
+    assert synthetic_summary([])["referring"]["swapped_expression_margin"] is None
 
 
 def _num_points(meta: str) -> int | None:

@@ -7,7 +7,9 @@ Reads a split of `perceptio.data.synthetic_dataset.build_synthetic_dataset` (a `
   sentence refers to, or several for a plural sentence), pooled into cIoU and gIoU. As a control, each referring
   image is also asked the next referring row's (different) sentence, and that mask is scored against the image's
   own target: `swapped_expression_ciou`. A model that reads the sentence scores lower there; a model that draws the
-  same mask whatever the sentence (a foreground mask) scores the same;
+  same mask whatever the sentence (a foreground mask) scores the same. `paired_ciou_control` adds bootstrap
+  standard errors of the cIoU and of the own sentence's margin over the swapped one (rows resampled in pairs), and
+  `follows_sentence`: that margin exceeds two of its standard errors;
 - every row whose answer has a depth block: the decoded depth against the ground truth converted to the tokenizer's
   space (relative inverse depth 1/z, min-max normalised per image to [-1, 1], larger = nearer) at the original size.
   RMSE and pair-order accuracy are read in that space, AbsRel and delta < 1.25 after `normalized_to_positive` (the
@@ -40,7 +42,7 @@ import numpy as np
 
 from ...data.synthetic_dataset import sample_spatial_targets
 from ..depth_metrics import abs_rel, delta1, normalised_inverse_depth, normalized_to_positive, pair_order_counts, rmse
-from ..segmentation_metrics import mask_intersection_union
+from ..segmentation_metrics import EMPTY_SAMPLE_IOU, ciou, mask_intersection_union
 from .answer_scoring import answer_losses
 from .choice_scoring import choice_record, choice_summary, choice_summary_by
 from .dataset_inputs import decode_rgb_image, load_split, require_columns, rows_without_decoding
@@ -56,6 +58,9 @@ DEPTH_PAIR_SEED = 0
 ANSWER_TASKS: tuple[str, ...] = ("vqa_colour", "vqa_shape", "vqa_count", "relative_depth")
 # The swapped-image control calls the model reading the image when the own image wins by more than this many SEs.
 READS_IMAGE_STANDARD_ERRORS = 2.0
+# The referring cIoU's bootstrap: resamples of the rows, drawn from a fixed seed so that a rerun reports the same SEs.
+CIOU_BOOTSTRAP_RESAMPLES = 1000
+CIOU_BOOTSTRAP_SEED = 0
 
 
 def depth_figures(predicted: np.ndarray, target: np.ndarray) -> dict[str, float | int]:
@@ -250,6 +255,52 @@ def paired_image_control(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]])
     return figures
 
 
+def count_arrays(records: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The records' intersection and union counts, as two float arrays."""
+    intersections = np.array([record["intersection"] for record in records], dtype=np.float64)
+    return intersections, np.array([record["union"] for record in records], dtype=np.float64)
+
+
+def resampled_cious(intersections: np.ndarray, unions: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+    """The cIoU of each bootstrap resample (each row of `resamples` indexes the samples); a resample whose unions sum
+    to 0 scores `EMPTY_SAMPLE_IOU`, as `ciou` does."""
+    total_intersection = intersections[resamples].sum(axis=1)
+    total_union = unions[resamples].sum(axis=1)
+    empty = np.full(total_union.shape, EMPTY_SAMPLE_IOU)
+    return np.divide(total_intersection, total_union, out=empty, where=total_union > 0)
+
+
+def paired_ciou_control(
+    own_records: Sequence[dict[str, Any]], swapped_records: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Bootstrap standard errors of the referring cIoU (`ciou_se`, over every own record, as `ciou` is) and of the
+    margin of the own sentence's cIoU over the swapped sentence's on the rows that have both
+    (`swapped_expression_margin`, paired rows resampled together), and `follows_sentence`: the margin exceeds
+    `READS_IMAGE_STANDARD_ERRORS` SEs. SEs and `follows_sentence` are None below two rows (pairs)."""
+    generator = np.random.default_rng(CIOU_BOOTSTRAP_SEED)
+
+    def resamples(num_samples: int) -> np.ndarray:
+        return generator.integers(0, num_samples, size=(CIOU_BOOTSTRAP_RESAMPLES, num_samples))
+
+    ciou_se = None
+    if len(own_records) > 1:
+        ciou_se = float(resampled_cious(*count_arrays(own_records), resamples(len(own_records))).std(ddof=1))
+    own_by_row = {record["row"]: record for record in own_records}
+    pairs = [(own_by_row[record["row"]], record) for record in swapped_records if record["row"] in own_by_row]
+    own, swapped = count_arrays([own_record for own_record, _ in pairs]), count_arrays([record for _, record in pairs])
+    margin = ciou(*own) - ciou(*swapped) if pairs else None
+    margin_se = None
+    if len(pairs) > 1:
+        indices = resamples(len(pairs))
+        margin_se = float((resampled_cious(*own, indices) - resampled_cious(*swapped, indices)).std(ddof=1))
+    return {
+        "ciou_se": ciou_se,
+        "swapped_expression_margin": margin,
+        "swapped_expression_margin_se": margin_se,
+        "follows_sentence": None if margin_se is None else margin > READS_IMAGE_STANDARD_ERRORS * margin_se,
+    }
+
+
 def swapped_image_summary(records: Sequence[dict[str, Any]], swapped: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """`swapped_image` (per answer task present in `records`, `paired_image_control`), and the pooled depth figures
     of the blocks written on the partner's image (`depth_other_image`) and on the own image (`depth_own_image`),
@@ -297,7 +348,11 @@ def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_points = choice_summary_by(relative_depth, "num_points")
     return {
         "num_samples": len(records),
-        "referring": {**referring_summary(referring), "swapped_expression_ciou": referring_summary(swapped)["ciou"]},
+        "referring": {
+            **referring_summary(referring),
+            "swapped_expression_ciou": referring_summary(swapped)["ciou"],
+            **paired_ciou_control(referring, swapped),
+        },
         "depth": depth,
         "relative_depth": {**choice_summary(relative_depth), "by_num_points": by_points},
         "vqa": vqa_summary([record for record in records if record["task"].startswith("vqa_")]),
