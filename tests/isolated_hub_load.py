@@ -28,6 +28,9 @@ torch.save(
         "inputs": dict(inputs),
         "logits": output.logits,
         "pred_masks": output.pred_masks,
+        "seg_attribute_heads": None
+        if model.seg_attribute_heads is None
+        else [head.weight for head in model.seg_attribute_heads],
     },
     outputs_path,
 )

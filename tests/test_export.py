@@ -130,6 +130,18 @@ def test_exported_folder_loads_without_the_package_and_matches_bitwise(tiny_pair
     assert torch.allclose(built.pred_masks[0], remote["pred_masks"][0], atol=1e-8, rtol=0)
 
 
+def test_an_exported_model_with_seg_attribute_heads_loads_them_without_the_package(
+    tiny_attribute_model, tiny_processor, rgb_image, tmp_path
+):
+    folder = export_pretrained(tiny_attribute_model, tiny_processor, tmp_path / "export")
+    request = {"image": rgb_image, "prompt": tiny_processor.format_prompt("Where is the red cube?") + "[SEG]"}
+    remote = run_isolated_script("isolated_hub_load.py", folder, request, tmp_path)
+    expected = [head.weight for head in tiny_attribute_model.seg_attribute_heads]
+    hidden = tiny_attribute_model.config.text_config.hidden_size
+    assert [tuple(weight.shape) for weight in remote["seg_attribute_heads"]] == [(4, hidden), (3, hidden)]
+    assert all(torch.equal(local, loaded) for local, loaded in zip(expected, remote["seg_attribute_heads"]))
+
+
 def test_a_save_pretrained_folder_gives_the_processor_without_the_package(tiny_pair, rgb_image, tmp_path):
     model, processor = tiny_pair
     folder = tmp_path / "saved"
