@@ -122,7 +122,8 @@ def test_ablations_change_only_what_they_name():
     assert ablate(rows, "no-depth-tokens")["use_depth_block"] == [False, False]
     assert ablate(rows, "no-seg")["masks"] == [[], []]
     assert ablate(rows, "depth-lm-only").to_dict() == rows.to_dict()
-    assert len(ABLATIONS) == 4 and len(DEPTH_LOSS_WEIGHT_FIELDS) == 4
+    assert ablate(rows, "no-seg-attribute-loss").to_dict() == rows.to_dict()
+    assert len(ABLATIONS) == 5 and len(DEPTH_LOSS_WEIGHT_FIELDS) == 4
     with pytest.raises(ValueError, match="ablation"):
         ablate(rows, "no-text")
 
@@ -144,6 +145,20 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
     with pytest.raises(ValueError, match="vision_num_layers"):
         SyntheticTinyRecipe(vision_num_layers=0)
+
+
+def test_the_attribute_loss_ablation_keeps_the_heads_and_weights_their_loss_zero(tmp_path):
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    dataset = build_synthetic_dataset(
+        8, 1, 1, image_size=recipe.image_size, seed=0, tasks={"referring": 1.0}, cache_dir=str(tmp_path / "cache")
+    )
+    processor = build_recipe_processor(recipe)
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    heads = copy.deepcopy(model.seg_attribute_heads.state_dict())
+    log = train_recipe_model(recipe, model, processor, dataset["train"], tmp_path / "t", "no-seg-attribute-loss")
+    assert model.config.seg_attribute_loss_weight == 0.0
+    assert all(entry["loss_seg_attribute"] > 0 for entry in log), "the term is still measured"
+    assert all(torch.equal(value, heads[name]) for name, value in model.seg_attribute_heads.state_dict().items())
 
 
 def test_the_seg_attribute_heads_follow_their_loss_weight():

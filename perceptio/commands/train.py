@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--recipe", choices=RECIPES, help="a complete named recipe (data, tokenizer, model, training)")
     parser.add_argument("--output-dir", help="with --recipe: where the recipe writes its data, model and summary")
     parser.add_argument(
-        "--ablation", default="full", help="with --recipe: full, no-depth-tokens, no-seg or depth-lm-only"
+        "--ablation",
+        default="full",
+        help="with --recipe: full, no-depth-tokens, no-seg, depth-lm-only or no-seg-attribute-loss",
     )
     parser.add_argument("--train-steps", type=int, help="with --recipe: override the recipe's training steps")
     parser.add_argument(

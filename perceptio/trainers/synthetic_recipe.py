@@ -22,6 +22,8 @@ Ablations train with the same data, steps and seed:
 - `no-seg`: no sample carries `[SEG]` tokens or masks.
 - `depth-lm-only`: depth blocks are learned by language-model cross-entropy alone (marker, token, count and
   reconstruction weights 0).
+- `no-seg-attribute-loss`: the `[SEG]` attribute heads are built (so the initialisation is the same) but
+  `loss_seg_attribute` is weighted 0.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from .trainer_perceptio import PerceptioTrainer
 from .vision_pretraining import VisionPretrainingResult, pretrain_vision_tower, render_patch_labelled_scenes
 
 
-ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only")
+ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only", "no-seg-attribute-loss")
 # The answer tasks of the reading stage: a word or a number that only the image can give.
 READING_TASKS = ("vqa_colour", "vqa_shape", "vqa_count")
 RECIPE_TASK_WEIGHTS = {
@@ -425,6 +427,8 @@ def train_recipe_model(
     if ablation == "depth-lm-only":
         for name in DEPTH_LOSS_WEIGHT_FIELDS:
             setattr(model.config, name, 0.0)
+    if ablation == "no-seg-attribute-loss":
+        model.config.seg_attribute_loss_weight = 0.0
     max_steps = recipe.train_steps if max_steps is None else max_steps
     train_split = add_depth_code_column(ablate(train_split, ablation), model.depth_tokenizer)
     if model.seg_attribute_heads is not None:
