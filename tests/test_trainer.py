@@ -317,6 +317,24 @@ def test_lora_preset_trains_the_right_parts_and_saves_loads_merges(tiny_pair, co
         assert not torch.allclose(base.eval()(**batch).logits, reference, atol=1e-2)
 
 
+def test_lora_preset_trains_and_saves_the_seg_attribute_heads(tiny_attribute_model, tmp_path):
+    base = copy.deepcopy(tiny_attribute_model)
+    peft_model = apply_perceptio_lora(copy.deepcopy(base), PerceptioLoraPreset(r=4, alpha=8))
+    trainable = [name for name, parameter in peft_model.named_parameters() if parameter.requires_grad]
+    assert sum("seg_attribute_heads" in name and "modules_to_save" in name for name in trainable) == 4
+    states = torch.randn(3, base.config.text_config.hidden_size)
+    with torch.no_grad():
+        for parameter in peft_model.base_model.model.seg_attribute_heads.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.5)
+        trained = [head(states) for head in peft_model.base_model.model.seg_attribute_heads]
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = merge_perceptio_adapter(load_perceptio_adapter(copy.deepcopy(base), tmp_path / "adapter"))
+    with torch.no_grad():
+        for head, expected, original in zip(merged.seg_attribute_heads, trained, base.seg_attribute_heads):
+            assert torch.allclose(head(states), expected) and not torch.allclose(original(states), expected)
+
+
 def test_lora_adapter_path_must_exist(tiny_pair, tmp_path):
     with pytest.raises(ValueError, match="not a saved adapter folder"):
         load_perceptio_adapter(copy.deepcopy(tiny_pair[0]), tmp_path)

@@ -3,7 +3,8 @@
 LoRA (r=128, α=256 by default) on the LLM's attention and MLP projections; the SAM2 mask decoder and
 `text_hidden_fcs` trained in full (PEFT `modules_to_save`); the embedding and LM-head rows of the spatial tokens
 (`[SEG]`, `<DEPTH_START>`, `<DEPTH_END>`, `<DEPTH_k>`) trained in full (PEFT `trainable_token_indices`), every other
-row frozen; vision tower, projector, SAM2 image encoder and depth tokenizer frozen.
+row frozen; vision tower, projector, SAM2 image encoder and depth tokenizer frozen. A model with `[SEG]` attribute
+heads trains each head in full as well (they are small, and exist only for `loss_seg_attribute`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def spatial_token_ids(model: PerceptioForConditionalGeneration) -> list[int]:
     return [] if vocabulary is None else vocabulary.spatial_token_ids
 
 
+def seg_attribute_head_names(model: PerceptioForConditionalGeneration) -> list[str]:
+    """The module names of the model's `[SEG]` attribute heads (none without heads), one per head: PEFT wraps each
+    `nn.Linear`, where wrapping their `ModuleList` would hide the heads from the loss that iterates over them."""
+    heads = model.seg_attribute_heads
+    return [] if heads is None else [f"seg_attribute_heads.{index}" for index in range(len(heads))]
+
+
 def perceptio_lora_config(
     model: PerceptioForConditionalGeneration, preset: PerceptioLoraPreset | None = None
 ) -> LoraConfig:
@@ -82,7 +90,7 @@ def perceptio_lora_config(
         lora_alpha=preset.alpha,
         lora_dropout=preset.dropout,
         target_modules=LLM_LAYERS_PATTERN.format("|".join(preset.projections)),
-        modules_to_save=list(preset.fully_trained_modules),
+        modules_to_save=[*preset.fully_trained_modules, *seg_attribute_head_names(model)],
         trainable_token_indices=trainable_tokens,
         task_type=None,
     )
