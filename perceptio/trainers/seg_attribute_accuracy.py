@@ -8,7 +8,6 @@ of the same labels (what a state that carries nothing of the phrase scores).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +22,8 @@ from .collator_perceptio import PerceptioDataCollator
 
 @dataclass
 class SegAttributeAccuracy:
-    """Per attribute (`SEG_ATTRIBUTES` order): the heads' accuracy on the labelled `[SEG]`s and the majority-class
-    prior of those labels; `num_seg` labelled `[SEG]` states were scored."""
+    """Per attribute (`SEG_ATTRIBUTES` order): the heads' accuracy on the `[SEG]`s labelled for it and the
+    majority-class prior of those labels; `num_seg` is the number of `[SEG]` states read."""
 
     num_seg: int
     accuracy: dict[str, float]
@@ -54,6 +53,7 @@ def seg_attribute_accuracy(
         raise ValueError("No row has masks, so there is no [SEG] to score.")
     if SEG_ATTRIBUTE_COLUMN not in with_masks.column_names:
         with_masks = add_seg_attribute_column(with_masks)
+    # The `[SEG]`s come before any depth block, so their states are the same without it, and no depth codes are needed.
     with_masks = with_masks.map(lambda row: {"use_depth_block": False}, desc="No depth blocks")
     collator = PerceptioDataCollator(processor, num_depth_tokens=model.config.num_depth_tokens)
     predictions, labels = [], []
@@ -87,8 +87,8 @@ def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> SegAttributeAc
     return SegAttributeAccuracy(num_seg=int(labels.shape[0]), accuracy=accuracy, majority_prior=prior)
 
 
-def _rounded_mean(hits: Sequence[bool] | torch.Tensor) -> float:
-    return round(float(torch.as_tensor(hits, dtype=torch.float32).mean()), 4) if len(hits) else 0.0
+def _rounded_mean(hits: torch.Tensor) -> float:
+    return round(float(hits.float().mean()), 4) if len(hits) else 0.0
 
 
 __all__ = ["SegAttributeAccuracy", "seg_attribute_accuracy"]
