@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -103,6 +105,10 @@ def test_pretraining_trains_sam2_only_and_makes_masks_follow_the_prompt(scenes, 
     assert result.final.prompt_iou > result.initial.prompt_iou + 0.05
     assert 0.0 <= result.final.two_object_overlap <= 1.0 and result.final.image_embedding_norm > 0
     assert all(torch.equal(value, text_before[name]) for name, value in tiny_model.model.named_parameters())
+    # The attribute prompts SAM2 was trained with come back, frozen: they reproduce the final gate.
+    assert not any(parameter.requires_grad for parameter in result.prompt_embedding.parameters())
+    assert grounding_gate(tiny_model, result.prompt_embedding, evaluation, seed=0) == result.final
+    assert json.loads(json.dumps(result.summary()))["final"]["prompt_iou"] == pytest.approx(result.final.prompt_iou)
 
 
 def test_a_prompt_blind_decoder_fails_the_gate(scenes, tiny_pair):

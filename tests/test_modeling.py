@@ -31,7 +31,15 @@ def test_forward_backward_reports_every_component(tiny_attribute_model, tiny_pro
     model = tiny_attribute_model.train()
     example = _segmentation_example(tiny_processor, rgb_image)
     masks = [torch.from_numpy(np.random.default_rng(1).random((2, 48, 72)) > 0.5)]
-    output = _forward(model, example, masks, seg_attributes=[torch.tensor([[1, 2], [3, -100]])])
+    width = model.config.sam2_config.mask_decoder_config.hidden_size
+    prompt_targets = [torch.stack([torch.ones(width), torch.full((width,), float("nan"))])]
+    output = _forward(
+        model,
+        example,
+        masks,
+        seg_attributes=[torch.tensor([[1, 2], [3, -100]])],
+        seg_prompt_targets=prompt_targets,
+    )
     for name in ("loss", *LOSS_TERMS):
         value = getattr(output, name)
         assert value is not None and torch.isfinite(value) and value > 0, name
@@ -41,6 +49,7 @@ def test_forward_backward_reports_every_component(tiny_attribute_model, tiny_pro
         config.mask_loss_weight,
         config.mask_iou_loss_weight,
         config.seg_attribute_loss_weight,
+        config.seg_prompt_loss_weight,
         config.depth_marker_loss_weight,
         config.depth_token_loss_weight,
         config.depth_count_loss_weight,
@@ -51,6 +60,7 @@ def test_forward_backward_reports_every_component(tiny_attribute_model, tiny_pro
         "loss_mask",
         "loss_mask_iou",
         "loss_seg_attribute",
+        "loss_seg_prompt",
         "loss_marker",
         "loss_token",
         "loss_count",

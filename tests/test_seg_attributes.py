@@ -105,7 +105,7 @@ def test_collator_passes_labels_and_fills_unlabelled_samples(tiny_pair):
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
-        ([[1, 2, 0]], "one row of class ids per mask \\(2\\), got shape \\(1, 3\\)"),
+        ([[1, 2, 0]], "one row of integer class ids per mask \\(2\\), got shape \\(1, 3\\)"),
         ([[1, 2], [0]], "one list of integer class ids per mask"),
         ([["red", "cube"], ["blue", "cube"]], "one list of integer class ids per mask"),
     ],

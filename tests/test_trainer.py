@@ -171,8 +171,11 @@ STEPS = 8
 
 
 def test_a_few_steps_lower_every_loss_component_on_a_repeated_batch(tiny_attribute_model, collator):
-    batch = collator([{**make_sample(0, 1, True), "seg_attributes": [[2, 1]]}])
     model = tiny_attribute_model
+    target_prompt = torch.linspace(-1.0, 1.0, model.config.sam2_config.mask_decoder_config.hidden_size)
+    batch = collator(
+        [{**make_sample(0, 1, True), "seg_attributes": [[2, 1]], "seg_prompt_targets": [target_prompt.tolist()]}]
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     history = []

@@ -6,14 +6,15 @@ builder adds (`inverse_depth`: relative inverse depth from the teacher; `depth_c
 already-built example (`input_ids`, `labels` and optionally `pixel_values`, `sam_pixel_values`, `gt_masks`,
 `depth_map`). Either may carry a `task` name, which `return_tasks=True` puts in the batch for per-task logging, and
 `seg_attributes` (one row of class ids per mask, see `perceptio/data/seg_attributes.py`), the targets of the model's
-`loss_seg_attribute`.
+`loss_seg_attribute`, and `seg_prompt_targets` (one target SAM2 prompt per mask, see
+`perceptio/trainers/seg_prompt_targets.py`), the targets of its `loss_seg_prompt`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from perceptio.models.perceptio.loss_perceptio import UNLABELLED_SEG_ATTRIBUTE
 from perceptio.models.perceptio.modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from perceptio.models.perceptio.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
 from perceptio.models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from perceptio.trainers.seg_prompt_targets import SEG_PROMPT_COLUMN
 
 
 # A mask stored as 8-bit image (the schema's 0/255) is "object" above this value; a float mask above 0.5.
@@ -43,7 +45,8 @@ class PerceptioDataCollator:
     distributed run builds the same graph; `gt_masks` holds one (num_seg, H, W) bool tensor per sample (empty when it
     has none); `depth_maps` one relative inverse depth map (H, W) per sample with a depth block, else `None`. When any
     sample has a non-empty `seg_attributes` column, `seg_attributes` holds one (num_seg, A) long tensor per sample
-    (`UNLABELLED_SEG_ATTRIBUTE` rows for a sample without labels), for a model with `seg_attribute_heads`.
+    (`UNLABELLED_SEG_ATTRIBUTE` rows for a sample without labels), for a model with `seg_attribute_heads`; likewise
+    `seg_prompt_targets`, one (num_seg, C) float tensor per sample (NaN rows for a sample without targets).
 
     Depth codes come from a sample's cached `depth_codes` when present, else `depth_tokenizer.encode` of its relative
     inverse depth (metric `depth` is converted to 1/z first). Caching them as a dataset column with
@@ -122,7 +125,8 @@ class PerceptioDataCollator:
             example = self._example_from_schema(sample, name)
         self._check_example(example, name)
         example["task"] = sample_task(sample, name)
-        example[SEG_ATTRIBUTE_COLUMN] = seg_attribute_rows(sample.get(SEG_ATTRIBUTE_COLUMN), example["gt_masks"], name)
+        for column in PER_MASK_COLUMNS:
+            example[column] = per_mask_rows(sample.get(column), example["gt_masks"], name, column)
         return example
 
     def pad_examples(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -141,9 +145,10 @@ class PerceptioDataCollator:
         batch["sam_pixel_values"] = torch.stack([self._sam_image(example) for example in examples])
         batch["gt_masks"] = [example["gt_masks"] for example in examples]
         batch["depth_maps"] = [example["depth_map"] for example in examples]
-        seg_attributes = batch_seg_attributes(examples)
-        if seg_attributes is not None:
-            batch[SEG_ATTRIBUTE_COLUMN] = seg_attributes
+        for column in PER_MASK_COLUMNS:
+            rows = batch_per_mask_rows(examples, column)
+            if rows is not None:
+                batch[column] = rows
         if self.return_tasks:
             batch["tasks"] = [example.get("task", NO_TASK) for example in examples]
         return batch
@@ -258,41 +263,56 @@ def sample_task(sample: Mapping[str, Any], name: str) -> str:
     return task
 
 
-def seg_attribute_rows(rows: Any, masks: torch.Tensor, name: str) -> torch.Tensor | None:
-    """A sample's `seg_attributes` (one list of class ids per mask) as a long (num_masks, A) tensor; `None` when it
-    has none (missing or empty)."""
+class PerMaskColumn(NamedTuple):
+    """An optional column with one row per mask: its tensor type, the value that fills the rows of a sample without
+    it, and what its values are (for errors)."""
+
+    dtype: torch.dtype
+    fill: float
+    values: str
+
+
+PER_MASK_COLUMNS = {
+    SEG_ATTRIBUTE_COLUMN: PerMaskColumn(torch.long, UNLABELLED_SEG_ATTRIBUTE, "integer class ids"),
+    SEG_PROMPT_COLUMN: PerMaskColumn(torch.float32, float("nan"), "prompt values"),
+}
+
+
+def per_mask_rows(rows: Any, masks: torch.Tensor, name: str, column: str) -> torch.Tensor | None:
+    """A sample's per-mask `column` (one list of values per mask) as a (num_masks, width) tensor; `None` when it has
+    none (missing or empty)."""
     if rows is None or len(rows) == 0:
         return None
+    spec = PER_MASK_COLUMNS[column]
     try:
-        labels = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        values = torch.as_tensor(np.asarray(rows), dtype=spec.dtype)
     except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}: {column} must be one list of {spec.values} per mask, got {rows!r}.") from error
+    if values.ndim != 2 or values.shape[0] != masks.shape[0] or values.shape[1] == 0:
         raise ValueError(
-            f"{name}: seg_attributes must be one list of integer class ids per mask, got {rows!r}."
-        ) from error
-    if labels.ndim != 2 or labels.shape[0] != masks.shape[0] or labels.shape[1] == 0:
-        raise ValueError(
-            f"{name}: seg_attributes must have one row of class ids per mask ({masks.shape[0]}), got shape "
-            f"{tuple(labels.shape)}."
+            f"{name}: {column} must have one row of {spec.values} per mask ({masks.shape[0]}), got shape "
+            f"{tuple(values.shape)}."
         )
-    return labels
+    if spec.dtype == torch.long and not np.issubdtype(np.asarray(rows).dtype, np.integer):
+        raise ValueError(f"{name}: {column} must be one list of {spec.values} per mask, got {rows!r}.")
+    return values
 
 
-def batch_seg_attributes(examples: Sequence[Mapping[str, Any]]) -> list[torch.Tensor] | None:
-    """The batch's `seg_attributes`: one (num_seg, A) tensor per sample, unlabelled rows for samples without any;
-    `None` when no sample has labels."""
-    labelled = [example[SEG_ATTRIBUTE_COLUMN] for example in examples if example.get(SEG_ATTRIBUTE_COLUMN) is not None]
-    if not labelled:
+def batch_per_mask_rows(examples: Sequence[Mapping[str, Any]], column: str) -> list[torch.Tensor] | None:
+    """The batch's per-mask `column`: one (num_seg, width) tensor per sample, filled rows for samples without it;
+    `None` when no sample has it."""
+    given = [example[column] for example in examples if example.get(column) is not None]
+    if not given:
         return None
-    widths = {labels.shape[1] for labels in labelled}
+    widths = {rows.shape[1] for rows in given}
     if len(widths) != 1:
-        raise ValueError(
-            f"The batch's seg_attributes rows have different lengths {sorted(widths)}; use one per attribute."
-        )
+        raise ValueError(f"The batch's {column} rows have different lengths {sorted(widths)}; use one width.")
     width = widths.pop()
+    spec = PER_MASK_COLUMNS[column]
     return [
-        example[SEG_ATTRIBUTE_COLUMN]
-        if example.get(SEG_ATTRIBUTE_COLUMN) is not None
-        else torch.full((example["gt_masks"].shape[0], width), UNLABELLED_SEG_ATTRIBUTE, dtype=torch.long)
+        example[column]
+        if example.get(column) is not None
+        else torch.full((example["gt_masks"].shape[0], width), spec.fill, dtype=spec.dtype)
         for example in examples
     ]
 
@@ -341,11 +361,11 @@ def relative_inverse_depth(sample: Mapping[str, Any], name: str) -> torch.Tensor
 
 __all__ = [
     "NO_TASK",
-    "batch_seg_attributes",
+    "batch_per_mask_rows",
     "PerceptioDataCollator",
     "masks_to_tensor",
     "relative_inverse_depth",
     "sample_name",
-    "seg_attribute_rows",
+    "per_mask_rows",
     "sample_task",
 ]

@@ -18,7 +18,8 @@ and the IoU between the masks of two different objects of one scene (a prompt-bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,11 +76,17 @@ class GroundingGate:
 
 @dataclass
 class GroundingPretrainingResult:
-    """The training log (step, loss) and the held-out gate before and after the stage."""
+    """The training log (step, loss), the held-out gate before and after the stage, and the attribute prompts SAM2
+    was trained with (the targets of `loss_seg_prompt`, see `seg_prompt_targets`)."""
 
     log: list[dict[str, float]]
     initial: GroundingGate
     final: GroundingGate
+    prompt_embedding: AttributePromptEmbedding
+
+    def summary(self) -> dict[str, Any]:
+        """The log and gates, for a JSON summary."""
+        return {"log": self.log, "initial": asdict(self.initial), "final": asdict(self.final)}
 
 
 class AttributePromptEmbedding(nn.Module):
@@ -235,7 +242,8 @@ def pretrain_grounding_encoder(
 ) -> GroundingPretrainingResult:
     """Train `model.grounding_encoder` (all of SAM2) on attribute prompts; the rest of the model is untouched.
 
-    The attribute embeddings are discarded afterwards: in the main stage `[SEG]` states take their place.
+    In the main stage `[SEG]` states take the attribute embeddings' place; the result keeps the embeddings, whose
+    prompts can teach the `[SEG]` prompts where to go (`loss_seg_prompt`).
     """
     for name, value in (
         ("steps", steps),
@@ -280,4 +288,5 @@ def pretrain_grounding_encoder(
     sam.train()
     log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Pretraining SAM2 on attribute prompts")
     sam.eval()
-    return GroundingPretrainingResult(log, initial, grounding_gate(model, prompt_embedding, eval_scenes, seed))
+    final = grounding_gate(model, prompt_embedding, eval_scenes, seed)
+    return GroundingPretrainingResult(log, initial, final, prompt_embedding.requires_grad_(False))

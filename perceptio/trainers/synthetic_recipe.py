@@ -24,6 +24,8 @@ Ablations train with the same data, steps and seed:
   reconstruction weights 0).
 - `no-seg-attribute-loss`: the `[SEG]` attribute heads are built (so the initialisation is the same) but
   `loss_seg_attribute` is weighted 0.
+- `no-seg-prompt-loss`: `loss_seg_prompt` (the `[SEG]` prompts pulled toward the grounding stage's attribute prompts,
+  see `seg_prompt_targets`) is weighted 0; it has no weights of its own, so the initialisation is the same.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
 
 from ..data.scene_rendering import metric_depth_to_inverse_depth, validate_num_objects
-from ..data.seg_attributes import add_seg_attribute_column, seg_attribute_classes
+from ..data.seg_attributes import SEG_ATTRIBUTE_COLUMN, add_seg_attribute_column, seg_attribute_classes
 from ..data.synthetic_dataset import build_synthetic_dataset
 from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
 from ..data.task_weights import validate_task_weights
@@ -58,13 +60,19 @@ from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
 from .collator_perceptio import PerceptioDataCollator
 from .data_mixture import add_depth_code_column
 from .depth_tokenizer_trainer import train_depth_tokenizer
-from .grounding_pretraining import GroundingPretrainingResult, pretrain_grounding_encoder, render_instance_scenes
+from .grounding_pretraining import (
+    AttributePromptEmbedding,
+    GroundingPretrainingResult,
+    pretrain_grounding_encoder,
+    render_instance_scenes,
+)
 from .seg_attribute_accuracy import seg_attribute_accuracy
+from .seg_prompt_targets import add_seg_prompt_column
 from .trainer_perceptio import PerceptioTrainer
 from .vision_pretraining import VisionPretrainingResult, pretrain_vision_tower, render_patch_labelled_scenes
 
 
-ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only", "no-seg-attribute-loss")
+ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only", "no-seg-attribute-loss", "no-seg-prompt-loss")
 # The answer tasks of the reading stage: a word or a number that only the image can give.
 READING_TASKS = ("vqa_colour", "vqa_shape", "vqa_count")
 RECIPE_TASK_WEIGHTS = {
@@ -109,6 +117,7 @@ class SyntheticTinyRecipe:
     mask_bce_weight: float = 1.0
     mask_dice_weight: float = 2.0
     seg_attribute_loss_weight: float = 1.0
+    seg_prompt_loss_weight: float = 1.0
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
     text_num_layers: int = 4
@@ -203,8 +212,9 @@ class SyntheticTinyRecipe:
             raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
             raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
-        if not self.seg_attribute_loss_weight >= 0:
-            raise ValueError(f"seg_attribute_loss_weight must be >= 0, got {self.seg_attribute_loss_weight!r}.")
+        for name in ("seg_attribute_loss_weight", "seg_prompt_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
 
     @property
     def image_seq_length(self) -> int:
@@ -281,6 +291,7 @@ def build_recipe_model(
         lm_loss_reduction=recipe.lm_loss_reduction,
         seg_attribute_classes=seg_attribute_classes() if recipe.seg_attribute_loss_weight else None,
         seg_attribute_loss_weight=recipe.seg_attribute_loss_weight,
+        seg_prompt_loss_weight=recipe.seg_prompt_loss_weight,
         depth_tokenizer_config=depth_tokenizer.config,
         **vocabulary.config_fields(),
     )
@@ -421,18 +432,21 @@ def train_recipe_model(
     output_dir: Path,
     ablation: str = "full",
     max_steps: int | None = None,
+    prompt_embedding: AttributePromptEmbedding | None = None,
 ) -> list[dict[str, Any]]:
     """Train every trainable weight of the tiny model (the depth tokenizer, and SAM2 as the recipe freezes it, stay
-    fixed) on `train_split` for `max_steps` (default `recipe.train_steps`)."""
+    fixed) on `train_split` for `max_steps` (default `recipe.train_steps`); with `prompt_embedding` (the grounding
+    stage's) and `recipe.seg_prompt_loss_weight` > 0, also toward its prompts (`loss_seg_prompt`)."""
     if ablation == "depth-lm-only":
         for name in DEPTH_LOSS_WEIGHT_FIELDS:
             setattr(model.config, name, 0.0)
     if ablation == "no-seg-attribute-loss":
         model.config.seg_attribute_loss_weight = 0.0
+    if ablation == "no-seg-prompt-loss":
+        model.config.seg_prompt_loss_weight = 0.0
     max_steps = recipe.train_steps if max_steps is None else max_steps
     train_split = add_depth_code_column(ablate(train_split, ablation), model.depth_tokenizer)
-    if model.seg_attribute_heads is not None:
-        train_split = add_seg_attribute_column(train_split)
+    train_split = add_seg_targets(recipe, model, train_split, prompt_embedding)
     arguments = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -458,6 +472,23 @@ def train_recipe_model(
     )
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def add_seg_targets(
+    recipe: SyntheticTinyRecipe,
+    model: PerceptioForConditionalGeneration,
+    rows: Dataset,
+    prompt_embedding: AttributePromptEmbedding | None,
+) -> Dataset:
+    """`rows` with the `[SEG]` targets the model trains on: `seg_attributes` for its attribute heads, and
+    `seg_prompt_targets` from `prompt_embedding` while `recipe.seg_prompt_loss_weight` > 0."""
+    with_prompts = prompt_embedding is not None and recipe.seg_prompt_loss_weight > 0
+    if model.seg_attribute_heads is None and not with_prompts:
+        return rows
+    rows = add_seg_attribute_column(rows)
+    if with_prompts:
+        rows = add_seg_prompt_column(rows, prompt_embedding)
+    return rows if model.seg_attribute_heads is not None else rows.remove_columns(SEG_ATTRIBUTE_COLUMN)
 
 
 def run_synthetic_tiny_recipe(
@@ -527,7 +558,15 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     model_started = time.perf_counter()
     reading_log = train_recipe_reading_stage(recipe, model, processor, dataset["train"], output_dir, ablation)
     timings["reading_s"] = time.perf_counter() - model_started
-    log = train_recipe_model(recipe, model, processor, dataset["train"], output_dir / "trainer", ablation)
+    log = train_recipe_model(
+        recipe,
+        model,
+        processor,
+        dataset["train"],
+        output_dir / "trainer",
+        ablation,
+        prompt_embedding=grounding.prompt_embedding,
+    )
     timings["model_s"] = time.perf_counter() - model_started
     timings["total_s"] = time.perf_counter() - started
     model.eval()
@@ -545,7 +584,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
         "timings": timings,
         "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
         "vision_pretraining": asdict(vision) if vision is not None else None,
-        "grounding_pretraining": asdict(grounding),
+        "grounding_pretraining": grounding.summary(),
         "seg_attribute_accuracy": asdict(seg_attributes) if seg_attributes is not None else None,
         "reading_log": reading_log,
         "training_log": log,

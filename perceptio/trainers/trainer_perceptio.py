@@ -1,7 +1,7 @@
 """`PerceptioTrainer`: a `transformers.Trainer` that logs every term of Perceptio's composite loss.
 
 The model returns the total loss and each of its terms (`output.loss_dict`, one entry per `LOSS_TERMS` name:
-`loss_lm`, `loss_mask`, `loss_mask_iou`, `loss_seg_attribute`, `loss_marker`, `loss_token`, `loss_count`,
+`loss_lm`, `loss_mask`, `loss_mask_iou`, `loss_seg_attribute`, `loss_seg_prompt`, `loss_marker`, `loss_token`, `loss_count`,
 `loss_depth_recon`). The trainer sums the terms of every training micro-batch, and at each logging step adds their
 mean over the window (averaged across processes) to the Trainer's own logs under the same names, so the console,
 TensorBoard and W&B show them next to `loss`. A non-finite term stops training with an error naming it.

@@ -54,6 +54,8 @@ class PerceptioConfig(InternVLConfig):
             `seg_attributes` labels: `loss_seg_attribute` then asks each `[SEG]` state to carry what its phrase names,
             which the language-model loss never asks for. `None` (the default): no heads.
         seg_attribute_loss_weight (`float`, defaults to 1.0): λ of `loss_seg_attribute`.
+        seg_prompt_loss_weight (`float`, defaults to 1.0): λ of `loss_seg_prompt`, which pulls each `[SEG]`'s SAM2
+            prompt toward a target prompt when `forward` is given `seg_prompt_targets` (0 otherwise).
     """
 
     model_type = "perceptio"
@@ -85,6 +87,7 @@ class PerceptioConfig(InternVLConfig):
     lm_loss_reduction: str = "token"
     seg_attribute_classes: list[int] | None = None
     seg_attribute_loss_weight: float | int = 1.0
+    seg_prompt_loss_weight: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -31,6 +31,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "loss_mask": LossTerm("mask_loss_weight", "mask"),
     "loss_mask_iou": LossTerm("mask_iou_loss_weight", "mask"),
     "loss_seg_attribute": LossTerm("seg_attribute_loss_weight", "mask"),
+    "loss_seg_prompt": LossTerm("seg_prompt_loss_weight", "mask"),
     "loss_marker": LossTerm("depth_marker_loss_weight", "depth"),
     "loss_token": LossTerm("depth_token_loss_weight", "depth"),
     "loss_count": LossTerm("depth_count_loss_weight", "depth"),
@@ -145,6 +146,19 @@ def seg_attribute_loss(attribute_logits: list[torch.Tensor], labels: torch.LongT
         for column, logits in enumerate(attribute_logits)
     ]
     return torch.stack(per_attribute).mean()
+
+
+def seg_prompt_loss(prompts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The squared error of `[SEG]` prompts (M, C) against target prompts (M, C), over the rows whose target is
+    finite (a row of NaN marks a `[SEG]` without one), divided by the targets' squared norm: 0 is a perfect match and
+    1 is as far as predicting zeros.
+
+    A batch without targets gives 0 and still reaches every prompt (distributed processes build the same graph).
+    """
+    supervised = torch.isfinite(targets).all(-1, keepdim=True)
+    targets = torch.where(supervised, targets.float(), 0.0)
+    squared_error = ((prompts.float() - targets) ** 2 * supervised).sum()
+    return squared_error / (targets**2).sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 # Logit rows (batch x positions) per chunk of the per-token cross-entropy: its float32 copy and log-softmax stay

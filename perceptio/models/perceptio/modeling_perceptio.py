@@ -32,6 +32,7 @@ from .loss_perceptio import (
     per_sample_mean,
     resize_masks_to_logits,
     seg_attribute_loss,
+    seg_prompt_loss,
     segment_mean,
     segmentation_loss,
     weighted_loss_sum,
@@ -322,6 +323,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         depth_maps: list[torch.Tensor | None] | None = None,
         return_lm_loss_per_sample: bool = False,
         seg_attributes: list[torch.Tensor] | None = None,
+        seg_prompt_targets: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> PerceptioCausalLMOutputWithPast:
         r"""
@@ -339,6 +341,9 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         seg_attributes (`list[torch.LongTensor]`, *optional*): per sample, (num_seg, A) class ids of what each
             `[SEG]`'s phrase names, one column per `config.seg_attribute_classes` entry, -100 where unlabelled; the
             targets of `loss_seg_attribute` (needs `seg_attribute_heads`).
+        seg_prompt_targets (`list[torch.FloatTensor]`, *optional*): per sample, (num_seg, C) target SAM2 prompts
+            (C = the mask decoder's width) for what `text_hidden_fcs` makes of each `[SEG]` state, a row of NaN where
+            a `[SEG]` has none; the targets of `loss_seg_prompt`.
 
         Generation kwargs (the cache and friends) pass through to InternVL untouched.
         """
@@ -355,7 +360,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         logits = self.lm_head(hidden_states if logits_to_keep == 0 else self._keep(hidden_states, logits_to_keep))
 
         masks, mask_losses = self._mask_stage(
-            input_ids, hidden_states, sam_pixel_values, gt_masks, labels, seg_attributes
+            input_ids, hidden_states, sam_pixel_values, gt_masks, labels, seg_attributes, seg_prompt_targets
         )
         loss = per_sample = None
         # gt_masks without labels still give the mask terms (a mask-only objective, bench/training_step.py).
@@ -488,9 +493,10 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         gt_masks: list[torch.Tensor] | None,
         labels: torch.LongTensor | None,
         seg_attributes: list[torch.Tensor] | None = None,
+        seg_prompt_targets: list[torch.Tensor] | None = None,
     ) -> tuple[PerceptioMaskOutput | None, dict[str, torch.Tensor | None]]:
-        """Masks from the `[SEG]` states of a teacher-forced sequence, and in training `loss_mask` / `loss_mask_iou`
-        and `loss_seg_attribute` (zeros when nothing is supervised; `None` outside training)."""
+        """Masks from the `[SEG]` states of a teacher-forced sequence, and in training `loss_mask` / `loss_mask_iou`,
+        `loss_seg_attribute` and `loss_seg_prompt` (zeros when nothing is supervised; `None` outside training)."""
         if seg_attributes is not None and self.seg_attribute_heads is None:
             raise ValueError(
                 "seg_attributes were given but the model has no seg_attribute_heads; set "
@@ -521,6 +527,8 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
         losses = dict(no_losses)
         if seg_attributes is not None:
             losses["loss_seg_attribute"] = self.seg_attribute_loss(seg_hidden, seg_attributes)
+        if seg_prompt_targets is not None:
+            losses["loss_seg_prompt"] = self.seg_prompt_loss(seg_hidden, seg_prompt_targets)
         if gt_masks is None:
             return masks, losses
         candidates = torch.cat(masks.candidate_logits)
@@ -556,6 +564,25 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
                 f"{UNLABELLED_SEG_ATTRIBUTE} for none."
             )
         return seg_attribute_loss([head(states) for head in heads], labels)
+
+    def seg_prompt_loss(self, seg_hidden: list[torch.Tensor], seg_prompt_targets: list[torch.Tensor]) -> torch.Tensor:
+        """`loss_seg_prompt`: the SAM2 prompts `text_hidden_fcs` makes of the `[SEG]` states (per sample (num_seg,
+        hidden)) against their targets (per sample (num_seg, C), NaN rows where there is none)."""
+        width = self.config.sam2_config.mask_decoder_config.hidden_size
+        if len(seg_prompt_targets) != len(seg_hidden):
+            raise ValueError(
+                f"seg_prompt_targets has {len(seg_prompt_targets)} entries for a batch of {len(seg_hidden)}."
+            )
+        for index, (states, targets) in enumerate(zip(seg_hidden, seg_prompt_targets)):
+            if tuple(targets.shape) != (states.shape[0], width):
+                raise ValueError(
+                    f"Sample {index} has {states.shape[0]} [SEG] token(s) but seg_prompt_targets of shape "
+                    f"{tuple(targets.shape)}; give one target prompt of {width} values (the mask decoder's width) "
+                    "per [SEG]."
+                )
+        states = torch.cat(seg_hidden)
+        targets = torch.cat([targets.to(states.device) for targets in seg_prompt_targets])
+        return seg_prompt_loss(self.text_hidden_fcs(states), targets)
 
     def mask_losses(
         self, candidate_logits: torch.Tensor, predicted_iou: torch.Tensor, targets: torch.Tensor
