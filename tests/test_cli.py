@@ -68,6 +68,18 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--train-steps", "5"]) == 0
     assert received["recipe"].train_steps == 5 and received["recipe"].vision_pretraining_steps == 0
     assert main([*arguments, "--vision-pretraining-steps", "-1"]) == 2, "a bad value is one line, not a traceback"
+    assert main([*arguments, "--seg-prompt-loss-weight", "0.5"]) == 0
+    assert received["recipe"].seg_prompt_loss_weight == 0.5
+    assert main([*arguments, "--seg-prompt-loss-weight", "-2"]) == 2
+
+
+def test_the_ablation_help_names_every_arm(capsys):
+    from perceptio.trainers.synthetic_recipe import ABLATIONS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(arm in help_text.replace("- ", "-") for arm in ABLATIONS)
 
 
 def _failing_command(monkeypatch, error: Exception):

@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 0: none)",
     )
+    parser.add_argument(
+        "--seg-prompt-loss-weight",
+        type=float,
+        help="with --recipe: weight of loss_seg_prompt, which pulls each [SEG] prompt toward the grounding stage's "
+        "attribute prompt of its phrase (default 0: off)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--resume",
@@ -77,7 +83,11 @@ def run_recipe(args: argparse.Namespace) -> int:
     if args.resume is not None:
         raise ValueError("--resume applies to --config runs; a recipe reruns from its seed.")
     recipe = SyntheticTinyRecipe(seed=args.seed)
-    overrides = {"train_steps": args.train_steps, "vision_pretraining_steps": args.vision_pretraining_steps}
+    overrides = {
+        "train_steps": args.train_steps,
+        "vision_pretraining_steps": args.vision_pretraining_steps,
+        "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
+    }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})
     summary = run_synthetic_tiny_recipe(args.output_dir, recipe, ablation=args.ablation)
     print(

@@ -24,8 +24,6 @@ Ablations train with the same data, steps and seed:
   reconstruction weights 0).
 - `no-seg-attribute-loss`: the `[SEG]` attribute heads are built (so the initialisation is the same) but
   `loss_seg_attribute` is weighted 0.
-- `no-seg-prompt-loss`: `loss_seg_prompt` (the `[SEG]` prompts pulled toward the grounding stage's attribute prompts,
-  see `seg_prompt_targets`) is weighted 0; it has no weights of its own, so the initialisation is the same.
 """
 
 from __future__ import annotations
@@ -72,7 +70,7 @@ from .trainer_perceptio import PerceptioTrainer
 from .vision_pretraining import VisionPretrainingResult, pretrain_vision_tower, render_patch_labelled_scenes
 
 
-ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only", "no-seg-attribute-loss", "no-seg-prompt-loss")
+ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only", "no-seg-attribute-loss")
 # The answer tasks of the reading stage: a word or a number that only the image can give.
 READING_TASKS = ("vqa_colour", "vqa_shape", "vqa_count")
 RECIPE_TASK_WEIGHTS = {
@@ -117,7 +115,7 @@ class SyntheticTinyRecipe:
     mask_bce_weight: float = 1.0
     mask_dice_weight: float = 2.0
     seg_attribute_loss_weight: float = 1.0
-    seg_prompt_loss_weight: float = 1.0
+    seg_prompt_loss_weight: float = 0.0
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
     text_num_layers: int = 4
@@ -442,8 +440,6 @@ def train_recipe_model(
             setattr(model.config, name, 0.0)
     if ablation == "no-seg-attribute-loss":
         model.config.seg_attribute_loss_weight = 0.0
-    if ablation == "no-seg-prompt-loss":
-        model.config.seg_prompt_loss_weight = 0.0
     max_steps = recipe.train_steps if max_steps is None else max_steps
     train_split = add_depth_code_column(ablate(train_split, ablation), model.depth_tokenizer)
     train_split = add_seg_targets(recipe, model, train_split, prompt_embedding)
