@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from perceptio.data.seg_attributes import add_seg_attribute_column
+from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.tiny_models import build_tiny_perceptio
 
 
@@ -34,6 +36,21 @@ def tiny_attribute_model(tiny_model):
     missing, unexpected = model.load_state_dict(tiny_model.state_dict(), strict=False)
     assert not unexpected and all(name.startswith("seg_attribute_heads.") for name in missing)
     return model
+
+
+@pytest.fixture(scope="session")
+def labelled_rows(tmp_path_factory):
+    """48 synthetic training rows, referring and colour questions, with their `seg_attributes` column."""
+    dataset = build_synthetic_dataset(
+        48,
+        0,
+        0,
+        image_size=32,
+        seed=5,
+        tasks={"referring": 1.0, "vqa_colour": 0.3},
+        cache_dir=str(tmp_path_factory.mktemp("labelled-rows")),
+    )["train"]
+    return add_seg_attribute_column(dataset)
 
 
 @pytest.fixture()

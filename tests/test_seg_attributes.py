@@ -14,29 +14,13 @@ from test_trainer import make_sample
 from perceptio.data.seg_attributes import (
     SEG_ATTRIBUTE_COLUMN,
     SEG_ATTRIBUTES,
-    add_seg_attribute_column,
     named_attribute_ids,
     not_named_ids,
     seg_attribute_classes,
     seg_attribute_labels,
 )
-from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.seg_attribute_accuracy import seg_attribute_accuracy
-
-
-@pytest.fixture(scope="module")
-def labelled_rows(tmp_path_factory):
-    dataset = build_synthetic_dataset(
-        48,
-        0,
-        0,
-        image_size=32,
-        seed=5,
-        tasks={"referring": 1.0, "vqa_colour": 0.3},
-        cache_dir=str(tmp_path_factory.mktemp("c")),
-    )["train"]
-    return add_seg_attribute_column(dataset)
 
 
 def test_labels_name_what_each_phrase_says_and_nothing_for_rows_without_masks(labelled_rows):

@@ -11,26 +11,11 @@ import pytest
 import torch
 from test_trainer import make_sample
 
-from perceptio.data.seg_attributes import SEG_ATTRIBUTE_COLUMN, add_seg_attribute_column
-from perceptio.data.synthetic_dataset import build_synthetic_dataset
+from perceptio.data.seg_attributes import SEG_ATTRIBUTE_COLUMN
 from perceptio.models.perceptio.loss_perceptio import seg_prompt_loss
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.grounding_pretraining import AttributePromptEmbedding
 from perceptio.trainers.seg_prompt_targets import PROMPT_TARGET_KINDS, SEG_PROMPT_COLUMN, add_seg_prompt_column
-
-
-@pytest.fixture(scope="module")
-def referring_rows(tmp_path_factory):
-    dataset = build_synthetic_dataset(
-        48,
-        0,
-        0,
-        image_size=32,
-        seed=7,
-        tasks={"referring": 1.0, "vqa_colour": 0.3},
-        cache_dir=str(tmp_path_factory.mktemp("c")),
-    )["train"]
-    return add_seg_attribute_column(dataset)
 
 
 def prompt_width(model) -> int:
@@ -50,9 +35,9 @@ def test_the_loss_is_normalised_by_the_targets_and_skips_rows_without_one():
     assert untargeted.item() == 0.0 and prompts.grad is not None and not prompts.grad.any()
 
 
-def test_targets_are_the_attribute_prompts_of_phrases_that_name_their_object_alone(referring_rows):
+def test_targets_are_the_attribute_prompts_of_phrases_that_name_their_object_alone(labelled_rows):
     prompts = AttributePromptEmbedding(8)
-    rows = add_seg_prompt_column(referring_rows, prompts)
+    rows = add_seg_prompt_column(labelled_rows, prompts)
     kinds = set()
     for row in rows:
         if not row["masks"]:
@@ -70,9 +55,9 @@ def test_targets_are_the_attribute_prompts_of_phrases_that_name_their_object_alo
     assert kinds == {True, False}
 
 
-def test_targets_need_the_attribute_labels(referring_rows):
+def test_targets_need_the_attribute_labels(labelled_rows):
     with pytest.raises(ValueError, match="add_seg_attribute_column"):
-        add_seg_prompt_column(referring_rows.remove_columns(SEG_ATTRIBUTE_COLUMN), AttributePromptEmbedding(8))
+        add_seg_prompt_column(labelled_rows.remove_columns(SEG_ATTRIBUTE_COLUMN), AttributePromptEmbedding(8))
 
 
 def test_the_collator_passes_targets_and_fills_samples_without_them(tiny_pair):
@@ -112,13 +97,13 @@ def test_the_model_weights_the_term_and_checks_the_targets_shape(tiny_pair):
 
 
 def test_the_term_teaches_the_seg_prompts_their_phrases_attribute_prompts(
-    tiny_pair, referring_rows, single_torch_thread
+    tiny_pair, labelled_rows, single_torch_thread
 ):
     """Overfit one batch of real referring rows on the prompt term alone: the language model and `text_hidden_fcs`
     learn to write, at each [SEG] of a phrase that names its object alone, that phrase's attribute prompt."""
     model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
     torch.manual_seed(0)
-    rows = add_seg_prompt_column(referring_rows, AttributePromptEmbedding(prompt_width(model)))
+    rows = add_seg_prompt_column(labelled_rows, AttributePromptEmbedding(prompt_width(model)))
     rows = rows.remove_columns(SEG_ATTRIBUTE_COLUMN)
     targeted = [
         index

@@ -285,7 +285,8 @@ def per_mask_rows(rows: Any, masks: torch.Tensor, name: str, column: str) -> tor
         return None
     spec = PER_MASK_COLUMNS[column]
     try:
-        values = torch.as_tensor(np.asarray(rows), dtype=spec.dtype)
+        array = np.asarray(rows)
+        values = torch.as_tensor(array, dtype=spec.dtype)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{name}: {column} must be one list of {spec.values} per mask, got {rows!r}.") from error
     if values.ndim != 2 or values.shape[0] != masks.shape[0] or values.shape[1] == 0:
@@ -293,7 +294,7 @@ def per_mask_rows(rows: Any, masks: torch.Tensor, name: str, column: str) -> tor
             f"{name}: {column} must have one row of {spec.values} per mask ({masks.shape[0]}), got shape "
             f"{tuple(values.shape)}."
         )
-    if spec.dtype == torch.long and not np.issubdtype(np.asarray(rows).dtype, np.integer):
+    if spec.dtype == torch.long and not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{name}: {column} must be one list of {spec.values} per mask, got {rows!r}.")
     return values
 

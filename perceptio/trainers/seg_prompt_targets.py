@@ -36,7 +36,7 @@ def add_seg_prompt_column(dataset: Dataset, prompt_embedding: AttributePromptEmb
             f"The dataset has no {SEG_ATTRIBUTE_COLUMN!r} column; add it with "
             "perceptio.data.seg_attributes.add_seg_attribute_column first."
         )
-    prompt_embedding = prompt_embedding.cpu().eval()
+    device = next(prompt_embedding.parameters()).device
     features = dataset.features.copy()
     features[SEG_PROMPT_COLUMN] = Sequence(Sequence(Value("float32")))
 
@@ -44,7 +44,7 @@ def add_seg_prompt_column(dataset: Dataset, prompt_embedding: AttributePromptEmb
         if not seg_attributes:
             return {SEG_PROMPT_COLUMN: []}
         with torch.no_grad():
-            prompts = prompt_embedding(torch.tensor(seg_attributes, dtype=torch.long))
+            prompts = prompt_embedding(torch.tensor(seg_attributes, dtype=torch.long, device=device)).cpu()
         if json.loads(meta).get("kind") not in PROMPT_TARGET_KINDS:
             prompts = torch.full_like(prompts, float("nan"))
         return {SEG_PROMPT_COLUMN: prompts.tolist()}
