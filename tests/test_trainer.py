@@ -18,6 +18,8 @@ from PIL import Image
 from transformers import TrainingArguments
 
 from perceptio.cli import main as cli_main
+from perceptio.data.seg_attributes import seg_attribute_classes
+from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS, LossTerm
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.data_mixture import (
@@ -34,7 +36,8 @@ from perceptio.trainers.peft_presets import (
     spatial_token_ids,
 )
 from perceptio.trainers.trainer_perceptio import NonFiniteLossError, PerceptioTrainer
-from perceptio.trainers.training_config import parse_training_config
+from perceptio.trainers.training_config import DataArguments, parse_training_config
+from perceptio.trainers.training_run import build_train_dataset
 
 
 TINY_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "tiny-cpu.yaml"
@@ -471,3 +474,51 @@ def test_train_command_rejects_an_unknown_lm_loss_reduction(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert cli_main(["train", "--config", str(path)]) == 2
     assert "lm_loss_reduction" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def synthetic_attribute_model(tiny_pair):
+    """The tiny model with `[SEG]` attribute heads for the synthetic scenes' attributes (colour, shape, size)."""
+    model, _ = tiny_pair
+    config = copy.deepcopy(model.config)
+    config.seg_attribute_classes = seg_attribute_classes()
+    with_heads = type(model)(config)
+    with_heads.load_state_dict(model.state_dict(), strict=False)
+    return with_heads
+
+
+def test_train_command_trains_the_attribute_heads_of_a_checkpoint_that_has_them(
+    synthetic_attribute_model, tiny_pair, tmp_path
+):
+    synthetic_attribute_model.save_pretrained(tmp_path / "with-heads")
+    tiny_pair[1].save_pretrained(tmp_path / "with-heads")
+    config = yaml.safe_load(_write_config(tmp_path, "heads", max_steps=1, save_steps=1).read_text())
+    config["model"]["model_name_or_path"] = str(tmp_path / "with-heads")
+    config["data"]["task_weights"] = {"referring": 1.0, "relative_depth": 0.0}
+    path = tmp_path / "heads-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["train", "--config", str(path)]) == 0
+    logged = _losses(tmp_path / "heads" / "checkpoint-1" / "trainer_state.json")[1]
+    assert logged["loss_seg_attribute"] > 0.1, "the synthetic rows must carry the heads' labels"
+
+
+def test_training_data_labels_synthetic_rows_and_leaves_other_datasets_unlabelled(synthetic_attribute_model, tmp_path):
+    own = build_synthetic_dataset(6, 0, 0, image_size=32, seed=3, tasks=["referring"], cache_dir=str(tmp_path / "c"))
+    own["train"].save_to_disk(str(tmp_path / "own-referring"))
+    data = DataArguments(
+        synthetic_num_train=6,
+        synthetic_image_size=32,
+        dataset_paths={"own_referring": str(tmp_path / "own-referring")},
+        cache_dir=str(tmp_path / "cache"),
+        cache_depth_codes=False,
+    )
+    mixture = build_train_dataset(data, synthetic_attribute_model)
+    labelled = [row for row in mixture if row["seg_attributes"]]
+    assert labelled and all(len(row["seg_attributes"]) == len(row["masks"]) for row in labelled)
+    assert any(not row["seg_attributes"] and row["masks"] for row in mixture), "the own dataset has no labels"
+
+
+def test_training_data_refuses_attribute_heads_the_synthetic_labels_do_not_fit(tiny_attribute_model, tmp_path):
+    data = DataArguments(synthetic_num_train=2, synthetic_image_size=32, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"heads have \[4, 3\] classes"):
+        build_train_dataset(data, tiny_attribute_model)

@@ -27,6 +27,8 @@ SEG_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "size": SIZE_NAMES,
 }
 SEG_ATTRIBUTE_COLUMN = "seg_attributes"
+# The column's type: one list of class ids per mask.
+SEG_ATTRIBUTE_FEATURE = Sequence(Sequence(Value("int64")))
 
 
 def seg_attribute_classes() -> list[int]:
@@ -73,7 +75,7 @@ def seg_attribute_labels(meta: str | Mapping[str, Any], num_masks: int) -> list[
 def add_seg_attribute_column(dataset: Dataset) -> Dataset:
     """`dataset` (with `meta` and `masks` columns) plus the `seg_attributes` column of `seg_attribute_labels`."""
     features = dataset.features.copy()
-    features[SEG_ATTRIBUTE_COLUMN] = Sequence(Sequence(Value("int64")))
+    features[SEG_ATTRIBUTE_COLUMN] = SEG_ATTRIBUTE_FEATURE
     return dataset.map(
         lambda meta, masks: {SEG_ATTRIBUTE_COLUMN: seg_attribute_labels(meta, len(masks))},
         input_columns=["meta", "masks"],
@@ -85,6 +87,7 @@ def add_seg_attribute_column(dataset: Dataset) -> Dataset:
 __all__ = [
     "SEG_ATTRIBUTES",
     "SEG_ATTRIBUTE_COLUMN",
+    "SEG_ATTRIBUTE_FEATURE",
     "add_seg_attribute_column",
     "named_attribute_ids",
     "not_named_ids",

@@ -82,7 +82,8 @@ def prepare_trainable_parameters(model, model_args):
 
 
 def build_train_dataset(data_args, model):
-    """The weighted task mixture of `data_args`, with depth codes cached when asked."""
+    """The weighted task mixture of `data_args`, with depth codes cached when asked, and the `[SEG]` attribute labels
+    of the synthetic scenes when the model has attribute heads (`label_seg_attributes`)."""
     from datasets import load_from_disk
 
     from perceptio.data.synthetic_dataset import build_synthetic_dataset
@@ -103,11 +104,14 @@ def build_train_dataset(data_args, model):
             seed=data_args.synthetic_seed,
             cache_dir=data_args.cache_dir,
         )["train"]
+        if model.seg_attribute_heads is not None:
+            synthetic = label_seg_attributes(synthetic, model.config.seg_attribute_classes)
         task_datasets.update(split_by_task(synthetic))
     for task, path in data_args.dataset_paths.items():
         if task in task_datasets:
             raise ValueError(f"task {task!r} is both a synthetic task and a data.dataset_paths entry.")
         task_datasets[task] = load_from_disk(path)
+    task_datasets = with_common_seg_attribute_column(task_datasets)
     weights = validate_task_weights(data_args.task_weights, task_datasets, default=1.0, where="data.task_weights")
     if data_args.cache_depth_codes and model.depth_tokenizer is not None:
         task_datasets = {
@@ -121,3 +125,36 @@ def build_train_dataset(data_args, model):
     return mix_task_datasets(
         task_datasets, weights, seed=data_args.mixture_seed, stopping_strategy=data_args.stopping_strategy
     )
+
+
+def label_seg_attributes(synthetic, head_classes: list[int]):
+    """The synthetic rows with their `seg_attributes` column, the targets of the model's `[SEG]` attribute heads.
+
+    Raises:
+        ValueError: the heads' classes are not those of the synthetic scenes' attributes (`SEG_ATTRIBUTES`), so the
+            labels could not train them.
+    """
+    from perceptio.data.seg_attributes import SEG_ATTRIBUTES, add_seg_attribute_column, seg_attribute_classes
+
+    if list(head_classes) != seg_attribute_classes():
+        raise ValueError(
+            f"The model's [SEG] attribute heads have {list(head_classes)} classes, but the synthetic scenes label "
+            f"{list(SEG_ATTRIBUTES)} with {seg_attribute_classes()} classes; train a model whose "
+            "config.seg_attribute_classes match, or one without attribute heads."
+        )
+    return add_seg_attribute_column(synthetic)
+
+
+def with_common_seg_attribute_column(task_datasets: dict) -> dict:
+    """When some task datasets carry `seg_attributes`, give the others an empty one (unlabelled `[SEG]`s, which the
+    attribute loss skips), so that the mixture's datasets share their columns."""
+    from perceptio.data.seg_attributes import SEG_ATTRIBUTE_COLUMN, SEG_ATTRIBUTE_FEATURE
+
+    if not any(SEG_ATTRIBUTE_COLUMN in dataset.column_names for dataset in task_datasets.values()):
+        return task_datasets
+    return {
+        task: dataset
+        if SEG_ATTRIBUTE_COLUMN in dataset.column_names
+        else dataset.add_column(SEG_ATTRIBUTE_COLUMN, [[]] * len(dataset), feature=SEG_ATTRIBUTE_FEATURE)
+        for task, dataset in task_datasets.items()
+    }
