@@ -25,17 +25,22 @@ def tiny_model(tiny_pair):
     return copy.deepcopy(tiny_pair[0])
 
 
+def with_attribute_heads(model, classes: list[int], loss_weight: float = 1.0):
+    """A new model with `model`'s weights plus freshly initialised `[SEG]` attribute heads of `classes`."""
+    config = copy.deepcopy(model.config)
+    config.seg_attribute_classes = classes
+    config.seg_attribute_loss_weight = loss_weight
+    with_heads = type(model)(config)
+    missing, unexpected = with_heads.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("seg_attribute_heads.") for name in missing)
+    return with_heads
+
+
 @pytest.fixture()
 def tiny_attribute_model(tiny_model):
     """The tiny model plus `[SEG]` attribute heads for two attributes of 4 and 3 classes (`loss_seg_attribute`
     weighted 0.5)."""
-    config = copy.deepcopy(tiny_model.config)
-    config.seg_attribute_classes = [4, 3]
-    config.seg_attribute_loss_weight = 0.5
-    model = type(tiny_model)(config)
-    missing, unexpected = model.load_state_dict(tiny_model.state_dict(), strict=False)
-    assert not unexpected and all(name.startswith("seg_attribute_heads.") for name in missing)
-    return model
+    return with_attribute_heads(tiny_model, [4, 3], loss_weight=0.5)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import with_attribute_heads
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -479,12 +480,7 @@ def test_train_command_rejects_an_unknown_lm_loss_reduction(tmp_path, capsys):
 @pytest.fixture()
 def synthetic_attribute_model(tiny_pair):
     """The tiny model with `[SEG]` attribute heads for the synthetic scenes' attributes (colour, shape, size)."""
-    model, _ = tiny_pair
-    config = copy.deepcopy(model.config)
-    config.seg_attribute_classes = seg_attribute_classes()
-    with_heads = type(model)(config)
-    with_heads.load_state_dict(model.state_dict(), strict=False)
-    return with_heads
+    return with_attribute_heads(tiny_pair[0], seg_attribute_classes())
 
 
 def test_train_command_trains_the_attribute_heads_of_a_checkpoint_that_has_them(
@@ -512,10 +508,10 @@ def test_training_data_labels_synthetic_rows_and_leaves_other_datasets_unlabelle
         cache_dir=str(tmp_path / "cache"),
         cache_depth_codes=False,
     )
-    mixture = build_train_dataset(data, synthetic_attribute_model)
-    labelled = [row for row in mixture if row["seg_attributes"]]
+    rows = list(build_train_dataset(data, synthetic_attribute_model))
+    labelled = [row for row in rows if row["seg_attributes"]]
     assert labelled and all(len(row["seg_attributes"]) == len(row["masks"]) for row in labelled)
-    assert any(not row["seg_attributes"] and row["masks"] for row in mixture), "the own dataset has no labels"
+    assert any(not row["seg_attributes"] and row["masks"] for row in rows), "the own dataset has no labels"
 
 
 def test_training_data_refuses_attribute_heads_the_synthetic_labels_do_not_fit(tiny_attribute_model, tmp_path):
