@@ -71,6 +71,9 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--seg-prompt-loss-weight", "0.5"]) == 0
     assert received["recipe"].seg_prompt_loss_weight == 0.5
     assert main([*arguments, "--seg-prompt-loss-weight", "-2"]) == 2
+    assert main([*arguments, "--mask-decoder-steps", "0"]) == 0
+    assert received["recipe"].mask_decoder_steps == 0
+    assert main([*arguments, "--mask-decoder-steps", "-3"]) == 2
 
 
 def test_the_ablation_help_names_every_arm(capsys):

@@ -26,6 +26,7 @@ from perceptio.trainers.synthetic_recipe import (
     reading_curriculum_split,
     reading_split,
     run_synthetic_tiny_recipe,
+    train_recipe_mask_decoder_stage,
     train_recipe_model,
 )
 
@@ -43,6 +44,7 @@ SMOKE = dict(
     reading_curriculum_scenes=8,
     reading_steps=2,
     train_steps=2,
+    mask_decoder_steps=2,
     batch_size=4,
     logging_steps=1,
 )
@@ -68,9 +70,10 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
     ]
     vision = saved["vision_pretraining"]
     assert [entry["step"] for entry in vision["log"]] == [1, 2] and 0 <= vision["final"]["pooled_shape"] <= 1
-    assert {"dataset_s", "depth_tokenizer_s", "vision_s", "grounding_s", "reading_s", "model_s", "total_s"} == set(
-        saved["timings"]
-    )
+    assert [entry["step"] for entry in saved["mask_decoder_log"]] == [1, 2]
+    assert all(entry["loss_mask"] > 0 for entry in saved["mask_decoder_log"])
+    stages = {"dataset_s", "depth_tokenizer_s", "vision_s", "grounding_s", "reading_s", "model_s", "mask_decoder_s"}
+    assert {*stages, "total_s"} == set(saved["timings"])
     model = PerceptioForConditionalGeneration.from_pretrained(tmp_path / "model")
     processor = PerceptioProcessor.from_pretrained(tmp_path / "model")
     assert model.config.num_depth_tokens == 64 and processor.image_seq_length == 64
@@ -104,6 +107,28 @@ def test_main_stage_trains_the_seg_projection_on_a_pretrained_sam2(tmp_path, fre
     assert all(torch.equal(after[name], pretrained[name]) for name in encoder)
     assert all(torch.equal(after[name], pretrained[name]) for name in decoder) == freeze
     assert any(not torch.equal(value, projection[name]) for name, value in model.text_hidden_fcs.state_dict().items())
+
+
+def test_mask_decoder_stage_trains_only_the_seg_projection_and_mask_decoder(tmp_path):
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    dataset = build_synthetic_dataset(
+        12, 1, 1, image_size=recipe.image_size, seed=0, tasks=recipe.task_weights, cache_dir=str(tmp_path / "cache")
+    )
+    processor = build_recipe_processor(recipe)
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    model.grounding_encoder.vision_encoder.requires_grad_(False)
+    trainable_before = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    before = copy.deepcopy(model.state_dict())
+    log = train_recipe_mask_decoder_stage(recipe, model, processor, dataset["train"], tmp_path / "stage")
+    assert [entry["step"] for entry in log] == [1, 2] and all(entry["loss_mask"] > 0 for entry in log)
+    assert all(key.startswith("loss_lm/referring") or not key.startswith("loss_lm/") for entry in log for key in entry)
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed and all(
+        name.startswith(("text_hidden_fcs.", "grounding_encoder.mask_decoder.")) for name in changed
+    )
+    assert any(name.startswith("text_hidden_fcs.") for name in changed)
+    assert any(name.startswith("grounding_encoder.mask_decoder.") for name in changed)
+    assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == trainable_before
 
 
 def test_reading_stage_keeps_only_answer_tasks_without_depth_blocks(tmp_path):
@@ -145,6 +170,10 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
+    with pytest.raises(ValueError, match="mask_decoder_steps"):
+        SyntheticTinyRecipe(mask_decoder_steps=-1)
+    with pytest.raises(ValueError, match="mask_decoder_learning_rate"):
+        SyntheticTinyRecipe(mask_decoder_learning_rate=0.0)
     with pytest.raises(ValueError, match="vision_num_layers"):
         SyntheticTinyRecipe(vision_num_layers=0)
 

@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: weight of loss_seg_prompt, which pulls each [SEG] prompt toward the grounding stage's "
         "attribute prompt of its phrase (default 0: off)",
     )
+    parser.add_argument(
+        "--mask-decoder-steps",
+        type=int,
+        help="with --recipe: steps of the final stage that trains only the [SEG] projection and SAM2's mask decoder "
+        "(0: skip it)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--resume",
@@ -87,6 +93,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "train_steps": args.train_steps,
         "vision_pretraining_steps": args.vision_pretraining_steps,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
+        "mask_decoder_steps": args.mask_decoder_steps,
     }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})
     summary = run_synthetic_tiny_recipe(args.output_dir, recipe, ablation=args.ablation)

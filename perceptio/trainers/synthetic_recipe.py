@@ -15,6 +15,10 @@ then the full scenes, where the question's phrase must first pick its object out
 prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so the mask
 can only follow the sentence through the `[SEG]` states the language model writes.
 
+A last stage (`mask_decoder_steps`) trains only `text_hidden_fcs` and SAM2's mask decoder on the referring rows, every
+other weight frozen: the decoder learns to read the `[SEG]` prompts the language model now writes, while the text
+answers and depth blocks stay exactly as the main stage left them.
+
 Ablations train with the same data, steps and seed:
 
 - `full`: the recipe as described.
@@ -116,6 +120,8 @@ class SyntheticTinyRecipe:
     mask_dice_weight: float = 2.0
     seg_attribute_loss_weight: float = 1.0
     seg_prompt_loss_weight: float = 0.0
+    mask_decoder_steps: int = 2000
+    mask_decoder_learning_rate: float = 1e-3
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
     text_num_layers: int = 4
@@ -169,6 +175,7 @@ class SyntheticTinyRecipe:
             "grounding_learning_rate",
             "grounding_image_encoder_learning_rate",
             "vision_pretraining_learning_rate",
+            "mask_decoder_learning_rate",
         )
         if not all(getattr(self, name) > 0 for name in rates) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"{', '.join(rates)} must be > 0 and warmup_ratio in [0, 1).")
@@ -177,6 +184,7 @@ class SyntheticTinyRecipe:
             "reading_curriculum_scenes",
             "vision_pretraining_steps",
             "vision_pretraining_scenes",
+            "mask_decoder_steps",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -443,11 +451,24 @@ def train_recipe_model(
     max_steps = recipe.train_steps if max_steps is None else max_steps
     train_split = add_depth_code_column(ablate(train_split, ablation), model.depth_tokenizer)
     train_split = add_seg_targets(recipe, model, train_split, prompt_embedding)
+    return run_recipe_trainer(recipe, model, processor, train_split, output_dir, max_steps, recipe.learning_rate)
+
+
+def run_recipe_trainer(
+    recipe: SyntheticTinyRecipe,
+    model: PerceptioForConditionalGeneration,
+    processor: PerceptioProcessor,
+    rows: Dataset,
+    output_dir: Path,
+    max_steps: int,
+    learning_rate: float,
+) -> list[dict[str, Any]]:
+    """`PerceptioTrainer` on `rows` for `max_steps` at `learning_rate` (warmup, then cosine); returns its log."""
     arguments = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=int(recipe.warmup_ratio * max_steps),
         weight_decay=0.0,
@@ -463,11 +484,41 @@ def train_recipe_model(
     trainer = PerceptioTrainer(
         model=model,
         args=arguments,
-        train_dataset=train_split,
+        train_dataset=rows,
         data_collator=PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer),
     )
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def train_recipe_mask_decoder_stage(
+    recipe: SyntheticTinyRecipe,
+    model: PerceptioForConditionalGeneration,
+    processor: PerceptioProcessor,
+    train_split: Dataset,
+    output_dir: Path,
+) -> list[dict[str, Any]]:
+    """The mask-decoder stage: `text_hidden_fcs` and SAM2's mask decoder alone train on the referring rows for
+    `recipe.mask_decoder_steps` at `recipe.mask_decoder_learning_rate`; every other weight stays as the main stage
+    left it, so the text answers and depth blocks do not change.
+
+    The main stage keeps SAM2 frozen (its prompts are still learning what to carry); here the decoder learns to read
+    the `[SEG]` prompts the language model now writes. The rows keep their depth requests, so each `[SEG]` state is
+    the one generation produces. Returns the stage's log.
+    """
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    model.requires_grad_(False)
+    model.text_hidden_fcs.requires_grad_(True)
+    model.grounding_encoder.mask_decoder.requires_grad_(True)
+    rows = train_split.filter(lambda task: task == "referring", input_columns="task", desc="Referring rows")
+    rows = add_depth_code_column(rows, model.depth_tokenizer)
+    try:
+        return run_recipe_trainer(
+            recipe, model, processor, rows, output_dir, recipe.mask_decoder_steps, recipe.mask_decoder_learning_rate
+        )
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in trainable)
 
 
 def add_seg_targets(
@@ -497,7 +548,7 @@ def run_synthetic_tiny_recipe(
 
     Returns the summary: settings, timings, the depth tokenizer's evaluation, SAM2's grounding gate before and after
     its pretraining, how well the `[SEG]` states carry their phrase on the test split (`seg_attribute_accuracy`,
-    beside the majority prior), and the reading-stage and main-stage training logs.
+    beside the majority prior), and the reading-stage, main-stage and mask-decoder-stage training logs.
     """
     recipe = recipe if recipe is not None else SyntheticTinyRecipe()
     if ablation not in ABLATIONS:
@@ -564,6 +615,13 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
         prompt_embedding=grounding.prompt_embedding,
     )
     timings["model_s"] = time.perf_counter() - model_started
+    mask_decoder_started = time.perf_counter()
+    mask_decoder_log = (
+        train_recipe_mask_decoder_stage(recipe, model, processor, dataset["train"], output_dir / "mask-decoder")
+        if recipe.mask_decoder_steps and ablation != "no-seg"
+        else []
+    )
+    timings["mask_decoder_s"] = time.perf_counter() - mask_decoder_started
     timings["total_s"] = time.perf_counter() - started
     model.eval()
     seg_attributes = (
@@ -584,6 +642,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
         "seg_attribute_accuracy": asdict(seg_attributes) if seg_attributes is not None else None,
         "reading_log": reading_log,
         "training_log": log,
+        "mask_decoder_log": mask_decoder_log,
     }
     (output_dir / "recipe_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
