@@ -12,7 +12,7 @@ synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perc
   the own and with another image is read from this split too.
 
 An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
-checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (about 50 minutes on
+checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (about 75 minutes on
 two CPU cores); two arms run side by side with one thread each (`OMP_NUM_THREADS=1`, separate `--arms`, one output
 folder); merge by rerunning with all of them.
 

@@ -23,14 +23,15 @@ SCENE_SEED = 20261201
 NUM_QUESTIONS = 128
 TASKS = {"vqa_colour": 0.5, "referring": 0.5}
 # Measured on these scenes: colour accuracy 0.448 (0.103 with another image), answer-loss margin 0.40 (standard error
-# 0.07), cIoU 0.375 (0.289 with another row's sentence). A checkpoint of an earlier recipe that read neither input
+# 0.07), cIoU 0.479 (0.329 with another row's sentence). A checkpoint of an earlier recipe that read neither input
 # scored colour 0.09, margin 0.006, and the same cIoU with either sentence; one trained without the reading
 # curriculum scored colour 0.19 and margin 0.05, and fails the colour test; one trained without the `[SEG]` attribute
-# loss scored cIoU 0.336 (0.322 with another sentence), and fails the mask test.
+# loss scored cIoU 0.336 (0.322 with another sentence), and one without the final mask-decoder stage cIoU 0.375
+# (0.289 with another sentence): both fail the mask test.
 MIN_COLOUR_ACCURACY = 0.35
 MIN_COLOUR_LOSS_MARGIN = 0.25
-MIN_REFERRING_CIOU = 0.35
-MIN_SENTENCE_CIOU_MARGIN = 0.05
+MIN_REFERRING_CIOU = 0.44
+MIN_SENTENCE_CIOU_MARGIN = 0.10
 
 
 @pytest.fixture(scope="module")
