@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, Sequence, Value
+from datasets import Image as DatasetImage
+from PIL import Image
 
 from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration, PerceptioProcessor
 from perceptio.data.scene_rendering import render_scene
@@ -25,6 +28,7 @@ from perceptio.trainers.synthetic_recipe import (
     pretrain_recipe_grounding,
     reading_curriculum_split,
     reading_split,
+    referring_rows_with_masks,
     run_synthetic_tiny_recipe,
     train_recipe_mask_decoder_stage,
     train_recipe_model,
@@ -109,17 +113,22 @@ def test_main_stage_trains_the_seg_projection_on_a_pretrained_sam2(tmp_path, fre
     assert any(not torch.equal(value, projection[name]) for name, value in model.text_hidden_fcs.state_dict().items())
 
 
-def test_mask_decoder_stage_trains_only_the_seg_projection_and_mask_decoder(tmp_path):
+def _stage_inputs(tmp_path):
     recipe = SyntheticTinyRecipe(**SMOKE)
     dataset = build_synthetic_dataset(
         12, 1, 1, image_size=recipe.image_size, seed=0, tasks=recipe.task_weights, cache_dir=str(tmp_path / "cache")
     )
     processor = build_recipe_processor(recipe)
     model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    return recipe, dataset["train"], processor, model
+
+
+def test_mask_decoder_stage_trains_only_the_seg_projection_and_mask_decoder(tmp_path):
+    recipe, train_split, processor, model = _stage_inputs(tmp_path)
     model.grounding_encoder.vision_encoder.requires_grad_(False)
     trainable_before = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     before = copy.deepcopy(model.state_dict())
-    log = train_recipe_mask_decoder_stage(recipe, model, processor, dataset["train"], tmp_path / "stage")
+    log = train_recipe_mask_decoder_stage(recipe, model, processor, train_split, tmp_path / "stage")
     assert [entry["step"] for entry in log] == [1, 2] and all(entry["loss_mask"] > 0 for entry in log)
     assert all(key.startswith("loss_lm/referring") or not key.startswith("loss_lm/") for entry in log for key in entry)
     changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
@@ -129,6 +138,26 @@ def test_mask_decoder_stage_trains_only_the_seg_projection_and_mask_decoder(tmp_
     assert any(name.startswith("text_hidden_fcs.") for name in changed)
     assert any(name.startswith("grounding_encoder.mask_decoder.") for name in changed)
     assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == trainable_before
+
+
+def test_mask_decoder_stage_trains_nothing_without_masks(tmp_path, caplog):
+    recipe, train_split, processor, model = _stage_inputs(tmp_path)
+    before = copy.deepcopy(model.state_dict())
+    with caplog.at_level(logging.WARNING, logger="perceptio.trainers.synthetic_recipe"):
+        log = train_recipe_mask_decoder_stage(recipe, model, processor, ablate(train_split, "no-seg"), tmp_path / "s")
+    assert log == [] and "trains nothing" in caplog.text
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
+def test_referring_rows_with_masks_keeps_only_referring_rows_that_have_a_mask():
+    mask = Image.new("L", (4, 4), 255)
+    rows = Dataset.from_dict(
+        {"task": ["referring", "referring", "vqa_colour", "referring"], "masks": [[mask], [], [], [mask, mask]]},
+        features=Features({"task": Value("string"), "masks": Sequence(DatasetImage(mode="L"))}),
+    )
+    kept = referring_rows_with_masks(rows)
+    assert [len(masks) for masks in kept["masks"]] == [1, 2]
+    assert len(referring_rows_with_masks(ablate(rows, "no-seg"))) == 0
 
 
 def test_reading_stage_keeps_only_answer_tasks_without_depth_blocks(tmp_path):

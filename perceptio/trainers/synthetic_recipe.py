@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
@@ -72,6 +74,9 @@ from .seg_attribute_accuracy import seg_attribute_accuracy
 from .seg_prompt_targets import add_seg_prompt_column
 from .trainer_perceptio import PerceptioTrainer
 from .vision_pretraining import VisionPretrainingResult, pretrain_vision_tower, render_patch_labelled_scenes
+
+
+logger = logging.getLogger(__name__)
 
 
 ABLATIONS = ("full", "no-depth-tokens", "no-seg", "depth-lm-only", "no-seg-attribute-loss")
@@ -503,14 +508,18 @@ def train_recipe_mask_decoder_stage(
     left it, so the text answers and depth blocks do not change.
 
     The main stage keeps SAM2 frozen (its prompts are still learning what to carry); here the decoder learns to read
-    the `[SEG]` prompts the language model now writes. The rows keep their depth requests, so each `[SEG]` state is
-    the one generation produces. Returns the stage's log.
+    the `[SEG]` prompts the language model now writes. `train_split` is the split the main stage trained on (an
+    ablation's own), so each `[SEG]` state is the one generation produces. Returns the stage's log, empty when no
+    referring row has a mask (the `no-seg` ablation): then nothing trains.
     """
+    rows = referring_rows_with_masks(train_split)
+    if not len(rows):
+        logger.warning("No referring row of the training split has a mask: the mask-decoder stage trains nothing.")
+        return []
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     model.requires_grad_(False)
     model.text_hidden_fcs.requires_grad_(True)
     model.grounding_encoder.mask_decoder.requires_grad_(True)
-    rows = train_split.filter(lambda task: task == "referring", input_columns="task", desc="Referring rows")
     rows = add_depth_code_column(rows, model.depth_tokenizer)
     try:
         return run_recipe_trainer(
@@ -519,6 +528,14 @@ def train_recipe_mask_decoder_stage(
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name in trainable)
+
+
+def referring_rows_with_masks(split: Dataset) -> Dataset:
+    """The referring rows of `split` that have at least one mask (a `no-seg` split has none)."""
+    referring = split.filter(lambda task: task == "referring", input_columns="task", desc="Referring rows")
+    # The mask counts come from the Arrow column, without decoding a single image.
+    counts = pyarrow.compute.list_value_length(referring.with_format("arrow")["masks"])
+    return referring.select(np.flatnonzero(counts.fill_null(0).to_numpy(zero_copy_only=False) > 0))
 
 
 def add_seg_targets(
@@ -617,8 +634,10 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     timings["model_s"] = time.perf_counter() - model_started
     mask_decoder_started = time.perf_counter()
     mask_decoder_log = (
-        train_recipe_mask_decoder_stage(recipe, model, processor, dataset["train"], output_dir / "mask-decoder")
-        if recipe.mask_decoder_steps and ablation != "no-seg"
+        train_recipe_mask_decoder_stage(
+            recipe, model, processor, ablate(dataset["train"], ablation), output_dir / "mask-decoder"
+        )
+        if recipe.mask_decoder_steps
         else []
     )
     timings["mask_decoder_s"] = time.perf_counter() - mask_decoder_started
