@@ -1,4 +1,4 @@
-"""The ablation table: the synthetic-tiny recipe's four arms, same data, steps and seed.
+"""The ablation table: the synthetic-tiny recipe's ablation arms, same data, steps and seed.
 
 Each arm is `run_synthetic_tiny_recipe(OUTPUT/ARM, recipe, ablation=ARM)` (what `perceptio train --recipe
 synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perceptio eval synthetic` runs) on
