@@ -15,6 +15,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute
 import torch
 from datasets import Dataset, IterableDataset, interleave_datasets
 from datasets.fingerprint import Hasher
@@ -73,6 +74,13 @@ def split_by_task(dataset: Dataset, task_column: str = "task") -> dict[str, Data
         raise ValueError(f"dataset has no {task_column!r} column (columns: {dataset.column_names}).")
     tasks = dataset.unique(task_column)
     return {task: dataset.filter(lambda value, task=task: value == task, input_columns=task_column) for task in tasks}
+
+
+def rows_with_masks(dataset: Dataset) -> Dataset:
+    """The rows of `dataset` with at least one mask (one `[SEG]` each), counted from the Arrow column without
+    decoding a single image."""
+    counts = pyarrow.compute.list_value_length(dataset.with_format("arrow")["masks"])
+    return dataset.select(np.flatnonzero(counts.fill_null(0).to_numpy(zero_copy_only=False) > 0))
 
 
 def add_depth_code_column(
@@ -247,5 +255,6 @@ __all__ = [
     "build_joint_referring_depth_dataset",
     "mix_task_datasets",
     "referring_to_samples",
+    "rows_with_masks",
     "split_by_task",
 ]

@@ -18,6 +18,7 @@ from ..data.seg_attributes import SEG_ATTRIBUTE_COLUMN, SEG_ATTRIBUTES, add_seg_
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
 from ..models.perceptio.loss_perceptio import UNLABELLED_SEG_ATTRIBUTE
 from .collator_perceptio import PerceptioDataCollator
+from .data_mixture import rows_with_masks
 
 
 @dataclass
@@ -48,7 +49,7 @@ def seg_attribute_accuracy(
         )
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    with_masks = rows.filter(lambda masks: len(masks) > 0, input_columns="masks", desc="Rows with [SEG]")
+    with_masks = rows_with_masks(rows)
     if not len(with_masks):
         raise ValueError("No row has masks, so there is no [SEG] to score.")
     if SEG_ATTRIBUTE_COLUMN not in with_masks.column_names:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
@@ -62,7 +61,7 @@ from ..models.perceptio import (
 from ..models.perceptio.loss_perceptio import loss_weight_fields
 from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
 from .collator_perceptio import PerceptioDataCollator
-from .data_mixture import add_depth_code_column
+from .data_mixture import add_depth_code_column, rows_with_masks
 from .depth_tokenizer_trainer import train_depth_tokenizer
 from .grounding_pretraining import (
     AttributePromptEmbedding,
@@ -532,10 +531,7 @@ def train_recipe_mask_decoder_stage(
 
 def referring_rows_with_masks(split: Dataset) -> Dataset:
     """The referring rows of `split` that have at least one mask (a `no-seg` split has none)."""
-    referring = split.filter(lambda task: task == "referring", input_columns="task", desc="Referring rows")
-    # The mask counts come from the Arrow column, without decoding a single image.
-    counts = pyarrow.compute.list_value_length(referring.with_format("arrow")["masks"])
-    return referring.select(np.flatnonzero(counts.fill_null(0).to_numpy(zero_copy_only=False) > 0))
+    return rows_with_masks(split.filter(lambda task: task == "referring", input_columns="task", desc="Referring rows"))
 
 
 def add_seg_targets(
