@@ -74,6 +74,19 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--mask-decoder-steps", "0"]) == 0
     assert received["recipe"].mask_decoder_steps == 0
     assert main([*arguments, "--mask-decoder-steps", "-3"]) == 2
+    assert main([*arguments, "--vision-stem-channels", "32,64"]) == 0
+    assert received["recipe"].vision_stem_channels == [32, 64]
+    assert main([*arguments, "--vision-stem-channels", "none"]) == 0
+    assert received["recipe"].vision_stem_channels is None
+    assert main([*arguments, "--vision-stem-channels", "32"]) == 2, "one stem convolution too few for 8-pixel patches"
+
+
+def test_a_malformed_stem_width_list_is_a_usage_error(tmp_path, capsys):
+    arguments = ["train", "--recipe", "synthetic-tiny", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--vision-stem-channels", "32,x"])
+    assert exit_info.value.code == 2
+    assert "comma-separated positive widths" in capsys.readouterr().err
 
 
 def test_the_ablation_help_names_every_arm(capsys):

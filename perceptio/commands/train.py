@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: steps of the final stage that trains only the [SEG] projection and SAM2's mask decoder "
         "(0: skip it)",
     )
+    parser.add_argument(
+        "--vision-stem-channels",
+        type=parse_stem_channels,
+        help="with --recipe: widths of the vision tower's convolutional stem, comma-separated (for the recipe's "
+        "8-pixel patches, two: e.g. 32,64), or none for InternViT's single patch convolution",
+    )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--resume",
@@ -65,6 +71,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="resume from CHECKPOINT, or from the latest in output_dir",
     )
     parser.set_defaults(func=run)
+
+
+def parse_stem_channels(value: str) -> list[int]:
+    """`--vision-stem-channels`: comma-separated positive widths, or "none" (an empty list: no stem)."""
+    if value.strip().lower() == "none":
+        return []
+    try:
+        widths = [int(width) for width in value.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"expected none or comma-separated positive widths like 32,64, got {value!r}")
+    return widths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +115,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         "mask_decoder_steps": args.mask_decoder_steps,
     }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})
+    if args.vision_stem_channels is not None:
+        recipe = replace(recipe, vision_stem_channels=args.vision_stem_channels or None)
     summary = run_synthetic_tiny_recipe(args.output_dir, recipe, ablation=args.ablation)
     print(
         f"Recipe {args.recipe} ({args.ablation}) done in {summary['timings']['total_s'] / 60:.1f} min; model in "

@@ -59,6 +59,7 @@ from ..models.perceptio import (
     PerceptioProcessor,
 )
 from ..models.perceptio.loss_perceptio import loss_weight_fields
+from ..models.perceptio.vision_stem_perceptio import stem_patch_size
 from ..tiny_models import tiny_sam2_config, train_tiny_tokenizer
 from .collator_perceptio import PerceptioDataCollator
 from .data_mixture import add_depth_code_column, rows_with_masks
@@ -132,6 +133,7 @@ class SyntheticTinyRecipe:
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
     vision_num_layers: int = 2
+    vision_stem_channels: list[int] | None = None
     reading_curriculum: tuple[tuple[int, int], ...] = ((1, 300), (2, 400))
     reading_curriculum_scenes: int = 4500
     reading_steps: int = 500
@@ -173,6 +175,13 @@ class SyntheticTinyRecipe:
             raise ValueError(
                 f"image_size ({self.image_size}) must be an even multiple of vision_patch_size "
                 f"({self.vision_patch_size}) so InternVL's pixel shuffle tiles the patch grid."
+            )
+        if self.vision_stem_channels is not None and (
+            not self.vision_stem_channels or stem_patch_size(self.vision_stem_channels) != self.vision_patch_size
+        ):
+            raise ValueError(
+                f"vision_stem_channels {self.vision_stem_channels!r} must hold log2(vision_patch_size) - 1 widths "
+                f"(each stem convolution halves the resolution; vision_patch_size is {self.vision_patch_size})."
             )
         rates = (
             "learning_rate",
@@ -302,6 +311,7 @@ def build_recipe_model(
         seg_attribute_classes=seg_attribute_classes() if recipe.seg_attribute_loss_weight else None,
         seg_attribute_loss_weight=recipe.seg_attribute_loss_weight,
         seg_prompt_loss_weight=recipe.seg_prompt_loss_weight,
+        vision_stem_channels=recipe.vision_stem_channels,
         depth_tokenizer_config=depth_tokenizer.config,
         **vocabulary.config_fields(),
     )

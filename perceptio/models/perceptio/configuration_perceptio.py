@@ -8,6 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .configuration_perceptio_depth_tokenizer import PerceptioDepthTokenizerConfig
 from .loss_perceptio import loss_weight_fields
 from .spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
+from .vision_stem_perceptio import stem_patch_size
 
 
 LM_LOSS_REDUCTIONS = ("token", "segment")
@@ -56,6 +57,11 @@ class PerceptioConfig(InternVLConfig):
         seg_attribute_loss_weight (`float`, defaults to 1.0): λ of `loss_seg_attribute`.
         seg_prompt_loss_weight (`float`, defaults to 1.0): λ of `loss_seg_prompt`, which pulls each `[SEG]`'s SAM2
             prompt toward a target prompt when `forward` is given `seg_prompt_targets` (0 otherwise).
+        vision_stem_channels (`list[int]`, *optional*): the widths of a convolutional stem that replaces the vision
+            tower's patch projection: 3×3 stride-2 convolutions, one per width plus one to the tower's hidden size, so
+            the vision config's patch size must be `2 ** (len(vision_stem_channels) + 1)`. For towers trained from
+            scratch, which learn shapes slowly through one patch-sized linear map. `None` (the default): InternViT's
+            patch projection, as released checkpoints have.
     """
 
     model_type = "perceptio"
@@ -88,6 +94,7 @@ class PerceptioConfig(InternVLConfig):
     seg_attribute_classes: list[int] | None = None
     seg_attribute_loss_weight: float | int = 1.0
     seg_prompt_loss_weight: float | int = 1.0
+    vision_stem_channels: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -119,6 +126,7 @@ class PerceptioConfig(InternVLConfig):
             raise ValueError(
                 f"seg_attribute_classes must be None or a non-empty list of class counts >= 2, got {classes!r}."
             )
+        self.check_vision_stem()
         if not isinstance(self.sam2_multimask_output, bool):
             raise ValueError(f"sam2_multimask_output must be True or False, got {self.sam2_multimask_output!r}.")
         if self.num_depth_tokens is None:
@@ -160,6 +168,24 @@ class PerceptioConfig(InternVLConfig):
             )
         # Building the vocabulary checks the ids against each other: distinct, outside the codes, complete.
         _ = self.spatial_vocabulary
+
+    def check_vision_stem(self) -> None:
+        """Raise a `ValueError` when `vision_stem_channels` is malformed or disagrees with the patch size."""
+        channels = self.vision_stem_channels
+        if channels is None:
+            return
+        if not isinstance(channels, (list, tuple)) or not all(
+            isinstance(width, int) and not isinstance(width, bool) and width > 0 for width in channels
+        ):
+            raise ValueError(f"vision_stem_channels must be None or a list of positive widths, got {channels!r}.")
+        patch_size = self.vision_config.patch_size
+        patch_size = tuple(patch_size) if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+        side = stem_patch_size(list(channels))
+        if patch_size != (side, side):
+            raise ValueError(
+                f"vision_stem_channels {list(channels)} makes {side}-pixel patches, but the vision config's patch_size "
+                f"is {patch_size}; give log2(patch_size) - 1 widths."
+            )
 
 
 __all__ = ["PerceptioConfig"]

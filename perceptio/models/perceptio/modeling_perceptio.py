@@ -39,6 +39,7 @@ from .loss_perceptio import (
 )
 from .modeling_perceptio_depth_tokenizer import PerceptioDepthTokenizer
 from .spatial_vocabulary_perceptio import DepthBlocks
+from .vision_stem_perceptio import PerceptioConvolutionalPatchEmbeddings
 
 
 # Inputs that only the training forward and the post-generation mask stage use; generation steps never need them.
@@ -138,6 +139,14 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
     def __init__(self, config: PerceptioConfig):
         InternVLPreTrainedModel.__init__(self, config)
         self.model = InternVLModel(config)
+        if config.vision_stem_channels:
+            vision_config = config.vision_config
+            self.model.vision_tower.embeddings.patch_embeddings = PerceptioConvolutionalPatchEmbeddings(
+                vision_config.num_channels,
+                vision_config.hidden_size,
+                list(config.vision_stem_channels),
+                tuple(vision_config.image_size),
+            )
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.grounding_encoder = Sam2Model(config.sam2_config)
         hidden_size = config.text_config.hidden_size
@@ -158,6 +167,11 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             self.depth_tokenizer.requires_grad_(False)
         self.post_init()
         self.share_sam2_positional_encoding()
+        patch_embeddings = self.model.vision_tower.embeddings.patch_embeddings
+        if isinstance(patch_embeddings, PerceptioConvolutionalPatchEmbeddings):
+            # The vision tower initialises its own modules (std 0.02), after which a GELU stack of convolutions would
+            # start with features a few percent of the input's scale.
+            patch_embeddings.reset_parameters()
 
     def _init_weights(self, module: nn.Module) -> None:
         # The [SEG] projection keeps PyTorch's default initialisation, as Sa2VA's does: with the text model's std of
