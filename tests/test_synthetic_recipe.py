@@ -26,12 +26,14 @@ from perceptio.trainers.synthetic_recipe import (
     build_recipe_model,
     build_recipe_processor,
     pretrain_recipe_grounding,
+    pretrain_recipe_vision_tower,
     reading_curriculum_split,
     reading_split,
     referring_rows_with_masks,
     run_synthetic_tiny_recipe,
     train_recipe_mask_decoder_stage,
     train_recipe_model,
+    train_recipe_reading_stage,
 )
 
 
@@ -113,8 +115,19 @@ def test_main_stage_trains_the_seg_projection_on_a_pretrained_sam2(tmp_path, fre
     assert any(not torch.equal(value, projection[name]) for name, value in model.text_hidden_fcs.state_dict().items())
 
 
-def _stage_inputs(tmp_path):
-    recipe = SyntheticTinyRecipe(**SMOKE)
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_frozen_vision_tower_keeps_its_pretrained_weights_through_the_language_stages(tmp_path, freeze):
+    recipe, train, processor, model = _stage_inputs(tmp_path, freeze_vision_tower=freeze)
+    pretrain_recipe_vision_tower(recipe, model, processor)
+    pretrained = copy.deepcopy(model.model.vision_tower.state_dict())
+    train_recipe_reading_stage(recipe, model, processor, train, tmp_path, "full")
+    train_recipe_model(recipe, model, processor, train, tmp_path / "trainer")
+    after = model.model.vision_tower.state_dict()
+    assert all(torch.equal(value, pretrained[name]) for name, value in after.items()) == freeze
+
+
+def _stage_inputs(tmp_path, **settings):
+    recipe = SyntheticTinyRecipe(**SMOKE, **settings)
     dataset = build_synthetic_dataset(
         12, 1, 1, image_size=recipe.image_size, seed=0, tasks=recipe.task_weights, cache_dir=str(tmp_path / "cache")
     )
@@ -195,6 +208,8 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(reading_steps=-1)
     with pytest.raises(ValueError, match="vision_pretraining_steps"):
         SyntheticTinyRecipe(vision_pretraining_steps=-5)
+    with pytest.raises(ValueError, match="freeze_vision_tower"):
+        SyntheticTinyRecipe(freeze_vision_tower=True)
     with pytest.raises(ValueError, match="vision_pretraining_scenes"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):

@@ -62,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: widths of the vision tower's convolutional stem, comma-separated (for the recipe's "
         "8-pixel patches, two: e.g. 32,64), or none for InternViT's single patch convolution",
     )
+    parser.add_argument(
+        "--freeze-vision-tower",
+        action="store_true",
+        default=None,
+        help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps (which must be > 0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--resume",
@@ -113,6 +119,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "vision_pretraining_steps": args.vision_pretraining_steps,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
         "mask_decoder_steps": args.mask_decoder_steps,
+        "freeze_vision_tower": args.freeze_vision_tower,
     }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})
     if args.vision_stem_channels is not None:

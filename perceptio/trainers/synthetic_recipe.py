@@ -2,7 +2,8 @@
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
 depth tokenizer on its exact depth, optionally (`vision_pretraining_steps`) pretrains the vision tower on dense patch
-labels (a stand-in for a pretrained InternViT, see `vision_pretraining`), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
+labels (a stand-in for a pretrained InternViT, see `vision_pretraining`; `freeze_vision_tower` then keeps it fixed, as
+Sa2VA keeps InternViT), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
 stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
 (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
 and saves the result. Everything follows from `seed`.
@@ -114,6 +115,7 @@ class SyntheticTinyRecipe:
     vision_pretraining_scenes: int = 3000
     vision_pretraining_steps: int = 0
     vision_pretraining_learning_rate: float = 2e-3
+    freeze_vision_tower: bool = False
     grounding_scenes: int = 3000
     grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
@@ -221,6 +223,11 @@ class SyntheticTinyRecipe:
             raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
         if self.vision_pretraining_steps and not self.vision_pretraining_scenes:
             raise ValueError("vision_pretraining_scenes must be > 0 when vision_pretraining_steps is.")
+        if self.freeze_vision_tower and not self.vision_pretraining_steps:
+            raise ValueError(
+                "freeze_vision_tower keeps the pretrained vision tower fixed after its stage; with "
+                "vision_pretraining_steps 0 it would freeze random weights. Set vision_pretraining_steps > 0."
+            )
         validate_task_weights(self.task_weights, TASK_NAMES, default=0.0, where="task_weights")
         unknown = sorted(set(self.reading_tasks) - set(self.task_weights))
         if (self.reading_steps or self.reading_curriculum) and (not self.reading_tasks or unknown):
@@ -377,14 +384,15 @@ def pretrain_recipe_grounding(
 def pretrain_recipe_vision_tower(
     recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
 ) -> VisionPretrainingResult:
-    """Train the model's vision tower on dense patch labels of freshly rendered scenes."""
+    """Train the model's vision tower on dense patch labels of freshly rendered scenes; with
+    `recipe.freeze_vision_tower`, keep it fixed from then on."""
     image_processor = processor.image_processor
     patch_size = recipe.vision_patch_size
     train_scenes = render_patch_labelled_scenes(
         recipe.vision_pretraining_scenes, image_processor, patch_size, recipe.seed, "train"
     )
     eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, patch_size, recipe.seed, "eval")
-    return pretrain_vision_tower(
+    result = pretrain_vision_tower(
         model,
         train_scenes,
         eval_scenes,
@@ -393,6 +401,9 @@ def pretrain_recipe_vision_tower(
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
     )
+    if recipe.freeze_vision_tower:
+        model.model.vision_tower.requires_grad_(False)
+    return result
 
 
 def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
