@@ -115,7 +115,7 @@ def test_the_term_teaches_the_seg_prompts_their_phrases_attribute_prompts(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     losses = []
-    for _ in range(150):
+    for _ in range(90):
         loss = model(**batch).loss_dict["loss_seg_prompt"]
         optimizer.zero_grad()
         loss.backward()
