@@ -1,0 +1,216 @@
+"""What the language model learns to read with a base and a variant vision tower: the synthetic-tiny recipe's vision
+pretraining and reading stages only, scored on held-out colour, shape and count questions with their own and with
+another image.
+
+The full recipe takes more than an hour; its answers after the main stage are close to those after the reading stage
+(the stage that trains them alone), so this is the quicker loop for a question about the vision tower. Each arm is the
+recipe (`SyntheticTinyRecipe` with the arm's overrides): its vision pretraining stage (`vision_pretraining_steps`,
+whose held-out probe accuracies are printed), then its reading stage (the one- and two-object curriculum, then the
+full scenes' reading questions), with SAM2's image encoder frozen as after the recipe's grounding stage. The model is
+saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio eval synthetic` runs) on
+`--questions` held-out questions of each reading task: accuracy with the own image and with another test image of
+the same task. It prints a table and each task's own-image accuracy of the variant as a ratio of the base's.
+
+An arm whose `OUTPUT/ARM/model` exists is scored, not retrained. The two arms share the rendered scenes; with one
+thread each (`OMP_NUM_THREADS=1`) they can run side by side as two processes with one `--arms` each.
+
+    python bench/reading_stage_vision.py --output-dir runs/reading-vision
+    python bench/reading_stage_vision.py --output-dir runs/reading-vision --arms variant \\
+        --variant vision_stem_channels=[32,64] vision_num_layers=4 vision_pretraining_steps=3000 \\
+        freeze_vision_tower=true
+
+Overrides are `FIELD=VALUE` with a JSON value (`true`, `4`, `[32,64]`, `null`), for any `SyntheticTinyRecipe` field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+from perceptio.data.synthetic_dataset import build_synthetic_dataset
+from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
+from perceptio.evaluation.runners import RunSettings, run_synthetic
+from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
+from perceptio.models.perceptio import PerceptioDepthTokenizer
+from perceptio.trainers.synthetic_recipe import (
+    SyntheticTinyRecipe,
+    build_recipe_model,
+    build_recipe_processor,
+    pretrain_recipe_vision_tower,
+    subnormals_flushed,
+    train_recipe_reading_stage,
+)
+
+
+ARMS = ("base", "variant")
+DEFAULT_OVERRIDES = {
+    "base": ["vision_stem_channels=[32,64]", "vision_pretraining_steps=1500", "freeze_vision_tower=true"],
+    "variant": [
+        "vision_stem_channels=[32,64]",
+        "vision_num_layers=4",
+        "vision_pretraining_steps=3000",
+        "freeze_vision_tower=true",
+    ],
+}
+# Disjoint from the recipe's own splits, which are drawn from the recipe seed.
+QUESTIONS_SEED_OFFSET = 2000
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` -> (field, JSON-decoded value); an unknown field or a value that is not JSON is an error."""
+    name, separator, value = text.partition("=")
+    names = [field.name for field in fields(SyntheticTinyRecipe)]
+    if not separator or name not in names:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with FIELD one of: {', '.join(names)}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"the value of {name} must be JSON (true, 4, [32,64]); got {value!r}"
+        ) from error
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, help="one folder per arm, and the shared rendered scenes")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    for arm in ARMS:
+        parser.add_argument(
+            f"--{arm}",
+            nargs="+",
+            type=parse_override,
+            default=[parse_override(text) for text in DEFAULT_OVERRIDES[arm]],
+            metavar="FIELD=VALUE",
+            help=f"the {arm} arm's recipe overrides (default: {' '.join(DEFAULT_OVERRIDES[arm])})",
+        )
+    parser.add_argument("--questions", type=int, default=200, help="held-out questions per reading task")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args(argv)
+    for name in ("questions", "batch_size"):
+        if getattr(arguments, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(arguments, name)}.")
+    try:
+        arguments.recipes = {
+            arm: replace(SyntheticTinyRecipe(seed=arguments.seed), **dict(getattr(arguments, arm))) for arm in ARMS
+        }
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    return arguments
+
+
+def reading_questions(output_dir: Path, recipe: SyntheticTinyRecipe, per_task: int) -> Path:
+    """A saved test split of `per_task` held-out questions of each reading task, without depth blocks."""
+    folder = output_dir / "reading_questions"
+    if not folder.is_dir():
+        built = build_synthetic_dataset(
+            0,
+            0,
+            per_task * len(recipe.reading_tasks),
+            image_size=recipe.image_size,
+            seed=recipe.seed + QUESTIONS_SEED_OFFSET,
+            tasks=dict.fromkeys(recipe.reading_tasks, 1.0),
+            task_config=replace(DEFAULT_TASK_CONFIG, depth_block_share=0.0),
+        )
+        built.save_to_disk(str(folder))
+    return folder
+
+
+def train_arm(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe) -> None:
+    """The arm's vision pretraining and reading stages; saves the model and the held-out probe accuracies."""
+    # The recipe's own split sizes, so the scenes (and a recipe run's `dataset_cache`) are the recipe's.
+    train_split = build_synthetic_dataset(
+        recipe.num_train,
+        recipe.num_validation,
+        recipe.num_test,
+        image_size=recipe.image_size,
+        seed=recipe.seed,
+        tasks=recipe.task_weights,
+        cache_dir=str(output_dir / "dataset_cache"),
+    )["train"]
+    processor = build_recipe_processor(recipe)
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    probes = (
+        asdict(pretrain_recipe_vision_tower(recipe, model, processor).final)
+        if recipe.vision_pretraining_steps
+        else None
+    )
+    model.grounding_encoder.vision_encoder.requires_grad_(False)
+    # The curriculum's scenes are rendered once, into the shared cache, whichever arm comes first.
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    if not (arm_dir / "dataset_cache").exists():
+        (arm_dir / "dataset_cache").symlink_to((output_dir / "dataset_cache").resolve(), target_is_directory=True)
+    with subnormals_flushed():
+        train_recipe_reading_stage(recipe, model, processor, train_split, arm_dir)
+    (arm_dir / "vision_probes.json").write_text(json.dumps(probes, indent=2), encoding="utf-8")
+    model.save_pretrained(arm_dir / "model")
+    processor.save_pretrained(arm_dir / "model")
+
+
+def score_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict[str, Any]:
+    """`run_synthetic` on the held-out reading questions, and the arm's probe accuracies."""
+    model, processor = load_perceptio_checkpoint(str(arm_dir / "model"))
+    settings = RunSettings(output_dir=arm_dir / "eval", batch_size=batch_size, max_new_tokens=16)
+    summary = run_synthetic(model, processor, str(questions), settings, split="test")
+    probes = json.loads((arm_dir / "vision_probes.json").read_text(encoding="utf-8"))
+    return {"swapped_image": summary["swapped_image"], "vision_probes": probes}
+
+
+def accuracy_cell(control: dict[str, Any] | None) -> str:
+    """ "own ± SE / other image" for one task's swapped-image control; "-" for a task without questions."""
+    if not control or control["accuracy_own"] is None:
+        return "-"
+    error = "" if control["accuracy_own_se"] is None else f" ± {control['accuracy_own_se']:.3f}"
+    return f"{control['accuracy_own']:.3f}{error} / {control['accuracy_swapped']:.3f}"
+
+
+def probe_cell(probes: dict[str, float] | None) -> str:
+    """The tower's held-out shape (per patch / per object) and size probe accuracies, or "-" without pretraining."""
+    if probes is None:
+        return "-"
+    return f"{probes['shape']:.3f} / {probes['pooled_shape']:.3f} / {probes['size']:.3f}"
+
+
+def print_table(results: dict[str, dict[str, Any]], recipe: SyntheticTinyRecipe) -> None:
+    """One row per arm, then the variant's own-image accuracy as a ratio of the base's, per task."""
+    tasks = list(recipe.reading_tasks)
+    columns = ["arm", "probes: shape / object shape / size", *(f"{task} own / other image" for task in tasks)]
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+    for arm, result in results.items():
+        cells = [arm, probe_cell(result["vision_probes"])]
+        cells += [accuracy_cell(result["swapped_image"].get(task)) for task in tasks]
+        print("| " + " | ".join(cells) + " |")
+    if set(ARMS) <= set(results):
+        ratios = []
+        for task in tasks:
+            base, variant = (results[arm]["swapped_image"].get(task, {}).get("accuracy_own") for arm in ARMS)
+            ratios.append(f"{task} {variant / base:.2f}" if base and variant is not None else f"{task} -")
+        print("variant / base, own-image accuracy: " + ", ".join(ratios))
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    output_dir = Path(arguments.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    questions = reading_questions(output_dir, arguments.recipes["base"], arguments.questions)
+    results = {}
+    for arm in arguments.arms:
+        arm_dir = output_dir / arm
+        recipe = arguments.recipes[arm]
+        if not (arm_dir / "model").is_dir():
+            train_arm(output_dir, arm_dir, recipe)
+        results[arm] = score_arm(arm_dir, questions, arguments.batch_size)
+        overrides = {name: value for name, value in getattr(arguments, arm)}
+        (arm_dir / "reading_results.json").write_text(
+            json.dumps({"overrides": overrides, **results[arm]}, indent=2), encoding="utf-8"
+        )
+    print_table(results, arguments.recipes["base"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

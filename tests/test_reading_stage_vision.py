@@ -1,0 +1,76 @@
+"""bench/reading_stage_vision.py: the recipe's vision pretraining and reading stages for two towers, scored with the
+swapped-image control."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reading_stage_vision.py"
+TINY = [
+    "num_train=24",
+    "num_validation=2",
+    "num_test=2",
+    "image_size=64",
+    "batch_size=4",
+    "reading_curriculum=[[1,2]]",
+    "reading_curriculum_scenes=9",
+    "reading_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("reading_stage_vision", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("no_such_field=1", "is not FIELD=VALUE with FIELD one of"),
+        ("vision_num_layers", "is not FIELD=VALUE with FIELD one of"),
+        ("vision_stem_channels=32,64", "must be JSON"),
+        ("vision_num_layers=0", "vision_num_layers"),
+    ],
+)
+def test_bad_overrides_are_refused_with_what_was_wrong(bench, override, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--output-dir", "out", "--variant", override])
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_are_the_measured_arms(bench):
+    arguments = bench.parse_arguments(["--output-dir", "out"])
+    base, variant = arguments.recipes["base"], arguments.recipes["variant"]
+    assert (base.vision_num_layers, base.vision_pretraining_steps, base.freeze_vision_tower) == (2, 1500, True)
+    assert (variant.vision_num_layers, variant.vision_pretraining_steps) == (4, 3000)
+    assert base.vision_stem_channels == variant.vision_stem_channels == [32, 64]
+
+
+def test_both_arms_train_score_and_print_then_a_trained_arm_is_only_rescored(bench, tmp_path, capsys):
+    base = [*TINY, "vision_pretraining_steps=2", "vision_pretraining_scenes=6"]
+    variant = [*TINY, "vision_num_layers=1"]
+    arguments = ["--output-dir", str(tmp_path), "--questions", "4", "--base", *base, "--variant", *variant]
+    assert bench.main(arguments) == 0
+    printed = capsys.readouterr().out
+    base_row = next(line for line in printed.splitlines() if line.startswith("| base |"))
+    variant_row = next(line for line in printed.splitlines() if line.startswith("| variant |"))
+    assert base_row.count("/") >= 5 and "| - |" in variant_row  # probes only where the tower was pretrained
+    assert "variant / base, own-image accuracy: vqa_colour" in printed
+    results = json.loads((tmp_path / "base" / "reading_results.json").read_text())
+    assert results["overrides"]["vision_pretraining_steps"] == 2
+    assert 0.0 <= results["vision_probes"]["pooled_shape"] <= 1.0
+    assert set(results["swapped_image"]) <= {"vqa_colour", "vqa_shape", "vqa_count"}
+
+    weights = next((tmp_path / "variant" / "model").glob("*.safetensors"))
+    written = weights.stat().st_mtime_ns
+    assert bench.main([*arguments[:4], "--arms", "variant", "--variant", *variant]) == 0
+    assert weights.stat().st_mtime_ns == written
+    assert "| variant |" in capsys.readouterr().out
