@@ -1,21 +1,24 @@
-"""What the language model learns to read with a base and a variant vision tower: the synthetic-tiny recipe's vision
+"""What the language model learns to read under two versions of the synthetic-tiny recipe's first stages: the vision
 pretraining and reading stages only, scored on held-out colour, shape and count questions with their own and with
 another image.
 
 The full recipe takes more than an hour; its answers after the main stage are close to those after the reading stage
-(the stage that trains them alone), so this is the quicker loop for a question about the vision tower. Each arm is the
-recipe (`SyntheticTinyRecipe` with the arm's overrides): its vision pretraining stage (`vision_pretraining_steps`,
-whose held-out probe accuracies are printed), then its reading stage (the one- and two-object curriculum, then the
-full scenes' reading questions), with SAM2's image encoder frozen as after the recipe's grounding stage. The model is
-saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio eval synthetic` runs) on
-`--questions` held-out questions of each reading task: accuracy with the own image and with another test image of
-the same task. It prints a table and each task's own-image accuracy of the variant as a ratio of the base's.
+(the stage that trains them alone), so this is the quicker loop for a question about the vision tower or the reading
+curriculum. Each arm is the recipe (`SyntheticTinyRecipe` with the arm's overrides): its vision pretraining stage
+(`vision_pretraining_steps`, whose held-out probe accuracies are printed), then its reading stage (the
+`reading_curriculum` phases, then the full scenes' reading questions), with SAM2's image encoder frozen as after the
+recipe's grounding stage. The model is saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio
+eval synthetic` runs) on about `--questions` held-out questions of each reading task: accuracy with the own image and
+with another test image of the same task. It prints a table and each task's own-image accuracy in the variant as a
+ratio of the base's. By default the two arms differ in the curriculum alone: the variant starts with 100 steps on the
+one-object scenes' colour questions, taken from its one-object phase, so both train 1,200 steps.
 
-An arm whose `OUTPUT/ARM/model` exists is scored, not retrained. The two arms share the rendered scenes; with one
-thread each (`OMP_NUM_THREADS=1`) they can run side by side as two processes with one `--arms` each.
+An arm whose `OUTPUT/ARM/model` exists is scored, not retrained. The arms share the rendered scenes (copy a recipe
+run's `dataset_cache` into OUTPUT to reuse its scenes); with one thread each (`OMP_NUM_THREADS=1`) they can run side
+by side as two processes with one `--arms` each.
 
     python bench/reading_stage_vision.py --output-dir runs/reading-vision
-    python bench/reading_stage_vision.py --output-dir runs/reading-vision --arms variant \\
+    python bench/reading_stage_vision.py --output-dir runs/reading-tower --arms variant \\
         --variant vision_stem_channels=[32,64] vision_num_layers=4 vision_pretraining_steps=3000 \\
         freeze_vision_tower=true
 
@@ -51,9 +54,9 @@ DEFAULT_OVERRIDES = {
     "base": ["vision_stem_channels=[32,64]", "vision_pretraining_steps=1500", "freeze_vision_tower=true"],
     "variant": [
         "vision_stem_channels=[32,64]",
-        "vision_num_layers=4",
-        "vision_pretraining_steps=3000",
+        "vision_pretraining_steps=1500",
         "freeze_vision_tower=true",
+        'reading_curriculum=[[1,100,["vqa_colour"]],[1,200],[2,400]]',
     ],
 }
 # Disjoint from the recipe's own splits, which are drawn from the recipe seed.

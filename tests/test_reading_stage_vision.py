@@ -50,8 +50,9 @@ def test_defaults_are_the_measured_arms(bench):
     arguments = bench.parse_arguments(["--output-dir", "out"])
     base, variant = arguments.recipes["base"], arguments.recipes["variant"]
     assert (base.vision_num_layers, base.vision_pretraining_steps, base.freeze_vision_tower) == (2, 1500, True)
-    assert (variant.vision_num_layers, variant.vision_pretraining_steps) == (4, 3000)
     assert base.vision_stem_channels == variant.vision_stem_channels == [32, 64]
+    assert variant.reading_curriculum == ((1, 100, ("vqa_colour",)), (1, 200), (2, 400))
+    assert sum(phase[1] for phase in base.reading_curriculum) == sum(phase[1] for phase in variant.reading_curriculum)
 
 
 def test_both_arms_train_score_and_print_then_a_trained_arm_is_only_rescored(bench, tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_a_frozen_vision_tower_keeps_its_pretrained_weights_through_the_language
 
 
 def _stage_inputs(tmp_path, **settings):
-    recipe = SyntheticTinyRecipe(**SMOKE, **settings)
+    recipe = SyntheticTinyRecipe(**{**SMOKE, **settings})
     dataset = build_synthetic_dataset(
         12, 1, 1, image_size=recipe.image_size, seed=0, tasks=recipe.task_weights, cache_dir=str(tmp_path / "cache")
     )
@@ -262,6 +262,33 @@ def test_the_recipe_sizes_the_vision_tower():
 def test_reading_curriculum_phases_are_validated(curriculum):
     with pytest.raises(ValueError, match="reading_curriculum"):
         SyntheticTinyRecipe(reading_curriculum=curriculum)
+
+
+@pytest.mark.parametrize(
+    ("phase", "message"),
+    [
+        ((1, 10, "vqa_colour"), "non-empty tuple of task names"),
+        ((1, 10, ()), "non-empty tuple of task names"),
+        ((1, 10, ("referring",)), "its tasks must be reading_tasks"),
+        ((1, 10, ("vqa_colour",), 4), "optionally with a tuple of tasks"),
+    ],
+)
+def test_a_phase_naming_tasks_is_validated(phase, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticTinyRecipe(reading_curriculum=(phase,))
+    restricted = SyntheticTinyRecipe(reading_curriculum=[[1, 5, ["vqa_colour"]], [2, 5]]).reading_curriculum
+    assert restricted == ((1, 5, ("vqa_colour",)), (2, 5))
+
+
+def test_a_phase_naming_tasks_trains_on_those_questions_alone(tmp_path):
+    curriculum = ((1, 2, ("vqa_colour",)), (1, 1))
+    recipe, train, processor, model = _stage_inputs(tmp_path, reading_curriculum=curriculum, reading_steps=1)
+    log = train_recipe_reading_stage(recipe, model, processor, train, tmp_path, "full")
+    tasks = [{name.removeprefix("loss_lm/") for name in entry if name.startswith("loss_lm/")} for entry in log]
+    assert [entry["objects_per_scene"] for entry in log] == [1, 1, 1, 0]
+    assert tasks[:2] == [{"vqa_colour"}, {"vqa_colour"}]
+    assert len(set().union(*tasks[2:])) > 1, "the unrestricted phases mix the reading tasks"
+    assert (tmp_path / "reading-1-objects-vqa_colour").is_dir()
 
 
 def test_reading_curriculum_needs_scenes_and_reading_tasks():

@@ -136,7 +136,8 @@ class SyntheticTinyRecipe:
     vision_patch_size: int = 8
     vision_num_layers: int = 2
     vision_stem_channels: list[int] | None = None
-    reading_curriculum: tuple[tuple[int, int], ...] = ((1, 300), (2, 400))
+    # Phases of (objects per scene, steps), or (objects per scene, steps, tasks) for a phase on some reading tasks only.
+    reading_curriculum: tuple[tuple[int, int] | tuple[int, int, tuple[str, ...]], ...] = ((1, 300), (2, 400))
     reading_curriculum_scenes: int = 4500
     reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
@@ -204,21 +205,7 @@ class SyntheticTinyRecipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        for phase in self.reading_curriculum:
-            if (
-                not isinstance(phase, (tuple, list))
-                or len(phase) != 2
-                or not all(isinstance(value, int) and not isinstance(value, bool) for value in phase)
-                or phase[1] <= 0
-            ):
-                raise ValueError(
-                    f"reading_curriculum phases must be (objects per scene, steps > 0) ints, got {phase!r}."
-                )
-            try:
-                validate_num_objects(phase[0])
-            except ValueError as error:
-                raise ValueError(f"reading_curriculum phase {phase!r}: {error}") from error
-        self.reading_curriculum = tuple(tuple(phase) for phase in self.reading_curriculum)
+        self.reading_curriculum = tuple(self._validated_reading_phase(phase) for phase in self.reading_curriculum)
         if self.reading_curriculum and not self.reading_curriculum_scenes:
             raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
         if self.vision_pretraining_steps and not self.vision_pretraining_scenes:
@@ -234,6 +221,11 @@ class SyntheticTinyRecipe:
             raise ValueError(
                 f"reading_tasks must name tasks of task_weights {sorted(self.task_weights)}; got {self.reading_tasks!r}."
             )
+        for phase in self.reading_curriculum:
+            if len(phase) == 3 and not set(phase[2]) <= set(self.reading_tasks):
+                raise ValueError(
+                    f"reading_curriculum phase {phase!r}: its tasks must be reading_tasks {self.reading_tasks!r}."
+                )
         if not self.grounding_weight_decay >= 0:
             raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
@@ -241,6 +233,30 @@ class SyntheticTinyRecipe:
         for name in ("seg_attribute_loss_weight", "seg_prompt_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+
+    @staticmethod
+    def _validated_reading_phase(phase) -> tuple:
+        """A curriculum phase as (objects per scene, steps) or (objects per scene, steps, tasks), checked."""
+        if (
+            not isinstance(phase, (tuple, list))
+            or len(phase) not in (2, 3)
+            or not all(isinstance(value, int) and not isinstance(value, bool) for value in phase[:2])
+            or phase[1] <= 0
+        ):
+            raise ValueError(
+                f"reading_curriculum phases must be (objects per scene, steps > 0) ints, optionally with a tuple of "
+                f"tasks, got {phase!r}."
+            )
+        try:
+            validate_num_objects(phase[0])
+        except ValueError as error:
+            raise ValueError(f"reading_curriculum phase {phase!r}: {error}") from error
+        if len(phase) == 2:
+            return tuple(phase)
+        tasks = phase[2]
+        if isinstance(tasks, str) or not isinstance(tasks, (tuple, list)) or not tasks:
+            raise ValueError(f"reading_curriculum phase {phase!r}: its tasks must be a non-empty tuple of task names.")
+        return (phase[0], phase[1], tuple(tasks))
 
     @property
     def image_seq_length(self) -> int:
@@ -437,12 +453,13 @@ def train_recipe_reading_stage(
     output_dir: Path,
     ablation: str = "full",
 ) -> list[dict[str, Any]]:
-    """The reading stage: each `reading_curriculum` phase, then `reading_steps` on the full scenes' reading rows.
+    """The reading stage: each `reading_curriculum` phase (on its tasks' rows alone when it names tasks), then
+    `reading_steps` on the full scenes' reading rows.
 
     Each phase has its own warmup and cosine schedule. Log entries carry `objects_per_scene` (0: the full scenes).
     """
     log = []
-    for num_objects, steps in (*recipe.reading_curriculum, (0, recipe.reading_steps)):
+    for num_objects, steps, *only in (*recipe.reading_curriculum, (0, recipe.reading_steps)):
         if not steps:
             continue
         if num_objects:
@@ -450,6 +467,9 @@ def train_recipe_reading_stage(
         else:
             rows = reading_split(recipe, train_split)
         name = f"reading-{num_objects}-objects" if num_objects else "reading"
+        if only:
+            rows = rows.filter(lambda task: task in only[0], input_columns="task", desc="The phase's tasks")
+            name = f"{name}-{'-'.join(only[0])}"
         phase_log = train_recipe_model(recipe, model, processor, rows, output_dir / name, ablation, steps)
         log.extend({**entry, "objects_per_scene": num_objects} for entry in phase_log)
     return log
