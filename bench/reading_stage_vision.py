@@ -2,9 +2,9 @@
 pretraining and reading stages only, scored on held-out colour, shape and count questions with their own and with
 another image.
 
-The full recipe takes more than an hour; its answers after the main stage are close to those after the reading stage
-(the stage that trains them alone), so this is the quicker loop for a question about the vision tower or the reading
-curriculum. Each arm is the recipe (`SyntheticTinyRecipe` with the arm's overrides): its vision pretraining stage
+The full recipe takes more than an hour; the reading stage is where these answers are first learned, alone, so it is
+the quicker loop for a question about the vision tower or the reading curriculum (its figures are not the finished
+recipe's). Each arm is the recipe (`SyntheticTinyRecipe` with the arm's overrides): its vision pretraining stage
 (`vision_pretraining_steps`, whose held-out probe accuracies are printed), then its reading stage (the
 `reading_curriculum` phases, then the full scenes' reading questions), with SAM2's image encoder frozen as after the
 recipe's grounding stage. The model is saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio
@@ -44,6 +44,7 @@ from perceptio.trainers.synthetic_recipe import (
     build_recipe_model,
     build_recipe_processor,
     pretrain_recipe_vision_tower,
+    render_recipe_scenes,
     subnormals_flushed,
     train_recipe_reading_stage,
 )
@@ -125,16 +126,7 @@ def reading_questions(output_dir: Path, recipe: SyntheticTinyRecipe, per_task: i
 
 def train_arm(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe) -> None:
     """The arm's vision pretraining and reading stages; saves the model and the held-out probe accuracies."""
-    # The recipe's own split sizes, so the scenes (and a recipe run's `dataset_cache`) are the recipe's.
-    train_split = build_synthetic_dataset(
-        recipe.num_train,
-        recipe.num_validation,
-        recipe.num_test,
-        image_size=recipe.image_size,
-        seed=recipe.seed,
-        tasks=recipe.task_weights,
-        cache_dir=str(output_dir / "dataset_cache"),
-    )["train"]
+    train_split = render_recipe_scenes(recipe, output_dir / "dataset_cache")["train"]
     processor = build_recipe_processor(recipe)
     model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
     probes = (

@@ -422,6 +422,20 @@ def pretrain_recipe_vision_tower(
     return result
 
 
+def render_recipe_scenes(recipe: SyntheticTinyRecipe, cache_dir: Path) -> DatasetDict:
+    """The recipe's train/validation/test questions, cached by `datasets` in `cache_dir` (the same arguments give the
+    same scenes, so a run's cache serves another with the recipe's data settings)."""
+    return build_synthetic_dataset(
+        recipe.num_train,
+        recipe.num_validation,
+        recipe.num_test,
+        image_size=recipe.image_size,
+        seed=recipe.seed,
+        tasks=recipe.task_weights,
+        cache_dir=str(cache_dir),
+    )
+
+
 def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
     """The reading stage's data: the training rows of `recipe.reading_tasks`, without depth blocks."""
     tasks = set(recipe.reading_tasks)
@@ -630,15 +644,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    dataset: DatasetDict = build_synthetic_dataset(
-        recipe.num_train,
-        recipe.num_validation,
-        recipe.num_test,
-        image_size=recipe.image_size,
-        seed=recipe.seed,
-        tasks=recipe.task_weights,
-        cache_dir=str(output_dir / "dataset_cache"),
-    )
+    dataset = render_recipe_scenes(recipe, output_dir / "dataset_cache")
     DatasetDict({split: dataset[split] for split in EVALUATION_SPLITS}).save_to_disk(str(output_dir / "dataset"))
     timings["dataset_s"] = time.perf_counter() - started
     tokenizer_started = time.perf_counter()
