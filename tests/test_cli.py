@@ -64,9 +64,11 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-pretraining-steps", "7"]) == 0
     recipe = received["recipe"]
     assert recipe.vision_pretraining_steps == 7 and recipe.seed == 3
-    assert recipe.train_steps == recipe_module.SyntheticTinyRecipe().train_steps
+    defaults = recipe_module.SyntheticTinyRecipe()
+    assert recipe.train_steps == defaults.train_steps
     assert main([*arguments, "--train-steps", "5"]) == 0
-    assert received["recipe"].train_steps == 5 and received["recipe"].vision_pretraining_steps == 0
+    assert received["recipe"].train_steps == 5
+    assert received["recipe"].vision_pretraining_steps == defaults.vision_pretraining_steps
     assert main([*arguments, "--vision-pretraining-steps", "-1"]) == 2, "a bad value is one line, not a traceback"
     assert main([*arguments, "--seg-prompt-loss-weight", "0.5"]) == 0
     assert received["recipe"].seg_prompt_loss_weight == 0.5
@@ -81,7 +83,9 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-stem-channels", "32"]) == 2, "one stem convolution too few for 8-pixel patches"
     assert main([*arguments, "--vision-pretraining-steps", "5", "--freeze-vision-tower"]) == 0
     assert received["recipe"].freeze_vision_tower and received["recipe"].vision_pretraining_steps == 5
-    assert main([*arguments, "--freeze-vision-tower"]) == 2, "freezing a tower that was never pretrained"
+    assert main([*arguments, "--vision-pretraining-steps", "0"]) == 2, "freezing a tower that was never pretrained"
+    assert main([*arguments, "--vision-pretraining-steps", "0", "--no-freeze-vision-tower"]) == 0
+    assert not received["recipe"].freeze_vision_tower and not received["recipe"].vision_pretraining_steps
 
 
 def test_a_malformed_stem_width_list_is_a_usage_error(tmp_path, capsys):

@@ -44,8 +44,8 @@ def test_rendered_scenes_are_sam2_inputs_with_exact_instance_masks_and_attribute
 
 def test_train_and_eval_streams_are_disjoint_and_reproducible(scenes, tiny_pair):
     train, evaluation = scenes
-    again = render_instance_scenes(8, tiny_pair[1].image_processor, seed=0, stream="eval")
-    assert torch.equal(again.sam_pixel_values, evaluation.sam_pixel_values)
+    again = render_instance_scenes(8, tiny_pair[1].image_processor, seed=0, stream="eval", processes=2)
+    assert torch.equal(again.sam_pixel_values, evaluation.sam_pixel_values), "the same scenes from two processes"
     assert not torch.equal(train.sam_pixel_values[:8], evaluation.sam_pixel_values)
 
 

@@ -16,6 +16,7 @@ from perceptio.data.scene_rendering import (
     metric_depth_to_inverse_depth,
     render,
     render_scene,
+    render_scenes,
 )
 
 
@@ -76,6 +77,20 @@ def test_same_seed_gives_same_bytes_and_different_seeds_differ():
     assert first.instance_masks.tobytes() == second.instance_masks.tobytes()
     others = [render_scene(seed, image_size=(48, 64)).image.tobytes() for seed in (12, 13, 14)]
     assert len({first.image.tobytes(), *others}) == 4
+
+
+def test_scenes_rendered_by_worker_processes_are_the_same_scenes_in_order():
+    seeds = [5, 3, 99, 7, 11]
+    serial = list(render_scenes(seeds, (48, 64)))
+    parallel = list(render_scenes(seeds, (48, 64), processes=2))
+    assert [scene.image.tobytes() for scene in parallel] == [scene.image.tobytes() for scene in serial]
+    assert [scene.instance_masks.tobytes() for scene in parallel] == [
+        scene.instance_masks.tobytes() for scene in serial
+    ]
+    assert serial[2].image.tobytes() == render_scene(99, (48, 64)).image.tobytes()
+    for processes in (0, 1.5, True):
+        with pytest.raises(ValueError, match="processes"):
+            list(render_scenes(seeds, 32, processes))
 
 
 @settings(max_examples=10, deadline=None)

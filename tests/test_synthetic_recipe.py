@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ from perceptio.trainers.synthetic_recipe import (
 
 
 SMOKE = dict(
+    render_processes=1,
     num_train=24,
     num_validation=4,
     num_test=4,
@@ -209,7 +211,10 @@ def test_recipe_settings_are_validated():
     with pytest.raises(ValueError, match="vision_pretraining_steps"):
         SyntheticTinyRecipe(vision_pretraining_steps=-5)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
-        SyntheticTinyRecipe(freeze_vision_tower=True)
+        SyntheticTinyRecipe(vision_pretraining_steps=0)
+    for processes in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="render_processes"):
+            SyntheticTinyRecipe(render_processes=processes)
     with pytest.raises(ValueError, match="vision_pretraining_scenes"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):
@@ -305,6 +310,17 @@ def test_reading_curriculum_phases_render_scenes_of_their_object_count(tmp_path)
     assert len(rows) == recipe.reading_curriculum_scenes and set(rows["task"]) <= set(recipe.reading_tasks)
     assert not any(rows["use_depth_block"]) and not any("depth" in prompt for prompt in rows["prompt"])
     assert all(len(render_scene(seed, recipe.image_size, num_objects=2).objects) == 2 for seed in rows["scene_seed"])
+
+
+def test_the_scenes_do_not_depend_on_how_many_processes_render_them(tmp_path):
+    rows = {
+        processes: reading_curriculum_split(
+            SyntheticTinyRecipe(**{**SMOKE, "render_processes": processes}), 2, tmp_path / str(processes)
+        )
+        for processes in (1, 2)
+    }
+    assert rows[1]["scene_seed"] == rows[2]["scene_seed"] and rows[1]["prompt"] == rows[2]["prompt"]
+    assert SyntheticTinyRecipe().num_render_processes == os.cpu_count()
 
 
 def test_the_prompt_loss_trains_toward_the_grounding_prompts_only_when_weighted(tmp_path):

@@ -59,6 +59,15 @@ def test_scenes_are_tiles_with_labels_of_their_own_objects(scenes, tiny_pair):
     assert not torch.equal(train.pixel_values[: len(evaluation)], evaluation.pixel_values)
 
 
+def test_worker_processes_render_the_same_labelled_scenes(scenes, tiny_pair):
+    evaluation = scenes[1]
+    patch = tiny_pair[1].image_processor.tile_size // int(evaluation.patch_objects.shape[1] ** 0.5)
+    again = render_patch_labelled_scenes(12, tiny_pair[1].image_processor, patch, seed=0, stream="eval", processes=2)
+    assert torch.equal(again.pixel_values, evaluation.pixel_values)
+    assert torch.equal(again.patch_objects, evaluation.patch_objects)
+    assert torch.equal(again.object_attributes, evaluation.object_attributes)
+
+
 def test_targets_mark_background_with_the_extra_class_and_fill_every_depth_bin(scenes):
     train, _ = scenes
     edges = depth_bin_edges(train)

@@ -17,7 +17,10 @@ a scene given explicitly (used by tests to check analytic cases).
 from __future__ import annotations
 
 import math
+import multiprocessing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -741,3 +744,18 @@ def render_scene(
         f"no layout of {num_objects} objects stayed visible at image size {size} after "
         f"{config.max_layout_attempts} attempts (seed {seed}); use a larger image or fewer objects"
     )
+
+
+def render_scenes(
+    seeds: Sequence[int], image_size: int | tuple[int, int] = 256, processes: int = 1
+) -> Iterator[SceneRender]:
+    """`render_scene(seed, image_size)` for each seed, in order; with `processes` > 1, rendered by that many worker
+    processes. Each scene follows from its seed alone, so the scenes are the same either way."""
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be a positive int, got {processes!r}")
+    if processes == 1 or len(seeds) < 2:
+        yield from (render_scene(seed, image_size) for seed in seeds)
+        return
+    # Forked workers only ray-cast with numpy; the parent's torch threads are not touched there.
+    with multiprocessing.get_context("fork").Pool(min(processes, len(seeds))) as pool:
+        yield from pool.imap(partial(render_scene, image_size=image_size), seeds, chunksize=16)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.scene_rendering import render_scene
+from ..data.scene_rendering import render_scenes
 from ..data.seg_attributes import SEG_ATTRIBUTES, not_named_ids
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
 from ..models.perceptio.loss_perceptio import mask_iou
@@ -125,10 +125,14 @@ def unique_phrase_ids(attributes: torch.LongTensor, visible: torch.Tensor, targe
 
 
 def render_instance_scenes(
-    num_scenes: int, image_processor: PerceptioImageProcessor, seed: int, stream: str = "train"
+    num_scenes: int,
+    image_processor: PerceptioImageProcessor,
+    seed: int,
+    stream: str = "train",
+    processes: int = 1,
 ) -> InstanceSegmentationScenes:
     """Render `num_scenes` scenes of `stream` ("train" or "eval", disjoint) from `seed` at the SAM2 input size, with
-    their exact instance masks and their objects' attributes."""
+    their exact instance masks and their objects' attributes (by `processes` worker processes; the same scenes)."""
     if not isinstance(num_scenes, int) or num_scenes <= 0:
         raise ValueError(f"num_scenes must be a positive integer, got {num_scenes!r}.")
     if stream not in SCENE_STREAMS:
@@ -136,8 +140,9 @@ def render_instance_scenes(
     size = image_processor.sam_image_size
     rng = np.random.default_rng([seed, SCENE_STREAMS[stream]])
     images, masks, attributes = [], [], []
-    for _ in tqdm(range(num_scenes), desc=f"Rendering {stream} scenes for SAM2"):
-        scene = render_scene(int(rng.integers(2**63 - 1)), size)
+    seeds = [int(rng.integers(2**63 - 1)) for _ in range(num_scenes)]
+    scenes = render_scenes(seeds, size, processes)
+    for scene in tqdm(scenes, total=num_scenes, desc=f"Rendering {stream} scenes for SAM2"):
         images.append(image_processor.sam_view(scene.image))
         masks.append(torch.from_numpy(scene.instance_masks))
         attributes.append(torch.tensor([object_attribute_ids(obj) for obj in scene.objects], dtype=torch.long))

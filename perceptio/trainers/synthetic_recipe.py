@@ -1,20 +1,22 @@
 """The `synthetic-tiny` recipe: a tiny Perceptio trained end to end on CPU on rendered 3D scenes.
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
-depth tokenizer on its exact depth, optionally (`vision_pretraining_steps`) pretrains the vision tower on dense patch
-labels (a stand-in for a pretrained InternViT, see `vision_pretraining`; `freeze_vision_tower` then keeps it fixed, as
-Sa2VA keeps InternViT), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
-stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
-(referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
-and saves the result. Everything follows from `seed`.
+depth tokenizer on its exact depth, pretrains the vision tower (with its convolutional stem, `vision_stem_channels`)
+on dense patch labels for `vision_pretraining_steps` (a stand-in for a pretrained InternViT, see `vision_pretraining`;
+`freeze_vision_tower` then keeps it fixed, as Sa2VA keeps InternViT), pretrains the tiny SAM2 on attribute prompts
+over rendered instance masks (the stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with
+`PerceptioTrainer` on the task mixture (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2
+image encoder frozen, as Sa2VA keeps it, and saves the result. Everything follows from `seed`.
 
 The main stage has two parts. A reading stage trains on the answer tasks alone (`reading_tasks`: short answers that
-only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the
-long depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. The reading stage is a
-curriculum (`reading_curriculum`): scenes of one object, where a question can only be about that object, then of two,
-then the full scenes, where the question's phrase must first pick its object out among several. SAM2 (pretrained on attribute
-prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so the mask
-can only follow the sentence through the `[SEG]` states the language model writes.
+only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the long
+depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. The reading stage is a curriculum
+(`reading_curriculum`): scenes of one object, where a question can only be about that object, then of two, then the
+full scenes, where the question's phrase must first pick its object out among several. Its first phase trains on the
+one-object colour questions alone: mixed with shape questions from the first step, colour answers settle on ignoring a
+frozen tower's image tokens. SAM2 (pretrained on attribute prompts, see `grounding_pretraining`) stays frozen
+throughout when `freeze_grounding_encoder` is set, so the mask can only follow the sentence through the `[SEG]` states
+the language model writes.
 
 A last stage (`mask_decoder_steps`) trains only `text_hidden_fcs` and SAM2's mask decoder on the referring rows, every
 other weight frozen: the decoder learns to read the `[SEG]` prompts the language model now writes, while the text
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -102,6 +105,7 @@ class SyntheticTinyRecipe:
     """Every setting of the recipe; the defaults are the shipped checkpoint's."""
 
     seed: int = 0
+    render_processes: int | None = None
     image_size: int = 128
     num_train: int = 10000
     num_validation: int = 64
@@ -113,9 +117,9 @@ class SyntheticTinyRecipe:
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
     vision_pretraining_scenes: int = 3000
-    vision_pretraining_steps: int = 0
+    vision_pretraining_steps: int = 1500
     vision_pretraining_learning_rate: float = 2e-3
-    freeze_vision_tower: bool = False
+    freeze_vision_tower: bool = True
     grounding_scenes: int = 3000
     grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
@@ -127,7 +131,7 @@ class SyntheticTinyRecipe:
     mask_dice_weight: float = 2.0
     seg_attribute_loss_weight: float = 1.0
     seg_prompt_loss_weight: float = 0.0
-    mask_decoder_steps: int = 2000
+    mask_decoder_steps: int = 600
     mask_decoder_learning_rate: float = 1e-3
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
@@ -135,13 +139,17 @@ class SyntheticTinyRecipe:
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
     vision_num_layers: int = 2
-    vision_stem_channels: list[int] | None = None
+    vision_stem_channels: list[int] | None = field(default_factory=lambda: [32, 64])
     # Phases of (objects per scene, steps), or (objects per scene, steps, tasks) for a phase on some reading tasks only.
-    reading_curriculum: tuple[tuple[int, int] | tuple[int, int, tuple[str, ...]], ...] = ((1, 300), (2, 400))
+    reading_curriculum: tuple[tuple[int, int] | tuple[int, int, tuple[str, ...]], ...] = (
+        (1, 100, ("vqa_colour",)),
+        (1, 200),
+        (2, 400),
+    )
     reading_curriculum_scenes: int = 4500
     reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
-    train_steps: int = 2200
+    train_steps: int = 2000
     batch_size: int = 16
     learning_rate: float = 1e-3
     lm_loss_reduction: str = "segment"
@@ -205,6 +213,12 @@ class SyntheticTinyRecipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if self.render_processes is not None and (
+            not isinstance(self.render_processes, int)
+            or isinstance(self.render_processes, bool)
+            or self.render_processes < 1
+        ):
+            raise ValueError(f"render_processes must be a positive integer or None, got {self.render_processes!r}.")
         self.reading_curriculum = tuple(self._validated_reading_phase(phase) for phase in self.reading_curriculum)
         if self.reading_curriculum and not self.reading_curriculum_scenes:
             raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
@@ -257,6 +271,12 @@ class SyntheticTinyRecipe:
         if isinstance(tasks, str) or not isinstance(tasks, (tuple, list)) or not tasks:
             raise ValueError(f"reading_curriculum phase {phase!r}: its tasks must be a non-empty tuple of task names.")
         return (phase[0], phase[1], tuple(tasks))
+
+    @property
+    def num_render_processes(self) -> int:
+        """Processes that render the recipe's scenes: `render_processes`, or one per CPU core. Each scene follows
+        from the seed and its index alone, so the data do not depend on it."""
+        return self.render_processes or os.cpu_count() or 1
 
     @property
     def image_seq_length(self) -> int:
@@ -378,7 +398,9 @@ def pretrain_recipe_grounding(
     recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
 ) -> GroundingPretrainingResult:
     """Train the model's SAM2 on attribute prompts over freshly rendered scenes, then freeze its image encoder."""
-    train_scenes = render_instance_scenes(recipe.grounding_scenes, processor.image_processor, recipe.seed, "train")
+    train_scenes = render_instance_scenes(
+        recipe.grounding_scenes, processor.image_processor, recipe.seed, "train", recipe.num_render_processes
+    )
     eval_scenes = render_instance_scenes(GROUNDING_EVAL_SCENES, processor.image_processor, recipe.seed, "eval")
     result = pretrain_grounding_encoder(
         model,
@@ -405,7 +427,12 @@ def pretrain_recipe_vision_tower(
     image_processor = processor.image_processor
     patch_size = recipe.vision_patch_size
     train_scenes = render_patch_labelled_scenes(
-        recipe.vision_pretraining_scenes, image_processor, patch_size, recipe.seed, "train"
+        recipe.vision_pretraining_scenes,
+        image_processor,
+        patch_size,
+        recipe.seed,
+        "train",
+        recipe.num_render_processes,
     )
     eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, patch_size, recipe.seed, "eval")
     result = pretrain_vision_tower(
@@ -432,6 +459,7 @@ def render_recipe_scenes(recipe: SyntheticTinyRecipe, cache_dir: Path) -> Datase
         image_size=recipe.image_size,
         seed=recipe.seed,
         tasks=recipe.task_weights,
+        num_proc=recipe.num_render_processes,
         cache_dir=str(cache_dir),
     )
 
@@ -453,6 +481,7 @@ def reading_curriculum_split(recipe: SyntheticTinyRecipe, num_objects: int, cach
         image_size=recipe.image_size,
         seed=recipe.seed,
         tasks=dict.fromkeys(recipe.reading_tasks, 1.0),
+        num_proc=recipe.num_render_processes,
         cache_dir=str(cache_dir),
         num_objects=num_objects,
     )

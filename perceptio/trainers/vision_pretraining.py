@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
+from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scenes
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
 from .pretraining_loop import run_pretraining_steps
 
@@ -64,9 +64,15 @@ def patch_majority(instance_ids: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def render_patch_labelled_scenes(
-    num_scenes: int, image_processor: PerceptioImageProcessor, patch_size: int, seed: int, stream: str = "train"
+    num_scenes: int,
+    image_processor: PerceptioImageProcessor,
+    patch_size: int,
+    seed: int,
+    stream: str = "train",
+    processes: int = 1,
 ) -> PatchLabelledScenes:
-    """Render `num_scenes` scenes of `stream` ("train" or "eval", disjoint) at the tile size, with patch labels."""
+    """Render `num_scenes` scenes of `stream` ("train" or "eval", disjoint) at the tile size, with patch labels (by
+    `processes` worker processes; the same scenes)."""
     if not isinstance(num_scenes, int) or num_scenes <= 0:
         raise ValueError(f"num_scenes must be a positive integer, got {num_scenes!r}.")
     if stream not in SCENE_STREAMS:
@@ -77,8 +83,9 @@ def render_patch_labelled_scenes(
     rng = np.random.default_rng([seed, SCENE_STREAMS[stream]])
     pixel_values, patch_objects, attributes, patch_depth = [], [], [], []
     vocabularies = {"colour": tuple(COLOUR_PALETTE), "shape": SHAPES, "size": SIZE_NAMES}
-    for _ in tqdm(range(num_scenes), desc=f"Rendering {stream} scenes for the vision tower"):
-        scene = render_scene(int(rng.integers(2**63 - 1)), size)
+    seeds = [int(rng.integers(2**63 - 1)) for _ in range(num_scenes)]
+    scenes = render_scenes(seeds, size, processes)
+    for scene in tqdm(scenes, total=num_scenes, desc=f"Rendering {stream} scenes for the vision tower"):
         pixel_values.append(image_processor(scene.image)["pixel_values"][0])
         instance_ids = np.full(scene.image.shape[:2], BACKGROUND)
         for index, mask in enumerate(scene.instance_masks):
