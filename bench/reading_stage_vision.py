@@ -10,9 +10,8 @@ recipe's). Each arm is the recipe (`SyntheticTinyRecipe` with the arm's override
 recipe's grounding stage. The model is saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio
 eval synthetic` runs) on about `--questions` held-out questions of each reading task: accuracy with the own image and
 with another test image of the same task. It prints a table and each task's own-image accuracy in the variant as a
-ratio of the base's. By default the two arms differ in the curriculum alone: the variant is the recipe as it ships,
-whose curriculum starts with 100 steps on the one-object scenes' colour questions; the base trains the three reading
-tasks mixed from its first step (300 steps on one-object scenes), so both train 1,200 steps.
+ratio of the base's. By default the two arms differ in the curriculum alone: the variant starts with 100 steps on the
+one-object scenes' colour questions, taken from its one-object phase, so both train 1,200 steps.
 
 An arm whose `OUTPUT/ARM/model` exists is scored, not retrained. The arms share the rendered scenes (copy a recipe
 run's `dataset_cache` into OUTPUT to reuse its scenes); with one thread each (`OMP_NUM_THREADS=1`) they can run side
@@ -20,7 +19,8 @@ by side as two processes with one `--arms` each.
 
     python bench/reading_stage_vision.py --output-dir runs/reading-vision
     python bench/reading_stage_vision.py --output-dir runs/reading-tower --arms variant \\
-        --variant vision_num_layers=4 vision_pretraining_steps=3000
+        --variant vision_stem_channels=[32,64] vision_num_layers=4 vision_pretraining_steps=3000 \\
+        freeze_vision_tower=true
 
 Overrides are `FIELD=VALUE` with a JSON value (`true`, `4`, `[32,64]`, `null`), for any `SyntheticTinyRecipe` field.
 """
@@ -51,7 +51,15 @@ from perceptio.trainers.synthetic_recipe import (
 
 
 ARMS = ("base", "variant")
-DEFAULT_OVERRIDES = {"base": ["reading_curriculum=[[1,300],[2,400]]"], "variant": []}
+DEFAULT_OVERRIDES = {
+    "base": ["vision_stem_channels=[32,64]", "vision_pretraining_steps=1500", "freeze_vision_tower=true"],
+    "variant": [
+        "vision_stem_channels=[32,64]",
+        "vision_pretraining_steps=1500",
+        "freeze_vision_tower=true",
+        'reading_curriculum=[[1,100,["vqa_colour"]],[1,200],[2,400]]',
+    ],
+}
 # Disjoint from the recipe's own splits, which are drawn from the recipe seed.
 QUESTIONS_SEED_OFFSET = 2000
 
@@ -77,11 +85,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for arm in ARMS:
         parser.add_argument(
             f"--{arm}",
-            nargs="*",
+            nargs="+",
             type=parse_override,
             default=[parse_override(text) for text in DEFAULT_OVERRIDES[arm]],
             metavar="FIELD=VALUE",
-            help=f"the {arm} arm's recipe overrides (default: {' '.join(DEFAULT_OVERRIDES[arm]) or 'none'})",
+            help=f"the {arm} arm's recipe overrides (default: {' '.join(DEFAULT_OVERRIDES[arm])})",
         )
     parser.add_argument("--questions", type=int, default=200, help="held-out questions per reading task")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")

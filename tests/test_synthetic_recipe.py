@@ -211,7 +211,7 @@ def test_recipe_settings_are_validated():
     with pytest.raises(ValueError, match="vision_pretraining_steps"):
         SyntheticTinyRecipe(vision_pretraining_steps=-5)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
-        SyntheticTinyRecipe(vision_pretraining_steps=0)
+        SyntheticTinyRecipe(freeze_vision_tower=True)
     for processes in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="render_processes"):
             SyntheticTinyRecipe(render_processes=processes)

@@ -42,8 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--vision-pretraining-steps",
         type=int,
-        help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 1500; 0: none, "
-        "which needs --no-freeze-vision-tower)",
+        help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 0: none)",
     )
     parser.add_argument(
         "--seg-prompt-loss-weight",
@@ -61,14 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--vision-stem-channels",
         type=parse_stem_channels,
         help="with --recipe: widths of the vision tower's convolutional stem, comma-separated (for the recipe's "
-        "8-pixel patches, two; default 32,64), or none for InternViT's single patch convolution",
+        "8-pixel patches, two: e.g. 32,64), or none for InternViT's single patch convolution (the default)",
     )
     parser.add_argument(
         "--freeze-vision-tower",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps, which must then be > 0 "
-        "(the default); --no-freeze-vision-tower trains it on with the rest",
+        help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps (which must be > 0); "
+        "--no-freeze-vision-tower (the default) trains it on with the rest",
     )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(

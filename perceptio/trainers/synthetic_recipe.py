@@ -1,22 +1,20 @@
 """The `synthetic-tiny` recipe: a tiny Perceptio trained end to end on CPU on rendered 3D scenes.
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
-depth tokenizer on its exact depth, pretrains the vision tower (with its convolutional stem, `vision_stem_channels`)
-on dense patch labels for `vision_pretraining_steps` (a stand-in for a pretrained InternViT, see `vision_pretraining`;
-`freeze_vision_tower` then keeps it fixed, as Sa2VA keeps InternViT), pretrains the tiny SAM2 on attribute prompts
-over rendered instance masks (the stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with
-`PerceptioTrainer` on the task mixture (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2
-image encoder frozen, as Sa2VA keeps it, and saves the result. Everything follows from `seed`.
+depth tokenizer on its exact depth, optionally (`vision_pretraining_steps`) pretrains the vision tower on dense patch
+labels (a stand-in for a pretrained InternViT, see `vision_pretraining`; `freeze_vision_tower` then keeps it fixed, as
+Sa2VA keeps InternViT), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
+stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
+(referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
+and saves the result. Everything follows from `seed`.
 
 The main stage has two parts. A reading stage trains on the answer tasks alone (`reading_tasks`: short answers that
-only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the long
-depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. The reading stage is a curriculum
-(`reading_curriculum`): scenes of one object, where a question can only be about that object, then of two, then the
-full scenes, where the question's phrase must first pick its object out among several. Its first phase trains on the
-one-object colour questions alone: mixed with shape questions from the first step, colour answers settle on ignoring a
-frozen tower's image tokens. SAM2 (pretrained on attribute prompts, see `grounding_pretraining`) stays frozen
-throughout when `freeze_grounding_encoder` is set, so the mask can only follow the sentence through the `[SEG]` states
-the language model writes.
+only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the
+long depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. The reading stage is a
+curriculum (`reading_curriculum`): scenes of one object, where a question can only be about that object, then of two,
+then the full scenes, where the question's phrase must first pick its object out among several. SAM2 (pretrained on attribute
+prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so the mask
+can only follow the sentence through the `[SEG]` states the language model writes.
 
 A last stage (`mask_decoder_steps`) trains only `text_hidden_fcs` and SAM2's mask decoder on the referring rows, every
 other weight frozen: the decoder learns to read the `[SEG]` prompts the language model now writes, while the text
@@ -117,9 +115,9 @@ class SyntheticTinyRecipe:
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
     vision_pretraining_scenes: int = 3000
-    vision_pretraining_steps: int = 1500
+    vision_pretraining_steps: int = 0
     vision_pretraining_learning_rate: float = 2e-3
-    freeze_vision_tower: bool = True
+    freeze_vision_tower: bool = False
     grounding_scenes: int = 3000
     grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
@@ -131,7 +129,7 @@ class SyntheticTinyRecipe:
     mask_dice_weight: float = 2.0
     seg_attribute_loss_weight: float = 1.0
     seg_prompt_loss_weight: float = 0.0
-    mask_decoder_steps: int = 600
+    mask_decoder_steps: int = 2000
     mask_decoder_learning_rate: float = 1e-3
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
@@ -139,17 +137,13 @@ class SyntheticTinyRecipe:
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
     vision_num_layers: int = 2
-    vision_stem_channels: list[int] | None = field(default_factory=lambda: [32, 64])
+    vision_stem_channels: list[int] | None = None
     # Phases of (objects per scene, steps), or (objects per scene, steps, tasks) for a phase on some reading tasks only.
-    reading_curriculum: tuple[tuple[int, int] | tuple[int, int, tuple[str, ...]], ...] = (
-        (1, 100, ("vqa_colour",)),
-        (1, 200),
-        (2, 400),
-    )
+    reading_curriculum: tuple[tuple[int, int] | tuple[int, int, tuple[str, ...]], ...] = ((1, 300), (2, 400))
     reading_curriculum_scenes: int = 4500
     reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
-    train_steps: int = 2000
+    train_steps: int = 2200
     batch_size: int = 16
     learning_rate: float = 1e-3
     lm_loss_reduction: str = "segment"
