@@ -76,10 +76,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def render_questions(count: int) -> list[dict]:
-    rows = build_synthetic_dataset(
-        count, 0, 0, image_size=128, seed=QUESTIONS_SEED, tasks={"relative_depth": 1.0}, cache_dir=tempfile.mkdtemp()
-    )["train"]
-    return [rows[index] for index in range(len(rows))]
+    with tempfile.TemporaryDirectory() as cache_dir:
+        rows = build_synthetic_dataset(
+            count, 0, 0, image_size=128, seed=QUESTIONS_SEED, tasks={"relative_depth": 1.0}, cache_dir=cache_dir
+        )["train"]
+        return [rows[index] for index in range(len(rows))]
 
 
 def tower_tokens(model, processor, rows: list[dict]) -> torch.Tensor:
@@ -116,10 +117,9 @@ def marked_points(tokens: torch.Tensor, rows: list[dict], patch_size: int) -> Ma
     )
 
 
-def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, outputs: int, steps: int) -> nn.Module:
-    """A linear map on standardised features: cross-entropy for class targets, squared error for float ones."""
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    probe = nn.Sequential(_Standardise(mean, std), nn.Linear(features.shape[1], outputs))
+def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, outputs: int, steps: int) -> nn.Linear:
+    """A linear map: cross-entropy for class targets, squared error for float ones."""
+    probe = nn.Linear(features.shape[1], outputs)
     optimiser = torch.optim.Adam(probe.parameters(), PROBE_LEARNING_RATE, weight_decay=PROBE_WEIGHT_DECAY)
     regression = targets.is_floating_point()
     for _ in range(steps):
@@ -135,24 +135,17 @@ def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, outputs: int
     return probe
 
 
-class _Standardise(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.mean) / self.std
-
-
 def score_probes(points: MarkedPoints, num_questions: int, steps: int) -> ProbeScores:
     train = points.questions < int(TRAIN_SHARE * num_questions)
     test = ~train
-    letter_probe = fit_linear_probe(points.features[train], points.letters[train], len(POINT_LETTERS), steps)
-    depth_probe = fit_linear_probe(points.features[train], points.log_depths[train], 1, steps)
+    # Standardised with the training points' statistics, shared by both probes.
+    mean, std = points.features[train].mean(0), points.features[train].std(0) + 1e-6
+    features = (points.features - mean) / std
+    letter_probe = fit_linear_probe(features[train], points.letters[train], len(POINT_LETTERS), steps)
+    depth_probe = fit_linear_probe(features[train], points.log_depths[train], 1, steps)
     with torch.no_grad():
-        letters = letter_probe(points.features[test]).argmax(-1)
-        depths = depth_probe(points.features[test]).squeeze(-1)
+        letters = letter_probe(features[test]).argmax(-1)
+        depths = depth_probe(features[test]).squeeze(-1)
     truth, questions = points.log_depths[test], points.questions[test]
     closest = [
         float(depths[questions == question].argmin() == truth[questions == question].argmin())
