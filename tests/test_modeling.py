@@ -159,6 +159,31 @@ def test_batch_without_seg_keeps_mask_path_in_graph(tiny_model, tiny_processor, 
     assert decoder_grad is not None and torch.all(decoder_grad == 0)
 
 
+def test_only_images_with_a_seg_are_encoded_and_their_masks_are_unchanged(tiny_model, tiny_processor, rgb_image):
+    tiny_model.eval()
+    states = torch.randn(2, tiny_model.config.text_config.hidden_size)
+    other_image = tiny_processor(images=255 - rgb_image, text="<image>")["sam_pixel_values"]
+    own_image = tiny_processor(images=rgb_image, text="<image>")["sam_pixel_values"]
+    encoded_batch_sizes = []
+    tiny_model.grounding_encoder.vision_encoder.register_forward_hook(
+        lambda module, inputs, output: encoded_batch_sizes.append(inputs[0].shape[0])
+    )
+    with torch.no_grad():
+        alone = tiny_model.predict_masks([states], own_image)
+        mixed = tiny_model.predict_masks(
+            [states[:0], states, states[:0]], torch.cat([other_image, own_image, own_image])
+        )
+    assert encoded_batch_sizes == [1, 1]
+    torch.testing.assert_close(mixed.mask_logits[1], alone.mask_logits[0])
+    assert [logits.shape[0] for logits in mixed.mask_logits] == [0, 2, 0]
+    assert mixed.mask_logits[0].shape[-2:] == alone.mask_logits[0].shape[-2:]
+    with torch.no_grad():
+        unprompted = tiny_model.predict_masks([states[:0]], own_image)
+    assert (
+        encoded_batch_sizes == [1, 1] and unprompted.candidate_logits[0].shape[-2:] == alone.mask_logits[0].shape[-2:]
+    )
+
+
 def test_more_seg_tokens_than_masks_names_the_sample(tiny_model, tiny_processor, rgb_image):
     example = _segmentation_example(tiny_processor, rgb_image, num_seg=2)
     with pytest.raises(ValueError, match="Sample 0 has 2 \\[SEG\\] token\\(s\\) but 1 ground-truth mask"):

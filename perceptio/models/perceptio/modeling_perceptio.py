@@ -109,6 +109,14 @@ def distinct_images(images: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return images[firsts], image_of_row
 
 
+def check_sam_pixel_values(sam_pixel_values: torch.Tensor) -> None:
+    """Raise a `ValueError` unless `sam_pixel_values` is a (batch, 3, size, size) batch of SAM2 views."""
+    if sam_pixel_values.ndim != 4 or sam_pixel_values.shape[1] != 3:
+        raise ValueError(
+            f"sam_pixel_values must have shape (batch, 3, size, size), got {tuple(sam_pixel_values.shape)}."
+        )
+
+
 class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForConditionalGeneration):
     r"""
     InternVL with three additions: `grounding_encoder` (transformers' `Sam2Model`), `text_hidden_fcs` (maps the
@@ -234,10 +242,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
 
         The mask decoder's `conv_s0`/`conv_s1` run inside the image-feature step, so a no-grad call would freeze them.
         """
-        if sam_pixel_values.ndim != 4 or sam_pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"sam_pixel_values must have shape (batch, 3, size, size), got {tuple(sam_pixel_values.shape)}."
-            )
+        check_sam_pixel_values(sam_pixel_values)
         sam = self.grounding_encoder
         features = sam.get_image_features(sam_pixel_values.to(self.dtype)).fpn_hidden_states
         features[-1] = features[-1] + sam.no_memory_embedding
@@ -293,26 +298,34 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
     ) -> PerceptioMaskOutput:
         """Masks for each sample's `[SEG]` hidden states (num_seg, d).
 
-        The SAM2 image encoder runs once per distinct image (samples asking about the same image share it), and all of
-        a sample's `[SEG]`s go through the mask decoder in one call; of each multimask output the candidate with the
-        best predicted IoU is kept.
+        The SAM2 image encoder runs only for samples with a `[SEG]` (a batch of answers and depth blocks costs none of
+        it), once per distinct image (samples asking about the same image share it), and all of a sample's `[SEG]`s go
+        through the mask decoder in one call; of each multimask output the candidate with the best predicted IoU is
+        kept.
         """
+        check_sam_pixel_values(sam_pixel_values)
         if len(seg_hidden_states) != sam_pixel_values.shape[0]:
             raise ValueError(
                 f"Got [SEG] states for {len(seg_hidden_states)} samples but {sam_pixel_values.shape[0]} SAM2 images."
             )
-        distinct, image_of_sample = distinct_images(sam_pixel_values)
-        image_embeddings = self.sam_image_embeddings(distinct)
-        low_res = 4 * image_embeddings[-1].shape[-1]
+        prompted = [index for index, hidden in enumerate(seg_hidden_states) if hidden.shape[0]]
+        image_embeddings: list[torch.Tensor] = []
+        image_of_sample: dict[int, int] = {}
+        if prompted:
+            distinct, image_of_prompted = distinct_images(sam_pixel_values[prompted])
+            image_embeddings = self.sam_image_embeddings(distinct)
+            image_of_sample = dict(zip(prompted, image_of_prompted))
+        low_res = 4 * self.grounding_encoder.backbone_feature_sizes[-1][-1]
         num_candidates = (
             self.grounding_encoder.mask_decoder.num_multimask_outputs if self.config.sam2_multimask_output else 1
         )
         output = PerceptioMaskOutput(mask_logits=[], mask_scores=[], candidate_logits=[], candidate_scores=[])
-        for hidden, image in zip(seg_hidden_states, image_of_sample):
+        for index, hidden in enumerate(seg_hidden_states):
             if hidden.shape[0] == 0:
-                candidates = image_embeddings[-1].new_zeros(0, num_candidates, low_res, low_res)
-                scores = image_embeddings[-1].new_zeros(0, num_candidates)
+                candidates = hidden.new_zeros(0, num_candidates, low_res, low_res)
+                scores = hidden.new_zeros(0, num_candidates)
             else:
+                image = image_of_sample[index]
                 sample_embeddings = [level[image : image + 1] for level in image_embeddings]
                 candidates, scores = self.decode_masks(sample_embeddings, self.text_hidden_fcs(hidden))
             best = scores.argmax(-1)
