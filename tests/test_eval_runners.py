@@ -26,6 +26,7 @@ from perceptio.evaluation.runners.coco_masks import segmentation_to_mask
 from perceptio.evaluation.runners.dataset_inputs import load_split
 from perceptio.evaluation.runners.synthetic import (
     ANSWER_TASKS,
+    answer_sample,
     normalised_answer,
     normalised_inverse_depth,
     paired_ciou_control,
@@ -465,15 +466,14 @@ def test_swapped_image_summary_scores_own_answers_and_resumes(
     for (image, prompt), (index, partner) in zip(asked[len(answer_rows) :], pairs, strict=True):
         assert prompt == answer_rows[index]["prompt"]
         assert np.array_equal(np.asarray(image), np.asarray(answer_rows[partner]["image"].convert("RGB")))
-    index, partner = pairs[0]
-    row = answer_rows[index]
-    on_images = [
-        {"image": answer_rows[image]["image"], "prompt": row["prompt"], "answer": row["answer"]}
-        for image in (index, partner)
-    ]
-    assert answer_losses(model, processor, on_images, batch_size=2) == pytest.approx(
-        [swapped[0]["loss_own"], swapped[0]["loss_swapped"]], rel=1e-5
-    )
+    # Each loss is the answer's, after the own row's depth block for a row that asks for one.
+    by_row = {record["row"]: record for record in swapped}
+    for index, partner in (pairs[0], next(pair for pair in pairs if answer_rows[pair[0]]["use_depth_block"])):
+        row = answer_rows[index]
+        on_images = [answer_sample(row, answer_rows[image]["image"]) for image in (index, partner)]
+        assert answer_losses(model, processor, on_images, batch_size=2) == pytest.approx(
+            [by_row[index]["loss_own"], by_row[index]["loss_swapped"]], rel=1e-5
+        )
     # The teacher-forced loss reads the image even where the scripted generation does not.
     assert all(record["loss_own"] != pytest.approx(record["loss_swapped"]) for record in swapped)
     # The same scripted depth block on both images, scored against the own row's depth, gives the same figures.
@@ -526,8 +526,28 @@ def test_answer_loss_equals_the_models_lm_loss(tiny, answer_rows):
         assert loss == pytest.approx(float(direct), rel=1e-5)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         answer_losses(model, processor, samples, batch_size=0)
-    with pytest.raises(ValueError, match="Sample 1 has masks or a depth block"):
-        answer_losses(model, processor, [samples[0], {**samples[1], "use_depth_block": True}], batch_size=2)
+    with pytest.raises(ValueError, match="Sample 1 has masks"):
+        answer_losses(model, processor, [samples[0], {**samples[1], "masks": np.ones((1, 4, 4))}], batch_size=2)
+
+
+def test_answer_loss_after_a_depth_block_scores_the_answer_alone(tiny, answer_rows):
+    model, processor = tiny
+    row = next(row for row in answer_rows if row["task"] == "relative_depth")
+    assert row["use_depth_block"]
+    sample = {key: row[key] for key in ("image", "prompt", "answer", "use_depth_block", "depth")}
+    batch = PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer)([sample])
+    end = int((batch["input_ids"][0] == model.config.depth_end_token_id).nonzero()[0, 0])
+    with torch.no_grad():
+        logits = model(**{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values")}).logits[0]
+    answer_positions = torch.arange(end + 1, batch["input_ids"].shape[1])
+    assert len(answer_positions) >= 2, "the answer and the end-of-turn token follow the block"
+    expected = torch.nn.functional.cross_entropy(logits[answer_positions - 1], batch["input_ids"][0, answer_positions])
+    (loss,) = answer_losses(model, processor, [sample], batch_size=1)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    flat_depth = {**sample, "depth": np.full_like(np.asarray(row["depth"]), 3.0)}
+    without_block = {**sample, "use_depth_block": False}
+    on_flat_depth, without_the_block = answer_losses(model, processor, [flat_depth, without_block], batch_size=2)
+    assert on_flat_depth != pytest.approx(loss) and without_the_block != pytest.approx(loss)
 
 
 @settings(max_examples=50, deadline=None)

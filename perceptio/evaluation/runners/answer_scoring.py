@@ -1,8 +1,10 @@
 """Teacher-forced answer scoring: how likely a model finds a given answer to a question about an image.
 
 The inputs and labels are built by `PerceptioDataCollator` from rows of the dataset schema, so the scored sequence
-is exactly what training feeds the model: the chat-formatted prompt with the image expanded, then the target (here
-the answer, without `[SEG]`s or a depth block) and the end-of-turn token, which are the labelled tokens.
+is exactly what training feeds the model: the chat-formatted prompt with the image expanded, then the target and the
+end-of-turn token. The target is the answer, without `[SEG]`s; a sample that asks for a depth block (as every
+relative-depth question does) has the block of its `depth` map teacher-forced before its answer, as the model writes
+it there, and only the answer and the end-of-turn token are scored.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from ...models.perceptio.loss_perceptio import per_sample_lm_loss
 from ...models.perceptio.processing_perceptio import IGNORE_INDEX, PerceptioProcessor
+from ...models.perceptio.spatial_vocabulary_perceptio import PerceptioSpatialVocabulary
 from ...trainers.collator_perceptio import PerceptioDataCollator
 from .resumable_run import batches
 
@@ -21,24 +24,36 @@ from .resumable_run import batches
 def answer_losses(
     model, processor: PerceptioProcessor, samples: Sequence[Mapping[str, Any]], batch_size: int
 ) -> list[float]:
-    """Per sample, the mean cross-entropy of its labelled target tokens given its prompt and image.
+    """Per sample, the mean cross-entropy of its answer tokens and end-of-turn token given its prompt and image.
 
-    Each sample is a mapping with `image`, `prompt` and `answer` (the dataset schema; no `masks` and no depth block,
-    so only the answer and the end-of-turn token are labelled). Samples go through the model `batch_size` at a time.
+    Each sample is a mapping with `image`, `prompt` and `answer` (the dataset schema), and no `masks`. One with
+    `use_depth_block` also needs its `depth` map (metric, or `inverse_depth`): the block the model's depth tokenizer
+    makes of it is teacher-forced between the prompt and the answer, and not scored. Samples go through the model
+    `batch_size` at a time.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     for index, sample in enumerate(samples):
-        if sample.get("use_depth_block") or len(sample.get("masks") or ()):
+        masks = sample.get("masks")
+        if masks is not None and len(masks):
             raise ValueError(
-                f"Sample {index} has masks or a depth block; answer_losses scores the answer alone, so give each "
-                "sample only its image, prompt and answer."
+                f"Sample {index} has masks; answer_losses scores a text answer, so give each sample its image, "
+                "prompt, answer and (for a depth block) its depth map, without masks."
             )
-    collator = PerceptioDataCollator(processor)
+    with_depth_block = any(sample.get("use_depth_block") for sample in samples)
+    depth_tokenizer = model.require_depth_tokenizer() if with_depth_block else None
+    collator = PerceptioDataCollator(processor, depth_tokenizer=depth_tokenizer)
     losses: list[float] = []
     for chunk in batches(samples, batch_size):
-        losses.extend(batch_answer_losses(model, collator(chunk)))
+        batch = collator(chunk)
+        batch["labels"] = answer_labels(batch["labels"], collator.spatial_vocabulary)
+        losses.extend(batch_answer_losses(model, batch))
     return losses
+
+
+def answer_labels(labels: torch.LongTensor, vocabulary: PerceptioSpatialVocabulary) -> torch.LongTensor:
+    """`labels` with the depth-block tokens ignored, so only the answer and the end-of-turn token are scored."""
+    return labels.masked_fill(vocabulary.is_depth_block_token(labels), IGNORE_INDEX)
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ Whether the model reads the image is measured by asking each answer row (`ANSWER
 partner row's image (`swapped_image_pairs`: the next row of the same task, and for relative depth of the same point
 count so the lettered choices stay valid, whose answer differs, since an image with the same answer tests nothing).
 Per task the summary's `swapped_image` section gives the accuracy against the row's own answer and the teacher-forced
-loss of that answer (`answer_scoring.answer_losses`), with the own image and with the partner's, each with its
+loss of that answer (`answer_scoring.answer_losses`; for a row that asks for a depth block, after the block of its
+own depth both ways, as in training), with the own image and with the partner's, each with its
 standard error, the paired margins and `reads_image`: the own image beats the partner's by more than two standard
 errors of the paired accuracy difference. A model that ignores the image answers the same both ways. The depth block
 written on the partner's image is scored against the row's own ground truth (`depth_other_image`) beside the row's own
@@ -196,9 +197,16 @@ SWAPPED_IMAGE_SUFFIX = "/swapped_image"
 
 
 def answer_sample(row: dict[str, Any], image) -> dict[str, Any]:
-    """The row's question and answer on `image`, as `answer_losses` scores them (no masks, no depth block: a depth
-    block in the context would carry the own image's depth into the answer, and the image is what is tested)."""
-    return {"image": image, "prompt": row["prompt"], "answer": row["answer"]}
+    """The row's question and answer on `image`, as `answer_losses` scores them: without masks, and for a row that
+    asks for a depth block (every relative-depth row) after the block of the row's own depth, as in training. The
+    block is the same whichever image is shown, so only the image can make the two losses of the control differ."""
+    return {
+        "image": image,
+        "prompt": row["prompt"],
+        "answer": row["answer"],
+        "use_depth_block": bool(row["use_depth_block"]),
+        "depth": row["depth"],
+    }
 
 
 def swapped_image_record(
