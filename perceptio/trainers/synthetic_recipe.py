@@ -12,9 +12,9 @@ The main stage has two parts. A reading stage trains on the answer tasks alone (
 only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the
 long depth blocks and `[SEG]`s of the mixture compete for it; then the whole mixture. The reading stage is a
 curriculum (`reading_curriculum`): scenes of one object, where a question can only be about that object, then of two,
-then the full scenes, where the question's phrase must first pick its object out among several. SAM2 (pretrained on attribute
-prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so the mask
-can only follow the sentence through the `[SEG]` states the language model writes.
+then the full scenes, where the question's phrase must first pick its object out among several. SAM2 (pretrained
+on attribute prompts, see `grounding_pretraining`) stays frozen throughout when `freeze_grounding_encoder` is set, so
+the mask can only follow the sentence through the `[SEG]` states the language model writes.
 
 A last stage (`mask_decoder_steps`) trains only `text_hidden_fcs` and SAM2's mask decoder on the referring rows, every
 other weight frozen: the decoder learns to read the `[SEG]` prompts the language model now writes, while the text
