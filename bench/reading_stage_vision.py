@@ -1,6 +1,6 @@
 """What the language model learns to read under two versions of the synthetic-tiny recipe's first stages: the vision
-pretraining and reading stages only, scored on held-out colour, shape and count questions with their own and with
-another image.
+pretraining and reading stages only, scored on held-out questions of the reading tasks (colour, shape and count by
+default) with their own and with another image.
 
 The full recipe takes more than an hour; the reading stage is where these answers are first learned, alone, so it is
 the quicker loop for a question about the vision tower or the reading curriculum (its figures are not the finished
@@ -8,10 +8,11 @@ recipe's). Each arm is the recipe (`SyntheticTinyRecipe` with the arm's override
 (`vision_pretraining_steps`, whose held-out probe accuracies are printed), then its reading stage (the
 `reading_curriculum` phases, then the full scenes' reading questions), with SAM2's image encoder frozen as after the
 recipe's grounding stage. The model is saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio
-eval synthetic` runs) on about `--questions` held-out questions of each reading task: accuracy with the own image and
-with another test image of the same task. It prints a table and each task's own-image accuracy in the variant as a
-ratio of the base's. By default the two arms differ in the curriculum alone: the variant starts with 100 steps on the
-one-object scenes' colour questions, taken from its one-object phase, so both train 1,200 steps.
+eval synthetic` runs) on about `--questions` held-out questions of each task either arm reads (the same questions for
+both): accuracy with the own image and with another test image of the same task. It prints a table and each task's
+own-image accuracy in the variant as a ratio of the base's. By default the two arms differ in the curriculum alone:
+the variant starts with 100 steps on the one-object scenes' colour questions, taken from its one-object phase, so both
+train 1,200 steps.
 
 An arm whose `OUTPUT/ARM/model` exists is scored, not retrained. The arms share the rendered scenes (copy a recipe
 run's `dataset_cache` into OUTPUT to reuse its scenes); with one thread each (`OMP_NUM_THREADS=1`) they can run side
@@ -107,17 +108,23 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return arguments
 
 
-def reading_questions(output_dir: Path, recipe: SyntheticTinyRecipe, per_task: int) -> Path:
-    """A saved test split of `per_task` held-out questions of each reading task, without depth blocks."""
-    folder = output_dir / "reading_questions"
+def question_tasks(recipes: dict[str, SyntheticTinyRecipe]) -> tuple[str, ...]:
+    """Every arm's reading tasks, in order: the arms are scored on the same questions, even when run one at a time."""
+    return tuple(dict.fromkeys(task for recipe in recipes.values() for task in recipe.reading_tasks))
+
+
+def reading_questions(output_dir: Path, recipe: SyntheticTinyRecipe, tasks: tuple[str, ...], per_task: int) -> Path:
+    """A saved test split of `per_task` held-out questions of each of `tasks`, without depth blocks, in a folder named
+    for the tasks and the count (so a run with other tasks or another `--questions` does not reuse it)."""
+    folder = output_dir / "reading_questions" / f"{'-'.join(tasks)}-{per_task}"
     if not folder.is_dir():
         built = build_synthetic_dataset(
             0,
             0,
-            per_task * len(recipe.reading_tasks),
+            per_task * len(tasks),
             image_size=recipe.image_size,
             seed=recipe.seed + QUESTIONS_SEED_OFFSET,
-            tasks=dict.fromkeys(recipe.reading_tasks, 1.0),
+            tasks=dict.fromkeys(tasks, 1.0),
             task_config=replace(DEFAULT_TASK_CONFIG, depth_block_share=0.0),
         )
         built.save_to_disk(str(folder))
@@ -170,9 +177,8 @@ def probe_cell(probes: dict[str, float] | None) -> str:
     return f"{probes['shape']:.3f} / {probes['pooled_shape']:.3f} / {probes['size']:.3f}"
 
 
-def print_table(results: dict[str, dict[str, Any]], recipe: SyntheticTinyRecipe) -> None:
+def print_table(results: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> None:
     """One row per arm, then the variant's own-image accuracy as a ratio of the base's, per task."""
-    tasks = list(recipe.reading_tasks)
     columns = ["arm", "probes: shape / object shape / size", *(f"{task} own / other image" for task in tasks)]
     print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for arm, result in results.items():
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     output_dir = Path(arguments.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    questions = reading_questions(output_dir, arguments.recipes["base"], arguments.questions)
+    tasks = question_tasks(arguments.recipes)
+    questions = reading_questions(output_dir, arguments.recipes["base"], tasks, arguments.questions)
     results = {}
     for arm in arguments.arms:
         arm_dir = output_dir / arm
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         (arm_dir / "reading_results.json").write_text(
             json.dumps({"overrides": overrides, **results[arm]}, indent=2), encoding="utf-8"
         )
-    print_table(results, arguments.recipes["base"])
+    print_table(results, tasks)
     return 0
 
 

@@ -76,3 +76,13 @@ def test_both_arms_train_score_and_print_then_a_trained_arm_is_only_rescored(ben
     assert bench.main([*arguments[:4], "--arms", "variant", "--variant", *variant]) == 0
     assert weights.stat().st_mtime_ns == written
     assert "| variant |" in capsys.readouterr().out
+
+
+def test_an_arm_run_alone_is_scored_on_the_tasks_it_reads(bench, tmp_path, capsys):
+    variant = [*TINY, 'reading_tasks=["vqa_colour","relative_depth"]']
+    arguments = ["--output-dir", str(tmp_path), "--questions", "12", "--arms", "variant", "--variant", *variant]
+    assert bench.main(arguments) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| arm |"))
+    assert "relative_depth own / other image" in header
+    results = json.loads((tmp_path / "variant" / "reading_results.json").read_text())
+    assert results["swapped_image"]["relative_depth"]["num_samples"] > 0
