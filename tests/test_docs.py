@@ -248,7 +248,9 @@ def test_bash_commands_name_real_subcommands_flags_and_scripts(block):
                 flags = [flag.split("=")[0] for flag in words[index + 1 :] if flag.startswith("--")]
                 unknown = [flag for flag in flags if f'"{flag}"' not in source]
                 # A flag built in a loop (`f"--{arm}"`) is not written out in the source; its --help names it.
-                unknown = [flag for flag in unknown if not re.search(rf"(^|\s){flag}\b", script_help(script))]
+                unknown = [
+                    flag for flag in unknown if not re.search(rf"(^|\s){re.escape(flag)}\b", script_help(script))
+                ]
                 assert not unknown, f"{block.where}: {word} has no flags {unknown}"
 
 
