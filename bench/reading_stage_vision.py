@@ -15,8 +15,8 @@ the variant starts with 100 steps on the one-object scenes' colour questions, ta
 train 1,200 steps.
 
 An arm whose `OUTPUT/ARM/model` exists is scored, not retrained. The arms share the rendered scenes (copy a recipe
-run's `dataset_cache` into OUTPUT to reuse its scenes); with one thread each (`OMP_NUM_THREADS=1`) they can run side
-by side as two processes with one `--arms` each.
+run's `dataset_cache` into OUTPUT to reuse its scenes). An arm computes with the recipe's `num_threads` (2); with
+`num_threads=1` in both arms' overrides they can run side by side as two processes with one `--arms` each.
 
     python bench/reading_stage_vision.py --output-dir runs/reading-vision
     python bench/reading_stage_vision.py --output-dir runs/reading-tower --arms variant \\
@@ -47,6 +47,7 @@ from perceptio.trainers.synthetic_recipe import (
     pretrain_recipe_vision_tower,
     render_recipe_scenes,
     subnormals_flushed,
+    torch_threads,
     train_recipe_reading_stage,
 )
 
@@ -133,6 +134,12 @@ def reading_questions(output_dir: Path, recipe: SyntheticTinyRecipe, tasks: tupl
 
 def train_arm(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe) -> None:
     """The arm's vision pretraining and reading stages; saves the model and the held-out probe accuracies."""
+    with subnormals_flushed(), torch_threads(recipe.num_threads):
+        train_arm_stages(output_dir, arm_dir, recipe)
+
+
+def train_arm_stages(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe) -> None:
+    """`train_arm`'s stages, with its compute settings in force."""
     train_split = render_recipe_scenes(recipe, output_dir / "dataset_cache")["train"]
     processor = build_recipe_processor(recipe)
     model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
@@ -146,8 +153,7 @@ def train_arm(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe) -> N
     arm_dir.mkdir(parents=True, exist_ok=True)
     if not (arm_dir / "dataset_cache").exists():
         (arm_dir / "dataset_cache").symlink_to((output_dir / "dataset_cache").resolve(), target_is_directory=True)
-    with subnormals_flushed():
-        train_recipe_reading_stage(recipe, model, processor, train_split, arm_dir)
+    train_recipe_reading_stage(recipe, model, processor, train_split, arm_dir)
     (arm_dir / "vision_probes.json").write_text(json.dumps(probes, indent=2), encoding="utf-8")
     model.save_pretrained(arm_dir / "model")
     processor.save_pretrained(arm_dir / "model")

@@ -86,6 +86,10 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--freeze-vision-tower"]) == 2, "freezing a tower that was never pretrained"
     assert main([*arguments, "--vision-pretraining-steps", "5", "--no-freeze-vision-tower"]) == 0
     assert not received["recipe"].freeze_vision_tower
+    assert received["recipe"].num_threads == 2, "the embedded checkpoint's thread count by default"
+    assert main([*arguments, "--num-threads", "1"]) == 0
+    assert received["recipe"].num_threads == 1
+    assert main([*arguments, "--num-threads", "0"]) == 2
 
 
 def test_a_malformed_stem_width_list_is_a_usage_error(tmp_path, capsys):

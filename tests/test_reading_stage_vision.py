@@ -12,6 +12,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reading_stage_vision.py"
 TINY = [
+    "num_threads=1",
     "render_processes=1",
     "num_train=24",
     "num_validation=2",

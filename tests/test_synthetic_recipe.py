@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset, Features, Sequence, Value
 from datasets import Image as DatasetImage
 from PIL import Image
+from safetensors.torch import load_file
 
 from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration, PerceptioProcessor
 from perceptio.data.scene_rendering import render_scene
@@ -39,6 +40,7 @@ from perceptio.trainers.synthetic_recipe import (
 
 
 SMOKE = dict(
+    num_threads=1,
     render_processes=1,
     num_train=24,
     num_validation=4,
@@ -58,7 +60,7 @@ SMOKE = dict(
 )
 
 
-def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
+def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
     summary = run_synthetic_tiny_recipe(tmp_path, SyntheticTinyRecipe(**SMOKE))
     log = summary["training_log"]
     assert len(log) == 2 and all(entry["loss_mask"] >= 0 and entry["loss_token"] > 0 for entry in log)
@@ -86,6 +88,12 @@ def test_recipe_smoke_run_trains_saves_and_reloads(tmp_path):
     processor = PerceptioProcessor.from_pretrained(tmp_path / "model")
     assert model.config.num_depth_tokens == 64 and processor.image_seq_length == 64
     assert (tmp_path / "dataset" / "test").is_dir()
+    assert saved["recipe"]["num_threads"] == SMOKE["num_threads"]
+    run_synthetic_tiny_recipe(tmp_path / "again", SyntheticTinyRecipe(**SMOKE))
+    first, again = (load_file(folder / "model" / "model.safetensors") for folder in (tmp_path, tmp_path / "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first), (
+        "the same seed and thread count must give the same weights"
+    )
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -225,6 +233,18 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(mask_decoder_learning_rate=0.0)
     with pytest.raises(ValueError, match="vision_num_layers"):
         SyntheticTinyRecipe(vision_num_layers=0)
+    with pytest.raises(ValueError, match="num_threads"):
+        SyntheticTinyRecipe(num_threads=0)
+
+
+def test_the_recipe_computes_with_its_thread_count_and_restores_the_callers(tmp_path, monkeypatch):
+    import perceptio.trainers.synthetic_recipe as recipe_module
+
+    seen = []
+    monkeypatch.setattr(recipe_module, "_run_recipe", lambda *args: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    run_synthetic_tiny_recipe(tmp_path, SyntheticTinyRecipe(num_threads=before + 1))
+    assert seen == [before + 1] and torch.get_num_threads() == before
 
 
 def test_the_attribute_loss_ablation_keeps_the_heads_and_weights_their_loss_zero(tmp_path):

@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
+        "--num-threads",
+        type=int,
+        help="with --recipe: torch CPU threads (default 2, as the embedded checkpoint was trained: the same seed and "
+        "thread count give the same weights)",
+    )
+    parser.add_argument(
         "--resume",
         nargs="?",
         const=True,
@@ -121,6 +127,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
         "mask_decoder_steps": args.mask_decoder_steps,
         "freeze_vision_tower": args.freeze_vision_tower,
+        "num_threads": args.num_threads,
     }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})
     if args.vision_stem_channels is not None:

@@ -103,6 +103,9 @@ class SyntheticTinyRecipe:
     """Every setting of the recipe; the defaults are the shipped checkpoint's."""
 
     seed: int = 0
+    # Float reductions, and so every trained weight, depend on the thread count: the same seed and count give the
+    # same checkpoint. The embedded checkpoint was trained with 2.
+    num_threads: int = 2
     render_processes: int | None = None
     image_size: int = 128
     num_train: int = 10000
@@ -171,6 +174,7 @@ class SyntheticTinyRecipe:
             "train_steps",
             "batch_size",
             "logging_steps",
+            "num_threads",
         )
         for name in positive:
             value = getattr(self, name)
@@ -640,12 +644,26 @@ def run_synthetic_tiny_recipe(
     Returns the summary: settings, timings, the depth tokenizer's evaluation, SAM2's grounding gate before and after
     its pretraining, how well the `[SEG]` states carry their phrase on the test split (`seg_attribute_accuracy`,
     beside the majority prior), and the reading-stage, main-stage and mask-decoder-stage training logs.
+
+    It computes with `recipe.num_threads` torch threads whatever `OMP_NUM_THREADS` says: the same seed and thread
+    count give the same weights, another count other weights.
     """
     recipe = recipe if recipe is not None else SyntheticTinyRecipe()
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
-    with subnormals_flushed():
+    with subnormals_flushed(), torch_threads(recipe.num_threads):
         return _run_recipe(Path(output_dir), recipe, ablation)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Compute with `count` torch CPU threads while the recipe runs, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
