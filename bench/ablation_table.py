@@ -14,8 +14,8 @@ synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perc
 An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
 checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (about 75 minutes on
 two CPU cores) and computes with the recipe's two threads, as the shipped checkpoint's run did, so every arm starts
-from the same weights; arms run one after another (separate `--arms` runs into one output folder merge by rerunning
-with all of them).
+from the same weights, so arms run one after another; separate `--arms` runs into one output folder merge when rerun
+with all of them.
 
     python bench/ablation_table.py --output-dir runs/ablations
     python bench/ablation_table.py --output-dir runs/ablations --arms full no-depth-tokens

@@ -135,28 +135,23 @@ def reading_questions(output_dir: Path, recipe: SyntheticTinyRecipe, tasks: tupl
 def train_arm(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe) -> None:
     """The arm's vision pretraining and reading stages; saves the model and the held-out probe accuracies."""
     with subnormals_flushed(), torch_threads(recipe.num_threads):
-        train_arm_stages(output_dir, arm_dir, recipe)
-
-
-def train_arm_stages(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe) -> None:
-    """`train_arm`'s stages, with its compute settings in force."""
-    train_split = render_recipe_scenes(recipe, output_dir / "dataset_cache")["train"]
-    processor = build_recipe_processor(recipe)
-    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
-    probes = (
-        asdict(pretrain_recipe_vision_tower(recipe, model, processor).final)
-        if recipe.vision_pretraining_steps
-        else None
-    )
-    model.grounding_encoder.vision_encoder.requires_grad_(False)
-    # The curriculum's scenes are rendered once, into the shared cache, whichever arm comes first.
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    if not (arm_dir / "dataset_cache").exists():
-        (arm_dir / "dataset_cache").symlink_to((output_dir / "dataset_cache").resolve(), target_is_directory=True)
-    train_recipe_reading_stage(recipe, model, processor, train_split, arm_dir)
-    (arm_dir / "vision_probes.json").write_text(json.dumps(probes, indent=2), encoding="utf-8")
-    model.save_pretrained(arm_dir / "model")
-    processor.save_pretrained(arm_dir / "model")
+        train_split = render_recipe_scenes(recipe, output_dir / "dataset_cache")["train"]
+        processor = build_recipe_processor(recipe)
+        model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+        probes = (
+            asdict(pretrain_recipe_vision_tower(recipe, model, processor).final)
+            if recipe.vision_pretraining_steps
+            else None
+        )
+        model.grounding_encoder.vision_encoder.requires_grad_(False)
+        # The curriculum's scenes are rendered once, into the shared cache, whichever arm comes first.
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        if not (arm_dir / "dataset_cache").exists():
+            (arm_dir / "dataset_cache").symlink_to((output_dir / "dataset_cache").resolve(), target_is_directory=True)
+        train_recipe_reading_stage(recipe, model, processor, train_split, arm_dir)
+        (arm_dir / "vision_probes.json").write_text(json.dumps(probes, indent=2), encoding="utf-8")
+        model.save_pretrained(arm_dir / "model")
+        processor.save_pretrained(arm_dir / "model")
 
 
 def score_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict[str, Any]:
