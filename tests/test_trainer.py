@@ -36,7 +36,7 @@ from perceptio.trainers.peft_presets import (
     merge_perceptio_adapter,
     spatial_token_ids,
 )
-from perceptio.trainers.trainer_perceptio import NonFiniteLossError, PerceptioTrainer
+from perceptio.trainers.trainer_perceptio import NonFiniteLossError, PerceptioTrainer, module_learning_rate
 from perceptio.trainers.training_config import DataArguments, parse_training_config
 from perceptio.trainers.training_run import build_train_dataset
 
@@ -288,6 +288,59 @@ def test_non_finite_component_stops_training_naming_it(tiny_model, collator, tmp
     assert "loss_lm" not in str(error.value)
 
 
+def test_a_module_learning_rate_scales_that_modules_steps_alone(tiny_model, collator, tmp_path):
+    before = {name: parameter.detach().clone() for name, parameter in tiny_model.named_parameters()}
+    trainer = PerceptioTrainer(
+        model=tiny_model,
+        args=training_args(tmp_path, lr_scheduler_type="constant"),
+        train_dataset=Dataset.from_list([make_sample(0, 1, True)]),
+        data_collator=collator,
+        module_learning_rates={"model.vision_tower": 1e-5},
+    )
+    trainer.train()
+
+    def largest_step(prefix: str) -> float:
+        return max(
+            (parameter.detach() - before[name]).abs().max().item()
+            for name, parameter in tiny_model.named_parameters()
+            if name.startswith(prefix)
+        )
+
+    # Adam's first step moves every weight with a gradient by about its learning rate.
+    assert 0 < largest_step("model.vision_tower.") <= 1.5e-5
+    assert largest_step("model.language_model.") > 5e-4
+    rates = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert rates == [1e-5, 1e-3]
+
+
+@pytest.mark.parametrize(
+    ("rates", "message"),
+    [
+        ({"model.vision_towr": 1e-4}, "names no module"),
+        ({"model.vision_tower": 0.0}, "positive number"),
+        ({"model.vision_tower": True}, "positive number"),
+        (["model.vision_tower"], "map module paths"),
+    ],
+)
+def test_module_learning_rates_are_validated(tiny_model, collator, tmp_path, rates, message):
+    with pytest.raises(ValueError, match=message):
+        PerceptioTrainer(
+            model=tiny_model,
+            args=training_args(tmp_path),
+            train_dataset=Dataset.from_list([make_sample(0, 1, True)]),
+            data_collator=collator,
+            module_learning_rates=rates,
+        )
+
+
+def test_the_longest_matching_module_sets_the_rate_behind_any_wrapper_prefix():
+    rates = {"model.vision_tower": 1e-4, "model.vision_tower.encoder.layers.1": 1e-5}
+    assert module_learning_rate("model.vision_tower.embeddings.weight", rates, 1e-3) == 1e-4
+    assert module_learning_rate("base_model.model.model.vision_tower.encoder.layers.1.w", rates, 1e-3) == 1e-5
+    assert module_learning_rate("model.vision_towers.w", rates, 1e-3) == 1e-3
+    assert module_learning_rate("model.language_model.w", rates, 1e-3) == 1e-3
+
+
 # ---- PEFT ----------------------------------------------------------------------------------------------------------
 
 
@@ -466,6 +519,20 @@ def test_train_command_rejects_unknown_config_keys(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--recipe", "no-such-recipe"])
     assert cli_main(["train", "--recipe", "synthetic-tiny"]) == 2
+
+
+def test_train_command_takes_module_learning_rates_and_rejects_an_unknown_module(tmp_path, capsys):
+    config = yaml.safe_load(_write_config(tmp_path, "rates", max_steps=1, save_steps=1).read_text())
+    config["model"].update(freeze_vision_tower=False, module_learning_rates={"model.vision_tower": 1e-9})
+    path = tmp_path / "rates.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["train", "--config", str(path)]) == 0
+    state = json.loads((tmp_path / "rates" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    config["model"]["module_learning_rates"] = {"model.vision_towr": 1e-4}
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["train", "--config", str(path)]) == 2
+    assert "'model.vision_towr' names no module" in capsys.readouterr().err
 
 
 def test_train_command_rejects_an_unknown_lm_loss_reduction(tmp_path, capsys):

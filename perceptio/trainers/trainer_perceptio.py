@@ -16,13 +16,18 @@ and `compute_loss` pops before the forward. The per-sample losses come from the 
 and accumulate on the device, with no host sync; at logging, the per-task sums and counts of all processes are summed
 (over the synthetic `TASK_NAMES` and any other name a process has seen), then divided. Samples without a task and
 tasks absent from the window are not logged.
+
+`module_learning_rates` gives parts of the model their own learning rate (a pretrained vision tower fine-tuned
+slower than the language model, as InternVL and Sa2VA train theirs): each key names a module by its dotted path in
+`named_parameters()` (a PEFT wrapper's prefix is allowed before it), each value is that module's peak rate, which the
+schedule scales as it scales `learning_rate`. Where two keys match, the longer one wins.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import Trainer
@@ -85,8 +90,9 @@ class PerceptioTrainer(Trainer):
     mean, and the Trainer divides it by the accumulation steps).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, module_learning_rates: Mapping[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.module_learning_rates = validated_module_learning_rates(self.model, module_learning_rates or {})
         if self.args.remove_unused_columns:
             logger.info("PerceptioTrainer: setting remove_unused_columns=False; the collator needs the raw columns.")
             self.args.remove_unused_columns = False
@@ -98,6 +104,32 @@ class PerceptioTrainer(Trainer):
         self._task_index = {name: index for index, name in enumerate(TASK_NAMES)}
         # (2, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples.
         self._task_stats: torch.Tensor | None = None
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with one parameter group per (learning rate, weight decay) pair when
+        `module_learning_rates` is set."""
+        if self.optimizer is not None or not self.module_learning_rates:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, parameter in opt_model.named_parameters():
+            if parameter.requires_grad:
+                rate = module_learning_rate(name, self.module_learning_rates, self.args.learning_rate)
+                key = (rate, self.args.weight_decay if name in decay else 0.0)
+                groups.setdefault(key, []).append(parameter)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise ValueError(
+                f"module_learning_rates needs a torch optimizer; TrainingArguments.optim={self.args.optim!r} builds "
+                f"{optimizer_cls!r}."
+            )
+        parameter_groups = [
+            {"params": parameters, "lr": rate, "weight_decay": weight_decay}
+            for (rate, weight_decay), parameters in groups.items()
+        ]
+        self.optimizer = optimizer_cls(parameter_groups, **optimizer_kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's total loss; in training, also records each component (stopping on a non-finite one) and the
@@ -194,6 +226,33 @@ class PerceptioTrainer(Trainer):
             for name, total, count in zip(names, sums, counts)
             if count > 0
         }
+
+
+def module_matches(parameter_name: str, module: str) -> bool:
+    """Whether `parameter_name` lies in the module at dotted path `module`, behind any wrapper prefix."""
+    return f".{module}." in f".{parameter_name}"
+
+
+def module_learning_rate(parameter_name: str, rates: Mapping[str, float], default: float) -> float:
+    """The rate of the longest key of `rates` whose module holds `parameter_name`, else `default`."""
+    matching = [module for module in rates if module_matches(parameter_name, module)]
+    return rates[max(matching, key=len)] if matching else default
+
+
+def validated_module_learning_rates(model: torch.nn.Module, rates: Mapping[str, float]) -> dict[str, float]:
+    """`rates` as a dict, after checking that every key names a module of `model` and every rate is positive."""
+    if not isinstance(rates, Mapping):
+        raise ValueError(f"module_learning_rates must map module paths to learning rates, got {rates!r}.")
+    names = [name for name, _ in model.named_parameters()]
+    for module, rate in rates.items():
+        if not isinstance(module, str) or not any(module_matches(name, module) for name in names):
+            raise ValueError(
+                f"module_learning_rates key {module!r} names no module of the model; use a dotted path from "
+                f"named_parameters(), e.g. 'model.vision_tower'."
+            )
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+            raise ValueError(f"module_learning_rates[{module!r}] must be a positive number, got {rate!r}.")
+    return {module: float(rate) for module, rate in rates.items()}
 
 
 def _component(outputs, name: str) -> torch.Tensor:

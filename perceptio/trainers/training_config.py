@@ -46,6 +46,9 @@ class ModelArguments:
         freeze_vision_tower: keep InternVL's vision tower frozen in full fine-tuning (LoRA always freezes it).
         freeze_sam2_image_encoder: keep SAM2's image encoder frozen in full fine-tuning.
         max_num_tiles: InternVL tiles per image (the processor's default when unset).
+        module_learning_rates: peak learning rates of some modules, by dotted path in `named_parameters()` (e.g.
+            `model.vision_tower: 2.0e-6` to fine-tune an unfrozen tower slower); the rest train at
+            `training.learning_rate`.
     """
 
     model_name_or_path: str = TINY_MODEL
@@ -58,6 +61,7 @@ class ModelArguments:
     freeze_vision_tower: bool = True
     freeze_sam2_image_encoder: bool = True
     max_num_tiles: int | None = None
+    module_learning_rates: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

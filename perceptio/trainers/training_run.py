@@ -20,7 +20,7 @@ def train_perceptio(config, resume_from_checkpoint: str | bool | None = None):
     Returns the trainer (its `state.log_history` holds every logged loss component).
     """
     from perceptio.trainers.collator_perceptio import PerceptioDataCollator
-    from perceptio.trainers.trainer_perceptio import PerceptioTrainer
+    from perceptio.trainers.trainer_perceptio import PerceptioTrainer, validated_module_learning_rates
 
     training_args = config.training
     model, processor = load_model_and_processor(config.model)
@@ -29,6 +29,8 @@ def train_perceptio(config, resume_from_checkpoint: str | bool | None = None):
     model.config.check_spatial_tokens()
     base_model = model
     model = prepare_trainable_parameters(model, config.model)
+    # Checked here too, so that a misspelt module fails before the training data is built.
+    validated_module_learning_rates(model, config.model.module_learning_rates)
     with training_args.main_process_first(desc="building the training data"):
         train_dataset = build_train_dataset(config.data, base_model)
     collator = PerceptioDataCollator(
@@ -40,6 +42,7 @@ def train_perceptio(config, resume_from_checkpoint: str | bool | None = None):
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=processor,
+        module_learning_rates=config.model.module_learning_rates,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
