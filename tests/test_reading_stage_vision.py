@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reading_stage_vision.py"
@@ -58,18 +59,27 @@ def test_defaults_are_the_measured_arms(bench):
 
 
 def test_both_arms_train_score_and_print_then_a_trained_arm_is_only_rescored(bench, tmp_path, capsys):
-    base = [*TINY, "vision_pretraining_steps=2", "vision_pretraining_scenes=6"]
+    base = [
+        *TINY,
+        "vision_pretraining_steps=2",
+        "vision_pretraining_scenes=6",
+        "vision_pretraining_anchors=true",
+    ]
     variant = [*TINY, "vision_num_layers=1"]
     arguments = ["--output-dir", str(tmp_path), "--questions", "4", "--base", *base, "--variant", *variant]
     assert bench.main(arguments) == 0
     printed = capsys.readouterr().out
     base_row = next(line for line in printed.splitlines() if line.startswith("| base |"))
     variant_row = next(line for line in printed.splitlines() if line.startswith("| variant |"))
-    assert base_row.count("/") >= 5 and "| - |" in variant_row  # probes only where the tower was pretrained
+    # Probes only where the tower was pretrained: shape, object shape, size and anchor count.
+    probes = base_row.split(" | ")[1]
+    assert probes.count("/") == 3 and "anchor count" in probes
+    assert "| - |" in variant_row
     assert "variant / base, own-image accuracy: vqa_colour" in printed
     results = json.loads((tmp_path / "base" / "reading_results.json").read_text())
     assert results["overrides"]["vision_pretraining_steps"] == 2
     assert 0.0 <= results["vision_probes"]["pooled_shape"] <= 1.0
+    assert 0.0 <= results["vision_probes"]["anchor_count"] <= 1.0
     assert set(results["swapped_image"]) <= {"vqa_colour", "vqa_shape", "vqa_count"}
 
     weights = next((tmp_path / "variant" / "model").glob("*.safetensors"))
@@ -87,3 +97,39 @@ def test_an_arm_run_alone_is_scored_on_the_tasks_it_reads(bench, tmp_path, capsy
     assert "relative_depth own / other image" in header
     results = json.loads((tmp_path / "variant" / "reading_results.json").read_text())
     assert results["swapped_image"]["relative_depth"]["num_samples"] > 0
+
+
+def test_an_arm_takes_its_tower_from_an_earlier_arm_instead_of_pretraining(bench, tmp_path, capsys):
+    pretrained = [*TINY, "vision_pretraining_steps=2", "vision_pretraining_scenes=6", "freeze_vision_tower=true"]
+    first = ["--output-dir", str(tmp_path / "first"), "--questions", "4", "--arms", "base", "--base", *pretrained]
+    assert bench.main(first) == 0
+    source = tmp_path / "first" / "base"
+    curriculum = [*pretrained[:-3], "reading_curriculum=[[1,3]]", *pretrained[-3:]]
+    second = ["--output-dir", str(tmp_path / "second"), "--questions", "4", "--arms", "variant"]
+    assert bench.main([*second, "--tower-from", str(source), "--variant", *curriculum]) == 0
+    capsys.readouterr()
+
+    def tower(arm_dir: Path) -> dict:
+        from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
+
+        return load_perceptio_checkpoint(str(arm_dir / "model"))[0].model.vision_tower.state_dict()
+
+    copied, original = tower(tmp_path / "second" / "variant"), tower(source)
+    assert all(torch.equal(value, original[name]) for name, value in copied.items())
+    results = json.loads((tmp_path / "second" / "variant" / "reading_results.json").read_text())
+    assert results["tower_from"] == str(source)
+    assert results["vision_probes"] == json.loads((source / "vision_probes.json").read_text())
+
+
+def test_a_tower_source_that_is_no_arm_or_does_not_fit_is_refused(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--output-dir", str(tmp_path), "--tower-from", str(tmp_path / "nothing")])
+    assert "must be an arm folder holding model/ and vision_probes.json" in capsys.readouterr().err
+    pretrained = [*TINY, "vision_pretraining_steps=2", "vision_pretraining_scenes=6", "freeze_vision_tower=true"]
+    assert (
+        bench.main(["--output-dir", str(tmp_path), "--questions", "4", "--arms", "base", "--base", *pretrained]) == 0
+    )
+    wider = [*pretrained, "vision_num_layers=3"]
+    arguments = ["--output-dir", str(tmp_path / "other"), "--questions", "4", "--arms", "variant"]
+    with pytest.raises(ValueError, match="does not fit the arm's tower settings"):
+        bench.main([*arguments, "--tower-from", str(tmp_path / "base"), "--variant", *wider])

@@ -136,6 +136,23 @@ def test_a_frozen_vision_tower_keeps_its_pretrained_weights_through_the_language
     assert all(torch.equal(value, pretrained[name]) for name, value in after.items()) == freeze
 
 
+def test_a_trainable_vision_tower_steps_at_its_own_rate_in_the_language_stages(tmp_path):
+    recipe, train, processor, model = _stage_inputs(tmp_path, vision_tower_learning_rate=1e-8)
+    before = copy.deepcopy(model.state_dict())
+    train_recipe_model(recipe, model, processor, train, tmp_path / "trainer")
+
+    def largest_step(prefix: str) -> float:
+        return max(
+            (value - before[name]).abs().max().item()
+            for name, value in model.state_dict().items()
+            if name.startswith(prefix)
+        )
+
+    # Adam moves a weight by about its rate per step: two steps at 1e-8 against the rest's 1e-3.
+    assert 0 < largest_step("model.vision_tower.") < 5e-8
+    assert largest_step("model.language_model.") > 1e-4
+
+
 def _stage_inputs(tmp_path, **settings):
     recipe = SyntheticTinyRecipe(**{**SMOKE, **settings})
     dataset = build_synthetic_dataset(
@@ -220,6 +237,15 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=-5)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
         SyntheticTinyRecipe(freeze_vision_tower=True)
+    with pytest.raises(ValueError, match="vision_pretraining_anchors"):
+        SyntheticTinyRecipe(vision_pretraining_anchors=True)
+    for rate in (0.0, -1e-4, True, "1e-4"):
+        with pytest.raises(ValueError, match="vision_tower_learning_rate"):
+            SyntheticTinyRecipe(vision_tower_learning_rate=rate)
+    with pytest.raises(ValueError, match="freeze_vision_tower"):
+        SyntheticTinyRecipe(vision_pretraining_steps=10, freeze_vision_tower=True, vision_tower_learning_rate=1e-4)
+    with pytest.raises(ValueError, match="vision_pretraining_anchors"):
+        SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_anchors="yes")
     for processes in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="render_processes"):
             SyntheticTinyRecipe(render_processes=processes)

@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 0: none)",
     )
     parser.add_argument(
+        "--vision-pretraining-anchors",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --recipe: vision pretraining also trains a probe marking each object's anchor patch, which "
+        "sharpens the tower's shape features (needs --vision-pretraining-steps > 0; default: off)",
+    )
+    parser.add_argument(
         "--seg-prompt-loss-weight",
         type=float,
         help="with --recipe: weight of loss_seg_prompt, which pulls each [SEG] prompt toward the grounding stage's "
@@ -68,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps (which must be > 0); "
         "--no-freeze-vision-tower (the default) trains it on with the rest",
+    )
+    parser.add_argument(
+        "--vision-tower-learning-rate",
+        type=float,
+        help="with --recipe: peak learning rate of the vision tower in the reading and main stages, when it is "
+        "not frozen (default: the stages' own rate)",
     )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
@@ -124,9 +137,11 @@ def run_recipe(args: argparse.Namespace) -> int:
     overrides = {
         "train_steps": args.train_steps,
         "vision_pretraining_steps": args.vision_pretraining_steps,
+        "vision_pretraining_anchors": args.vision_pretraining_anchors,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
         "mask_decoder_steps": args.mask_decoder_steps,
         "freeze_vision_tower": args.freeze_vision_tower,
+        "vision_tower_learning_rate": args.vision_tower_learning_rate,
         "num_threads": args.num_threads,
     }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})

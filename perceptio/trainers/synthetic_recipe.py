@@ -3,7 +3,7 @@
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
 depth tokenizer on its exact depth, optionally (`vision_pretraining_steps`) pretrains the vision tower on dense patch
 labels (a stand-in for a pretrained InternViT, see `vision_pretraining`; `freeze_vision_tower` then keeps it fixed, as
-Sa2VA keeps InternViT), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
+Sa2VA keeps InternViT, or `vision_tower_learning_rate` trains it on at its own rate), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
 stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
 (referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
 and saves the result. Everything follows from `seed`.
@@ -120,7 +120,11 @@ class SyntheticTinyRecipe:
     vision_pretraining_scenes: int = 3000
     vision_pretraining_steps: int = 0
     vision_pretraining_learning_rate: float = 2e-3
+    # Pretraining also trains a probe to mark each object's anchor patch, which sharpens the tower's shape features.
+    vision_pretraining_anchors: bool = False
     freeze_vision_tower: bool = False
+    # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
+    vision_tower_learning_rate: float | None = None
     grounding_scenes: int = 3000
     grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
@@ -222,6 +226,27 @@ class SyntheticTinyRecipe:
             raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
         if self.vision_pretraining_steps and not self.vision_pretraining_scenes:
             raise ValueError("vision_pretraining_scenes must be > 0 when vision_pretraining_steps is.")
+        if not isinstance(self.vision_pretraining_anchors, bool):
+            raise ValueError(
+                f"vision_pretraining_anchors must be true or false, got {self.vision_pretraining_anchors!r}."
+            )
+        if self.vision_pretraining_anchors and not self.vision_pretraining_steps:
+            raise ValueError(
+                "vision_pretraining_anchors is an objective of vision pretraining: set vision_pretraining_steps > 0."
+            )
+        if self.vision_tower_learning_rate is not None and (
+            isinstance(self.vision_tower_learning_rate, bool)
+            or not isinstance(self.vision_tower_learning_rate, (int, float))
+            or not self.vision_tower_learning_rate > 0
+        ):
+            raise ValueError(
+                f"vision_tower_learning_rate must be a positive number or None, got {self.vision_tower_learning_rate!r}."
+            )
+        if self.vision_tower_learning_rate is not None and self.freeze_vision_tower:
+            raise ValueError(
+                "vision_tower_learning_rate sets the rate of a trainable vision tower; freeze_vision_tower keeps it "
+                "fixed. Set one of them."
+            )
         if self.freeze_vision_tower and not self.vision_pretraining_steps:
             raise ValueError(
                 "freeze_vision_tower keeps the pretrained vision tower fixed after its stage; with "
@@ -441,6 +466,7 @@ def pretrain_recipe_vision_tower(
         learning_rate=recipe.vision_pretraining_learning_rate,
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
+        anchors=recipe.vision_pretraining_anchors,
     )
     if recipe.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)
@@ -540,6 +566,13 @@ def train_recipe_model(
     return run_recipe_trainer(recipe, model, processor, train_split, output_dir, max_steps, recipe.learning_rate)
 
 
+def vision_tower_rates(recipe: SyntheticTinyRecipe) -> dict[str, float]:
+    """`PerceptioTrainer`'s `module_learning_rates` for `recipe.vision_tower_learning_rate` (empty without it)."""
+    if recipe.vision_tower_learning_rate is None:
+        return {}
+    return {"model.vision_tower": recipe.vision_tower_learning_rate}
+
+
 def run_recipe_trainer(
     recipe: SyntheticTinyRecipe,
     model: PerceptioForConditionalGeneration,
@@ -549,7 +582,8 @@ def run_recipe_trainer(
     max_steps: int,
     learning_rate: float,
 ) -> list[dict[str, Any]]:
-    """`PerceptioTrainer` on `rows` for `max_steps` at `learning_rate` (warmup, then cosine); returns its log."""
+    """`PerceptioTrainer` on `rows` for `max_steps` at `learning_rate` (warmup, then cosine; a trainable vision tower
+    at `recipe.vision_tower_learning_rate` when set); returns its log."""
     arguments = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -572,6 +606,7 @@ def run_recipe_trainer(
         args=arguments,
         train_dataset=rows,
         data_collator=PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer),
+        module_learning_rates=vision_tower_rates(recipe),
     )
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
