@@ -3,10 +3,10 @@
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
 depth tokenizer on its exact depth, optionally (`vision_pretraining_steps`) pretrains the vision tower on dense patch
 labels (a stand-in for a pretrained InternViT, see `vision_pretraining`; `freeze_vision_tower` then keeps it fixed, as
-Sa2VA keeps InternViT, or `vision_tower_learning_rate` trains it on at its own rate), pretrains the tiny SAM2 on attribute prompts over rendered instance masks (the
-stand-in for a released SAM2 checkpoint), trains a tiny Perceptio with `PerceptioTrainer` on the task mixture
-(referring segmentation, HardBLINK-style relative depth, VQA) with the SAM2 image encoder frozen, as Sa2VA keeps it,
-and saves the result. Everything follows from `seed`.
+Sa2VA keeps InternViT, or `vision_tower_learning_rate` trains it on at its own rate), pretrains the tiny SAM2 on
+attribute prompts over rendered instance masks (the stand-in for a released SAM2 checkpoint), trains a tiny
+Perceptio with `PerceptioTrainer` on the task mixture (referring segmentation, HardBLINK-style relative depth, VQA)
+with the SAM2 image encoder frozen, as Sa2VA keeps it, and saves the result. Everything follows from `seed`.
 
 The main stage has two parts. A reading stage trains on the answer tasks alone (`reading_tasks`: short answers that
 only the image can give, no depth blocks, no masks), so the language model learns to read image tokens before the

@@ -17,10 +17,10 @@ and accumulate on the device, with no host sync; at logging, the per-task sums a
 (over the synthetic `TASK_NAMES` and any other name a process has seen), then divided. Samples without a task and
 tasks absent from the window are not logged.
 
-`module_learning_rates` gives parts of the model their own learning rate (a pretrained vision tower fine-tuned
-slower than the language model, as InternVL and Sa2VA train theirs): each key names a module by its dotted path in
-`named_parameters()` (a PEFT wrapper's prefix is allowed before it), each value is that module's peak rate, which the
-schedule scales as it scales `learning_rate`. Where two keys match, the longer one wins.
+`module_learning_rates` gives parts of the model their own learning rate (for instance a pretrained vision tower
+fine-tuned slower than the language model): each key names a module by its dotted path in `named_parameters()` (a
+PEFT wrapper's prefix is allowed before it), each value is that module's peak rate, which the schedule scales as it
+scales `learning_rate`. Where two keys match, the longer one wins.
 """
 
 from __future__ import annotations
