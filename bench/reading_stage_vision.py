@@ -218,23 +218,15 @@ def accuracy_cell(control: dict[str, Any] | None) -> str:
 
 
 def probe_cell(probes: dict[str, float] | None) -> str:
-    """The tower's held-out shape (per patch / per object) and size probe accuracies, then its anchor count's where
-    it has the anchor probe, or "-" without pretraining."""
+    """The tower's held-out shape (per patch / per object) and size probe accuracies, or "-" without pretraining."""
     if probes is None:
         return "-"
-    cell = f"{probes['shape']:.3f} / {probes['pooled_shape']:.3f} / {probes['size']:.3f}"
-    if probes.get("anchor_count") is not None:
-        cell += f" / anchor count {probes['anchor_count']:.3f}"
-    return cell
+    return f"{probes['shape']:.3f} / {probes['pooled_shape']:.3f} / {probes['size']:.3f}"
 
 
 def print_table(results: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> None:
     """One row per arm, then the variant's own-image accuracy as a ratio of the base's, per task."""
-    columns = [
-        "arm",
-        "probes: shape / object shape / size (/ anchor count)",
-        *(f"{task} own / other image" for task in tasks),
-    ]
+    columns = ["arm", "probes: shape / object shape / size", *(f"{task} own / other image" for task in tasks)]
     print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for arm, result in results.items():
         cells = [arm, probe_cell(result["vision_probes"])]

@@ -86,10 +86,6 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--freeze-vision-tower"]) == 2, "freezing a tower that was never pretrained"
     assert main([*arguments, "--vision-pretraining-steps", "5", "--no-freeze-vision-tower"]) == 0
     assert not received["recipe"].freeze_vision_tower
-    assert not received["recipe"].vision_pretraining_anchors
-    assert main([*arguments, "--vision-pretraining-steps", "5", "--vision-pretraining-anchors"]) == 0
-    assert received["recipe"].vision_pretraining_anchors
-    assert main([*arguments, "--vision-pretraining-anchors"]) == 2, "anchors without a pretraining stage"
     assert main([*arguments, "--vision-tower-learning-rate", "1e-4"]) == 0
     assert received["recipe"].vision_tower_learning_rate == 1e-4
     assert main([*arguments, "--vision-tower-learning-rate", "0"]) == 2

@@ -237,15 +237,11 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=-5)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
         SyntheticTinyRecipe(freeze_vision_tower=True)
-    with pytest.raises(ValueError, match="vision_pretraining_anchors"):
-        SyntheticTinyRecipe(vision_pretraining_anchors=True)
     for rate in (0.0, -1e-4, True, "1e-4"):
         with pytest.raises(ValueError, match="vision_tower_learning_rate"):
             SyntheticTinyRecipe(vision_tower_learning_rate=rate)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, freeze_vision_tower=True, vision_tower_learning_rate=1e-4)
-    with pytest.raises(ValueError, match="vision_pretraining_anchors"):
-        SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_anchors="yes")
     for processes in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="render_processes"):
             SyntheticTinyRecipe(render_processes=processes)

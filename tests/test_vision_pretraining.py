@@ -14,9 +14,7 @@ from perceptio.trainers.vision_pretraining import (
     NUM_DEPTH_BINS,
     PATCH_ATTRIBUTES,
     VisionProbeHeads,
-    anchor_positive_weight,
     depth_bin_edges,
-    object_anchors,
     patch_majority,
     patch_targets,
     pooled_object_features,
@@ -50,28 +48,6 @@ def test_patch_majority_is_the_most_frequent_id_of_each_patch(ids, patch):
         assert counts[value - BACKGROUND] == counts.max()
 
 
-@settings(max_examples=40, deadline=None)
-@given(arrays(np.int64, (8, 12), elements=st.integers(BACKGROUND, 3)), st.sampled_from([1, 2, 4]))
-def test_every_object_anchors_on_a_patch_holding_most_of_it(ids, patch):
-    anchors = object_anchors(ids, patch)
-    columns = 12 // patch
-    blocks = [
-        ids[row * patch : (row + 1) * patch, column * patch : (column + 1) * patch].ravel()
-        for row in range(8 // patch)
-        for column in range(columns)
-    ]
-    objects = sorted(set(np.unique(ids)) - {BACKGROUND})
-    assert anchors.shape == (len(blocks),) and anchors.sum() <= len(objects)
-    for value in objects:
-        per_patch = np.array([(block == value).sum() for block in blocks])
-        assert anchors[int(per_patch.argmax())]
-    # A patch is an anchor only for an object it holds most of.
-    for index in np.flatnonzero(anchors):
-        assert any(
-            (blocks[index] == value).sum() == max((block == value).sum() for block in blocks) for value in objects
-        )
-
-
 def test_scenes_are_tiles_with_labels_of_their_own_objects(scenes, tiny_pair):
     train, evaluation = scenes
     tile = tiny_pair[1].image_processor.tile_size
@@ -80,10 +56,6 @@ def test_scenes_are_tiles_with_labels_of_their_own_objects(scenes, tiny_pair):
     for objects, attributes in zip(train.patch_objects, train.object_attributes):
         assert objects.min() >= BACKGROUND and objects.max() < len(attributes)
     assert (train.patch_objects != BACKGROUND).any() and (train.patch_depth > 0).all()
-    # One anchor per visible object, except where two objects share one patch.
-    visible = torch.tensor([len(set(objects.tolist()) - {BACKGROUND}) for objects in train.patch_objects])
-    assert (train.patch_anchors.sum(-1) >= visible).float().mean() > 0.5
-    assert (train.patch_anchors.sum(-1) > 0).all()
     assert not torch.equal(train.pixel_values[: len(evaluation)], evaluation.pixel_values)
 
 
@@ -139,47 +111,9 @@ def test_probe_accuracy_of_constant_heads_is_the_share_of_one_class(scenes, tiny
     assert accuracy.colour == pytest.approx(((colour == 0) & foreground).sum().item() / foreground.sum().item())
 
 
-def test_the_anchor_probe_is_trained_and_scored_only_when_asked(scenes, tiny_model):
-    train, evaluation = scenes
-    with_anchors = pretrain_vision_tower(tiny_model, train, evaluation, steps=2, batch_size=4, anchors=True)
-    without = pretrain_vision_tower(tiny_model, train, evaluation, steps=2, batch_size=4)
-    assert 0 <= with_anchors.initial.anchor_count <= 1 and 0 <= with_anchors.final.anchor_count <= 1
-    assert without.initial.anchor_count is None and without.final.anchor_count is None
-
-
-def test_anchor_count_accuracy_is_the_share_of_scenes_whose_marked_patches_match(scenes, tiny_pair):
-    train, evaluation = scenes
-    weight = anchor_positive_weight(train)
-    heads = VisionProbeHeads(tiny_pair[0].config.vision_config.hidden_size, depth_bin_edges(train), weight)
-    with torch.no_grad():
-        heads.anchor.weight.zero_()
-        heads.anchor.bias.fill_(-1.0)
-    # A probe marking no patch counts right only the scenes without a visible object: none here.
-    assert probe_accuracy(tiny_pair[0], heads, evaluation).anchor_count == 0.0
-    with torch.no_grad():
-        heads.anchor.bias.fill_(1.0)
-    patches = evaluation.patch_anchors.shape[1]
-    marked_all = (evaluation.patch_anchors.sum(-1) == patches).float().mean().item()
-    assert probe_accuracy(tiny_pair[0], heads, evaluation).anchor_count == pytest.approx(marked_all)
-
-
-def test_anchor_weight_balances_the_two_classes(scenes):
-    train, _ = scenes
-    anchors = int(train.patch_anchors.sum())
-    assert anchor_positive_weight(train) == pytest.approx((train.patch_anchors.numel() - anchors) / anchors)
-    empty = type(train)(**{**vars(train), "patch_anchors": torch.zeros_like(train.patch_anchors)})
-    with pytest.raises(ValueError, match="no visible object"):
-        anchor_positive_weight(empty)
-
-
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [
-        ({"steps": 0}, "steps"),
-        ({"batch_size": -1}, "batch_size"),
-        ({"learning_rate": 0.0}, "learning_rate"),
-        ({"anchors": "yes"}, "anchors"),
-    ],
+    [({"steps": 0}, "steps"), ({"batch_size": -1}, "batch_size"), ({"learning_rate": 0.0}, "learning_rate")],
 )
 def test_pretraining_settings_are_validated(scenes, tiny_model, arguments, message):
     train, evaluation = scenes

@@ -45,13 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 0: none)",
     )
     parser.add_argument(
-        "--vision-pretraining-anchors",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with --recipe: vision pretraining also trains a probe marking each object's anchor patch, which "
-        "sharpens the tower's shape features (needs --vision-pretraining-steps > 0; default: off)",
-    )
-    parser.add_argument(
         "--seg-prompt-loss-weight",
         type=float,
         help="with --recipe: weight of loss_seg_prompt, which pulls each [SEG] prompt toward the grounding stage's "
@@ -137,7 +130,6 @@ def run_recipe(args: argparse.Namespace) -> int:
     overrides = {
         "train_steps": args.train_steps,
         "vision_pretraining_steps": args.vision_pretraining_steps,
-        "vision_pretraining_anchors": args.vision_pretraining_anchors,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
         "mask_decoder_steps": args.mask_decoder_steps,
         "freeze_vision_tower": args.freeze_vision_tower,

@@ -120,8 +120,6 @@ class SyntheticTinyRecipe:
     vision_pretraining_scenes: int = 3000
     vision_pretraining_steps: int = 0
     vision_pretraining_learning_rate: float = 2e-3
-    # Pretraining also trains a probe to mark each object's anchor patch, which sharpens the tower's shape features.
-    vision_pretraining_anchors: bool = False
     freeze_vision_tower: bool = False
     # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
     vision_tower_learning_rate: float | None = None
@@ -226,14 +224,6 @@ class SyntheticTinyRecipe:
             raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
         if self.vision_pretraining_steps and not self.vision_pretraining_scenes:
             raise ValueError("vision_pretraining_scenes must be > 0 when vision_pretraining_steps is.")
-        if not isinstance(self.vision_pretraining_anchors, bool):
-            raise ValueError(
-                f"vision_pretraining_anchors must be true or false, got {self.vision_pretraining_anchors!r}."
-            )
-        if self.vision_pretraining_anchors and not self.vision_pretraining_steps:
-            raise ValueError(
-                "vision_pretraining_anchors is an objective of vision pretraining: set vision_pretraining_steps > 0."
-            )
         if self.vision_tower_learning_rate is not None and (
             isinstance(self.vision_tower_learning_rate, bool)
             or not isinstance(self.vision_tower_learning_rate, (int, float))
@@ -466,7 +456,6 @@ def pretrain_recipe_vision_tower(
         learning_rate=recipe.vision_pretraining_learning_rate,
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
-        anchors=recipe.vision_pretraining_anchors,
     )
     if recipe.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)

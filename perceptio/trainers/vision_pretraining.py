@@ -5,11 +5,8 @@ The tiny recipe's vision tower starts from random weights, and a language model 
 depth through a handful of answer tokens per question learns to read its image very slowly. This stage gives the tower
 what pretraining gives InternViT: every patch token is trained to say the colour, shape and size of the object it
 shows (or that it shows none) and how near it is, and the mean of an object's patch tokens is trained to say its shape,
-the attribute a single patch shows least of. Optionally (`anchors`) a probe also marks, for every object, the one
-patch showing most of it, which asks each patch's features where it lies within its object: a small tower does not
-learn to mark the anchors exactly, but the objective sharpens its shape features. The heads are linear probes,
-discarded after the stage, so the features must carry the attributes linearly, where the language model's attention
-can read them.
+the attribute a single patch shows least of. The heads are linear probes, discarded after the stage, so the features
+must carry the attributes linearly, where the language model's attention can read them.
 
 The held-out probe accuracies (on foreground patches, and per object for the pooled shape) are the stage's gate,
 reported before and after.
@@ -43,45 +40,27 @@ class PatchLabelledScenes:
 
     `pixel_values` (S, 3, H, W) as the processor normalises a tile; `patch_objects` (S, P) the index of the object
     most of each patch shows (`BACKGROUND` for none); `object_attributes` (S, max_objects, 3) each object's colour,
-    shape and size ids (padding rows unused); `patch_depth` (S, P) each patch's mean metric depth; `patch_anchors`
-    (S, P) whether a patch is a visible object's anchor (see `object_anchors`).
+    shape and size ids (padding rows unused); `patch_depth` (S, P) each patch's mean metric depth.
     """
 
     pixel_values: torch.Tensor
     patch_objects: torch.LongTensor
     object_attributes: torch.LongTensor
     patch_depth: torch.Tensor
-    patch_anchors: torch.BoolTensor
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
 
 
-def patch_pixels(id_map: np.ndarray, patch_size: int) -> np.ndarray:
-    """The values of each `patch_size`² patch of an (H, W) map, row-major -> (P, patch_size²)."""
-    height, width = id_map.shape
-    rows, columns = height // patch_size, width // patch_size
-    patches = id_map.reshape(rows, patch_size, columns, patch_size).transpose(0, 2, 1, 3)
-    return patches.reshape(rows * columns, -1)
-
-
 def patch_majority(instance_ids: np.ndarray, patch_size: int) -> np.ndarray:
     """The most frequent value of each `patch_size`² patch of an (H, W) id map, row-major -> (P,)."""
-    patches = patch_pixels(instance_ids, patch_size)
+    height, width = instance_ids.shape
+    rows, columns = height // patch_size, width // patch_size
+    patches = instance_ids.reshape(rows, patch_size, columns, patch_size).transpose(0, 2, 1, 3)
+    patches = patches.reshape(rows * columns, -1)
     offset = patches - BACKGROUND
     counts = np.stack([(offset == value).sum(-1) for value in range(int(offset.max()) + 1)], -1)
     return counts.argmax(-1) + BACKGROUND
-
-
-def object_anchors(instance_ids: np.ndarray, patch_size: int) -> np.ndarray:
-    """Mark, for every object id of an (H, W) id map, the `patch_size`² patch holding most of its pixels (the first
-    such patch, row-major, on a tie) -> (P,) bool; two objects may share a patch."""
-    patches = patch_pixels(instance_ids, patch_size)
-    anchors = np.zeros(len(patches), dtype=bool)
-    for value in np.unique(patches):
-        if value != BACKGROUND:
-            anchors[(patches == value).sum(-1).argmax()] = True
-    return anchors
 
 
 def render_patch_labelled_scenes(
@@ -102,7 +81,7 @@ def render_patch_labelled_scenes(
     if size % patch_size:
         raise ValueError(f"The tile size ({size}) must be a multiple of patch_size ({patch_size}).")
     rng = np.random.default_rng([seed, SCENE_STREAMS[stream]])
-    pixel_values, patch_objects, attributes, patch_depth, patch_anchors = [], [], [], [], []
+    pixel_values, patch_objects, attributes, patch_depth = [], [], [], []
     vocabularies = {"colour": tuple(COLOUR_PALETTE), "shape": SHAPES, "size": SIZE_NAMES}
     seeds = [int(rng.integers(2**63 - 1)) for _ in range(num_scenes)]
     scenes = render_scenes(seeds, size, processes)
@@ -112,7 +91,6 @@ def render_patch_labelled_scenes(
         for index, mask in enumerate(scene.instance_masks):
             instance_ids[mask] = index
         patch_objects.append(torch.from_numpy(patch_majority(instance_ids, patch_size)))
-        patch_anchors.append(torch.from_numpy(object_anchors(instance_ids, patch_size)))
         attributes.append(
             torch.tensor(
                 [[names.index(getattr(obj, name)) for name, names in vocabularies.items()] for obj in scene.objects]
@@ -124,43 +102,31 @@ def render_patch_labelled_scenes(
     padded = torch.zeros(num_scenes, max_objects, len(vocabularies), dtype=torch.long)
     for index, rows in enumerate(attributes):
         padded[index, : len(rows)] = rows
-    return PatchLabelledScenes(
-        torch.stack(pixel_values),
-        torch.stack(patch_objects),
-        padded,
-        torch.stack(patch_depth),
-        torch.stack(patch_anchors),
-    )
+    return PatchLabelledScenes(torch.stack(pixel_values), torch.stack(patch_objects), padded, torch.stack(patch_depth))
 
 
 class VisionProbeHeads(nn.Module):
-    """Linear probes on patch features: one per attribute (its classes plus background), one for the depth bin and,
-    with `anchor_positive_weight`, one saying whether a patch is an object's anchor (its positive class weighted by
-    that much, as anchors are few)."""
+    """Linear probes on patch features: one per attribute (its classes plus background) and one for the depth bin."""
 
-    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor, anchor_positive_weight: float | None = None):
+    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor):
         super().__init__()
         self.attributes = nn.ModuleDict(
             {name: nn.Linear(hidden_size, num_classes + 1) for name, num_classes in PATCH_ATTRIBUTES.items()}
         )
         self.depth = nn.Linear(hidden_size, NUM_DEPTH_BINS)
         self.register_buffer("depth_bin_edges", depth_bin_edges)
-        self.anchor = nn.Linear(hidden_size, 1) if anchor_positive_weight is not None else None
-        self.anchor_positive_weight = anchor_positive_weight
 
 
 @dataclass
 class VisionProbeAccuracy:
     """Held-out probe accuracies: per foreground patch for colour, shape, size and depth bin, per object for the
-    pooled shape and, with the anchor probe, per scene for the count of patches it marks against the number of
-    visible objects."""
+    pooled shape."""
 
     colour: float
     shape: float
     size: float
     depth_bin: float
     pooled_shape: float
-    anchor_count: float | None = None
 
 
 @dataclass
@@ -209,12 +175,6 @@ def probe_losses(
     )
     pooled, shapes = pooled_object_features(features, scenes.patch_objects[indices], scenes.object_attributes[indices])
     losses["pooled_shape"] = nn.functional.cross_entropy(heads.attributes["shape"](pooled), shapes)
-    if heads.anchor is not None:
-        losses["anchor"] = nn.functional.binary_cross_entropy_with_logits(
-            heads.anchor(features)[..., 0],
-            scenes.patch_anchors[indices].to(features.dtype),
-            pos_weight=torch.tensor(heads.anchor_positive_weight, device=features.device),
-        )
     return losses
 
 
@@ -232,7 +192,7 @@ def probe_accuracy(
 ) -> VisionProbeAccuracy:
     """Held-out accuracy of every probe."""
     correct = dict.fromkeys(("colour", "shape", "size", "depth_bin", "pooled_shape"), 0.0)
-    foreground_total, object_total, anchor_counts_right = 0, 0, 0
+    foreground_total, object_total = 0, 0
     for start in range(0, len(scenes), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(scenes)))
         features = patch_features(model, scenes.pixel_values[indices])
@@ -247,15 +207,11 @@ def probe_accuracy(
         correct["pooled_shape"] += (heads.attributes["shape"](pooled).argmax(-1) == shapes).sum().item()
         foreground_total += int(foreground.sum())
         object_total += len(shapes)
-        if heads.anchor is not None:
-            marked = (heads.anchor(features)[..., 0] > 0).sum(-1).cpu()
-            anchor_counts_right += int((marked == scenes.patch_anchors[indices].sum(-1)).sum())
     return VisionProbeAccuracy(
         **{
             name: value / (object_total if name == "pooled_shape" else foreground_total)
             for name, value in correct.items()
-        },
-        anchor_count=anchor_counts_right / len(scenes) if heads.anchor is not None else None,
+        }
     )
 
 
@@ -263,14 +219,6 @@ def depth_bin_edges(scenes: PatchLabelledScenes) -> torch.Tensor:
     """Edges that split the training patches' depths into `NUM_DEPTH_BINS` equally populated bins."""
     quantiles = torch.linspace(0, 1, NUM_DEPTH_BINS + 1)[1:-1]
     return torch.quantile(scenes.patch_depth.flatten().double(), quantiles.double()).float()
-
-
-def anchor_positive_weight(scenes: PatchLabelledScenes) -> float:
-    """The ratio of other patches to anchor patches in `scenes`, which balances the anchor probe's two classes."""
-    anchors = int(scenes.patch_anchors.sum())
-    if not anchors:
-        raise ValueError("The scenes hold no visible object, so the anchor probe has nothing to learn.")
-    return (scenes.patch_anchors.numel() - anchors) / anchors
 
 
 def pretrain_vision_tower(
@@ -283,24 +231,16 @@ def pretrain_vision_tower(
     weight_decay: float = 0.01,
     seed: int = 0,
     logging_steps: int = 50,
-    anchors: bool = False,
 ) -> VisionPretrainingResult:
-    """Train `model.model.vision_tower` on the patch probes (with `anchors`, the anchor probe too); the rest of the
-    model is untouched."""
+    """Train `model.model.vision_tower` on the patch probes; the rest of the model is untouched."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0 or not weight_decay >= 0:
         raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate!r}, {weight_decay!r}.")
-    if not isinstance(anchors, bool):
-        raise ValueError(f"anchors must be True or False, got {anchors!r}.")
     torch.manual_seed(seed)
     tower = model.model.vision_tower
-    heads = VisionProbeHeads(
-        model.config.vision_config.hidden_size,
-        depth_bin_edges(train_scenes),
-        anchor_positive_weight(train_scenes) if anchors else None,
-    ).to(model.device)
+    heads = VisionProbeHeads(model.config.vision_config.hidden_size, depth_bin_edges(train_scenes)).to(model.device)
     initial = probe_accuracy(model, heads, eval_scenes)
     optimizer = torch.optim.AdamW(
         list(tower.parameters()) + list(heads.parameters()), lr=learning_rate, weight_decay=weight_decay
