@@ -89,6 +89,9 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-tower-learning-rate", "1e-4"]) == 0
     assert received["recipe"].vision_tower_learning_rate == 1e-4
     assert main([*arguments, "--vision-tower-learning-rate", "0"]) == 2
+    assert not received["recipe"].question_before_image, "the image first by default, as InternVL"
+    assert main([*arguments, "--question-before-image"]) == 0
+    assert received["recipe"].question_before_image
     assert received["recipe"].num_threads == 2, "the embedded checkpoint's thread count by default"
     assert main([*arguments, "--num-threads", "1"]) == 0
     assert received["recipe"].num_threads == 1

@@ -297,3 +297,27 @@ def test_target_format_rejects_bad_input():
         vocabulary.with_num_depth_tokens(3).format_target(0, [1, 2], "a")
     with pytest.raises(ValueError, match="plain text"):
         vocabulary.format_target(0, None, "a [SEG]")
+
+
+def test_text_before_images_puts_the_question_first_and_survives_save_load(tiny_processor, rgb_image, tmp_path):
+    tiny_processor.save_pretrained(tmp_path / "image-first")
+    question_first = PerceptioProcessor.from_pretrained(tmp_path / "image-first", text_before_images=True)
+    question_first.save_pretrained(tmp_path / "question-first")
+    reloaded = PerceptioProcessor.from_pretrained(tmp_path / "question-first")
+    assert reloaded.text_before_images and not tiny_processor.text_before_images
+    prompt = reloaded.format_prompt("What shape is the red object?")
+    assert prompt.index("What shape") < prompt.index("<image>")
+    assert tiny_processor.format_prompt("x").index("<image>") < tiny_processor.format_prompt("x").index("x")
+    assert reloaded.format_prompt("no image", num_images=0) == tiny_processor.format_prompt("no image", num_images=0)
+
+    context = reloaded.spatial_vocabulary.image_context
+    for processor, question_first_expected in ((tiny_processor, False), (reloaded, True)):
+        example = processor.build_training_example("What shape is the red object?", "Cube", images=[rgb_image])
+        ids = example["input_ids"].tolist()
+        before_image = processor.tokenizer.decode(ids[: ids.index(context)])
+        assert ("red object" in before_image) == question_first_expected
+        assert (example["labels"] != IGNORE_INDEX).sum() == len(
+            processor.tokenizer("Cube<|im_end|>", add_special_tokens=False)["input_ids"]
+        )
+    with pytest.raises(ValueError, match="text_before_images"):
+        PerceptioProcessor.from_pretrained(tmp_path / "image-first", text_before_images="yes")

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Features, Sequence, Value
@@ -242,6 +243,8 @@ def test_recipe_settings_are_validated():
             SyntheticTinyRecipe(vision_tower_learning_rate=rate)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, freeze_vision_tower=True, vision_tower_learning_rate=1e-4)
+    with pytest.raises(ValueError, match="question_before_image"):
+        SyntheticTinyRecipe(question_before_image="yes")
     for processes in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="render_processes"):
             SyntheticTinyRecipe(render_processes=processes)
@@ -394,3 +397,18 @@ def test_the_prompt_loss_trains_toward_the_grounding_prompts_only_when_weighted(
     assert model.seg_attribute_heads is None and any(entry["loss_seg_prompt"] > 0 for entry in log)
     with pytest.raises(ValueError, match="seg_prompt_loss_weight"):
         SyntheticTinyRecipe(seg_prompt_loss_weight=-1.0)
+
+
+def test_question_before_image_gives_a_processor_that_asks_first_and_trains():
+    recipe = SyntheticTinyRecipe(**SMOKE, question_before_image=True)
+    processor = build_recipe_processor(recipe)
+    prompt = processor.format_prompt("What colour is the cube?")
+    assert prompt.index("What colour") < prompt.index("<image>")
+    assert not build_recipe_processor(SyntheticTinyRecipe(**SMOKE)).text_before_images
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    image = np.zeros((recipe.image_size, recipe.image_size, 3), dtype=np.uint8)
+    example = processor.build_training_example("What colour is the cube?", "Red", images=[image])
+    output = model(
+        input_ids=example["input_ids"][None], pixel_values=example["pixel_values"], labels=example["labels"][None]
+    )
+    assert torch.isfinite(output.loss)

@@ -75,6 +75,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: peak learning rate of the vision tower in the reading and main stages, when it is "
         "not frozen (default: the stages' own rate)",
     )
+    parser.add_argument(
+        "--question-before-image",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --recipe: prompts put the question before the image, so image tokens can attend to it "
+        "(--no-question-before-image, the default, puts the image first, as InternVL and Sa2VA do)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--num-threads",
@@ -134,6 +141,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "mask_decoder_steps": args.mask_decoder_steps,
         "freeze_vision_tower": args.freeze_vision_tower,
         "vision_tower_learning_rate": args.vision_tower_learning_rate,
+        "question_before_image": args.question_before_image,
         "num_threads": args.num_threads,
     }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})

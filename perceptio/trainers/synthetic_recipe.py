@@ -148,6 +148,7 @@ class SyntheticTinyRecipe:
     reading_curriculum_scenes: int = 4500
     reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
+    question_before_image: bool = False
     train_steps: int = 2200
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -242,6 +243,8 @@ class SyntheticTinyRecipe:
                 "freeze_vision_tower keeps the pretrained vision tower fixed after its stage; with "
                 "vision_pretraining_steps 0 it would freeze random weights. Set vision_pretraining_steps > 0."
             )
+        if not isinstance(self.question_before_image, bool):
+            raise ValueError(f"question_before_image must be True or False, got {self.question_before_image!r}.")
         validate_task_weights(self.task_weights, TASK_NAMES, default=0.0, where="task_weights")
         unknown = sorted(set(self.reading_tasks) - set(self.task_weights))
         if (self.reading_steps or self.reading_curriculum) and (not self.reading_tasks or unknown):
@@ -320,6 +323,7 @@ def build_recipe_processor(recipe: SyntheticTinyRecipe) -> PerceptioProcessor:
         tokenizer=train_tiny_tokenizer(),
         num_depth_codes=recipe.depth_num_codes,
         image_seq_length=recipe.image_seq_length,
+        text_before_images=recipe.question_before_image,
     )
 
 
