@@ -23,6 +23,16 @@ run's `dataset_cache` into OUTPUT to reuse its scenes). An arm computes with the
         --variant vision_stem_channels=[32,64] vision_num_layers=4 vision_pretraining_steps=3000 \\
         freeze_vision_tower=true
 
+`--oracle-tokens` replaces the vision tower's image tokens with perfect ones: each is the area-weighted sum of
+learned embeddings of the colour, shape and size of what covers its cell of the image, from the re-rendered scene
+(the arms need `vision_pretraining_steps=0`). What such an arm does not answer, the language model does not bind,
+whatever the tower. With the question before the image:
+
+    python bench/reading_stage_vision.py --output-dir runs/oracle --oracle-tokens \
+        --base vision_pretraining_steps=0 'reading_curriculum=[[1,100,["vqa_colour"]],[1,200],[2,400]]' \
+        --variant vision_pretraining_steps=0 'reading_curriculum=[[1,100,["vqa_colour"]],[1,200],[2,400]]' \
+        question_before_image=true
+
 Overrides are `FIELD=VALUE` with a JSON value (`true`, `4`, `[32,64]`, `null`), for any `SyntheticTinyRecipe` field.
 
 `--tower-from ARM_DIR` skips the vision pretraining of the arms trained in the call: each takes the vision tower of
@@ -40,12 +50,20 @@ then take 15 minutes each instead of 42:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from perceptio.data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.evaluation.runners import RunSettings, run_synthetic
@@ -56,6 +74,8 @@ from perceptio.trainers.synthetic_recipe import (
     build_recipe_model,
     build_recipe_processor,
     pretrain_recipe_vision_tower,
+    reading_curriculum_split,
+    reading_split,
     render_recipe_scenes,
     subnormals_flushed,
     torch_threads,
@@ -75,6 +95,8 @@ DEFAULT_OVERRIDES = {
 }
 # Where an arm trained with --tower-from records the folder its tower came from.
 TOWER_SOURCE_FILE = "tower_from.txt"
+# Where an arm trained with --oracle-tokens keeps its oracle token embeddings (the saved model has no place for them).
+ORACLE_TOKENS_FILE = "oracle_tokens.pt"
 # Disjoint from the recipe's own splits, which are drawn from the recipe seed.
 QUESTIONS_SEED_OFFSET = 2000
 
@@ -112,6 +134,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="an earlier arm's folder whose saved (pretrained, frozen) vision tower the arms trained now start from, "
         "instead of pretraining their own",
     )
+    parser.add_argument(
+        "--oracle-tokens",
+        action="store_true",
+        help="the arms trained now read oracle image tokens (learned embeddings of the colour, shape and size of "
+        "what covers each token's cell, from the rendered scene) instead of their vision tower's",
+    )
     parser.add_argument("--questions", type=int, default=200, help="held-out questions per reading task")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,6 +147,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("questions", "batch_size"):
         if getattr(arguments, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(arguments, name)}.")
+    if arguments.oracle_tokens and arguments.tower_from is not None:
+        parser.error("--oracle-tokens replaces the vision tower; it cannot take one with --tower-from.")
     if arguments.tower_from is not None and not (
         (arguments.tower_from / "model").is_dir() and (arguments.tower_from / "vision_probes.json").is_file()
     ):
@@ -131,6 +161,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         }
     except (TypeError, ValueError) as error:
         parser.error(str(error))
+    pretrained = [arm for arm in arguments.arms if arguments.recipes[arm].vision_pretraining_steps]
+    if arguments.oracle_tokens and pretrained:
+        parser.error(
+            f"--oracle-tokens replaces the vision tower: set vision_pretraining_steps=0 in the {' and '.join(pretrained)} "
+            "arm's overrides."
+        )
     return arguments
 
 
@@ -174,14 +210,105 @@ def load_pretrained_tower(model, recipe: SyntheticTinyRecipe, source: Path) -> d
     return json.loads((source / "vision_probes.json").read_text(encoding="utf-8"))
 
 
-def train_arm(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe, tower_from: Path | None = None) -> None:
-    """The arm's vision pretraining (or its tower copied from `tower_from`) and reading stages; saves the model and
-    the held-out probe accuracies."""
+class OracleImageTokens(nn.Module):
+    """Perfect image tokens: each token is the area-weighted sum, over what covers its cell of the image, of learned
+    embeddings of each object's colour, shape and size, or of the background. With them in place of the vision
+    tower's, what the language model fails to answer is not for want of image features."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.colour = nn.Embedding(len(COLOUR_PALETTE), hidden_size)
+        self.shape = nn.Embedding(len(SHAPES), hidden_size)
+        self.size = nn.Embedding(len(SIZE_NAMES), hidden_size)
+        self.background = nn.Parameter(torch.zeros(hidden_size))
+        for table in (self.colour, self.shape, self.size):
+            nn.init.normal_(table.weight, std=0.5)
+
+    def forward(self, cover: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        """`cover` (tokens, objects + 1): the share of each token's cell each object (then the background) covers;
+        `attributes` (objects, 3): colour, shape and size ids."""
+        objects = self.colour(attributes[:, 0]) + self.shape(attributes[:, 1]) + self.size(attributes[:, 2])
+        return cover[:, :-1] @ objects + cover[:, -1:] * self.background
+
+
+def image_key(pixel_values: torch.Tensor) -> str:
+    """The digest of one image's pixel values, by which the oracle finds its scene."""
+    return hashlib.sha1(pixel_values.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def scene_labels(scene_seed: int, recipe: SyntheticTinyRecipe, num_objects: int | None) -> tuple[torch.Tensor, ...]:
+    """Re-render a row's scene: each token cell's cover by its objects and the background, and their attributes."""
+    scene = render_scene(scene_seed, recipe.image_size, num_objects=num_objects)
+    cell = 2 * recipe.vision_patch_size  # InternVL's pixel shuffle joins 2x2 patches into one token
+    masks = scene.instance_masks.astype(np.float32)
+    count, height, width = masks.shape
+    cover = masks.reshape(count, height // cell, cell, width // cell, cell).mean((2, 4)).reshape(count, -1).T
+    cover = np.concatenate([cover, 1.0 - cover.sum(1, keepdims=True)], axis=1)
+    attributes = [
+        (tuple(COLOUR_PALETTE).index(obj.colour), SHAPES.index(obj.shape), SIZE_NAMES.index(obj.size))
+        for obj in scene.objects
+    ]
+    return torch.from_numpy(cover), torch.tensor(attributes, dtype=torch.long).reshape(-1, 3)
+
+
+def oracle_label_table(
+    processor, recipe: SyntheticTinyRecipe, sources: list[tuple[Dataset, int | None]]
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Every image of `sources` ((rows, objects per scene or None)) keyed by its pixel values, with its labels."""
+    table = {}
+    for rows, num_objects in sources:
+        for start in range(0, len(rows), 256):
+            chunk = rows.select(range(start, min(start + 256, len(rows))))
+            pixel_values = processor.image_processor(images=list(chunk["image"]), max_num_tiles=1)["pixel_values"]
+            for image, scene_seed in zip(pixel_values, chunk["scene_seed"]):
+                table.setdefault(image_key(image), scene_labels(int(scene_seed), recipe, num_objects))
+    return table
+
+
+def attach_oracle_tokens(model, tokens: OracleImageTokens, table: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    """Make `tokens` the model's image tokens (a submodule, so the trainer trains it); the vision tower is unused."""
+    model.oracle_image_tokens = tokens
+    model.model.vision_tower.requires_grad_(False)
+
+    def oracle_image_features(pixel_values: torch.Tensor, *args, **kwargs) -> BaseModelOutputWithPooling:
+        keys = [image_key(image) for image in pixel_values]
+        missing = sum(key not in table for key in keys)
+        if missing:
+            raise ValueError(f"{missing} image(s) of a batch are in no scene the oracle rendered.")
+        return BaseModelOutputWithPooling(pooler_output=torch.stack([tokens(*table[key]) for key in keys]))
+
+    model.model.get_image_features = oracle_image_features
+
+
+def oracle_sources(recipe: SyntheticTinyRecipe, train_split: Dataset, questions: Path, cache: Path) -> list:
+    """The rows whose images an oracle arm sees: the reading stage's, and the held-out questions."""
+    sources = [(reading_split(recipe, train_split), None), (Dataset.load_from_disk(str(questions / "test")), None)]
+    for num_objects in sorted({phase[0] for phase in recipe.reading_curriculum}):
+        sources.append((reading_curriculum_split(recipe, num_objects, cache), num_objects))
+    return sources
+
+
+def train_arm(
+    output_dir: Path,
+    arm_dir: Path,
+    recipe: SyntheticTinyRecipe,
+    tower_from: Path | None = None,
+    oracle_questions: Path | None = None,
+) -> None:
+    """The arm's vision pretraining (or its tower copied from `tower_from`, or oracle image tokens for the scenes of
+    the reading stage and of `oracle_questions`) and reading stages; saves the model and the held-out probe
+    accuracies (and the oracle's embeddings)."""
     with subnormals_flushed(), torch_threads(recipe.num_threads):
         train_split = render_recipe_scenes(recipe, output_dir / "dataset_cache")["train"]
         processor = build_recipe_processor(recipe)
         model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
-        if tower_from is not None:
+        oracle = None
+        if oracle_questions is not None:
+            oracle = OracleImageTokens(model.config.text_config.hidden_size)
+            sources = oracle_sources(recipe, train_split, oracle_questions, output_dir / "dataset_cache")
+            attach_oracle_tokens(model, oracle, oracle_label_table(processor, recipe, sources))
+            probes = None
+        elif tower_from is not None:
             probes = load_pretrained_tower(model, recipe, tower_from)
         elif recipe.vision_pretraining_steps:
             probes = asdict(pretrain_recipe_vision_tower(recipe, model, processor).final)
@@ -196,13 +323,22 @@ def train_arm(output_dir: Path, arm_dir: Path, recipe: SyntheticTinyRecipe, towe
         (arm_dir / "vision_probes.json").write_text(json.dumps(probes, indent=2), encoding="utf-8")
         if tower_from is not None:
             (arm_dir / TOWER_SOURCE_FILE).write_text(str(tower_from), encoding="utf-8")
+        if oracle is not None:
+            del model.oracle_image_tokens
+            torch.save(oracle.state_dict(), arm_dir / ORACLE_TOKENS_FILE)
         model.save_pretrained(arm_dir / "model")
         processor.save_pretrained(arm_dir / "model")
 
 
-def score_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict[str, Any]:
-    """`run_synthetic` on the held-out reading questions, and the arm's probe accuracies."""
+def score_arm(arm_dir: Path, questions: Path, batch_size: int, recipe: SyntheticTinyRecipe) -> dict[str, Any]:
+    """`run_synthetic` on the held-out reading questions (with the arm's oracle image tokens, if it has them), and
+    the arm's probe accuracies."""
     model, processor = load_perceptio_checkpoint(str(arm_dir / "model"))
+    if (arm_dir / ORACLE_TOKENS_FILE).is_file():
+        oracle = OracleImageTokens(model.config.text_config.hidden_size)
+        oracle.load_state_dict(torch.load(arm_dir / ORACLE_TOKENS_FILE))
+        rows = Dataset.load_from_disk(str(questions / "test"))
+        attach_oracle_tokens(model, oracle, oracle_label_table(processor, recipe, [(rows, None)]))
     settings = RunSettings(output_dir=arm_dir / "eval", batch_size=batch_size, max_new_tokens=16)
     summary = run_synthetic(model, processor, str(questions), settings, split="test")
     probes = json.loads((arm_dir / "vision_probes.json").read_text(encoding="utf-8"))
@@ -251,8 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         arm_dir = output_dir / arm
         recipe = arguments.recipes[arm]
         if not (arm_dir / "model").is_dir():
-            train_arm(output_dir, arm_dir, recipe, arguments.tower_from)
-        results[arm] = score_arm(arm_dir, questions, arguments.batch_size)
+            train_arm(
+                output_dir, arm_dir, recipe, arguments.tower_from, questions if arguments.oracle_tokens else None
+            )
+        results[arm] = score_arm(arm_dir, questions, arguments.batch_size, recipe)
         overrides = {name: value for name, value in getattr(arguments, arm)}
         source_file = arm_dir / TOWER_SOURCE_FILE
         tower_from = source_file.read_text(encoding="utf-8") if source_file.is_file() else None

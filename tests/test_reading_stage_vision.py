@@ -125,3 +125,41 @@ def test_a_tower_source_that_is_no_arm_or_does_not_fit_is_refused(bench, tmp_pat
     arguments = ["--output-dir", str(tmp_path / "other"), "--questions", "4", "--arms", "variant"]
     with pytest.raises(ValueError, match="does not fit the arm's tower settings"):
         bench.main([*arguments, "--tower-from", str(tmp_path / "base"), "--variant", *wider])
+
+
+def test_an_oracle_arm_reads_tokens_made_from_its_scenes_labels(bench, tmp_path, capsys):
+    arguments = ["--output-dir", str(tmp_path), "--questions", "4", "--arms", "variant", "--oracle-tokens"]
+    assert bench.main([*arguments, "--variant", *TINY, "question_before_image=true"]) == 0
+    assert "| variant |" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "variant" / bench.ORACLE_TOKENS_FILE)
+    assert saved["background"].abs().sum() > 0, "the oracle's embeddings trained (the background starts at zero)"
+
+    from datasets import Dataset
+
+    from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
+
+    model, processor = load_perceptio_checkpoint(str(tmp_path / "variant" / "model"))
+    assert processor.text_before_images
+    recipe = bench.parse_arguments([*arguments, "--variant", *TINY]).recipes["variant"]
+    rows = Dataset.load_from_disk(str(next((tmp_path / "reading_questions").iterdir()) / "test"))
+    rows = rows.select([0, next(i for i in range(len(rows)) if rows[i]["scene_seed"] != rows[0]["scene_seed"])])
+    tokens = bench.OracleImageTokens(model.config.text_config.hidden_size)
+    tokens.load_state_dict(saved)
+    bench.attach_oracle_tokens(model, tokens, bench.oracle_label_table(processor, recipe, [(rows, None)]))
+    pixel_values = processor.image_processor(images=list(rows["image"]), max_num_tiles=1)["pixel_values"]
+    features = model.model.get_image_features(pixel_values).pooler_output
+    for image, scene_seed, feature in zip(pixel_values, rows["scene_seed"], features):
+        assert torch.allclose(feature, tokens(*bench.scene_labels(scene_seed, recipe, None)))
+    assert not torch.allclose(features[0], features[1])
+    with pytest.raises(ValueError, match="in no scene the oracle rendered"):
+        model.model.get_image_features(torch.zeros_like(pixel_values[:1]))
+
+
+def test_an_oracle_arm_must_not_pretrain_or_take_a_tower(bench, tmp_path, capsys):
+    arguments = ["--output-dir", str(tmp_path), "--oracle-tokens", "--arms", "base"]
+    with pytest.raises(SystemExit):
+        bench.parse_arguments([*arguments, "--base", "vision_pretraining_steps=5"])
+    assert "set vision_pretraining_steps=0 in the base arm's overrides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_arguments([*arguments, "--tower-from", str(tmp_path)])
+    assert "cannot take one with --tower-from" in capsys.readouterr().err
