@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from perceptio.data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
@@ -256,12 +257,17 @@ def oracle_label_table(
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Every image of `sources` ((rows, objects per scene or None)) keyed by its pixel values, with its labels."""
     table = {}
+    progress = tqdm(total=sum(len(rows) for rows, _ in sources), desc="Oracle scenes", unit="image")
     for rows, num_objects in sources:
         for start in range(0, len(rows), 256):
             chunk = rows.select(range(start, min(start + 256, len(rows))))
             pixel_values = processor.image_processor(images=list(chunk["image"]), max_num_tiles=1)["pixel_values"]
             for image, scene_seed in zip(pixel_values, chunk["scene_seed"]):
-                table.setdefault(image_key(image), scene_labels(int(scene_seed), recipe, num_objects))
+                key = image_key(image)
+                if key not in table:
+                    table[key] = scene_labels(int(scene_seed), recipe, num_objects)
+            progress.update(len(chunk))
+    progress.close()
     return table
 
 
