@@ -64,7 +64,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from perceptio.data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scene
+from perceptio.data.scene_rendering import render_scene
+from perceptio.data.seg_attributes import SEG_ATTRIBUTES, named_attribute_ids
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.evaluation.runners import RunSettings, run_synthetic
@@ -218,17 +219,15 @@ class OracleImageTokens(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.colour = nn.Embedding(len(COLOUR_PALETTE), hidden_size)
-        self.shape = nn.Embedding(len(SHAPES), hidden_size)
-        self.size = nn.Embedding(len(SIZE_NAMES), hidden_size)
+        self.attributes = nn.ModuleList(nn.Embedding(len(values), hidden_size) for values in SEG_ATTRIBUTES.values())
         self.background = nn.Parameter(torch.zeros(hidden_size))
-        for table in (self.colour, self.shape, self.size):
+        for table in self.attributes:
             nn.init.normal_(table.weight, std=0.5)
 
     def forward(self, cover: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
         """`cover` (tokens, objects + 1): the share of each token's cell each object (then the background) covers;
-        `attributes` (objects, 3): colour, shape and size ids."""
-        objects = self.colour(attributes[:, 0]) + self.shape(attributes[:, 1]) + self.size(attributes[:, 2])
+        `attributes` (objects, 3): each object's class ids of `SEG_ATTRIBUTES` (colour, shape, size)."""
+        objects = sum(table(attributes[:, index]) for index, table in enumerate(self.attributes))
         return cover[:, :-1] @ objects + cover[:, -1:] * self.background
 
 
@@ -245,10 +244,7 @@ def scene_labels(scene_seed: int, recipe: SyntheticTinyRecipe, num_objects: int 
     count, height, width = masks.shape
     cover = masks.reshape(count, height // cell, cell, width // cell, cell).mean((2, 4)).reshape(count, -1).T
     cover = np.concatenate([cover, 1.0 - cover.sum(1, keepdims=True)], axis=1)
-    attributes = [
-        (tuple(COLOUR_PALETTE).index(obj.colour), SHAPES.index(obj.shape), SIZE_NAMES.index(obj.size))
-        for obj in scene.objects
-    ]
+    attributes = [named_attribute_ids({name: getattr(obj, name) for name in SEG_ATTRIBUTES}) for obj in scene.objects]
     return torch.from_numpy(cover), torch.tensor(attributes, dtype=torch.long).reshape(-1, 3)
 
 
