@@ -1,0 +1,110 @@
+"""Starting the multimodal projector from token-cell probes of the vision tower."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from perceptio.trainers.projector_from_probes import (
+    fit_projector_from_probes,
+    probe_class_counts,
+    token_cell_size,
+    token_features,
+)
+from perceptio.trainers.vision_pretraining import BACKGROUND, render_patch_labelled_scenes
+
+
+@pytest.fixture(scope="module")
+def cell_scenes(tiny_pair):
+    model, processor = tiny_pair
+    cell = token_cell_size(model)
+    return (
+        render_patch_labelled_scenes(48, processor.image_processor, cell, seed=0, stream="train"),
+        render_patch_labelled_scenes(12, processor.image_processor, cell, seed=0, stream="eval"),
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_pair, cell_scenes):
+    """A copy of the tiny model with its projector started from probes, the original, and the fit's result."""
+    model = copy.deepcopy(tiny_pair[0])
+    result = fit_projector_from_probes(model, *cell_scenes, steps=60, batch_size=16, logging_steps=20)
+    return model, tiny_pair[0], result
+
+
+def test_cell_labels_line_up_with_the_image_tokens(tiny_pair, cell_scenes):
+    model, processor = tiny_pair
+    features = token_features(model, cell_scenes[1].pixel_values[:2])
+    assert features.shape[1] == processor.image_seq_length == cell_scenes[1].patch_objects.shape[1]
+
+
+def test_image_tokens_become_a_fixed_vocabulary_of_the_probes_classes(fitted, cell_scenes):
+    model, original, _ = fitted
+    pixel_values = cell_scenes[1].pixel_values
+    with torch.no_grad():
+        before = original.model.get_image_features(pixel_values=pixel_values).pooler_output.flatten(0, 1)
+        after = model.model.get_image_features(pixel_values=pixel_values).pooler_output.flatten(0, 1)
+    num_classes = sum(probe_class_counts().values())
+    # Every token is a weighting of one embedding per class, so the tokens span at most that many directions; the
+    # projector they started from spreads them over all of its channels.
+    assert torch.linalg.matrix_rank(after, rtol=1e-4) <= num_classes
+    assert torch.linalg.matrix_rank(before, rtol=1e-4) > num_classes
+
+
+def test_a_saved_checkpoint_reloads_with_the_same_image_tokens(fitted, cell_scenes, tmp_path):
+    model = fitted[0]
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert reloaded.config.projector_hidden_act == "sigmoid"
+    pixel_values = cell_scenes[1].pixel_values[:3]
+    with torch.no_grad():
+        expected = model.model.get_image_features(pixel_values=pixel_values).pooler_output
+        tokens = reloaded.model.get_image_features(pixel_values=pixel_values).pooler_output
+    torch.testing.assert_close(tokens, expected)
+
+
+def test_the_probes_learn_and_the_tower_is_unchanged(fitted):
+    model, original, result = fitted
+    assert [entry["step"] for entry in result.log] == [20, 40, 60]
+    assert result.log[-1]["loss"] < result.log[0]["loss"]
+    assert result.background > 0.8 and 0 <= result.shape <= 1 and 0 <= result.depth_bin <= 1
+    tower, untouched = model.model.vision_tower.state_dict(), original.model.vision_tower.state_dict()
+    assert all(torch.equal(tower[name], untouched[name]) for name in tower)
+
+
+def test_background_and_object_cells_get_different_tokens(fitted, cell_scenes):
+    model, _, _ = fitted
+    scenes = cell_scenes[1]
+    with torch.no_grad():
+        tokens = model.model.get_image_features(pixel_values=scenes.pixel_values).pooler_output
+    background = scenes.patch_objects == BACKGROUND
+    gap = (tokens[background].mean(0) - tokens[~background].mean(0)).norm()
+    assert gap > 0.5 * tokens[background].std(0).norm()
+
+
+def test_the_projector_can_still_learn_what_the_probes_miss(fitted, cell_scenes):
+    model = copy.deepcopy(fitted[0])
+    projector = model.model.multi_modal_projector
+    num_classes = sum(probe_class_counts().values())
+    tokens = model.model.get_image_features(pixel_values=cell_scenes[1].pixel_values[:2]).pooler_output
+    tokens.square().sum().backward()
+    assert projector.linear_2.weight.grad[:, num_classes:].abs().sum() > 0
+
+
+def test_scenes_labelled_per_patch_instead_of_per_token_cell_are_refused(tiny_model, tiny_pair):
+    patch = tiny_model.config.vision_config.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    scenes = render_patch_labelled_scenes(4, tiny_pair[1].image_processor, patch, seed=0, stream="eval")
+    with pytest.raises(ValueError, match=f"patch_size={token_cell_size(tiny_model)}"):
+        fit_projector_from_probes(tiny_model, scenes, scenes, steps=1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [({"steps": 0}, "steps"), ({"batch_size": 1.5}, "batch_size"), ({"learning_rate": -1.0}, "learning_rate")],
+)
+def test_fit_settings_are_validated(tiny_model, cell_scenes, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        fit_projector_from_probes(tiny_model, *cell_scenes, **{"steps": 1, **arguments})
