@@ -75,6 +75,7 @@ from perceptio.trainers.synthetic_recipe import (
     SyntheticTinyRecipe,
     build_recipe_model,
     build_recipe_processor,
+    fit_recipe_projector,
     pretrain_recipe_vision_tower,
     reading_curriculum_split,
     reading_split,
@@ -95,6 +96,8 @@ DEFAULT_OVERRIDES = {
         'reading_curriculum=[[1,100,["vqa_colour"]],[1,200],[2,400]]',
     ],
 }
+# Where an arm with projector_from_probes keeps its token-cell probes' held-out accuracies.
+PROJECTOR_PROBES_FILE = "projector_probes.json"
 # Where an arm trained with --tower-from records the folder its tower came from.
 TOWER_SOURCE_FILE = "tower_from.txt"
 # Where an arm trained with --oracle-tokens keeps its oracle token embeddings (the saved model has no place for them).
@@ -298,8 +301,8 @@ def train_arm(
     oracle_questions: Path | None = None,
 ) -> None:
     """The arm's vision pretraining (or its tower copied from `tower_from`, or oracle image tokens for the scenes of
-    the reading stage and of `oracle_questions`) and reading stages; saves the model and the held-out probe
-    accuracies (and the oracle's embeddings)."""
+    the reading stage and of `oracle_questions`), its projector's start from probes (with `projector_from_probes`)
+    and reading stages; saves the model and the held-out probe accuracies (and the oracle's embeddings)."""
     with subnormals_flushed(), torch_threads(recipe.num_threads):
         train_split = render_recipe_scenes(recipe, output_dir / "dataset_cache")["train"]
         processor = build_recipe_processor(recipe)
@@ -319,6 +322,9 @@ def train_arm(
         model.grounding_encoder.vision_encoder.requires_grad_(False)
         # The curriculum's scenes are rendered once, into the shared cache, whichever arm comes first.
         arm_dir.mkdir(parents=True, exist_ok=True)
+        if recipe.projector_from_probes:
+            projector = asdict(fit_recipe_projector(recipe, model, processor))
+            (arm_dir / PROJECTOR_PROBES_FILE).write_text(json.dumps(projector, indent=2), encoding="utf-8")
         if not (arm_dir / "dataset_cache").exists():
             (arm_dir / "dataset_cache").symlink_to((output_dir / "dataset_cache").resolve(), target_is_directory=True)
         train_recipe_reading_stage(recipe, model, processor, train_split, arm_dir)
@@ -334,7 +340,7 @@ def train_arm(
 
 def score_arm(arm_dir: Path, questions: Path, batch_size: int, recipe: SyntheticTinyRecipe) -> dict[str, Any]:
     """`run_synthetic` on the held-out reading questions (with the arm's oracle image tokens, if it has them), and
-    the arm's probe accuracies."""
+    the arm's probe accuracies (the tower's, and the projector's token-cell probes if it started from them)."""
     model, processor = load_perceptio_checkpoint(str(arm_dir / "model"))
     if (arm_dir / ORACLE_TOKENS_FILE).is_file():
         oracle = OracleImageTokens(model.config.text_config.hidden_size)
@@ -344,7 +350,9 @@ def score_arm(arm_dir: Path, questions: Path, batch_size: int, recipe: Synthetic
     settings = RunSettings(output_dir=arm_dir / "eval", batch_size=batch_size, max_new_tokens=16)
     summary = run_synthetic(model, processor, str(questions), settings, split="test")
     probes = json.loads((arm_dir / "vision_probes.json").read_text(encoding="utf-8"))
-    return {"swapped_image": summary["swapped_image"], "vision_probes": probes}
+    projector_file = arm_dir / PROJECTOR_PROBES_FILE
+    projector = json.loads(projector_file.read_text(encoding="utf-8")) if projector_file.is_file() else None
+    return {"swapped_image": summary["swapped_image"], "vision_probes": probes, "projector_probes": projector}
 
 
 def accuracy_cell(control: dict[str, Any] | None) -> str:

@@ -92,6 +92,10 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert not received["recipe"].question_before_image, "the image first by default, as InternVL"
     assert main([*arguments, "--question-before-image"]) == 0
     assert received["recipe"].question_before_image
+    assert not received["recipe"].projector_from_probes
+    assert main([*arguments, "--vision-pretraining-steps", "5", "--projector-from-probes"]) == 0
+    assert received["recipe"].projector_from_probes
+    assert main([*arguments, "--projector-from-probes"]) == 2, "probes of a tower that was never pretrained"
     assert received["recipe"].num_threads == 2, "the embedded checkpoint's thread count by default"
     assert main([*arguments, "--num-threads", "1"]) == 0
     assert received["recipe"].num_threads == 1

@@ -111,6 +111,18 @@ def test_an_arm_takes_its_tower_from_an_earlier_arm_instead_of_pretraining(bench
     results = json.loads((tmp_path / "second" / "variant" / "reading_results.json").read_text())
     assert results["tower_from"] == str(source)
     assert results["vision_probes"] == json.loads((source / "vision_probes.json").read_text())
+    assert results["projector_probes"] is None
+
+
+def test_an_arm_starts_its_projector_from_probes_of_its_tower(bench, tmp_path, capsys):
+    arm = [*TINY, "vision_pretraining_scenes=6", "vision_pretraining_steps=2", "freeze_vision_tower=true"]
+    arm += ["projector_from_probes=true", "projector_probe_scenes=6", "projector_probe_steps=3"]
+    assert bench.main(["--output-dir", str(tmp_path), "--questions", "4", "--arms", "base", "--base", *arm]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "base" / "reading_results.json").read_text())
+    projector = results["projector_probes"]
+    assert [entry["step"] for entry in projector["log"]] == [3]
+    assert all(0 <= projector[name] <= 1 for name in ("colour", "shape", "size", "depth_bin", "background"))
 
 
 def test_a_tower_source_that_is_no_arm_or_does_not_fit_is_refused(bench, tmp_path, capsys):

@@ -49,6 +49,9 @@ SMOKE = dict(
     depth_tokenizer_steps=4,
     vision_pretraining_scenes=8,
     vision_pretraining_steps=2,
+    projector_from_probes=True,
+    projector_probe_scenes=8,
+    projector_probe_steps=2,
     grounding_scenes=8,
     grounding_steps=2,
     reading_curriculum=((1, 2), (2, 1)),
@@ -81,6 +84,8 @@ def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
     ]
     vision = saved["vision_pretraining"]
     assert [entry["step"] for entry in vision["log"]] == [1, 2] and 0 <= vision["final"]["pooled_shape"] <= 1
+    projector = saved["projector_probes"]
+    assert [entry["step"] for entry in projector["log"]] == [1, 2] and 0 <= projector["depth_bin"] <= 1
     assert [entry["step"] for entry in saved["mask_decoder_log"]] == [1, 2]
     assert all(entry["loss_mask"] > 0 for entry in saved["mask_decoder_log"])
     stages = {"dataset_s", "depth_tokenizer_s", "vision_s", "grounding_s", "reading_s", "model_s", "mask_decoder_s"}
@@ -250,6 +255,12 @@ def test_recipe_settings_are_validated():
             SyntheticTinyRecipe(render_processes=processes)
     with pytest.raises(ValueError, match="vision_pretraining_scenes"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
+    with pytest.raises(ValueError, match="vision_pretraining_steps > 0"):
+        SyntheticTinyRecipe(projector_from_probes=True)
+    with pytest.raises(ValueError, match="projector_from_probes"):
+        SyntheticTinyRecipe(vision_pretraining_steps=10, projector_from_probes="yes")
+    with pytest.raises(ValueError, match="projector_probe_steps"):
+        SyntheticTinyRecipe(vision_pretraining_steps=10, projector_from_probes=True, projector_probe_steps=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
     with pytest.raises(ValueError, match="mask_decoder_steps"):

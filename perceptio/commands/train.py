@@ -76,6 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "not frozen (default: the stages' own rate)",
     )
     parser.add_argument(
+        "--projector-from-probes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --recipe: after --vision-pretraining-steps (which must be > 0), start the multimodal projector "
+        "from linear probes of each image token's colour, shape, size and depth bin, so image tokens are a fixed "
+        "vocabulary the language model binds easily (--no-projector-from-probes, the default, starts it at random)",
+    )
+    parser.add_argument(
         "--question-before-image",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -142,6 +150,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "freeze_vision_tower": args.freeze_vision_tower,
         "vision_tower_learning_rate": args.vision_tower_learning_rate,
         "question_before_image": args.question_before_image,
+        "projector_from_probes": args.projector_from_probes,
         "num_threads": args.num_threads,
     }
     recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})

@@ -72,6 +72,7 @@ from .grounding_pretraining import (
     pretrain_grounding_encoder,
     render_instance_scenes,
 )
+from .projector_from_probes import ProjectorProbeResult, fit_projector_from_probes, token_cell_size
 from .seg_attribute_accuracy import seg_attribute_accuracy
 from .seg_prompt_targets import add_seg_prompt_column
 from .trainer_perceptio import PerceptioTrainer
@@ -121,6 +122,11 @@ class SyntheticTinyRecipe:
     vision_pretraining_steps: int = 0
     vision_pretraining_learning_rate: float = 2e-3
     freeze_vision_tower: bool = False
+    # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
+    # (see `projector_from_probes`), fitted in `projector_probe_steps` on `projector_probe_scenes` fresh scenes.
+    projector_from_probes: bool = False
+    projector_probe_scenes: int = 1000
+    projector_probe_steps: int = 600
     # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
     vision_tower_learning_rate: float | None = None
     grounding_scenes: int = 3000
@@ -245,6 +251,18 @@ class SyntheticTinyRecipe:
             )
         if not isinstance(self.question_before_image, bool):
             raise ValueError(f"question_before_image must be True or False, got {self.question_before_image!r}.")
+        if not isinstance(self.projector_from_probes, bool):
+            raise ValueError(f"projector_from_probes must be True or False, got {self.projector_from_probes!r}.")
+        if self.projector_from_probes:
+            for name in ("projector_probe_scenes", "projector_probe_steps"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            if not self.vision_pretraining_steps:
+                raise ValueError(
+                    "projector_from_probes reads the attributes a pretrained vision tower has learned; with "
+                    "vision_pretraining_steps 0 there is none. Set vision_pretraining_steps > 0."
+                )
         validate_task_weights(self.task_weights, TASK_NAMES, default=0.0, where="task_weights")
         unknown = sorted(set(self.reading_tasks) - set(self.task_weights))
         if (self.reading_steps or self.reading_curriculum) and (not self.reading_tasks or unknown):
@@ -464,6 +482,26 @@ def pretrain_recipe_vision_tower(
     if recipe.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)
     return result
+
+
+def fit_recipe_projector(
+    recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
+) -> ProjectorProbeResult:
+    """Start the projector from token-cell probes of the (pretrained) vision tower, on freshly rendered scenes."""
+    image_processor = processor.image_processor
+    cell_size = token_cell_size(model)
+    train_scenes = render_patch_labelled_scenes(
+        recipe.projector_probe_scenes, image_processor, cell_size, recipe.seed, "train", recipe.num_render_processes
+    )
+    eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, cell_size, recipe.seed, "eval")
+    return fit_projector_from_probes(
+        model,
+        train_scenes,
+        eval_scenes,
+        steps=recipe.projector_probe_steps,
+        seed=recipe.seed,
+        logging_steps=recipe.logging_steps,
+    )
 
 
 def render_recipe_scenes(recipe: SyntheticTinyRecipe, cache_dir: Path) -> DatasetDict:
@@ -725,6 +763,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     model = build_recipe_model(recipe, processor, depth_tokenizer)
     vision_started = time.perf_counter()
     vision = pretrain_recipe_vision_tower(recipe, model, processor) if recipe.vision_pretraining_steps else None
+    projector = fit_recipe_projector(recipe, model, processor) if recipe.projector_from_probes else None
     timings["vision_s"] = time.perf_counter() - vision_started
     grounding_started = time.perf_counter()
     grounding = pretrain_recipe_grounding(recipe, model, processor)
@@ -769,6 +808,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
         "timings": timings,
         "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
         "vision_pretraining": asdict(vision) if vision is not None else None,
+        "projector_probes": asdict(projector) if projector is not None else None,
         "grounding_pretraining": grounding.summary(),
         "seg_attribute_accuracy": asdict(seg_attributes) if seg_attributes is not None else None,
         "reading_log": reading_log,
