@@ -33,6 +33,10 @@ whatever the tower. With the question before the image:
         --variant vision_pretraining_steps=0 'reading_curriculum=[[1,100,["vqa_colour"]],[1,200],[2,400]]' \
         question_before_image=true
 
+An arm with `projector_from_probes=true` starts its projector from probes of its tower's token features (pretrained
+or copied with `--tower-from`) before the reading stage; their held-out accuracies go to `ARM/projector_probes.json`
+and `ARM/reading_results.json`.
+
 Overrides are `FIELD=VALUE` with a JSON value (`true`, `4`, `[32,64]`, `null`), for any `SyntheticTinyRecipe` field.
 
 `--tower-from ARM_DIR` skips the vision pretraining of the arms trained in the call: each takes the vision tower of
