@@ -70,6 +70,9 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert received["recipe"].train_steps == 5
     assert received["recipe"].vision_pretraining_steps == defaults.vision_pretraining_steps
     assert main([*arguments, "--vision-pretraining-steps", "-1"]) == 2, "a bad value is one line, not a traceback"
+    assert main([*arguments, "--vision-num-layers", "4"]) == 0
+    assert received["recipe"].vision_num_layers == 4
+    assert main([*arguments, "--vision-num-layers", "0"]) == 2
     assert main([*arguments, "--seg-prompt-loss-weight", "0.5"]) == 0
     assert received["recipe"].seg_prompt_loss_weight == 0.5
     assert main([*arguments, "--seg-prompt-loss-weight", "-2"]) == 2

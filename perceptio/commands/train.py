@@ -45,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 0: none)",
     )
     parser.add_argument(
+        "--vision-num-layers",
+        type=int,
+        help="with --recipe: transformer layers of the vision tower (default 2)",
+    )
+    parser.add_argument(
         "--seg-prompt-loss-weight",
         type=float,
         help="with --recipe: weight of loss_seg_prompt, which pulls each [SEG] prompt toward the grounding stage's "
@@ -145,6 +150,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     overrides = {
         "train_steps": args.train_steps,
         "vision_pretraining_steps": args.vision_pretraining_steps,
+        "vision_num_layers": args.vision_num_layers,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
         "mask_decoder_steps": args.mask_decoder_steps,
         "freeze_vision_tower": args.freeze_vision_tower,
