@@ -127,12 +127,13 @@ def token_probe_accuracy(
     return accuracy
 
 
-def check_cell_labels(model: PerceptioForConditionalGeneration, features: torch.Tensor, scenes: PatchLabelledScenes):
+def check_cell_labels(model: PerceptioForConditionalGeneration, scenes: PatchLabelledScenes) -> None:
     """The scenes must be labelled per token cell: one label per image token."""
-    if scenes.patch_objects.shape[1] != features.shape[1]:
+    tokens = (scenes.pixel_values.shape[-1] // token_cell_size(model)) ** 2
+    if scenes.patch_objects.shape[1] != tokens:
         raise ValueError(
-            f"The scenes carry {scenes.patch_objects.shape[1]} labels per image, the model makes {features.shape[1]} "
-            f"image tokens: render them with patch_size={token_cell_size(model)} (the token cell size)."
+            f"The scenes carry {scenes.patch_objects.shape[1]} labels per image, the model makes {tokens} image "
+            f"tokens: render them with patch_size={token_cell_size(model)} (the token cell size)."
         )
 
 
@@ -194,11 +195,11 @@ def fit_projector_from_probes(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    check_cell_labels(model, train_scenes)
+    check_cell_labels(model, eval_scenes)
     torch.manual_seed(seed)
     train_features = scene_token_features(model, train_scenes)
     eval_features = scene_token_features(model, eval_scenes)
-    check_cell_labels(model, train_features, train_scenes)
-    check_cell_labels(model, eval_features, eval_scenes)
     edges = depth_bin_edges(train_scenes)
     probes = TokenProbes(train_features.shape[-1])
     optimizer = torch.optim.Adam(probes.parameters(), lr=learning_rate)

@@ -123,7 +123,8 @@ class SyntheticTinyRecipe:
     vision_pretraining_learning_rate: float = 2e-3
     freeze_vision_tower: bool = False
     # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
-    # (see `projector_from_probes`), fitted in `projector_probe_steps` on `projector_probe_scenes` fresh scenes.
+    # (see `projector_from_probes`), fitted in `projector_probe_steps` on the first `projector_probe_scenes` of the
+    # vision pretraining's scenes, labelled per token cell.
     projector_from_probes: bool = False
     projector_probe_scenes: int = 1000
     projector_probe_steps: int = 600
@@ -487,7 +488,9 @@ def pretrain_recipe_vision_tower(
 def fit_recipe_projector(
     recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
 ) -> ProjectorProbeResult:
-    """Start the projector from token-cell probes of the (pretrained) vision tower, on freshly rendered scenes."""
+    """Start the projector from token-cell probes of the (pretrained) vision tower: fitted on the first
+    `projector_probe_scenes` of the vision pretraining's scenes, scored on its held-out ones, both labelled per token
+    cell."""
     image_processor = processor.image_processor
     cell_size = token_cell_size(model)
     train_scenes = render_patch_labelled_scenes(
