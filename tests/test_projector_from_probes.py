@@ -40,6 +40,16 @@ def test_cell_labels_line_up_with_the_image_tokens(tiny_pair, cell_scenes):
     assert features.shape[1] == processor.image_seq_length == cell_scenes[1].patch_objects.shape[1]
 
 
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_token_features_are_what_the_projector_reads(tiny_model, cell_scenes, layer):
+    tiny_model.config.vision_feature_layer = layer
+    pixel_values = cell_scenes[1].pixel_values[:2]
+    with torch.no_grad():
+        expected = tiny_model.model.get_image_features(pixel_values=pixel_values).pooler_output
+        projected = tiny_model.model.multi_modal_projector(token_features(tiny_model, pixel_values))
+    torch.testing.assert_close(projected, expected)
+
+
 def test_image_tokens_become_a_fixed_vocabulary_of_the_probes_classes(fitted, cell_scenes):
     model, original, _ = fitted
     pixel_values = cell_scenes[1].pixel_values

@@ -75,10 +75,16 @@ def token_cell_size(model: PerceptioForConditionalGeneration) -> int:
 
 
 def token_features(model: PerceptioForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The vision tower's pixel-shuffled last features (B, T, D), one row per image token, as the projector reads them
-    (row-major over the token cells)."""
-    inner = model.model
-    features = inner.vision_tower(pixel_values=pixel_values.to(model.device)).last_hidden_state[:, 1:]
+    """The vision tower's pixel-shuffled features (B, T, D) of the model's `vision_feature_layer`, one row per image
+    token, exactly as the projector reads them (row-major over the token cells)."""
+    inner, config = model.model, model.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"Probes read one vision feature layer; the model's vision_feature_layer is {layer!r}.")
+    outputs = inner.vision_tower(pixel_values=pixel_values.to(model.device), output_hidden_states=layer != -1)
+    features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]
     batch, patches, _ = features.shape
     side = int(patches**0.5)
     features = inner.pixel_shuffle(features.reshape(batch, side, side, -1), scale_factor=model.config.downsample_ratio)
