@@ -118,3 +118,10 @@ def test_scenes_labelled_per_patch_instead_of_per_token_cell_are_refused(tiny_mo
 def test_fit_settings_are_validated(tiny_model, cell_scenes, arguments, message):
     with pytest.raises(ValueError, match=message):
         fit_projector_from_probes(tiny_model, *cell_scenes, **{"steps": 1, **arguments})
+
+
+def test_a_projector_too_narrow_for_the_probe_classes_is_refused(tiny_model, cell_scenes):
+    projector = tiny_model.model.multi_modal_projector
+    projector.linear_1 = torch.nn.Linear(projector.linear_1.in_features, 8)
+    with pytest.raises(ValueError, match="fewer than the"):
+        fit_projector_from_probes(tiny_model, *cell_scenes, steps=1)

@@ -143,17 +143,21 @@ def check_cell_labels(model: PerceptioForConditionalGeneration, scenes: PatchLab
         )
 
 
+def check_projector_width(model: PerceptioForConditionalGeneration) -> None:
+    """The projector's hidden channels must hold one channel per probe class."""
+    channels, num_classes = model.model.multi_modal_projector.linear_1.out_features, sum(probe_class_counts().values())
+    if num_classes > channels:
+        raise ValueError(
+            f"The projector has {channels} hidden channels, fewer than the {num_classes} probe classes it must hold."
+        )
+
+
 def write_probes_into_projector(model: PerceptioForConditionalGeneration, probes: TokenProbes, seed: int) -> None:
     """Load `probes` into the model's projector and set its activation to the sigmoid (see the module docstring)."""
     projector = model.model.multi_modal_projector
     weights = torch.cat([head.weight for head in probes.heads.values()])
     biases = torch.cat([head.bias for head in probes.heads.values()])
     num_classes, text_hidden_size = len(weights), projector.linear_2.out_features
-    if num_classes > projector.linear_1.out_features:
-        raise ValueError(
-            f"The projector has {projector.linear_1.out_features} hidden channels, fewer than the {num_classes} probe "
-            "classes it must hold."
-        )
     generator = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(num_classes, text_hidden_size, generator=generator) * CLASS_EMBEDDING_STD
     with torch.no_grad():
@@ -201,6 +205,7 @@ def fit_projector_from_probes(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    check_projector_width(model)
     check_cell_labels(model, train_scenes)
     check_cell_labels(model, eval_scenes)
     torch.manual_seed(seed)

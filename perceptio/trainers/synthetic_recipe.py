@@ -76,7 +76,12 @@ from .projector_from_probes import ProjectorProbeResult, fit_projector_from_prob
 from .seg_attribute_accuracy import seg_attribute_accuracy
 from .seg_prompt_targets import add_seg_prompt_column
 from .trainer_perceptio import PerceptioTrainer
-from .vision_pretraining import VisionPretrainingResult, pretrain_vision_tower, render_patch_labelled_scenes
+from .vision_pretraining import (
+    PatchLabelledScenes,
+    VisionPretrainingResult,
+    pretrain_vision_tower,
+    render_patch_labelled_scenes,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -181,6 +186,8 @@ class SyntheticTinyRecipe:
             "vision_hidden_size",
             "vision_patch_size",
             "vision_num_layers",
+            "projector_probe_scenes",
+            "projector_probe_steps",
             "train_steps",
             "batch_size",
             "logging_steps",
@@ -254,16 +261,11 @@ class SyntheticTinyRecipe:
             raise ValueError(f"question_before_image must be True or False, got {self.question_before_image!r}.")
         if not isinstance(self.projector_from_probes, bool):
             raise ValueError(f"projector_from_probes must be True or False, got {self.projector_from_probes!r}.")
-        if self.projector_from_probes:
-            for name in ("projector_probe_scenes", "projector_probe_steps"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-            if not self.vision_pretraining_steps:
-                raise ValueError(
-                    "projector_from_probes reads the attributes a pretrained vision tower has learned; with "
-                    "vision_pretraining_steps 0 there is none. Set vision_pretraining_steps > 0."
-                )
+        if self.projector_from_probes and not self.vision_pretraining_steps:
+            raise ValueError(
+                "projector_from_probes reads the attributes a pretrained vision tower has learned; with "
+                "vision_pretraining_steps 0 there is none. Set vision_pretraining_steps > 0."
+            )
         validate_task_weights(self.task_weights, TASK_NAMES, default=0.0, where="task_weights")
         unknown = sorted(set(self.reading_tasks) - set(self.task_weights))
         if (self.reading_steps or self.reading_curriculum) and (not self.reading_tasks or unknown):
@@ -455,26 +457,27 @@ def pretrain_recipe_grounding(
     return result
 
 
+def render_recipe_vision_scenes(
+    recipe: SyntheticTinyRecipe, processor: PerceptioProcessor, num_train: int, label_size: int
+) -> tuple[PatchLabelledScenes, PatchLabelledScenes]:
+    """The first `num_train` of the recipe's vision training scenes and its held-out ones, labelled per
+    `label_size`-pixel square."""
+    image_processor = processor.image_processor
+    train_scenes = render_patch_labelled_scenes(
+        num_train, image_processor, label_size, recipe.seed, "train", recipe.num_render_processes
+    )
+    eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, label_size, recipe.seed, "eval")
+    return train_scenes, eval_scenes
+
+
 def pretrain_recipe_vision_tower(
     recipe: SyntheticTinyRecipe, model: PerceptioForConditionalGeneration, processor: PerceptioProcessor
 ) -> VisionPretrainingResult:
     """Train the model's vision tower on dense patch labels of freshly rendered scenes; with
     `recipe.freeze_vision_tower`, keep it fixed from then on."""
-    image_processor = processor.image_processor
-    patch_size = recipe.vision_patch_size
-    train_scenes = render_patch_labelled_scenes(
-        recipe.vision_pretraining_scenes,
-        image_processor,
-        patch_size,
-        recipe.seed,
-        "train",
-        recipe.num_render_processes,
-    )
-    eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, patch_size, recipe.seed, "eval")
     result = pretrain_vision_tower(
         model,
-        train_scenes,
-        eval_scenes,
+        *render_recipe_vision_scenes(recipe, processor, recipe.vision_pretraining_scenes, recipe.vision_patch_size),
         steps=recipe.vision_pretraining_steps,
         learning_rate=recipe.vision_pretraining_learning_rate,
         seed=recipe.seed,
@@ -491,16 +494,9 @@ def fit_recipe_projector(
     """Start the projector from token-cell probes of the (pretrained) vision tower: fitted on the first
     `projector_probe_scenes` of the vision pretraining's scenes, scored on its held-out ones, both labelled per token
     cell."""
-    image_processor = processor.image_processor
-    cell_size = token_cell_size(model)
-    train_scenes = render_patch_labelled_scenes(
-        recipe.projector_probe_scenes, image_processor, cell_size, recipe.seed, "train", recipe.num_render_processes
-    )
-    eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, cell_size, recipe.seed, "eval")
     return fit_projector_from_probes(
         model,
-        train_scenes,
-        eval_scenes,
+        *render_recipe_vision_scenes(recipe, processor, recipe.projector_probe_scenes, token_cell_size(model)),
         steps=recipe.projector_probe_steps,
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
