@@ -32,6 +32,7 @@ from perceptio.trainers.synthetic_recipe import (
     pretrain_recipe_vision_tower,
     reading_curriculum_split,
     reading_split,
+    recipe_device,
     referring_rows_with_masks,
     run_synthetic_tiny_recipe,
     train_recipe_mask_decoder_stage,
@@ -100,6 +101,15 @@ def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
     assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first), (
         "the same seed and thread count must give the same weights"
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_every_stage_of_the_recipe_runs_there(tmp_path):
+    recipe = SyntheticTinyRecipe(**{**SMOKE, "vision_stem_channels": [32, 64], "freeze_vision_tower": True})
+    summary = run_synthetic_tiny_recipe(tmp_path, recipe)
+    assert recipe_device().type == "cuda"
+    assert [entry["step"] for entry in summary["mask_decoder_log"]] == [1, 2]
+    assert PerceptioForConditionalGeneration.from_pretrained(tmp_path / "model").config.num_depth_tokens == 64
 
 
 @pytest.mark.parametrize("freeze", [True, False])

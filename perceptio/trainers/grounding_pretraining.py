@@ -187,8 +187,8 @@ def attribute_prompt_candidates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAM2's output for K attribute prompts per image, decoded exactly as `[SEG]` prompts are: logits
     (B, K, C, h, w), predicted IoU (B, K, C) and the image embedding (B, D, h', w') they attended to."""
-    image_embeddings = model.sam_image_embeddings(sam_pixel_values)
-    sparse, dense = model.seg_prompt_embeddings(prompt_embedding(attribute_ids))
+    image_embeddings = model.sam_image_embeddings(sam_pixel_values.to(model.device))
+    sparse, dense = model.seg_prompt_embeddings(prompt_embedding(attribute_ids.to(model.device)))
     mask_logits, iou_scores = model.run_mask_decoder(image_embeddings, sparse, dense)
     return mask_logits, iou_scores, image_embeddings[-1]
 
@@ -221,6 +221,7 @@ def grounding_gate(
         )
         best = logits.gather(2, scores.argmax(-1)[..., None, None, None].expand(-1, -1, 1, *logits.shape[-2:]))
         predicted = nn.functional.interpolate(best[:, :, 0], size=targets.shape[-2:], mode="bilinear") > 0
+        targets = targets.to(predicted.device)
         # The gate scores two empty masks 0, where the evaluation scores them 1.
         own.append(mask_iou(predicted, targets, empty_iou=0.0).flatten())
         overlap.append(mask_iou(predicted[:, 0], predicted[:, 1], empty_iou=0.0))
@@ -288,7 +289,8 @@ def pretrain_grounding_encoder(
         logits, scores, _ = attribute_prompt_candidates(
             model, prompt_embedding, train_scenes.sam_pixel_values[indices], attribute_ids
         )
-        return sum(model.mask_losses(logits.flatten(0, 1), scores.flatten(0, 1), targets.flatten(0, 1)).values())
+        targets = targets.to(logits.device).flatten(0, 1)
+        return sum(model.mask_losses(logits.flatten(0, 1), scores.flatten(0, 1), targets).values())
 
     sam.train()
     log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Pretraining SAM2 on attribute prompts")

@@ -629,7 +629,7 @@ def run_recipe_trainer(
         data_seed=recipe.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=recipe_device().type == "cpu",
     )
     trainer = PerceptioTrainer(
         model=model,
@@ -720,6 +720,11 @@ def run_synthetic_tiny_recipe(
         return _run_recipe(Path(output_dir), recipe, ablation)
 
 
+def recipe_device() -> torch.device:
+    """Where the recipe computes, every stage alike: the GPU when one is present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Compute with `count` torch CPU threads while the recipe runs, then restore the caller's setting."""
@@ -759,7 +764,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     )
     timings["depth_tokenizer_s"] = time.perf_counter() - tokenizer_started
     processor = build_recipe_processor(recipe)
-    model = build_recipe_model(recipe, processor, depth_tokenizer)
+    model = build_recipe_model(recipe, processor, depth_tokenizer).to(recipe_device())
     vision_started = time.perf_counter()
     vision = pretrain_recipe_vision_tower(recipe, model, processor) if recipe.vision_pretraining_steps else None
     projector = fit_recipe_projector(recipe, model, processor) if recipe.projector_from_probes else None

@@ -147,14 +147,20 @@ def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: tor
         name: torch.where(background, num_classes, rows[..., column])
         for column, (name, num_classes) in enumerate(PATCH_ATTRIBUTES.items())
     }
-    targets["depth_bin"] = torch.bucketize(scenes.patch_depth[indices], edges)
+    targets["depth_bin"] = torch.bucketize(scenes.patch_depth[indices], edges.to(scenes.patch_depth.device))
     return targets
+
+
+def targets_on(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The targets on the device of the features they score (the scenes stay on the CPU)."""
+    return {name: target.to(device) for name, target in targets.items()}
 
 
 def pooled_object_features(
     features: torch.Tensor, objects: torch.LongTensor, attributes: torch.LongTensor
 ) -> tuple[torch.Tensor, torch.LongTensor]:
     """The mean patch feature of every object covering at least `MIN_POOLED_PATCHES` patches, and its shape id."""
+    objects, attributes = objects.to(features.device), attributes.to(features.device)
     membership = nn.functional.one_hot(objects + 1, attributes.shape[1] + 1)[..., 1:].to(features.dtype)
     counts = membership.sum(1)
     pooled = torch.einsum("bpo,bpd->bod", membership, features) / counts.clamp(min=1)[..., None]
@@ -196,8 +202,8 @@ def probe_accuracy(
     for start in range(0, len(scenes), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(scenes)))
         features = patch_features(model, scenes.pixel_values[indices])
-        targets = patch_targets(scenes, indices, heads.depth_bin_edges)
-        foreground = scenes.patch_objects[indices] != BACKGROUND
+        targets = targets_on(patch_targets(scenes, indices, heads.depth_bin_edges), features.device)
+        foreground = (scenes.patch_objects[indices] != BACKGROUND).to(features.device)
         for name, head in heads.attributes.items():
             correct[name] += ((head(features).argmax(-1) == targets[name]) & foreground).sum().item()
         correct["depth_bin"] += ((heads.depth(features).argmax(-1) == targets["depth_bin"]) & foreground).sum().item()
@@ -250,7 +256,7 @@ def pretrain_vision_tower(
     def step_loss() -> torch.Tensor:
         indices = torch.randint(len(train_scenes), (batch_size,), generator=generator)
         features = patch_features(model, train_scenes.pixel_values[indices])
-        targets = patch_targets(train_scenes, indices, heads.depth_bin_edges)
+        targets = targets_on(patch_targets(train_scenes, indices, heads.depth_bin_edges), features.device)
         return sum(probe_losses(heads, features, targets, train_scenes, indices).values())
 
     tower.train()
