@@ -321,3 +321,23 @@ def test_text_before_images_puts_the_question_first_and_survives_save_load(tiny_
         )
     with pytest.raises(ValueError, match="text_before_images"):
         PerceptioProcessor.from_pretrained(tmp_path / "image-first", text_before_images="yes")
+
+
+def test_a_question_first_processor_puts_a_chat_turns_text_before_its_images(tiny_processor, tmp_path):
+    tiny_processor.save_pretrained(tmp_path / "image-first")
+    question_first = PerceptioProcessor.from_pretrained(tmp_path / "image-first", text_before_images=True)
+    image_first_turn = [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]
+    conversation = [{"role": "user", "content": image_first_turn}]
+    chat = question_first.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert chat == question_first.format_prompt("What shape is it?")
+    assert conversation[0]["content"] == image_first_turn, "the caller's conversation is not changed"
+    batch = question_first.apply_chat_template(
+        [conversation, conversation], add_generation_prompt=True, tokenize=False
+    )
+    assert batch == [chat, chat]
+    plain = [{"role": "user", "content": "no image here"}]
+    assert question_first.apply_chat_template(plain, tokenize=False) == tiny_processor.apply_chat_template(
+        plain, tokenize=False
+    )
+    kept = tiny_processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert kept == tiny_processor.format_prompt("What shape is it?"), "an image-first processor keeps the order"

@@ -109,6 +109,13 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
 
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs):
+        """transformers' `apply_chat_template`; with `text_before_images`, each turn's text comes before its images,
+        whatever order its content lists them in, so a chat prompt is the prompt the model was trained on."""
+        if self.text_before_images:
+            conversation = _text_first(conversation)
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
     def format_target(self, num_seg: int, depth_codes: Sequence[int] | None, answer: str) -> str:
         """The assistant target in the fixed order `[SEG]`s → depth block → answer."""
         return self.spatial_vocabulary.format_target(num_seg, depth_codes, answer)
@@ -306,6 +313,27 @@ class PerceptioProcessor(PerceptioPostProcessingMixin, ProcessorMixin):
     def model_input_names(self) -> list[str]:
         """The inputs `PerceptioForConditionalGeneration.forward` takes from this processor."""
         return ["input_ids", "attention_mask", "pixel_values", "sam_pixel_values"]
+
+
+def _text_first(conversation: Any) -> Any:
+    """A copy of a conversation (or a batch of them) whose turns list their text before their images; a text followed
+    by an image ends with a newline, as the template ends an image, so the two stay apart."""
+    if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
+        return [_text_first(single) for single in conversation]
+    if not isinstance(conversation, (list, tuple)):
+        return conversation
+    return [_turn_text_first(message) for message in conversation]
+
+
+def _turn_text_first(message: Any) -> Any:
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    texts = [item for item in content if isinstance(item, dict) and item.get("type") == "text"]
+    others = [item for item in content if not (isinstance(item, dict) and item.get("type") == "text")]
+    if texts and others and not texts[-1].get("text", "").endswith("\n"):
+        texts[-1] = {**texts[-1], "text": f"{texts[-1].get('text', '')}\n"}
+    return {**message, "content": [*texts, *others]}
 
 
 def _as_prompt_list(text: Any) -> list[str]:
