@@ -4,7 +4,9 @@ default) with their own and with another image.
 
 The full recipe takes more than an hour; the reading stage is where these answers are first learned, alone, so it is
 the quicker loop for a question about the vision tower or the reading curriculum (its figures are not the finished
-recipe's). Each arm is the recipe (`SyntheticTinyRecipe` with the arm's overrides): its vision pretraining stage
+recipe's). Each arm is the recipe as these experiments started from (`EXPLORATION_START`: a two-layer tower
+without stem or pretraining that trains with the language model, a random projector, the image before the question,
+300 steps on one-object then 400 on two-object scenes) with the arm's overrides: its vision pretraining stage
 (`vision_pretraining_steps`, whose held-out probe accuracies are printed), then its reading stage (the
 `reading_curriculum` phases, then the full scenes' reading questions), with SAM2's image encoder frozen as after the
 recipe's grounding stage. The model is saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio
@@ -91,6 +93,17 @@ from perceptio.trainers.synthetic_recipe import (
 
 
 ARMS = ("base", "variant")
+# The recipe settings every arm starts from, before its overrides: those the recipe had when these experiments were
+# run, so each documented command keeps measuring what it measured.
+EXPLORATION_START = {
+    "vision_stem_channels": None,
+    "vision_num_layers": 2,
+    "vision_pretraining_steps": 0,
+    "freeze_vision_tower": False,
+    "projector_from_probes": False,
+    "question_before_image": False,
+    "reading_curriculum": ((1, 300), (2, 400)),
+}
 DEFAULT_OVERRIDES = {
     "base": ["vision_stem_channels=[32,64]", "vision_pretraining_steps=1500", "freeze_vision_tower=true"],
     "variant": [
@@ -166,7 +179,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         )
     try:
         arguments.recipes = {
-            arm: replace(SyntheticTinyRecipe(seed=arguments.seed), **dict(getattr(arguments, arm))) for arm in ARMS
+            arm: SyntheticTinyRecipe(seed=arguments.seed, **{**EXPLORATION_START, **dict(getattr(arguments, arm))})
+            for arm in ARMS
         }
     except (TypeError, ValueError) as error:
         parser.error(str(error))
