@@ -70,8 +70,8 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert received["recipe"].train_steps == 5
     assert received["recipe"].vision_pretraining_steps == defaults.vision_pretraining_steps
     assert main([*arguments, "--vision-pretraining-steps", "-1"]) == 2, "a bad value is one line, not a traceback"
-    assert main([*arguments, "--vision-num-layers", "4"]) == 0
-    assert received["recipe"].vision_num_layers == 4
+    assert main([*arguments, "--vision-num-layers", "3"]) == 0
+    assert received["recipe"].vision_num_layers == 3
     assert main([*arguments, "--vision-num-layers", "0"]) == 2
     assert main([*arguments, "--seg-prompt-loss-weight", "0.5"]) == 0
     assert received["recipe"].seg_prompt_loss_weight == 0.5
@@ -79,26 +79,32 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--mask-decoder-steps", "0"]) == 0
     assert received["recipe"].mask_decoder_steps == 0
     assert main([*arguments, "--mask-decoder-steps", "-3"]) == 2
-    assert main([*arguments, "--vision-stem-channels", "32,64"]) == 0
-    assert received["recipe"].vision_stem_channels == [32, 64]
+    assert received["recipe"].vision_stem_channels == [32, 64], "the embedded checkpoint's stem by default"
+    assert main([*arguments, "--vision-stem-channels", "16,32"]) == 0
+    assert received["recipe"].vision_stem_channels == [16, 32]
     assert main([*arguments, "--vision-stem-channels", "none"]) == 0
     assert received["recipe"].vision_stem_channels is None
     assert main([*arguments, "--vision-stem-channels", "32"]) == 2, "one stem convolution too few for 8-pixel patches"
     assert main([*arguments, "--vision-pretraining-steps", "5", "--freeze-vision-tower"]) == 0
     assert received["recipe"].freeze_vision_tower and received["recipe"].vision_pretraining_steps == 5
-    assert main([*arguments, "--freeze-vision-tower"]) == 2, "freezing a tower that was never pretrained"
+    no_pretraining = ["--vision-pretraining-steps", "0"]
+    assert main([*arguments, *no_pretraining, "--no-projector-from-probes"]) == 2, "freezing an unpretrained tower"
     assert main([*arguments, "--vision-pretraining-steps", "5", "--no-freeze-vision-tower"]) == 0
     assert not received["recipe"].freeze_vision_tower
-    assert main([*arguments, "--vision-tower-learning-rate", "1e-4"]) == 0
+    assert main([*arguments, "--vision-tower-learning-rate", "1e-4"]) == 2, "the rate of a frozen tower"
+    assert main([*arguments, "--no-freeze-vision-tower", "--vision-tower-learning-rate", "1e-4"]) == 0
     assert received["recipe"].vision_tower_learning_rate == 1e-4
-    assert main([*arguments, "--vision-tower-learning-rate", "0"]) == 2
-    assert not received["recipe"].question_before_image, "the image first by default, as InternVL"
-    assert main([*arguments, "--question-before-image"]) == 0
-    assert received["recipe"].question_before_image
+    assert main([*arguments, "--no-freeze-vision-tower", "--vision-tower-learning-rate", "0"]) == 2
+    assert received["recipe"].question_before_image, "the question first by default, as the embedded checkpoint"
+    assert main([*arguments, "--no-question-before-image"]) == 0
+    assert not received["recipe"].question_before_image
+    assert main([*arguments, "--no-projector-from-probes"]) == 0
     assert not received["recipe"].projector_from_probes
-    assert main([*arguments, "--vision-pretraining-steps", "5", "--projector-from-probes"]) == 0
-    assert received["recipe"].projector_from_probes
-    assert main([*arguments, "--projector-from-probes"]) == 2, "probes of a tower that was never pretrained"
+    assert main([*arguments, "--vision-pretraining-steps", "5"]) == 0
+    assert received["recipe"].projector_from_probes and received["recipe"].freeze_vision_tower
+    unfrozen = [*no_pretraining, "--no-freeze-vision-tower"]
+    assert main([*arguments, *unfrozen, "--projector-from-probes"]) == 2, "probes of an unpretrained tower"
+    assert main([*arguments, *unfrozen, "--no-projector-from-probes"]) == 0
     assert received["recipe"].num_threads == 2, "the embedded checkpoint's thread count by default"
     assert main([*arguments, "--num-threads", "1"]) == 0
     assert received["recipe"].num_threads == 1

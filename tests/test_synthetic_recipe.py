@@ -153,7 +153,9 @@ def test_a_frozen_vision_tower_keeps_its_pretrained_weights_through_the_language
 
 
 def test_a_trainable_vision_tower_steps_at_its_own_rate_in_the_language_stages(tmp_path):
-    recipe, train, processor, model = _stage_inputs(tmp_path, vision_tower_learning_rate=1e-8)
+    recipe, train, processor, model = _stage_inputs(
+        tmp_path, freeze_vision_tower=False, vision_tower_learning_rate=1e-8
+    )
     before = copy.deepcopy(model.state_dict())
     train_recipe_model(recipe, model, processor, train, tmp_path / "trainer")
 
@@ -252,10 +254,10 @@ def test_recipe_settings_are_validated():
     with pytest.raises(ValueError, match="vision_pretraining_steps"):
         SyntheticTinyRecipe(vision_pretraining_steps=-5)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
-        SyntheticTinyRecipe(freeze_vision_tower=True)
+        SyntheticTinyRecipe(vision_pretraining_steps=0, projector_from_probes=False)
     for rate in (0.0, -1e-4, True, "1e-4"):
         with pytest.raises(ValueError, match="vision_tower_learning_rate"):
-            SyntheticTinyRecipe(vision_tower_learning_rate=rate)
+            SyntheticTinyRecipe(freeze_vision_tower=False, vision_tower_learning_rate=rate)
     with pytest.raises(ValueError, match="freeze_vision_tower"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, freeze_vision_tower=True, vision_tower_learning_rate=1e-4)
     with pytest.raises(ValueError, match="question_before_image"):
@@ -266,7 +268,7 @@ def test_recipe_settings_are_validated():
     with pytest.raises(ValueError, match="vision_pretraining_scenes"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, vision_pretraining_scenes=0)
     with pytest.raises(ValueError, match="vision_pretraining_steps > 0"):
-        SyntheticTinyRecipe(projector_from_probes=True)
+        SyntheticTinyRecipe(vision_pretraining_steps=0, freeze_vision_tower=False, projector_from_probes=True)
     with pytest.raises(ValueError, match="projector_from_probes"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, projector_from_probes="yes")
     with pytest.raises(ValueError, match="projector_probe_steps"):
@@ -425,7 +427,8 @@ def test_question_before_image_gives_a_processor_that_asks_first_and_trains():
     processor = build_recipe_processor(recipe)
     prompt = processor.format_prompt("What colour is the cube?")
     assert prompt.index("What colour") < prompt.index("<image>")
-    assert not build_recipe_processor(SyntheticTinyRecipe(**SMOKE)).text_before_images
+    assert build_recipe_processor(SyntheticTinyRecipe(**SMOKE)).text_before_images, "the embedded checkpoint's order"
+    assert not build_recipe_processor(SyntheticTinyRecipe(**SMOKE, question_before_image=False)).text_before_images
     model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
     image = np.zeros((recipe.image_size, recipe.image_size, 3), dtype=np.uint8)
     example = processor.build_training_example("What colour is the cube?", "Red", images=[image])

@@ -14,7 +14,7 @@ EXAMPLE = """example:
   accelerate launch --num_processes 8 -m perceptio.cli train --config examples/configs/perceptio-8b-lora.yaml
   perceptio train --recipe synthetic-tiny --output-dir runs/synthetic-tiny      # the embedded checkpoint's recipe
   perceptio train --recipe synthetic-tiny --ablation no-depth-tokens --output-dir runs/ablation-no-depth
-  perceptio train --recipe synthetic-tiny --vision-pretraining-steps 2000 --output-dir runs/vision-pretrained
+  perceptio train --recipe synthetic-tiny --no-question-before-image --output-dir runs/image-first
 """
 RECIPES = ("synthetic-tiny",)
 
@@ -42,12 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--vision-pretraining-steps",
         type=int,
-        help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 0: none)",
+        help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 2500; 0: none)",
     )
     parser.add_argument(
         "--vision-num-layers",
         type=int,
-        help="with --recipe: transformer layers of the vision tower (default 2)",
+        help="with --recipe: transformer layers of the vision tower (default 4)",
     )
     parser.add_argument(
         "--seg-prompt-loss-weight",
@@ -65,14 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--vision-stem-channels",
         type=parse_stem_channels,
         help="with --recipe: widths of the vision tower's convolutional stem, comma-separated (for the recipe's "
-        "8-pixel patches, two: e.g. 32,64), or none for InternViT's single patch convolution (the default)",
+        "8-pixel patches, two; default 32,64), or none for InternViT's single patch convolution",
     )
     parser.add_argument(
         "--freeze-vision-tower",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps (which must be > 0); "
-        "--no-freeze-vision-tower (the default) trains it on with the rest",
+        help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps (which must be > 0; "
+        "the default); --no-freeze-vision-tower trains it on with the rest",
     )
     parser.add_argument(
         "--vision-tower-learning-rate",
@@ -86,14 +86,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="with --recipe: after --vision-pretraining-steps (which must be > 0), start the multimodal projector "
         "from linear probes of each image token's colour, shape, size and depth bin, so image tokens are a fixed "
-        "vocabulary the language model binds easily (--no-projector-from-probes, the default, starts it at random)",
+        "vocabulary the language model binds easily (the default; --no-projector-from-probes starts it at random)",
     )
     parser.add_argument(
         "--question-before-image",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --recipe: prompts put the question before the image, so image tokens can attend to it "
-        "(--no-question-before-image, the default, puts the image first, as InternVL and Sa2VA do)",
+        "(the default; --no-question-before-image puts the image first, as InternVL and Sa2VA do)",
     )
     parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
     parser.add_argument(

@@ -124,13 +124,13 @@ class SyntheticTinyRecipe:
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
     vision_pretraining_scenes: int = 3000
-    vision_pretraining_steps: int = 0
+    vision_pretraining_steps: int = 2500
     vision_pretraining_learning_rate: float = 2e-3
-    freeze_vision_tower: bool = False
+    freeze_vision_tower: bool = True
     # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
     # (see `projector_from_probes`), fitted in `projector_probe_steps` on the first `projector_probe_scenes` of the
     # vision pretraining's scenes, labelled per token cell.
-    projector_from_probes: bool = False
+    projector_from_probes: bool = True
     projector_probe_scenes: int = 1000
     projector_probe_steps: int = 600
     # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
@@ -153,14 +153,18 @@ class SyntheticTinyRecipe:
     text_num_layers: int = 4
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
-    vision_num_layers: int = 2
-    vision_stem_channels: list[int] | None = None
+    vision_num_layers: int = 4
+    vision_stem_channels: list[int] | None = field(default_factory=lambda: [32, 64])
     # Phases of (objects per scene, steps), or (objects per scene, steps, tasks) for a phase on some reading tasks only.
-    reading_curriculum: tuple[tuple[int, int] | tuple[int, int, tuple[str, ...]], ...] = ((1, 300), (2, 400))
+    reading_curriculum: tuple[tuple[int, int] | tuple[int, int, tuple[str, ...]], ...] = (
+        (1, 100, ("vqa_colour",)),
+        (1, 200),
+        (2, 400),
+    )
     reading_curriculum_scenes: int = 4500
     reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
-    question_before_image: bool = False
+    question_before_image: bool = True
     train_steps: int = 2200
     batch_size: int = 16
     learning_rate: float = 1e-3
