@@ -2,7 +2,8 @@
 patch tokens around each marked point.
 
 Renders `--questions` held-out relative-depth questions (2 to 5 marked points with letter labels), takes the vision
-tower's patch tokens in the 3 × 3 patches around each point, and fits on three quarters of the questions (scored on
+tower's patch tokens in the 3 × 3 patches around each point (with `--tokens image`: the image tokens the language
+model reads, after the pixel shuffle and the projector, in the 3 × 3 token cells around it), and fits on three quarters of the questions (scored on
 the rest): a linear classifier of the point's letter, and a linear regression of its log metric depth. From the
 regression, each held-out question's answer is the point with the smallest predicted depth, and `closest point` is how
 often that is the right one. Chance at `closest point` is about 0.3 on this mix of point counts. A tower whose probes
@@ -12,6 +13,7 @@ Each `--models` folder is a saved Perceptio checkpoint; the first is the base, a
 a ratio of its.
 
     python bench/marker_probe.py --models perceptio/assets/perceptio-tiny-synthetic runs/stem-frozen/model
+    python bench/marker_probe.py --tokens image --models perceptio/assets/perceptio-tiny-synthetic runs/other/model
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.data.synthetic_tasks import POINT_LETTERS
+from perceptio.trainers.projector_from_probes import token_cell_size
 from perceptio.trainers.vision_pretraining import patch_features
 
 
@@ -39,6 +42,8 @@ NEIGHBOURHOOD = (-1, 0, 1)
 PROBE_LEARNING_RATE = 1e-2
 PROBE_WEIGHT_DECAY = 1e-4
 BATCH_SIZE = 32
+# What is probed: the vision tower's patch tokens, or the image tokens the language model reads.
+TOKEN_KINDS = ("tower", "image")
 
 
 @dataclass
@@ -64,6 +69,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--questions", type=int, default=800, help="relative-depth questions rendered")
     parser.add_argument("--steps", type=int, default=400, help="full-batch Adam steps per probe")
     parser.add_argument("--seed", type=int, default=0, help="the probes' initialisation")
+    parser.add_argument(
+        "--tokens",
+        choices=TOKEN_KINDS,
+        default="tower",
+        help="probe the vision tower's patch tokens (default) or the image tokens the language model reads",
+    )
     arguments = parser.parse_args(argv)
     if arguments.questions < 8:
         parser.error(f"--questions must be at least 8 (a quarter is held out), got {arguments.questions}.")
@@ -83,8 +94,9 @@ def render_questions(count: int) -> list[dict]:
         return [rows[index] for index in range(len(rows))]
 
 
-def tower_tokens(model, processor, rows: list[dict]) -> torch.Tensor:
-    """The vision tower's patch tokens for every question's image: (questions, patches, hidden)."""
+def checkpoint_tokens(model, processor, rows: list[dict], kind: str) -> torch.Tensor:
+    """Every question's image as tokens of `kind`, row-major over their grid: the vision tower's patch tokens
+    (questions, patches, hidden), or the language model's image tokens (questions, token cells, text hidden)."""
     tokens = []
     with torch.no_grad():
         for start in range(0, len(rows), BATCH_SIZE):
@@ -92,8 +104,19 @@ def tower_tokens(model, processor, rows: list[dict]) -> torch.Tensor:
             pixel_values = torch.stack(
                 [torch.as_tensor(processor.image_processor(image)["pixel_values"][0]) for image in images]
             )
-            tokens.append(patch_features(model, pixel_values))
+            if kind == "tower":
+                tokens.append(patch_features(model, pixel_values))
+            else:
+                tokens.append(model.model.get_image_features(pixel_values=pixel_values).pooler_output)
     return torch.cat(tokens)
+
+
+def token_cell(model, kind: str) -> int:
+    """The side in pixels of the image cell one token of `kind` covers."""
+    if kind == "image":
+        return token_cell_size(model)
+    patch = model.config.vision_config.patch_size
+    return patch[0] if isinstance(patch, (list, tuple)) else patch
 
 
 def marked_points(tokens: torch.Tensor, rows: list[dict], patch_size: int) -> MarkedPoints:
@@ -158,12 +181,10 @@ def score_probes(points: MarkedPoints, num_questions: int, steps: int) -> ProbeS
     )
 
 
-def probe_checkpoint(folder: str, rows: list[dict], steps: int, seed: int) -> ProbeScores:
+def probe_checkpoint(folder: str, rows: list[dict], steps: int, seed: int, kind: str = "tower") -> ProbeScores:
     model, processor = load_perceptio_checkpoint(folder)
     model.eval()
-    patch = model.config.vision_config.patch_size
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    points = marked_points(tower_tokens(model, processor, rows), rows, patch)
+    points = marked_points(checkpoint_tokens(model, processor, rows, kind), rows, token_cell(model, kind))
     torch.manual_seed(seed)
     return score_probes(points, len(rows), steps)
 
@@ -171,8 +192,12 @@ def probe_checkpoint(folder: str, rows: list[dict], steps: int, seed: int) -> Pr
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     rows = render_questions(arguments.questions)
-    scores = [probe_checkpoint(folder, rows, arguments.steps, arguments.seed) for folder in arguments.models]
-    print(f"{len(rows)} relative-depth questions, {len(rows) - int(TRAIN_SHARE * len(rows))} held out")
+    scores = [
+        probe_checkpoint(folder, rows, arguments.steps, arguments.seed, arguments.tokens)
+        for folder in arguments.models
+    ]
+    held_out = len(rows) - int(TRAIN_SHARE * len(rows))
+    print(f"{len(rows)} relative-depth questions, {held_out} held out; {arguments.tokens} tokens")
     print("| checkpoint | letter | depth R² | closest point |")
     print("| --- | --- | --- | --- |")
     for folder, score in zip(arguments.models, scores):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.embedded_checkpoint import embedded_checkpoint_path
 
 
@@ -65,3 +66,17 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_arguments(["--models", str(tmp_path)])
     assert "not a saved checkpoint" in capsys.readouterr().err
+
+
+def test_probes_the_image_tokens_the_language_model_reads(bench, capsys):
+    folder = str(embedded_checkpoint_path())
+    assert bench.main(["--models", folder, "--questions", "8", "--steps", "3", "--tokens", "image"]) == 0
+    assert "image tokens" in capsys.readouterr().out
+    model, processor = load_perceptio_checkpoint(folder)
+    rows = bench.render_questions(2)
+    tokens = bench.checkpoint_tokens(model, processor, rows, "image")
+    assert tokens.shape == (2, processor.image_seq_length, model.config.text_config.hidden_size)
+    # One image token per 16-pixel cell of the 128-pixel image (8-pixel patches, merged two by two).
+    assert bench.token_cell(model, "image") == 2 * bench.token_cell(model, "tower") == 16
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--models", folder, "--tokens", "projector"])

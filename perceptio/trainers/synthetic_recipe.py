@@ -1,9 +1,11 @@
 """The `synthetic-tiny` recipe: a tiny Perceptio trained end to end on CPU on rendered 3D scenes.
 
 One call (or `perceptio train --recipe synthetic-tiny --output-dir DIR`) renders the synthetic dataset, distils a
-depth tokenizer on its exact depth, optionally (`vision_pretraining_steps`) pretrains the vision tower on dense patch
-labels (a stand-in for a pretrained InternViT, see `vision_pretraining`; `freeze_vision_tower` then keeps it fixed, as
-Sa2VA keeps InternViT, or `vision_tower_learning_rate` trains it on at its own rate), pretrains the tiny SAM2 on
+depth tokenizer on its exact depth, pretrains the vision tower on dense patch labels (`vision_pretraining_steps`; a
+stand-in for a pretrained InternViT, see `vision_pretraining`; `freeze_vision_tower` then keeps it fixed, as Sa2VA
+keeps InternViT, or `vision_tower_learning_rate` trains it on at its own rate), starts the projector from probes of
+the tower's tokens (`projector_from_probes`), with prompts that put the question before the image
+(`question_before_image`), pretrains the tiny SAM2 on
 attribute prompts over rendered instance masks (the stand-in for a released SAM2 checkpoint), trains a tiny
 Perceptio with `PerceptioTrainer` on the task mixture (referring segmentation, HardBLINK-style relative depth, VQA)
 with the SAM2 image encoder frozen, as Sa2VA keeps it, and saves the result. Everything follows from `seed`.

@@ -326,6 +326,7 @@ def _text_first(conversation: Any) -> Any:
 
 
 def _turn_text_first(message: Any) -> Any:
+    """One turn with its text items moved before its other items (a turn whose content is a string is kept)."""
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
