@@ -31,7 +31,7 @@ from torch import nn
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.data.synthetic_tasks import POINT_LETTERS
-from perceptio.trainers.projector_from_probes import token_cell_size
+from perceptio.trainers.projector_from_probes import token_cell_size, vision_patch_size
 from perceptio.trainers.vision_pretraining import patch_features
 
 
@@ -113,10 +113,7 @@ def checkpoint_tokens(model, processor, rows: list[dict], kind: str) -> torch.Te
 
 def token_cell(model, kind: str) -> int:
     """The side in pixels of the image cell one token of `kind` covers."""
-    if kind == "image":
-        return token_cell_size(model)
-    patch = model.config.vision_config.patch_size
-    return patch[0] if isinstance(patch, (list, tuple)) else patch
+    return token_cell_size(model) if kind == "image" else vision_patch_size(model)
 
 
 def marked_points(tokens: torch.Tensor, rows: list[dict], patch_size: int) -> MarkedPoints:

@@ -105,7 +105,7 @@ def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_every_stage_of_the_recipe_runs_there(tmp_path):
-    recipe = SyntheticTinyRecipe(**{**SMOKE, "vision_stem_channels": [32, 64], "freeze_vision_tower": True})
+    recipe = SyntheticTinyRecipe(**SMOKE)
     summary = run_synthetic_tiny_recipe(tmp_path, recipe)
     assert recipe_device().type == "cuda"
     assert [entry["step"] for entry in summary["mask_decoder_log"]] == [1, 2]

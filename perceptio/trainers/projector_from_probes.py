@@ -66,12 +66,15 @@ def probe_class_counts() -> dict[str, int]:
     return {**{name: count + 1 for name, count in PATCH_ATTRIBUTES.items()}, "depth_bin": NUM_DEPTH_BINS}
 
 
+def vision_patch_size(model: PerceptioForConditionalGeneration) -> int:
+    """The side in pixels of one vision-tower patch (configs give it as an int or a square pair)."""
+    patch_size = model.config.vision_config.patch_size
+    return patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+
+
 def token_cell_size(model: PerceptioForConditionalGeneration) -> int:
     """The side in pixels of the image cell one image token covers (patches merged by the pixel shuffle)."""
-    config = model.config
-    patch_size = config.vision_config.patch_size
-    patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
-    return int(round(patch_size / config.downsample_ratio))
+    return int(round(vision_patch_size(model) / model.config.downsample_ratio))
 
 
 def token_features(model: PerceptioForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
