@@ -84,6 +84,18 @@ def test_the_probes_learn_and_the_tower_is_unchanged(fitted):
     assert all(torch.equal(tower[name], untouched[name]) for name in tower)
 
 
+def test_the_letter_probe_is_scored_on_the_cells_of_marked_points(fitted, tiny_pair):
+    assert fitted[2].marker_letter is None
+    model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
+    cell = token_cell_size(model)
+    marked = [
+        render_patch_labelled_scenes(count, processor.image_processor, cell, seed=0, stream=stream, marked_share=1.0)
+        for count, stream in ((32, "train"), (8, "eval"))
+    ]
+    result = fit_projector_from_probes(model, *marked, steps=20, batch_size=16, logging_steps=20)
+    assert 0.0 <= result.marker_letter <= 1.0
+
+
 def test_background_and_object_cells_get_different_tokens(fitted, cell_scenes):
     model, _, _ = fitted
     scenes = cell_scenes[1]

@@ -34,6 +34,7 @@ from perceptio.trainers.synthetic_recipe import (
     reading_split,
     recipe_device,
     referring_rows_with_masks,
+    render_recipe_vision_scenes,
     run_synthetic_tiny_recipe,
     train_recipe_mask_decoder_stage,
     train_recipe_model,
@@ -87,6 +88,7 @@ def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
     assert [entry["step"] for entry in vision["log"]] == [1, 2] and 0 <= vision["final"]["pooled_shape"] <= 1
     projector = saved["projector_probes"]
     assert [entry["step"] for entry in projector["log"]] == [1, 2] and 0 <= projector["depth_bin"] <= 1
+    assert vision["final"]["marker_letter"] is None and projector["marker_letter"] is None, "no marked scenes"
     assert [entry["step"] for entry in saved["mask_decoder_log"]] == [1, 2]
     assert all(entry["loss_mask"] > 0 for entry in saved["mask_decoder_log"])
     stages = {"dataset_s", "depth_tokenizer_s", "vision_s", "grounding_s", "reading_s", "model_s", "mask_decoder_s"}
@@ -262,6 +264,9 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=10, freeze_vision_tower=True, vision_tower_learning_rate=1e-4)
     with pytest.raises(ValueError, match="question_before_image"):
         SyntheticTinyRecipe(question_before_image="yes")
+    for share in (-0.5, 2, None):
+        with pytest.raises(ValueError, match="vision_marked_share"):
+            SyntheticTinyRecipe(vision_marked_share=share)
     for processes in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="render_processes"):
             SyntheticTinyRecipe(render_processes=processes)
@@ -420,6 +425,14 @@ def test_the_prompt_loss_trains_toward_the_grounding_prompts_only_when_weighted(
     assert model.seg_attribute_heads is None and any(entry["loss_seg_prompt"] > 0 for entry in log)
     with pytest.raises(ValueError, match="seg_prompt_loss_weight"):
         SyntheticTinyRecipe(seg_prompt_loss_weight=-1.0)
+
+
+def test_vision_marked_share_marks_points_in_the_vision_stages_scenes():
+    recipe = SyntheticTinyRecipe(**SMOKE, vision_marked_share=1.0)
+    train, evaluation = render_recipe_vision_scenes(recipe, build_recipe_processor(recipe), 6, 16)
+    assert all((scenes.patch_markers >= 0).any(1).float().mean() > 0.5 for scenes in (train, evaluation))
+    plain, _ = render_recipe_vision_scenes(SyntheticTinyRecipe(**SMOKE), build_recipe_processor(recipe), 6, 16)
+    assert (plain.patch_markers < 0).all() and torch.equal(plain.patch_objects, train.patch_objects)
 
 
 def test_question_before_image_gives_a_processor_that_asks_first_and_trains():

@@ -12,8 +12,10 @@ from hypothesis.extra.numpy import arrays
 from perceptio.trainers.vision_pretraining import (
     BACKGROUND,
     NUM_DEPTH_BINS,
+    NUM_MARKER_CLASSES,
     PATCH_ATTRIBUTES,
     VisionProbeHeads,
+    balanced_marker_loss,
     depth_bin_edges,
     patch_majority,
     patch_targets,
@@ -34,6 +36,15 @@ def scenes(tiny_pair):
         render_patch_labelled_scenes(48, image_processor, patch, seed=0, stream="train"),
         render_patch_labelled_scenes(12, image_processor, patch, seed=0, stream="eval"),
     )
+
+
+@pytest.fixture(scope="module")
+def marked_scenes(tiny_pair):
+    """The held-out scenes of `scenes` again, every one with points marked where they fit."""
+    model, processor = tiny_pair
+    patch = model.config.vision_config.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return render_patch_labelled_scenes(12, processor.image_processor, patch, seed=0, stream="eval", marked_share=1.0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -57,6 +68,41 @@ def test_scenes_are_tiles_with_labels_of_their_own_objects(scenes, tiny_pair):
         assert objects.min() >= BACKGROUND and objects.max() < len(attributes)
     assert (train.patch_objects != BACKGROUND).any() and (train.patch_depth > 0).all()
     assert not torch.equal(train.pixel_values[: len(evaluation)], evaluation.pixel_values)
+
+
+def test_marked_scenes_are_the_same_scenes_with_the_patch_under_each_marked_point_labelled(scenes, marked_scenes):
+    plain, marked = scenes[1], marked_scenes
+    assert (plain.patch_markers == BACKGROUND).all()
+    assert torch.equal(marked.patch_objects, plain.patch_objects)
+    assert torch.equal(marked.patch_depth, plain.patch_depth)
+    labelled = marked.patch_markers != BACKGROUND
+    assert labelled.any(1).float().mean() >= 0.5
+    grid = int(plain.patch_objects.shape[1] ** 0.5)
+    patch = plain.pixel_values.shape[-1] // grid
+    changed = (marked.pixel_values != plain.pixel_values).any(1)
+    changed_patches = changed.unflatten(1, (grid, patch)).unflatten(3, (grid, patch)).any(2).any(-1).flatten(1)
+    # A marker is drawn where each labelled patch is, and a scene without a label was left as it was.
+    assert changed_patches[labelled].all()
+    assert not changed[~labelled.any(1)].any()
+    for letters in marked.patch_markers:
+        present = sorted(set(letters[letters != BACKGROUND].tolist()))
+        assert present == list(range(len(present))) or len(present) < 2
+
+
+def test_marker_loss_weighs_marked_and_unmarked_patches_as_two_equal_halves():
+    none = NUM_MARKER_CLASSES - 1
+    logits = torch.randn(1, 5, NUM_MARKER_CLASSES)
+    targets = {"marker": torch.tensor([[2, none, none, none, 0]])}
+    per_patch = torch.nn.functional.cross_entropy(logits[0], targets["marker"][0], reduction="none")
+    expected = per_patch[[0, 4]].mean() + per_patch[1:4].mean()
+    torch.testing.assert_close(balanced_marker_loss(logits, targets), expected)
+    assert balanced_marker_loss(logits, {"marker": torch.full((1, 5), none)}) is None
+
+
+def test_the_marker_probe_learns_the_letters_of_marked_scenes(marked_scenes, tiny_model, scenes):
+    result = pretrain_vision_tower(tiny_model, marked_scenes, marked_scenes, steps=40, batch_size=12, logging_steps=40)
+    assert result.final.marker_letter > result.initial.marker_letter + 0.2
+    assert pretrain_vision_tower(tiny_model, *scenes, steps=1).final.marker_letter is None
 
 
 def test_worker_processes_render_the_same_labelled_scenes(scenes, tiny_pair):
@@ -129,3 +175,6 @@ def test_scene_rendering_settings_are_validated(tiny_pair):
         render_patch_labelled_scenes(1, image_processor, 4, seed=0, stream="test")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         render_patch_labelled_scenes(1, image_processor, 5, seed=0)
+    for share in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="marked_share"):
+            render_patch_labelled_scenes(1, image_processor, 4, seed=0, marked_share=share)

@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 2500; 0: none)",
     )
     parser.add_argument(
+        "--vision-marked-share",
+        type=float,
+        help="with --recipe: share of the vision tower's and the projector probes' scenes with points marked as the "
+        "relative-depth questions mark them, whose patches learn the marked point's letter (default 0: none)",
+    )
+    parser.add_argument(
         "--vision-num-layers",
         type=int,
         help="with --recipe: transformer layers of the vision tower (default 4)",
@@ -85,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --recipe: after --vision-pretraining-steps (which must be > 0), start the multimodal projector "
-        "from linear probes of each image token's colour, shape, size and depth bin, so image tokens are a fixed "
+        "from linear probes of each image token's colour, shape, size and depth bin (and, with --vision-marked-share, "
+        "a marked point's letter), so image tokens are a fixed "
         "vocabulary the language model binds easily (the default; --no-projector-from-probes starts it at random)",
     )
     parser.add_argument(
@@ -150,6 +157,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     overrides = {
         "train_steps": args.train_steps,
         "vision_pretraining_steps": args.vision_pretraining_steps,
+        "vision_marked_share": args.vision_marked_share,
         "vision_num_layers": args.vision_num_layers,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
         "mask_decoder_steps": args.mask_decoder_steps,

@@ -6,8 +6,9 @@ one and the same vector than when the tokens vary with everything else the tower
 a frozen pretrained tower read through a projector trained from random with the language model answers fewer than
 half of the reading stage's colour questions, and read through its own probes' class probabilities most of them (see
 docs/training.md). This stage fits, on the frozen tower's pixel-shuffled token features, one linear probe per
-attribute (colour, shape, size, each with a background class) and one for the depth bin of each token's cell, each
-class a one-vs-rest logistic classifier, and writes them into InternVL's projector, unchanged in form, with its
+attribute (colour, shape, size, each with a background class), one for the depth bin of each token's cell and, when
+the scenes have marked points, one for the letter of a marked point in it (with a none class), each class a
+one-vs-rest logistic classifier, and writes them into InternVL's projector, unchanged in form, with its
 activation set to the sigmoid:
 
 - `layer_norm` is the probes' input normalisation;
@@ -18,7 +19,7 @@ activation set to the sigmoid:
   the projector can still learn what the probes miss.
 
 A checkpoint keeps InternVL's layout (`projector_hidden_act` "sigmoid" in its config). The held-out probe accuracies
-per token cell (foreground cells for the attributes) are the stage's report.
+per token cell (foreground cells for the attributes, marked cells for the letter) are the stage's report.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from .pretraining_loop import run_pretraining_steps
 from .vision_pretraining import (
     BACKGROUND,
     NUM_DEPTH_BINS,
+    NUM_MARKER_CLASSES,
     PATCH_ATTRIBUTES,
     PatchLabelledScenes,
     depth_bin_edges,
+    marked_patches,
     patch_targets,
 )
 
@@ -51,7 +54,8 @@ PROBE_ACTIVATION = "sigmoid"
 @dataclass
 class ProjectorProbeResult:
     """The probes' training log (step, loss) and held-out accuracies per token cell (foreground cells for colour,
-    shape, size and depth bin; all cells for telling object from background)."""
+    shape, size and depth bin; all cells for telling object from background; cells holding a marked point for its
+    letter, None when no held-out scene is marked)."""
 
     log: list[dict[str, float]]
     colour: float
@@ -59,11 +63,19 @@ class ProjectorProbeResult:
     size: float
     depth_bin: float
     background: float
+    marker_letter: float | None
 
 
-def probe_class_counts() -> dict[str, int]:
-    """Each probe's number of classes: every attribute's values plus background, then the depth bins."""
-    return {**{name: count + 1 for name, count in PATCH_ATTRIBUTES.items()}, "depth_bin": NUM_DEPTH_BINS}
+def probe_class_counts(with_markers: bool = False) -> dict[str, int]:
+    """Each probe's number of classes: every attribute's values plus background, the depth bins, then (`with_markers`)
+    the marked point's letters plus none."""
+    counts = {**{name: count + 1 for name, count in PATCH_ATTRIBUTES.items()}, "depth_bin": NUM_DEPTH_BINS}
+    return {**counts, "marker": NUM_MARKER_CLASSES} if with_markers else counts
+
+
+def has_marked_points(scenes: PatchLabelledScenes) -> bool:
+    """Whether any patch of `scenes` holds a marked point."""
+    return bool((scenes.patch_markers != BACKGROUND).any())
 
 
 def vision_patch_size(model: PerceptioForConditionalGeneration) -> int:
@@ -95,13 +107,14 @@ def token_features(model: PerceptioForConditionalGeneration, pixel_values: torch
 
 
 class TokenProbes(nn.Module):
-    """Layer-normalised linear probes on token features, one per attribute and one for the depth bin."""
+    """Layer-normalised linear probes on token features, one per attribute, one for the depth bin and (`with_markers`)
+    one for the marked point's letter."""
 
-    def __init__(self, feature_size: int):
+    def __init__(self, feature_size: int, with_markers: bool = False):
         super().__init__()
         self.layer_norm = nn.LayerNorm(feature_size)
         self.heads = nn.ModuleDict(
-            {name: nn.Linear(feature_size, count) for name, count in probe_class_counts().items()}
+            {name: nn.Linear(feature_size, count) for name, count in probe_class_counts(with_markers).items()}
         )
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -125,12 +138,16 @@ def scene_token_features(
 @torch.no_grad()
 def token_probe_accuracy(
     probes: TokenProbes, features: torch.Tensor, scenes: PatchLabelledScenes, edges: torch.Tensor
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Held-out accuracy of every probe per token cell."""
     logits = probes(features)
     targets = patch_targets(scenes, torch.arange(len(scenes)), edges)
     foreground = scenes.patch_objects != BACKGROUND
-    accuracy = {name: float((logits[name].argmax(-1) == targets[name])[foreground].float().mean()) for name in logits}
+    correct = {name: logits[name].argmax(-1) == targets[name] for name in logits}
+    marked = marked_patches(targets)
+    accuracy = {name: float(correct[name][foreground].float().mean()) for name in logits if name != "marker"}
+    scored = "marker" in logits and marked.any()
+    accuracy["marker_letter"] = float(correct["marker"][marked].float().mean()) if scored else None
     predicted_background = logits["colour"].argmax(-1) == PATCH_ATTRIBUTES["colour"]
     accuracy["background"] = float((predicted_background == ~foreground).float().mean())
     return accuracy
@@ -146,9 +163,10 @@ def check_cell_labels(model: PerceptioForConditionalGeneration, scenes: PatchLab
         )
 
 
-def check_projector_width(model: PerceptioForConditionalGeneration) -> None:
+def check_projector_width(model: PerceptioForConditionalGeneration, with_markers: bool) -> None:
     """The projector's hidden channels must hold one channel per probe class."""
-    channels, num_classes = model.model.multi_modal_projector.linear_1.out_features, sum(probe_class_counts().values())
+    channels = model.model.multi_modal_projector.linear_1.out_features
+    num_classes = sum(probe_class_counts(with_markers).values())
     if num_classes > channels:
         raise ValueError(
             f"The projector has {channels} hidden channels, fewer than the {num_classes} probe classes it must hold."
@@ -201,21 +219,22 @@ def fit_projector_from_probes(
     the sigmoid).
 
     The scenes must be labelled per token cell (`render_patch_labelled_scenes` with the model's `token_cell_size`).
-    The vision tower is not changed.
+    A letter probe is fitted when the training scenes have marked points. The vision tower is not changed.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
-    check_projector_width(model)
+    with_markers = has_marked_points(train_scenes)
+    check_projector_width(model, with_markers)
     check_cell_labels(model, train_scenes)
     check_cell_labels(model, eval_scenes)
     torch.manual_seed(seed)
     train_features = scene_token_features(model, train_scenes)
     eval_features = scene_token_features(model, eval_scenes)
     edges = depth_bin_edges(train_scenes)
-    probes = TokenProbes(train_features.shape[-1])
+    probes = TokenProbes(train_features.shape[-1], with_markers)
     optimizer = torch.optim.Adam(probes.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
 

@@ -128,6 +128,10 @@ class SyntheticTinyRecipe:
     vision_pretraining_scenes: int = 3000
     vision_pretraining_steps: int = 2500
     vision_pretraining_learning_rate: float = 2e-3
+    # The share of the vision tower's (and the projector probes') scenes with points marked as relative-depth questions
+    # mark them, whose patches learn the marked point's letter. At 0.5 the image tokens tell a marked point's letter
+    # far better, yet relative-depth answers did not improve (docs/training.md), so it is off.
+    vision_marked_share: float = 0.0
     freeze_vision_tower: bool = True
     # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
     # (see `projector_from_probes`), fitted in `projector_probe_steps` on the first `projector_probe_scenes` of the
@@ -263,6 +267,12 @@ class SyntheticTinyRecipe:
                 "freeze_vision_tower keeps the pretrained vision tower fixed after its stage; with "
                 "vision_pretraining_steps 0 it would freeze random weights. Set vision_pretraining_steps > 0."
             )
+        if (
+            isinstance(self.vision_marked_share, bool)
+            or not isinstance(self.vision_marked_share, (int, float))
+            or not 0 <= self.vision_marked_share <= 1
+        ):
+            raise ValueError(f"vision_marked_share must be a number in [0, 1], got {self.vision_marked_share!r}.")
         if not isinstance(self.question_before_image, bool):
             raise ValueError(f"question_before_image must be True or False, got {self.question_before_image!r}.")
         if not isinstance(self.projector_from_probes, bool):
@@ -467,12 +477,15 @@ def render_recipe_vision_scenes(
     recipe: SyntheticTinyRecipe, processor: PerceptioProcessor, num_train: int, label_size: int
 ) -> tuple[PatchLabelledScenes, PatchLabelledScenes]:
     """The first `num_train` of the recipe's vision training scenes and its held-out ones, labelled per
-    `label_size`-pixel square."""
+    `label_size`-pixel square (`recipe.vision_marked_share` of them with marked points)."""
     image_processor = processor.image_processor
+    share = recipe.vision_marked_share
     train_scenes = render_patch_labelled_scenes(
-        num_train, image_processor, label_size, recipe.seed, "train", recipe.num_render_processes
+        num_train, image_processor, label_size, recipe.seed, "train", recipe.num_render_processes, share
     )
-    eval_scenes = render_patch_labelled_scenes(VISION_EVAL_SCENES, image_processor, label_size, recipe.seed, "eval")
+    eval_scenes = render_patch_labelled_scenes(
+        VISION_EVAL_SCENES, image_processor, label_size, recipe.seed, "eval", marked_share=share
+    )
     return train_scenes, eval_scenes
 
 

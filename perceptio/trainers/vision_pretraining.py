@@ -5,11 +5,13 @@ The tiny recipe's vision tower starts from random weights, and a language model 
 depth through a handful of answer tokens per question learns to read its image very slowly. This stage gives the tower
 what pretraining gives InternViT: every patch token is trained to say the colour, shape and size of the object it
 shows (or that it shows none) and how near it is, and the mean of an object's patch tokens is trained to say its shape,
-the attribute a single patch shows least of. The heads are linear probes, discarded after the stage, so the features
-must carry the attributes linearly, where the language model's attention can read them.
+the attribute a single patch shows least of. On a share of the scenes (`marked_share`) points are marked as the
+relative-depth questions mark them, and the patch under each marked point is trained to say its letter: a question
+that names points by letter must find them among the image tokens. The heads are linear probes, discarded after the
+stage, so the features must carry the attributes linearly, where the language model's attention can read them.
 
-The held-out probe accuracies (on foreground patches, and per object for the pooled shape) are the stage's gate,
-reported before and after.
+The held-out probe accuracies (on foreground patches, per object for the pooled shape, on marked patches for the
+letter) are the stage's gate, reported before and after.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, render_scenes
+from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, SceneRender, render_scenes
+from ..data.synthetic_tasks import POINT_LETTERS, make_relative_depth_sample
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
 from .pretraining_loop import run_pretraining_steps
 
 
 SCENE_STREAMS = {"train": 2, "eval": 3}
+# Which scenes carry marked points is drawn from its own stream, so the scenes themselves do not depend on the share.
+MARKER_STREAM = 1
 PATCH_ATTRIBUTES: dict[str, int] = {"colour": len(COLOUR_PALETTE), "shape": len(SHAPES), "size": len(SIZE_NAMES)}
 NUM_DEPTH_BINS = 8
 BACKGROUND = -1
+# The marker probe's classes: one per point letter, then "no marked point here".
+NUM_MARKER_CLASSES = len(POINT_LETTERS) + 1
 # Objects covering fewer patches than this are left out of the pooled-shape objective: one patch shows no outline.
 MIN_POOLED_PATCHES = 2
 
@@ -40,13 +47,15 @@ class PatchLabelledScenes:
 
     `pixel_values` (S, 3, H, W) as the processor normalises a tile; `patch_objects` (S, P) the index of the object
     most of each patch shows (`BACKGROUND` for none); `object_attributes` (S, max_objects, 3) each object's colour,
-    shape and size ids (padding rows unused); `patch_depth` (S, P) each patch's mean metric depth.
+    shape and size ids (padding rows unused); `patch_depth` (S, P) each patch's mean metric depth; `patch_markers`
+    (S, P) the letter index (in `POINT_LETTERS`) of the marked point a patch holds (`BACKGROUND` for none).
     """
 
     pixel_values: torch.Tensor
     patch_objects: torch.LongTensor
     object_attributes: torch.LongTensor
     patch_depth: torch.Tensor
+    patch_markers: torch.LongTensor
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
@@ -63,6 +72,21 @@ def patch_majority(instance_ids: np.ndarray, patch_size: int) -> np.ndarray:
     return counts.argmax(-1) + BACKGROUND
 
 
+def marked_scene(
+    scene: SceneRender, rng: np.random.Generator, patch_size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`scene`'s image with points marked as a relative-depth question marks them, and each patch's marker label
+    (row-major, `BACKGROUND` where no marked point lies); None when no such point set fits on the scene."""
+    sample = make_relative_depth_sample(scene, rng)
+    if sample is None:
+        return None
+    columns = scene.image.shape[1] // patch_size
+    labels = np.full((scene.image.shape[0] // patch_size) * columns, BACKGROUND)
+    for (x, y), letter in zip(sample.meta["points"], sample.meta["letters"]):
+        labels[(y // patch_size) * columns + x // patch_size] = POINT_LETTERS.index(letter)
+    return sample.image, labels
+
+
 def render_patch_labelled_scenes(
     num_scenes: int,
     image_processor: PerceptioImageProcessor,
@@ -70,23 +94,31 @@ def render_patch_labelled_scenes(
     seed: int,
     stream: str = "train",
     processes: int = 1,
+    marked_share: float = 0.0,
 ) -> PatchLabelledScenes:
     """Render `num_scenes` scenes of `stream` ("train" or "eval", disjoint) at the tile size, with patch labels (by
-    `processes` worker processes; the same scenes)."""
+    `processes` worker processes; the same scenes). About `marked_share` of them carry marked points (see
+    `marked_scene`)."""
     if not isinstance(num_scenes, int) or num_scenes <= 0:
         raise ValueError(f"num_scenes must be a positive integer, got {num_scenes!r}.")
     if stream not in SCENE_STREAMS:
         raise ValueError(f"stream must be one of {sorted(SCENE_STREAMS)}, got {stream!r}.")
+    if isinstance(marked_share, bool) or not isinstance(marked_share, (int, float)) or not 0 <= marked_share <= 1:
+        raise ValueError(f"marked_share must be a number in [0, 1], got {marked_share!r}.")
     size = image_processor.tile_size
     if size % patch_size:
         raise ValueError(f"The tile size ({size}) must be a multiple of patch_size ({patch_size}).")
     rng = np.random.default_rng([seed, SCENE_STREAMS[stream]])
-    pixel_values, patch_objects, attributes, patch_depth = [], [], [], []
+    marker_rng = np.random.default_rng([seed, SCENE_STREAMS[stream], MARKER_STREAM])
+    pixel_values, patch_objects, attributes, patch_depth, patch_markers = [], [], [], [], []
     vocabularies = {"colour": tuple(COLOUR_PALETTE), "shape": SHAPES, "size": SIZE_NAMES}
     seeds = [int(rng.integers(2**63 - 1)) for _ in range(num_scenes)]
     scenes = render_scenes(seeds, size, processes)
     for scene in tqdm(scenes, total=num_scenes, desc=f"Rendering {stream} scenes for the vision tower"):
-        pixel_values.append(image_processor(scene.image)["pixel_values"][0])
+        marked = marked_scene(scene, marker_rng, patch_size) if marker_rng.random() < marked_share else None
+        image, markers = marked if marked is not None else (scene.image, unmarked_patches(size, patch_size))
+        pixel_values.append(image_processor(image)["pixel_values"][0])
+        patch_markers.append(torch.from_numpy(markers))
         instance_ids = np.full(scene.image.shape[:2], BACKGROUND)
         for index, mask in enumerate(scene.instance_masks):
             instance_ids[mask] = index
@@ -102,11 +134,23 @@ def render_patch_labelled_scenes(
     padded = torch.zeros(num_scenes, max_objects, len(vocabularies), dtype=torch.long)
     for index, rows in enumerate(attributes):
         padded[index, : len(rows)] = rows
-    return PatchLabelledScenes(torch.stack(pixel_values), torch.stack(patch_objects), padded, torch.stack(patch_depth))
+    return PatchLabelledScenes(
+        torch.stack(pixel_values),
+        torch.stack(patch_objects),
+        padded,
+        torch.stack(patch_depth),
+        torch.stack(patch_markers).long(),
+    )
+
+
+def unmarked_patches(size: int, patch_size: int) -> np.ndarray:
+    """The marker labels of a `size`² image without marked points, cut into `patch_size`² patches."""
+    return np.full((size // patch_size) ** 2, BACKGROUND)
 
 
 class VisionProbeHeads(nn.Module):
-    """Linear probes on patch features: one per attribute (its classes plus background) and one for the depth bin."""
+    """Linear probes on patch features: one per attribute (its classes plus background), one for the depth bin and one
+    for the marked point's letter (plus none)."""
 
     def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor):
         super().__init__()
@@ -114,19 +158,21 @@ class VisionProbeHeads(nn.Module):
             {name: nn.Linear(hidden_size, num_classes + 1) for name, num_classes in PATCH_ATTRIBUTES.items()}
         )
         self.depth = nn.Linear(hidden_size, NUM_DEPTH_BINS)
+        self.marker = nn.Linear(hidden_size, NUM_MARKER_CLASSES)
         self.register_buffer("depth_bin_edges", depth_bin_edges)
 
 
 @dataclass
 class VisionProbeAccuracy:
     """Held-out probe accuracies: per foreground patch for colour, shape, size and depth bin, per object for the
-    pooled shape."""
+    pooled shape, per marked patch for the marker letter (None when no held-out scene is marked)."""
 
     colour: float
     shape: float
     size: float
     depth_bin: float
     pooled_shape: float
+    marker_letter: float | None
 
 
 @dataclass
@@ -139,7 +185,8 @@ class VisionPretrainingResult:
 
 
 def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-patch class targets (B, P) of `indices`: each attribute (background = its last class) and the depth bin."""
+    """Per-patch class targets (B, P) of `indices`: each attribute (background = its last class), the depth bin and
+    the marked point's letter (none = its last class)."""
     objects = scenes.patch_objects[indices]
     background = objects == BACKGROUND
     rows = scenes.object_attributes[indices].gather(1, objects.clamp(min=0)[..., None].expand(-1, -1, 3))
@@ -148,7 +195,25 @@ def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: tor
         for column, (name, num_classes) in enumerate(PATCH_ATTRIBUTES.items())
     }
     targets["depth_bin"] = torch.bucketize(scenes.patch_depth[indices], edges.to(scenes.patch_depth.device))
+    markers = scenes.patch_markers[indices]
+    targets["marker"] = torch.where(markers == BACKGROUND, NUM_MARKER_CLASSES - 1, markers)
     return targets
+
+
+def marked_patches(targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where the targets mark a point (B, P)."""
+    return targets["marker"] != NUM_MARKER_CLASSES - 1
+
+
+def balanced_marker_loss(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Cross-entropy of the marker probe, averaged over marked patches and over the others separately and summed:
+    marked points are a few patches in a hundred, and a plain average would teach the probe to say none. None when
+    no patch of the batch is marked (scenes rendered without marked points train no marker probe)."""
+    marked = marked_patches(targets).flatten()
+    if not marked.any():
+        return None
+    losses = nn.functional.cross_entropy(logits.flatten(0, 1), targets["marker"].flatten(), reduction="none")
+    return losses[marked].mean() + losses[~marked].mean()
 
 
 def targets_on(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -171,7 +236,7 @@ def pooled_object_features(
 def probe_losses(
     heads: VisionProbeHeads, features: torch.Tensor, targets: dict[str, torch.Tensor], scenes, indices
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy of every probe, the pooled shape included."""
+    """Cross-entropy of every probe, the pooled shape and the (balanced) marker letter included."""
     losses = {
         name: nn.functional.cross_entropy(head(features).flatten(0, 1), targets[name].flatten())
         for name, head in heads.attributes.items()
@@ -179,6 +244,9 @@ def probe_losses(
     losses["depth_bin"] = nn.functional.cross_entropy(
         heads.depth(features).flatten(0, 1), targets["depth_bin"].flatten()
     )
+    marker_loss = balanced_marker_loss(heads.marker(features), targets)
+    if marker_loss is not None:
+        losses["marker"] = marker_loss
     pooled, shapes = pooled_object_features(features, scenes.patch_objects[indices], scenes.object_attributes[indices])
     losses["pooled_shape"] = nn.functional.cross_entropy(heads.attributes["shape"](pooled), shapes)
     return losses
@@ -197,8 +265,8 @@ def probe_accuracy(
     batch_size: int = 64,
 ) -> VisionProbeAccuracy:
     """Held-out accuracy of every probe."""
-    correct = dict.fromkeys(("colour", "shape", "size", "depth_bin", "pooled_shape"), 0.0)
-    foreground_total, object_total = 0, 0
+    correct = dict.fromkeys(("colour", "shape", "size", "depth_bin", "pooled_shape", "marker_letter"), 0.0)
+    totals = dict.fromkeys(("foreground", "object", "marked"), 0)
     for start in range(0, len(scenes), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(scenes)))
         features = patch_features(model, scenes.pixel_values[indices])
@@ -211,11 +279,17 @@ def probe_accuracy(
             features, scenes.patch_objects[indices], scenes.object_attributes[indices]
         )
         correct["pooled_shape"] += (heads.attributes["shape"](pooled).argmax(-1) == shapes).sum().item()
-        foreground_total += int(foreground.sum())
-        object_total += len(shapes)
+        marked = marked_patches(targets)
+        correct["marker_letter"] += ((heads.marker(features).argmax(-1) == targets["marker"]) & marked).sum().item()
+        totals["foreground"] += int(foreground.sum())
+        totals["object"] += len(shapes)
+        totals["marked"] += int(marked.sum())
+    denominators = {"pooled_shape": totals["object"], "marker_letter": totals["marked"]}
     return VisionProbeAccuracy(
         **{
-            name: value / (object_total if name == "pooled_shape" else foreground_total)
+            name: value / denominators.get(name, totals["foreground"])
+            if denominators.get(name, totals["foreground"])
+            else None
             for name, value in correct.items()
         }
     )
