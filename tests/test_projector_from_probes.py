@@ -12,6 +12,7 @@ from perceptio.trainers.projector_from_probes import (
     probe_class_counts,
     token_cell_size,
     token_features,
+    vision_patch_size,
 )
 from perceptio.trainers.vision_pretraining import BACKGROUND, render_patch_labelled_scenes
 
@@ -116,8 +117,7 @@ def test_the_projector_can_still_learn_what_the_probes_miss(fitted, cell_scenes)
 
 
 def test_scenes_labelled_per_patch_instead_of_per_token_cell_are_refused(tiny_model, tiny_pair):
-    patch = tiny_model.config.vision_config.patch_size
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    patch = vision_patch_size(tiny_model)
     scenes = render_patch_labelled_scenes(4, tiny_pair[1].image_processor, patch, seed=0, stream="eval")
     with pytest.raises(ValueError, match=f"patch_size={token_cell_size(tiny_model)}"):
         fit_projector_from_probes(tiny_model, scenes, scenes, steps=1)

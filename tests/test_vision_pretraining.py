@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from perceptio.trainers.projector_from_probes import vision_patch_size
 from perceptio.trainers.vision_pretraining import (
     BACKGROUND,
     NUM_DEPTH_BINS,
@@ -29,8 +30,7 @@ from perceptio.trainers.vision_pretraining import (
 @pytest.fixture(scope="module")
 def scenes(tiny_pair):
     model, processor = tiny_pair
-    patch = model.config.vision_config.patch_size
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    patch = vision_patch_size(model)
     image_processor = processor.image_processor
     return (
         render_patch_labelled_scenes(48, image_processor, patch, seed=0, stream="train"),
@@ -42,8 +42,7 @@ def scenes(tiny_pair):
 def marked_scenes(tiny_pair):
     """The held-out scenes of `scenes` again, every one with points marked where they fit."""
     model, processor = tiny_pair
-    patch = model.config.vision_config.patch_size
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    patch = vision_patch_size(model)
     return render_patch_labelled_scenes(12, processor.image_processor, patch, seed=0, stream="eval", marked_share=1.0)
 
 

@@ -81,6 +81,7 @@ from .trainer_perceptio import PerceptioTrainer
 from .vision_pretraining import (
     PatchLabelledScenes,
     VisionPretrainingResult,
+    check_marked_share,
     pretrain_vision_tower,
     render_patch_labelled_scenes,
 )
@@ -267,12 +268,7 @@ class SyntheticTinyRecipe:
                 "freeze_vision_tower keeps the pretrained vision tower fixed after its stage; with "
                 "vision_pretraining_steps 0 it would freeze random weights. Set vision_pretraining_steps > 0."
             )
-        if (
-            isinstance(self.vision_marked_share, bool)
-            or not isinstance(self.vision_marked_share, (int, float))
-            or not 0 <= self.vision_marked_share <= 1
-        ):
-            raise ValueError(f"vision_marked_share must be a number in [0, 1], got {self.vision_marked_share!r}.")
+        check_marked_share(self.vision_marked_share, "vision_marked_share")
         if not isinstance(self.question_before_image, bool):
             raise ValueError(f"question_before_image must be True or False, got {self.question_before_image!r}.")
         if not isinstance(self.projector_from_probes, bool):

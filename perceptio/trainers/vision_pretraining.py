@@ -87,6 +87,12 @@ def marked_scene(
     return sample.image, labels
 
 
+def check_marked_share(share: float, name: str = "marked_share") -> None:
+    """A share of marked scenes must be a number in [0, 1]; `name` is the setting the error names."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {share!r}.")
+
+
 def render_patch_labelled_scenes(
     num_scenes: int,
     image_processor: PerceptioImageProcessor,
@@ -103,8 +109,7 @@ def render_patch_labelled_scenes(
         raise ValueError(f"num_scenes must be a positive integer, got {num_scenes!r}.")
     if stream not in SCENE_STREAMS:
         raise ValueError(f"stream must be one of {sorted(SCENE_STREAMS)}, got {stream!r}.")
-    if isinstance(marked_share, bool) or not isinstance(marked_share, (int, float)) or not 0 <= marked_share <= 1:
-        raise ValueError(f"marked_share must be a number in [0, 1], got {marked_share!r}.")
+    check_marked_share(marked_share)
     size = image_processor.tile_size
     if size % patch_size:
         raise ValueError(f"The tile size ({size}) must be a multiple of patch_size ({patch_size}).")
@@ -284,14 +289,13 @@ def probe_accuracy(
         totals["foreground"] += int(foreground.sum())
         totals["object"] += len(shapes)
         totals["marked"] += int(marked.sum())
-    denominators = {"pooled_shape": totals["object"], "marker_letter": totals["marked"]}
+    denominators = {
+        **dict.fromkeys(correct, totals["foreground"]),
+        "pooled_shape": totals["object"],
+        "marker_letter": totals["marked"],
+    }
     return VisionProbeAccuracy(
-        **{
-            name: value / denominators.get(name, totals["foreground"])
-            if denominators.get(name, totals["foreground"])
-            else None
-            for name, value in correct.items()
-        }
+        **{name: value / denominators[name] if denominators[name] else None for name, value in correct.items()}
     )
 
 
