@@ -70,6 +70,10 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert received["recipe"].train_steps == 5
     assert received["recipe"].vision_pretraining_steps == defaults.vision_pretraining_steps
     assert main([*arguments, "--vision-pretraining-steps", "-1"]) == 2, "a bad value is one line, not a traceback"
+    assert received["recipe"].num_train == defaults.num_train
+    assert main([*arguments, "--num-train", "300"]) == 0
+    assert received["recipe"].num_train == 300
+    assert main([*arguments, "--num-train", "0"]) == 2
     assert received["recipe"].vision_marked_share == defaults.vision_marked_share
     assert main([*arguments, "--vision-marked-share", "0.5"]) == 0
     assert received["recipe"].vision_marked_share == 0.5

@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--train-steps", type=int, help="with --recipe: override the recipe's training steps")
     parser.add_argument(
+        "--num-train",
+        type=int,
+        help="with --recipe: questions in the training split the reading and main stages draw from (default 10000)",
+    )
+    parser.add_argument(
         "--vision-pretraining-steps",
         type=int,
         help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 2500; 0: none)",
@@ -156,6 +161,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     recipe = SyntheticTinyRecipe(seed=args.seed)
     overrides = {
         "train_steps": args.train_steps,
+        "num_train": args.num_train,
         "vision_pretraining_steps": args.vision_pretraining_steps,
         "vision_marked_share": args.vision_marked_share,
         "vision_num_layers": args.vision_num_layers,
