@@ -80,10 +80,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--questions must be at least 8 (a quarter is held out), got {arguments.questions}.")
     if arguments.steps <= 0:
         parser.error(f"--steps must be a positive integer, got {arguments.steps}.")
-    for folder in arguments.models:
+    refuse_non_checkpoints(parser, arguments.models)
+    return arguments
+
+
+def refuse_non_checkpoints(parser: argparse.ArgumentParser, folders: list[str]) -> None:
+    """Exit through `parser` naming the first of `--models` that is not a saved checkpoint folder."""
+    for folder in folders:
         if not (Path(folder) / "config.json").is_file():
             parser.error(f"--models: {folder} is not a saved checkpoint (no config.json).")
-    return arguments
 
 
 def render_questions(count: int) -> list[dict]:

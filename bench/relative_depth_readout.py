@@ -22,10 +22,9 @@ import argparse
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from marker_probe import checkpoint_tokens, render_questions
+from marker_probe import checkpoint_tokens, refuse_non_checkpoints, render_questions
 from torch import nn
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
@@ -102,14 +101,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if min(arguments.train_questions) < 1:
         parser.error(f"--train-questions must be positive integers, got {arguments.train_questions}.")
-    for name in ("test_questions", "epochs", "heads"):
+    for name in ("epochs", "heads"):
         if getattr(arguments, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(arguments, name)}.")
+            parser.error(f"--{name} must be a positive integer, got {getattr(arguments, name)}.")
     if arguments.test_questions < 2:
         parser.error("--test-questions must be at least 2 (each is also asked with another's image).")
-    for folder in arguments.models:
-        if not (Path(folder) / "config.json").is_file():
-            parser.error(f"--models: {folder} is not a saved checkpoint (no config.json).")
+    refuse_non_checkpoints(parser, arguments.models)
     return arguments
 
 
@@ -149,8 +146,8 @@ def readout_curve(folder: str, rows: list[dict], arguments: argparse.Namespace) 
     model.eval()
     tokens = checkpoint_tokens(model, processor, rows, "image")
     # Standardised with the training questions' statistics.
-    pool = tokens[arguments.test_questions :]
-    tokens = (tokens - pool.mean((0, 1))) / (pool.std((0, 1)) + 1e-6)
+    training_tokens = tokens[arguments.test_questions :]
+    tokens = (tokens - training_tokens.mean((0, 1))) / (training_tokens.std((0, 1)) + 1e-6)
     answers, num_points = question_labels(rows)
     questions = Questions(tokens, answers, num_points)
     test, pool = questions[: arguments.test_questions], questions[arguments.test_questions :]
