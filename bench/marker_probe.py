@@ -91,6 +91,13 @@ def refuse_non_checkpoints(parser: argparse.ArgumentParser, folders: list[str]) 
             parser.error(f"--models: {folder} is not a saved checkpoint (no config.json).")
 
 
+def refuse_non_positive(parser: argparse.ArgumentParser, arguments: argparse.Namespace, names: list[str]) -> None:
+    """Exit through `parser` naming the first of the integer options `names` (attribute names) below 1."""
+    for name in names:
+        if getattr(arguments, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(arguments, name)}.")
+
+
 def render_questions(count: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as cache_dir:
         rows = build_synthetic_dataset(

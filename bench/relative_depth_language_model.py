@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from marker_probe import refuse_non_checkpoints, render_questions
+from marker_probe import refuse_non_checkpoints, refuse_non_positive, render_questions
 from relative_depth_layers import answer_positions, letter_token_ids
 from relative_depth_readout import question_labels
 from torch import nn
@@ -74,10 +74,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="start the language model and head from random weights")
     parser.add_argument("--seed", type=int, default=0, help="the random start and the batch order")
     arguments = parser.parse_args(argv)
-    for name in ("train_questions", "steps", "batch_size", "eval_every"):
-        if getattr(arguments, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag} must be a positive integer, got {getattr(arguments, name)}.")
+    refuse_non_positive(parser, arguments, ["train_questions", "steps", "batch_size", "eval_every"])
     if not arguments.learning_rate > 0:
         parser.error(f"--learning-rate must be positive, got {arguments.learning_rate}.")
     if arguments.test_questions < 2:

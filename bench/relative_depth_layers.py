@@ -27,8 +27,15 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from marker_probe import refuse_non_checkpoints, render_questions
-from relative_depth_readout import Questions, ReadoutScores, question_labels, score_readout, train_readout
+from marker_probe import refuse_non_checkpoints, refuse_non_positive, render_questions
+from relative_depth_readout import (
+    Questions,
+    ReadoutScores,
+    question_labels,
+    score_readout,
+    standardised,
+    train_readout,
+)
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.data.synthetic_tasks import POINT_LETTERS
@@ -58,10 +65,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4, help="the readout's learned queries")
     parser.add_argument("--seed", type=int, default=0, help="the readout's initialisation and batch order")
     arguments = parser.parse_args(argv)
-    for name in ("train_questions", "epochs", "heads"):
-        if getattr(arguments, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag} must be a positive integer, got {getattr(arguments, name)}.")
+    refuse_non_positive(parser, arguments, ["train_questions", "epochs", "heads"])
     if arguments.test_questions < 2:
         parser.error("--test-questions must be at least 2 (each is also asked with another's states).")
     refuse_non_checkpoints(parser, arguments.models)
@@ -127,11 +131,7 @@ def layer_readouts(states: torch.Tensor, answers, num_points, arguments: argpars
     test_count = arguments.test_questions
     scores = []
     for layer in range(states.shape[1]):
-        tokens = states[:, layer]
-        # Standardised with the training questions' statistics.
-        training = tokens[test_count:]
-        tokens = (tokens - training.mean((0, 1))) / (training.std((0, 1)) + 1e-6)
-        questions = Questions(tokens, answers, num_points)
+        questions = Questions(standardised(states[:, layer], test_count), answers, num_points)
         readout = train_readout(questions[test_count:], arguments.epochs, arguments.heads, arguments.seed)
         scores.append(score_readout(readout, questions[:test_count]))
     return scores

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from marker_probe import checkpoint_tokens, refuse_non_checkpoints, render_questions
+from marker_probe import checkpoint_tokens, refuse_non_checkpoints, refuse_non_positive, render_questions
 from torch import nn
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
@@ -101,9 +101,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if min(arguments.train_questions) < 1:
         parser.error(f"--train-questions must be positive integers, got {arguments.train_questions}.")
-    for name in ("epochs", "heads"):
-        if getattr(arguments, name) < 1:
-            parser.error(f"--{name} must be a positive integer, got {getattr(arguments, name)}.")
+    refuse_non_positive(parser, arguments, ["epochs", "heads"])
     if arguments.test_questions < 2:
         parser.error("--test-questions must be at least 2 (each is also asked with another's image).")
     refuse_non_checkpoints(parser, arguments.models)
@@ -115,6 +113,13 @@ def question_labels(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     metas = [json.loads(row["meta"]) for row in rows]
     answers = torch.tensor([POINT_LETTERS.index(meta["answer_letter"]) for meta in metas])
     return answers, torch.tensor([meta["num_points"] for meta in metas])
+
+
+def standardised(tokens: torch.Tensor, test_count: int) -> torch.Tensor:
+    """(questions, tokens, hidden) scaled per channel by the statistics of the questions after the first `test_count`,
+    the ones a readout trains on."""
+    training = tokens[test_count:]
+    return (tokens - training.mean((0, 1))) / (training.std((0, 1)) + 1e-6)
 
 
 def train_readout(train: Questions, epochs: int, heads: int, seed: int) -> AttentionReadout:
@@ -144,10 +149,7 @@ def readout_curve(folder: str, rows: list[dict], arguments: argparse.Namespace) 
     """The readout's held-out scores on `folder`'s image tokens for each training-set size."""
     model, processor = load_perceptio_checkpoint(folder)
     model.eval()
-    tokens = checkpoint_tokens(model, processor, rows, "image")
-    # Standardised with the training questions' statistics.
-    training_tokens = tokens[arguments.test_questions :]
-    tokens = (tokens - training_tokens.mean((0, 1))) / (training_tokens.std((0, 1)) + 1e-6)
+    tokens = standardised(checkpoint_tokens(model, processor, rows, "image"), arguments.test_questions)
     answers, num_points = question_labels(rows)
     questions = Questions(tokens, answers, num_points)
     test, pool = questions[: arguments.test_questions], questions[arguments.test_questions :]
