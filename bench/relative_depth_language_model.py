@@ -9,7 +9,7 @@ language model's layers and its head are trained, for `--steps` steps of `--batc
 cross-entropy of the answer's letter among the question's letters. Every `--eval-every` steps it prints the held-out
 accuracy with each question's own image tokens and with another question's. With `--fresh` the language model and
 its head start from random weights of the same configuration, so what the checkpoint learned before cannot be what
-holds it back.
+holds it back. With `--two-point-steps N` the first N steps train on the held-in questions of two points alone.
 
 Each `--models` folder is a saved Perceptio checkpoint; the first is the base, and the others' final figures are
 printed as a ratio of its.
@@ -72,9 +72,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's constant learning rate")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
     parser.add_argument("--fresh", action="store_true", help="start the language model and head from random weights")
+    parser.add_argument(
+        "--two-point-steps", type=int, default=0, help="train first this many steps on questions of two points alone"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the random start and the batch order")
     arguments = parser.parse_args(argv)
     refuse_non_positive(parser, arguments, ["train_questions", "steps", "batch_size", "eval_every"])
+    if arguments.two_point_steps < 0:
+        parser.error(f"--two-point-steps must be 0 or more, got {arguments.two_point_steps}.")
     if not arguments.learning_rate > 0:
         parser.error(f"--learning-rate must be positive, got {arguments.learning_rate}.")
     if arguments.test_questions < 2:
@@ -166,9 +171,16 @@ def train_on_answers(folder: str, rows: list[dict], arguments: argparse.Namespac
     test_count = arguments.test_questions
     generator = torch.Generator().manual_seed(arguments.seed)
     evaluations = [Evaluation(0, float("nan"), *evaluate(language_model, head, sequences, test_count))]
+    held_in = torch.arange(test_count, len(rows))
+    two_points = held_in[sequences.num_points[held_in] == 2]
+    if arguments.two_point_steps and not len(two_points):
+        raise ValueError(
+            f"--two-point-steps: none of the {len(held_in)} training questions has two points; train on more of them."
+        )
     step = 0
     while step < arguments.steps:
-        order = test_count + torch.randperm(len(rows) - test_count, generator=generator)
+        pool = two_points if step < arguments.two_point_steps else held_in
+        order = pool[torch.randperm(len(pool), generator=generator)]
         for questions in order.split(arguments.batch_size):
             loss = nn.functional.cross_entropy(
                 letter_logits(language_model, head, sequences, questions), sequences.answers[questions]
@@ -181,7 +193,7 @@ def train_on_answers(folder: str, rows: list[dict], arguments: argparse.Namespac
                 own, other = evaluate(language_model, head, sequences, test_count)
                 evaluations.append(Evaluation(step, loss.item(), own, other))
                 print(f"{folder}: step {step}, own image {own:.3f}, another {other:.3f}", file=sys.stderr, flush=True)
-            if step == arguments.steps:
+            if step in (arguments.steps, arguments.two_point_steps):
                 break
     return evaluations
 
@@ -191,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = render_questions(arguments.test_questions + arguments.train_questions)
     runs = [train_on_answers(folder, rows, arguments) for folder in arguments.models]
     start = "random weights" if arguments.fresh else "the checkpoint's weights"
-    print(f"{arguments.test_questions} held-out relative-depth questions; language model from {start}")
+    two_points = (
+        f", the first {arguments.two_point_steps} steps on two points alone" if arguments.two_point_steps else ""
+    )
+    print(f"{arguments.test_questions} held-out relative-depth questions; language model from {start}{two_points}")
     print("| checkpoint | step | passes | training loss | own image | another image |")
     print("| --- | --- | --- | --- | --- | --- |")
     for folder, evaluations in zip(arguments.models, runs):

@@ -89,6 +89,27 @@ def test_prints_the_evaluations_of_each_checkpoint_and_the_ratio_to_the_base(ben
     assert re.search(r"/ base, own image after 3 steps: (1\.00|nan)", printed)
 
 
+def test_a_two_point_start_is_announced_and_refused_without_two_point_questions(bench, capsys):
+    folder = str(embedded_checkpoint_path())
+    arguments = [
+        "--models",
+        folder,
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--two-point-steps",
+        "2",
+    ]
+    assert bench.main([*arguments, "--train-questions", "6", "--test-questions", "4"]) == 0
+    assert "the first 2 steps on two points alone" in capsys.readouterr().out
+    # The third rendered question, the only one trained on here, has three points.
+    with pytest.raises(ValueError, match="none of the 1 training questions has two points"):
+        bench.main([*arguments, "--train-questions", "1", "--test-questions", "2"])
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -98,6 +119,7 @@ def test_prints_the_evaluations_of_each_checkpoint_and_the_ratio_to_the_base(ben
         (["--batch-size", "0"], "--batch-size"),
         (["--eval-every", "0"], "--eval-every"),
         (["--learning-rate", "0"], "--learning-rate"),
+        (["--two-point-steps", "-1"], "--two-point-steps"),
     ],
 )
 def test_bad_arguments_are_refused_with_what_was_wrong(bench, arguments, message, capsys):
