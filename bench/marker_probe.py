@@ -84,11 +84,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return arguments
 
 
-def refuse_non_checkpoints(parser: argparse.ArgumentParser, folders: list[str]) -> None:
-    """Exit through `parser` naming the first of `--models` that is not a saved checkpoint folder."""
+def refuse_non_checkpoints(parser: argparse.ArgumentParser, folders: list[str], option: str = "--models") -> None:
+    """Exit through `parser` naming the first of `folders` (given as `option`) that is not a saved checkpoint folder."""
     for folder in folders:
         if not (Path(folder) / "config.json").is_file():
-            parser.error(f"--models: {folder} is not a saved checkpoint (no config.json).")
+            parser.error(f"{option}: {folder} is not a saved checkpoint (no config.json).")
 
 
 def refuse_non_positive(parser: argparse.ArgumentParser, arguments: argparse.Namespace, names: list[str]) -> None:

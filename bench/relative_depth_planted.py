@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from marker_probe import refuse_non_positive
+from marker_probe import refuse_non_checkpoints, refuse_non_positive
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
@@ -41,6 +41,7 @@ NOISE_STD = 0.1
 # Log metric depth range of the planted cells (metres 2 to 10) and the depth block's number of code levels.
 LOG_DEPTH_RANGE = (0.7, 2.3)
 DEPTH_CODE_LEVELS = 16
+# The marked flag and the depth sit a few channels past the letters' one-hot.
 MARKED_CHANNEL = len(POINT_LETTERS) + 3
 DEPTH_CHANNEL = MARKED_CHANNEL + 1
 WEIGHT_DECAY = 0.01
@@ -100,8 +101,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--learning-rate must be positive, got {arguments.learning_rate}.")
     if arguments.test_questions < 2:
         parser.error("--test-questions must be at least 2 (each is also asked with another's image tokens).")
-    if not (Path(arguments.model) / "config.json").is_file():
-        parser.error(f"--model: {arguments.model} is not a saved checkpoint (no config.json).")
+    refuse_non_checkpoints(parser, [arguments.model], "--model")
     return arguments
 
 
