@@ -62,21 +62,21 @@ class Evaluation:
     other: float
 
 
-def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="checkpoint folders; the first is the base")
-    parser.add_argument("--train-questions", type=int, default=4500, help="questions the language model trains on")
-    parser.add_argument("--test-questions", type=int, default=500, help="held-out questions")
+def add_letter_training_options(parser: argparse.ArgumentParser, questions: str) -> None:
+    """The options of a run that trains on relative-depth letters (`questions` names what is trained on)."""
+    parser.add_argument("--train-questions", type=int, default=4500, help=f"{questions} trained on")
+    parser.add_argument("--test-questions", type=int, default=500, help=f"held-out {questions}")
     parser.add_argument("--steps", type=int, default=1500, help="training steps")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's constant learning rate")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-    parser.add_argument("--fresh", action="store_true", help="start the language model and head from random weights")
     parser.add_argument(
         "--two-point-steps", type=int, default=0, help="train first this many steps on questions of two points alone"
     )
-    parser.add_argument("--seed", type=int, default=0, help="the random start and the batch order")
-    arguments = parser.parse_args(argv)
+
+
+def check_letter_training_options(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
+    """Exit through `parser` naming the first option of `add_letter_training_options` out of its range."""
     refuse_non_positive(parser, arguments, ["train_questions", "steps", "batch_size", "eval_every"])
     if arguments.two_point_steps < 0:
         parser.error(f"--two-point-steps must be 0 or more, got {arguments.two_point_steps}.")
@@ -84,6 +84,34 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--learning-rate must be positive, got {arguments.learning_rate}.")
     if arguments.test_questions < 2:
         parser.error("--test-questions must be at least 2 (each is also asked with another's image tokens).")
+
+
+def two_point_start(arguments: argparse.Namespace) -> str:
+    """How the summary line names a two-point start, empty without one."""
+    steps = arguments.two_point_steps
+    return f", the first {steps} steps on two points alone" if steps else ""
+
+
+def evaluation_rows(label, evaluations: list[Evaluation], arguments: argparse.Namespace) -> list[str]:
+    """One markdown table row per evaluation of one run: `label`, step, passes, training loss, own, another."""
+    rows = []
+    for evaluation in evaluations:
+        passes = evaluation.step * arguments.batch_size / arguments.train_questions
+        rows.append(
+            f"| {label} | {evaluation.step} | {passes:.1f} | {evaluation.train_loss:.3f} "
+            f"| {evaluation.own:.3f} | {evaluation.other:.3f} |"
+        )
+    return rows
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="checkpoint folders; the first is the base")
+    add_letter_training_options(parser, "questions")
+    parser.add_argument("--fresh", action="store_true", help="start the language model and head from random weights")
+    parser.add_argument("--seed", type=int, default=0, help="the random start and the batch order")
+    arguments = parser.parse_args(argv)
+    check_letter_training_options(parser, arguments)
     refuse_non_checkpoints(parser, arguments.models)
     return arguments
 
@@ -203,19 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = render_questions(arguments.test_questions + arguments.train_questions)
     runs = [train_on_answers(folder, rows, arguments) for folder in arguments.models]
     start = "random weights" if arguments.fresh else "the checkpoint's weights"
-    two_points = (
-        f", the first {arguments.two_point_steps} steps on two points alone" if arguments.two_point_steps else ""
+    print(
+        f"{arguments.test_questions} held-out relative-depth questions; language model from {start}"
+        f"{two_point_start(arguments)}"
     )
-    print(f"{arguments.test_questions} held-out relative-depth questions; language model from {start}{two_points}")
     print("| checkpoint | step | passes | training loss | own image | another image |")
     print("| --- | --- | --- | --- | --- | --- |")
     for folder, evaluations in zip(arguments.models, runs):
-        for evaluation in evaluations:
-            passes = evaluation.step * arguments.batch_size / arguments.train_questions
-            print(
-                f"| {folder} | {evaluation.step} | {passes:.1f} | {evaluation.train_loss:.3f} "
-                f"| {evaluation.own:.3f} | {evaluation.other:.3f} |"
-            )
+        print("\n".join(evaluation_rows(folder, evaluations, arguments)))
     base = runs[0][-1].own
     for folder, evaluations in zip(arguments.models[1:], runs[1:]):
         ratio = evaluations[-1].own / base if base else float("nan")

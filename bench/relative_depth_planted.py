@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from marker_probe import refuse_non_checkpoints, refuse_non_positive
+from marker_probe import refuse_non_checkpoints
+from relative_depth_language_model import (
+    Evaluation,
+    add_letter_training_options,
+    check_letter_training_options,
+    evaluation_rows,
+    two_point_start,
+)
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
@@ -67,40 +74,16 @@ class PlantedQuestions:
         return len(self.answers)
 
 
-@dataclass
-class Evaluation:
-    """Held-out accuracy after `step` training steps, with each question's own image tokens and with another's."""
-
-    step: int
-    train_loss: float
-    own: float
-    other: float
-
-
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model", default=str(embedded_checkpoint_path()), help="checkpoint whose text configuration is trained"
     )
-    parser.add_argument("--train-questions", type=int, default=4500, help="planted questions trained on")
-    parser.add_argument("--test-questions", type=int, default=500, help="held-out planted questions")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's constant learning rate")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
+    add_letter_training_options(parser, "planted questions")
     parser.add_argument("--depth-block", action="store_true", help="put 64 depth codes between image and answer")
-    parser.add_argument(
-        "--two-point-steps", type=int, default=0, help="train first this many steps on questions of two points alone"
-    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed: weights, data, order")
     arguments = parser.parse_args(argv)
-    refuse_non_positive(parser, arguments, ["train_questions", "steps", "batch_size", "eval_every"])
-    if arguments.two_point_steps < 0:
-        parser.error(f"--two-point-steps must be 0 or more, got {arguments.two_point_steps}.")
-    if not arguments.learning_rate > 0:
-        parser.error(f"--learning-rate must be positive, got {arguments.learning_rate}.")
-    if arguments.test_questions < 2:
-        parser.error("--test-questions must be at least 2 (each is also asked with another's image tokens).")
+    check_letter_training_options(parser, arguments)
     refuse_non_checkpoints(parser, [arguments.model], "--model")
     return arguments
 
@@ -229,20 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     text_config = text_configuration(arguments.model)
     runs = [train_reader(text_config, arguments, seed) for seed in arguments.seeds]
     block = "with" if arguments.depth_block else "without"
-    start = f", the first {arguments.two_point_steps} steps on two points alone" if arguments.two_point_steps else ""
     print(
-        f"{arguments.test_questions} held-out planted questions, {block} a depth block{start}; "
+        f"{arguments.test_questions} held-out planted questions, {block} a depth block{two_point_start(arguments)}; "
         f"{text_config.num_hidden_layers} layers of width {text_config.hidden_size} from random weights"
     )
     print("| seed | step | passes | training loss | own image | another image |")
     print("| --- | --- | --- | --- | --- | --- |")
     for seed, evaluations in zip(arguments.seeds, runs):
-        for evaluation in evaluations:
-            passes = evaluation.step * arguments.batch_size / arguments.train_questions
-            print(
-                f"| {seed} | {evaluation.step} | {passes:.1f} | {evaluation.train_loss:.3f} "
-                f"| {evaluation.own:.3f} | {evaluation.other:.3f} |"
-            )
+        print("\n".join(evaluation_rows(seed, evaluations, arguments)))
     return 0
 
 

@@ -1,8 +1,14 @@
-"""Shared fixtures: a tiny Perceptio (random weights, real tokenizer, real SAM2) built once per session."""
+"""Shared fixtures: a tiny Perceptio (random weights, real tokenizer, real SAM2) built once per session; and the
+loading of a bench/ script as a module."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -11,6 +17,28 @@ import torch
 from perceptio.data.seg_attributes import add_seg_attribute_column
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.tiny_models import build_tiny_perceptio
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_script(name: str) -> Iterator[ModuleType]:
+    """Yield bench/`name`.py loaded as a module the way running it from bench/ loads it (its imports of sibling
+    scripts resolve), for a fixture to `yield from`; afterwards bench/ leaves the path and every bench/ module loaded
+    meanwhile leaves `sys.modules`."""
+    sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclasses look their module up in sys.modules.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+        for loaded, value in list(sys.modules.items()):
+            if Path(getattr(value, "__file__", None) or "").parent == BENCH_DIR:
+                del sys.modules[loaded]
 
 
 @pytest.fixture(scope="session")

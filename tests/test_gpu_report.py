@@ -3,13 +3,13 @@ checked); a missing feature or a spent time budget gives one line and an "unavai
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -19,13 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_report.py"
 
 @pytest.fixture(scope="module")
 def gpu_report():
-    spec = importlib.util.spec_from_file_location("gpu_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # Its dataclasses look their module up by name.
-    sys.modules["gpu_report"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["gpu_report"]
+    yield from bench_script("gpu_report")
 
 
 def table_cells(markdown: str) -> list[list[str]]:

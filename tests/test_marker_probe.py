@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.embedded_checkpoint import embedded_checkpoint_path
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "marker_probe.py"
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("marker_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # Its dataclasses look their module up in sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from bench_script("marker_probe")
 
 
 def test_prints_each_checkpoints_probes_and_the_ratio_to_the_base(bench, capsys):

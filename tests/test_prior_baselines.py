@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import datasets
 import pytest
+from conftest import bench_script
 
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "prior_baselines.py"
-
-
 @pytest.fixture(scope="module")
 def prior_baselines():
-    spec = importlib.util.spec_from_file_location("prior_baselines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from bench_script("prior_baselines")
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,14 @@ swapped-image control."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reading_stage_vision.py"
 TINY = [
     "num_threads=1",
     "render_processes=1",
@@ -28,10 +27,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("reading_stage_vision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from bench_script("reading_stage_vision")
 
 
 @pytest.mark.parametrize(

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.embedded_checkpoint import embedded_checkpoint_path
 
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-SIBLINGS = ("relative_depth_language_model", "relative_depth_layers", "relative_depth_readout", "marker_probe")
-
-
 @pytest.fixture(scope="module")
 def bench():
-    # The script imports its siblings, as it does when run from bench/.
-    sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(SIBLINGS[0], BENCH_DIR / f"{SIBLINGS[0]}.py")
-    module = importlib.util.module_from_spec(spec)
-    # Its dataclasses look their module up in sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    for name in SIBLINGS:
-        sys.modules.pop(name, None)
-    sys.path.remove(str(BENCH_DIR))
+    yield from bench_script("relative_depth_language_model")
 
 
 @pytest.fixture(scope="module")

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 from perceptio.embedded_checkpoint import embedded_checkpoint_path
 
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-
-
 @pytest.fixture(scope="module")
 def bench():
-    # The script imports its sibling marker_probe.py, as it does when run from bench/.
-    sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location("relative_depth_readout", BENCH_DIR / "relative_depth_readout.py")
-    module = importlib.util.module_from_spec(spec)
-    # Its dataclasses look their module up in sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-    sys.path.remove(str(BENCH_DIR))
+    yield from bench_script("relative_depth_readout")
 
 
 def planted_questions(bench, count: int, seed: int):

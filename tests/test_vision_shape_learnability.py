@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+from conftest import bench_script
 
 from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, build_recipe_processor
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "vision_shape_learnability.py"
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("vision_shape_learnability", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from bench_script("vision_shape_learnability")
 
 
 def test_prints_both_classifiers_beside_the_majority_shape(bench, capsys):
