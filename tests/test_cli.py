@@ -81,6 +81,10 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-num-layers", "3"]) == 0
     assert received["recipe"].vision_num_layers == 3
     assert main([*arguments, "--vision-num-layers", "0"]) == 2
+    assert received["recipe"].text_num_attention_heads == defaults.text_num_attention_heads
+    assert main([*arguments, "--text-num-attention-heads", "8"]) == 0
+    assert received["recipe"].text_num_attention_heads == 8
+    assert main([*arguments, "--text-num-attention-heads", "5"]) == 2, "5 heads do not divide a width of 192"
     assert main([*arguments, "--seg-prompt-loss-weight", "0.5"]) == 0
     assert received["recipe"].seg_prompt_loss_weight == 0.5
     assert main([*arguments, "--seg-prompt-loss-weight", "-2"]) == 2

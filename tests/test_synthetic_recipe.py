@@ -336,6 +336,20 @@ def test_the_recipe_sizes_the_vision_tower():
     assert len(model.model.vision_tower.encoder.layer) == 3
 
 
+def test_the_recipe_sets_the_language_models_heads():
+    processor = build_recipe_processor(SyntheticTinyRecipe(**SMOKE))
+    tokenizer = PerceptioDepthTokenizer(SyntheticTinyRecipe(**SMOKE).depth_tokenizer_config())
+    default = build_recipe_model(SyntheticTinyRecipe(**SMOKE), processor, tokenizer).config.text_config
+    assert default.num_attention_heads == default.hidden_size // 48
+    model = build_recipe_model(SyntheticTinyRecipe(**SMOKE, text_num_attention_heads=8), processor, tokenizer)
+    text = model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads) == (8, 8)
+    assert model.model.language_model.layers[0].self_attn.head_dim == text.hidden_size // 8
+    for heads in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="text_num_attention_heads"):
+            SyntheticTinyRecipe(text_hidden_size=192, text_num_attention_heads=heads)
+
+
 @pytest.mark.parametrize("curriculum", [((0, 10),), ((7, 10),), ((1, 0),), ((1,),), (5,), ((1.5, 10),)])
 def test_reading_curriculum_phases_are_validated(curriculum):
     with pytest.raises(ValueError, match="reading_curriculum"):

@@ -61,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: transformer layers of the vision tower (default 4)",
     )
     parser.add_argument(
+        "--text-num-attention-heads",
+        type=int,
+        help="with --recipe: attention heads of the language model, dividing its width of 192 (default 4)",
+    )
+    parser.add_argument(
         "--seg-prompt-loss-weight",
         type=float,
         help="with --recipe: weight of loss_seg_prompt, which pulls each [SEG] prompt toward the grounding stage's "
@@ -165,6 +170,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "vision_pretraining_steps": args.vision_pretraining_steps,
         "vision_marked_share": args.vision_marked_share,
         "vision_num_layers": args.vision_num_layers,
+        "text_num_attention_heads": args.text_num_attention_heads,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,
         "mask_decoder_steps": args.mask_decoder_steps,
         "freeze_vision_tower": args.freeze_vision_tower,

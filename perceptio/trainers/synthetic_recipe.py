@@ -158,6 +158,8 @@ class SyntheticTinyRecipe:
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
     text_num_layers: int = 4
+    # None: one head per 48 channels of `text_hidden_size`.
+    text_num_attention_heads: int | None = None
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
     vision_num_layers: int = 4
@@ -239,6 +241,14 @@ class SyntheticTinyRecipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        heads = self.text_num_attention_heads
+        if heads is not None and (
+            not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or self.text_hidden_size % heads
+        ):
+            raise ValueError(
+                f"text_num_attention_heads must be None or a positive integer dividing text_hidden_size "
+                f"({self.text_hidden_size}), got {heads!r}."
+            )
         if self.render_processes is not None and (
             not isinstance(self.render_processes, int)
             or isinstance(self.render_processes, bool)
@@ -373,7 +383,7 @@ def build_recipe_model(
     vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
     sam2_config = tiny_sam2_config()
     sam2_config.mask_decoder_config.dynamic_multimask_via_stability = False
-    heads = max(1, recipe.text_hidden_size // 48)
+    heads = recipe.text_num_attention_heads or max(1, recipe.text_hidden_size // 48)
     config = PerceptioConfig(
         text_config={
             "model_type": "qwen2",
