@@ -1,0 +1,60 @@
+"""bench/paired_evaluations.py: two evaluations of the same questions compared question by question."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import bench_script
+
+
+@pytest.fixture(scope="module")
+def paired_evaluations():
+    yield from bench_script("paired_evaluations")
+
+
+def write_samples(folder, records):
+    folder.mkdir()
+    (folder / "synthetic_samples.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
+def colour_and_referring(correct, counts):
+    answers = [{"sample_id": str(i), "task": "vqa_colour", "correct": value} for i, value in enumerate(correct)]
+    masks = [
+        {"sample_id": f"r{i}", "task": "referring", "intersection": inter, "union": union}
+        for i, (inter, union) in enumerate(counts)
+    ]
+    return answers + masks
+
+
+def test_prints_the_paired_difference_and_its_standard_error(paired_evaluations, tmp_path, capsys):
+    baseline = write_samples(tmp_path / "a", colour_and_referring([1, 0, 0, 1], [(10, 20), (0, 20)]))
+    candidate = write_samples(tmp_path / "b", colour_and_referring([1, 1, 0, 1], [(20, 20), (10, 20)]))
+    assert paired_evaluations.main(["--baseline", str(baseline), "--candidate", str(candidate)]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines()}
+    # Differences 0, 1, 0, 0: mean 0.25, sample standard deviation 0.5, over sqrt(4).
+    assert rows["vqa_colour accuracy"] == "| vqa_colour accuracy | 4 | 0.500 | 0.750 | +0.250 ± 0.250 |"
+    assert rows["referring cIoU"].startswith("| referring cIoU | 2 | 0.250 | 0.750 | +0.500 ± ")
+    assert "n/a" in rows["vqa_shape accuracy"]
+
+
+def test_an_evaluation_against_itself_differs_by_nothing(paired_evaluations, tmp_path):
+    records = colour_and_referring([1, 0, 1, 1, 0], [(3, 9), (5, 6), (0, 4)])
+    samples = paired_evaluations.read_samples(write_samples(tmp_path / "a", records))
+    assert paired_evaluations.paired_accuracy(samples, samples, "vqa_colour")["difference"] == 0
+    figures = paired_evaluations.paired_ciou(samples, samples, resamples=50)
+    assert figures["difference"] == 0 and figures["difference_se"] == 0
+
+
+def test_refuses_evaluations_of_different_questions(paired_evaluations, tmp_path, capsys):
+    baseline = write_samples(tmp_path / "a", colour_and_referring([1, 0], []))
+    candidate = write_samples(tmp_path / "b", colour_and_referring([1, 0, 1], []))
+    assert paired_evaluations.main(["--baseline", str(baseline), "--candidate", str(candidate)]) == 2
+    assert "different samples" in capsys.readouterr().err
+
+
+def test_names_a_folder_without_samples(paired_evaluations, tmp_path, capsys):
+    baseline = write_samples(tmp_path / "a", colour_and_referring([1], []))
+    assert paired_evaluations.main(["--baseline", str(baseline), "--candidate", str(tmp_path / "missing")]) == 2
+    assert "missing/synthetic_samples.jsonl does not exist" in capsys.readouterr().err
