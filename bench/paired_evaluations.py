@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from perceptio.evaluation.runners.synthetic import ANSWER_TASKS, mean_and_standard_error
-from perceptio.evaluation.segmentation_metrics import ciou
+from perceptio.evaluation.segmentation_metrics import EMPTY_SAMPLE_IOU, ciou
 
 
 SAMPLES_FILE = "synthetic_samples.jsonl"
@@ -74,8 +74,9 @@ def paired_accuracy(baseline: dict[str, dict], candidate: dict[str, dict], task:
 
 
 def pooled_iou(totals: np.ndarray) -> np.ndarray:
-    """cIoU of each row of (total intersection, total union), 1 where the union is empty (as `ciou`)."""
-    return np.divide(totals[:, 0], totals[:, 1], out=np.ones(len(totals)), where=totals[:, 1] > 0)
+    """cIoU of each row of (total intersection, total union), `EMPTY_SAMPLE_IOU` where the union is empty (as `ciou`)."""
+    empty = np.full(len(totals), EMPTY_SAMPLE_IOU)
+    return np.divide(totals[:, 0], totals[:, 1], out=empty, where=totals[:, 1] > 0)
 
 
 def paired_ciou(

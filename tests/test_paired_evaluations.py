@@ -47,6 +47,17 @@ def test_an_evaluation_against_itself_differs_by_nothing(paired_evaluations, tmp
     assert figures["difference"] == 0 and figures["difference_se"] == 0
 
 
+def test_the_cious_standard_error_is_its_bootstrap_spread(paired_evaluations, tmp_path):
+    baseline = paired_evaluations.read_samples(write_samples(tmp_path / "a", colour_and_referring([], [(0, 10)] * 2)))
+    candidate = paired_evaluations.read_samples(
+        write_samples(tmp_path / "b", colour_and_referring([], [(10, 10), (0, 10)]))
+    )
+    figures = paired_evaluations.paired_ciou(baseline, candidate, resamples=4000)
+    # A draw of two questions differs by 1 (the first twice), 0 (the second twice) or 0.5: standard deviation 0.354.
+    assert figures["difference"] == 0.5
+    assert figures["difference_se"] == pytest.approx(0.354, abs=0.02)
+
+
 def test_refuses_evaluations_of_different_questions(paired_evaluations, tmp_path, capsys):
     baseline = write_samples(tmp_path / "a", colour_and_referring([1, 0], []))
     candidate = write_samples(tmp_path / "b", colour_and_referring([1, 0, 1], []))

@@ -104,6 +104,8 @@ RECIPE_TASK_WEIGHTS = {
 EVALUATION_SPLITS = ("validation", "test")
 GROUNDING_EVAL_SCENES = 200
 VISION_EVAL_SCENES = 200
+# Channels per attention head of the language model when the recipe does not set its head count.
+DEFAULT_TEXT_HEAD_CHANNELS = 48
 DEPTH_LOSS_WEIGHT_FIELDS = loss_weight_fields("depth")
 
 
@@ -158,7 +160,7 @@ class SyntheticTinyRecipe:
     text_hidden_size: int = 192
     text_intermediate_size: int = 512
     text_num_layers: int = 4
-    # None: one head per 48 channels of `text_hidden_size`.
+    # None: one head per `DEFAULT_TEXT_HEAD_CHANNELS` of `text_hidden_size`.
     text_num_attention_heads: int | None = None
     vision_hidden_size: int = 64
     vision_patch_size: int = 8
@@ -383,7 +385,7 @@ def build_recipe_model(
     vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
     sam2_config = tiny_sam2_config()
     sam2_config.mask_decoder_config.dynamic_multimask_via_stability = False
-    heads = recipe.text_num_attention_heads or max(1, recipe.text_hidden_size // 48)
+    heads = recipe.text_num_attention_heads or max(1, recipe.text_hidden_size // DEFAULT_TEXT_HEAD_CHANNELS)
     config = PerceptioConfig(
         text_config={
             "model_type": "qwen2",
