@@ -14,7 +14,12 @@ from perceptio.trainers.projector_from_probes import (
     token_features,
     vision_patch_size,
 )
-from perceptio.trainers.vision_pretraining import BACKGROUND, render_patch_labelled_scenes
+from perceptio.trainers.vision_pretraining import (
+    BACKGROUND,
+    NUM_TALLY_CLASSES,
+    TALLY_GROUPS,
+    render_patch_labelled_scenes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,20 @@ def test_the_letter_probe_is_scored_on_the_cells_of_marked_points(fitted, tiny_p
     ]
     result = fit_projector_from_probes(model, *marked, steps=20, batch_size=16, logging_steps=20)
     assert 0.0 <= result.marker_letter <= 1.0
+
+
+def test_the_tally_probes_join_the_projectors_vocabulary(fitted, tiny_pair, cell_scenes):
+    assert fitted[2].attribute_tally is None and fitted[2].object_tally is None
+    model = copy.deepcopy(tiny_pair[0])
+    result = fit_projector_from_probes(model, *cell_scenes, steps=20, batch_size=16, logging_steps=20, tallies=True)
+    assert 0.0 <= result.attribute_tally <= 1.0 and 0.0 <= result.object_tally <= 1.0
+    num_classes = sum(probe_class_counts(tallies=True).values())
+    assert num_classes == sum(probe_class_counts().values()) + len(TALLY_GROUPS) * NUM_TALLY_CLASSES
+    with torch.no_grad():
+        tokens = model.model.get_image_features(pixel_values=cell_scenes[1].pixel_values).pooler_output.flatten(0, 1)
+    assert sum(probe_class_counts().values()) < torch.linalg.matrix_rank(tokens, rtol=1e-4) <= num_classes
+    with pytest.raises(ValueError, match="tallies"):
+        fit_projector_from_probes(model, *cell_scenes, steps=1, tallies=1)
 
 
 def test_background_and_object_cells_get_different_tokens(fitted, cell_scenes):

@@ -264,6 +264,15 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=10, freeze_vision_tower=True, vision_tower_learning_rate=1e-4)
     with pytest.raises(ValueError, match="question_before_image"):
         SyntheticTinyRecipe(question_before_image="yes")
+    with pytest.raises(ValueError, match="vision_tally_probes"):
+        SyntheticTinyRecipe(vision_tally_probes="yes")
+    with pytest.raises(ValueError, match="vision_tally_probes trains"):
+        SyntheticTinyRecipe(
+            vision_pretraining_steps=0,
+            freeze_vision_tower=False,
+            projector_from_probes=False,
+            vision_tally_probes=True,
+        )
     for share in (-0.5, 2, None):
         with pytest.raises(ValueError, match="vision_marked_share"):
             SyntheticTinyRecipe(vision_marked_share=share)

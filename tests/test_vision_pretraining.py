@@ -14,11 +14,15 @@ from perceptio.trainers.vision_pretraining import (
     BACKGROUND,
     NUM_DEPTH_BINS,
     NUM_MARKER_CLASSES,
+    NUM_TALLY_CLASSES,
     PATCH_ATTRIBUTES,
+    TALLY_GROUPS,
+    PatchLabelledScenes,
     VisionProbeHeads,
     balanced_marker_loss,
     depth_bin_edges,
     patch_majority,
+    patch_tallies,
     patch_targets,
     pooled_object_features,
     pretrain_vision_tower,
@@ -122,6 +126,47 @@ def test_targets_mark_background_with_the_extra_class_and_fill_every_depth_bin(s
         assert (targets[name][background] == num_classes).all() and (targets[name][~background] < num_classes).all()
     counts = torch.bincount(targets["depth_bin"].flatten(), minlength=NUM_DEPTH_BINS)
     assert len(counts) == NUM_DEPTH_BINS and (counts > 0).all()
+
+
+def test_tallies_count_the_visible_objects_that_share_each_patch_objects_attributes():
+    # Objects (colour, shape, size): 0 red small cube, 1 red large cube, 2 blue small cube, 3 red small cube hidden
+    # from view (no pixel shows it, so the count questions do not count it), then a padding row.
+    attributes = torch.tensor([[[0, 1, 0], [0, 1, 1], [2, 1, 0], [0, 1, 0], [0, 0, 0]]])
+    visible = torch.tensor([[True, True, True, False, False]])
+    objects = torch.tensor([[0, 1, 2, BACKGROUND, 0]])
+    scenes = PatchLabelledScenes(
+        torch.zeros(1, 3, 4, 4), objects, attributes, visible, torch.ones(1, 5), torch.full((1, 5), BACKGROUND)
+    )
+    tallies = patch_tallies(scenes, torch.tensor([0]))
+    assert set(tallies) == set(TALLY_GROUPS)
+    assert tallies["colour_tally"].tolist() == [[2, 2, 1, 0, 2]]
+    assert tallies["shape_tally"].tolist() == [[3, 3, 3, 0, 3]]
+    assert tallies["size_shape_tally"].tolist() == [[2, 1, 2, 0, 2]]
+    assert tallies["colour_shape_tally"].tolist() == [[2, 2, 1, 0, 2]]
+    assert tallies["object_tally"].tolist() == [[3] * 5], "every patch, the background's too, counts the scene"
+
+
+def test_rendered_scenes_tally_their_visible_objects(scenes):
+    train, _ = scenes
+    targets = patch_targets(train, torch.arange(len(train)), depth_bin_edges(train))
+    assert torch.equal(targets["object_tally"][:, 0], train.object_visible.sum(1))
+    foreground = train.patch_objects != BACKGROUND
+    for name in TALLY_GROUPS:
+        assert (targets[name] < NUM_TALLY_CLASSES).all()
+        if name != "object_tally":
+            assert (targets[name][foreground] >= 1).all() and (targets[name][~foreground] == 0).all()
+    assert (targets["object_tally"] >= targets["shape_tally"]).all()
+
+
+def test_the_tally_probes_learn_and_are_scored_only_when_asked_for(scenes, tiny_model):
+    train, evaluation = scenes
+    without = pretrain_vision_tower(tiny_model, train, evaluation, steps=1)
+    assert without.final.attribute_tally is None and without.final.object_tally is None
+    result = pretrain_vision_tower(tiny_model, train, train, steps=60, batch_size=16, logging_steps=60, tallies=True)
+    assert result.final.attribute_tally > result.initial.attribute_tally + 0.1
+    assert 0.0 <= result.final.object_tally <= 1.0
+    with pytest.raises(ValueError, match="tallies"):
+        pretrain_vision_tower(tiny_model, train, evaluation, steps=1, tallies="yes")
 
 
 def test_pooled_features_average_each_object_patches():

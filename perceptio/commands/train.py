@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "relative-depth questions mark them, whose patches learn the marked point's letter (default 0: none)",
     )
     parser.add_argument(
+        "--vision-tally-probes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --recipe: train the vision tower's patches and the projector's probes to say how many objects share "
+        "their object's colour, shape, size and shape, colour and shape, and how many the scene holds (default: off)",
+    )
+    parser.add_argument(
         "--vision-num-layers",
         type=int,
         help="with --recipe: transformer layers of the vision tower (default 4)",
@@ -169,6 +176,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "num_train": args.num_train,
         "vision_pretraining_steps": args.vision_pretraining_steps,
         "vision_marked_share": args.vision_marked_share,
+        "vision_tally_probes": args.vision_tally_probes,
         "vision_num_layers": args.vision_num_layers,
         "text_num_attention_heads": args.text_num_attention_heads,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,

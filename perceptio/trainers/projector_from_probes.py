@@ -7,8 +7,9 @@ a frozen pretrained tower read through a projector trained from random with the 
 half of the reading stage's colour questions, and read through its own probes' class probabilities most of them (see
 docs/training.md). This stage fits, on the frozen tower's pixel-shuffled token features, one linear probe per
 attribute (colour, shape, size, each with a background class), one for the depth bin of each token's cell and, when
-the scenes have marked points, one for the letter of a marked point in it (with a none class), each class a
-one-vs-rest logistic classifier, and writes them into InternVL's projector, unchanged in form, with its
+the scenes have marked points, one for the letter of a marked point in it (with a none class) and, with `tallies`, the
+vision pretraining's tally probes (how many objects share the cell's object's colour, shape, size and shape, colour
+and shape, and how many the scene holds), each class a one-vs-rest logistic classifier, and writes them into InternVL's projector, unchanged in form, with its
 activation set to the sigmoid:
 
 - `layer_norm` is the probes' input normalisation;
@@ -19,7 +20,8 @@ activation set to the sigmoid:
   the projector can still learn what the probes miss.
 
 A checkpoint keeps InternVL's layout (`projector_hidden_act` "sigmoid" in its config). The held-out probe accuracies
-per token cell (foreground cells for the attributes, marked cells for the letter) are the stage's report.
+per token cell (foreground cells for the attributes and tallies, marked cells for the letter, every cell for the
+object count) are the stage's report.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from .vision_pretraining import (
     BACKGROUND,
     NUM_DEPTH_BINS,
     NUM_MARKER_CLASSES,
+    NUM_TALLY_CLASSES,
     PATCH_ATTRIBUTES,
+    TALLY_GROUPS,
     PatchLabelledScenes,
     depth_bin_edges,
     marked_patches,
@@ -55,7 +59,8 @@ PROBE_ACTIVATION = "sigmoid"
 class ProjectorProbeResult:
     """The probes' training log (step, loss) and held-out accuracies per token cell (foreground cells for colour,
     shape, size and depth bin; all cells for telling object from background; cells holding a marked point for its
-    letter, None when no held-out scene is marked)."""
+    letter, None when no held-out scene is marked; with the tally probes, foreground cells for the four attribute
+    tallies together and all cells for the object count, None without them)."""
 
     log: list[dict[str, float]]
     colour: float
@@ -64,13 +69,17 @@ class ProjectorProbeResult:
     depth_bin: float
     background: float
     marker_letter: float | None
+    attribute_tally: float | None = None
+    object_tally: float | None = None
 
 
-def probe_class_counts(with_markers: bool = False) -> dict[str, int]:
+def probe_class_counts(with_markers: bool = False, tallies: bool = False) -> dict[str, int]:
     """Each probe's number of classes: every attribute's values plus background, the depth bins, then (`with_markers`)
-    the marked point's letters plus none."""
+    the marked point's letters plus none and (`tallies`) each tally's counts."""
     counts = {**{name: count + 1 for name, count in PATCH_ATTRIBUTES.items()}, "depth_bin": NUM_DEPTH_BINS}
-    return {**counts, "marker": NUM_MARKER_CLASSES} if with_markers else counts
+    if with_markers:
+        counts["marker"] = NUM_MARKER_CLASSES
+    return {**counts, **dict.fromkeys(TALLY_GROUPS, NUM_TALLY_CLASSES)} if tallies else counts
 
 
 def has_marked_points(scenes: PatchLabelledScenes) -> bool:
@@ -107,14 +116,14 @@ def token_features(model: PerceptioForConditionalGeneration, pixel_values: torch
 
 
 class TokenProbes(nn.Module):
-    """Layer-normalised linear probes on token features, one per attribute, one for the depth bin and (`with_markers`)
-    one for the marked point's letter."""
+    """Layer-normalised linear probes on token features, one per attribute, one for the depth bin, (`with_markers`)
+    one for the marked point's letter and (`tallies`) one per tally."""
 
-    def __init__(self, feature_size: int, with_markers: bool = False):
+    def __init__(self, feature_size: int, with_markers: bool = False, tallies: bool = False):
         super().__init__()
         self.layer_norm = nn.LayerNorm(feature_size)
         self.heads = nn.ModuleDict(
-            {name: nn.Linear(feature_size, count) for name, count in probe_class_counts(with_markers).items()}
+            {name: nn.Linear(feature_size, count) for name, count in probe_class_counts(with_markers, tallies).items()}
         )
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -145,9 +154,16 @@ def token_probe_accuracy(
     foreground = scenes.patch_objects != BACKGROUND
     correct = {name: logits[name].argmax(-1) == targets[name] for name in logits}
     marked = marked_patches(targets)
-    accuracy = {name: float(correct[name][foreground].float().mean()) for name in logits if name != "marker"}
+    per_cell = [name for name in logits if name != "marker" and name not in TALLY_GROUPS]
+    accuracy = {name: float(correct[name][foreground].float().mean()) for name in per_cell}
     scored = "marker" in logits and marked.any()
     accuracy["marker_letter"] = float(correct["marker"][marked].float().mean()) if scored else None
+    attribute_tallies = [
+        correct[name][foreground] for name in TALLY_GROUPS if name in logits and name != "object_tally"
+    ]
+    if attribute_tallies:
+        accuracy["attribute_tally"] = float(torch.cat(attribute_tallies).float().mean())
+        accuracy["object_tally"] = float(correct["object_tally"].float().mean())
     predicted_background = logits["colour"].argmax(-1) == PATCH_ATTRIBUTES["colour"]
     accuracy["background"] = float((predicted_background == ~foreground).float().mean())
     return accuracy
@@ -163,10 +179,10 @@ def check_cell_labels(model: PerceptioForConditionalGeneration, scenes: PatchLab
         )
 
 
-def check_projector_width(model: PerceptioForConditionalGeneration, with_markers: bool) -> None:
+def check_projector_width(model: PerceptioForConditionalGeneration, with_markers: bool, tallies: bool) -> None:
     """The projector's hidden channels must hold one channel per probe class."""
     channels = model.model.multi_modal_projector.linear_1.out_features
-    num_classes = sum(probe_class_counts(with_markers).values())
+    num_classes = sum(probe_class_counts(with_markers, tallies).values())
     if num_classes > channels:
         raise ValueError(
             f"The projector has {channels} hidden channels, fewer than the {num_classes} probe classes it must hold."
@@ -214,27 +230,31 @@ def fit_projector_from_probes(
     learning_rate: float = 3e-3,
     seed: int = 0,
     logging_steps: int = 50,
+    tallies: bool = False,
 ) -> ProjectorProbeResult:
     """Fit token-cell probes on the frozen vision tower and write them into the projector (whose activation becomes
     the sigmoid).
 
     The scenes must be labelled per token cell (`render_patch_labelled_scenes` with the model's `token_cell_size`).
-    A letter probe is fitted when the training scenes have marked points. The vision tower is not changed.
+    A letter probe is fitted when the training scenes have marked points, the tally probes with `tallies`. The
+    vision tower is not changed.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    if not isinstance(tallies, bool):
+        raise ValueError(f"tallies must be True or False, got {tallies!r}.")
     with_markers = has_marked_points(train_scenes)
-    check_projector_width(model, with_markers)
+    check_projector_width(model, with_markers, tallies)
     check_cell_labels(model, train_scenes)
     check_cell_labels(model, eval_scenes)
     torch.manual_seed(seed)
     train_features = scene_token_features(model, train_scenes)
     eval_features = scene_token_features(model, eval_scenes)
     edges = depth_bin_edges(train_scenes)
-    probes = TokenProbes(train_features.shape[-1], with_markers)
+    probes = TokenProbes(train_features.shape[-1], with_markers, tallies)
     optimizer = torch.optim.Adam(probes.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
 

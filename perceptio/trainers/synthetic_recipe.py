@@ -135,6 +135,9 @@ class SyntheticTinyRecipe:
     # mark them, whose patches learn the marked point's letter. At 0.5 the image tokens tell a marked point's letter
     # far better, yet relative-depth answers did not improve (docs/training.md), so it is off.
     vision_marked_share: float = 0.0
+    # Train the vision tower's patches (and the projector's probes) to say how many objects share their object's
+    # attributes and how many the scene holds, as count questions ask (see `vision_pretraining`).
+    vision_tally_probes: bool = False
     freeze_vision_tower: bool = True
     # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
     # (see `projector_from_probes`), fitted in `projector_probe_steps` on the first `projector_probe_scenes` of the
@@ -283,6 +286,13 @@ class SyntheticTinyRecipe:
         check_marked_share(self.vision_marked_share, "vision_marked_share")
         if not isinstance(self.question_before_image, bool):
             raise ValueError(f"question_before_image must be True or False, got {self.question_before_image!r}.")
+        if not isinstance(self.vision_tally_probes, bool):
+            raise ValueError(f"vision_tally_probes must be True or False, got {self.vision_tally_probes!r}.")
+        if self.vision_tally_probes and not self.vision_pretraining_steps:
+            raise ValueError(
+                "vision_tally_probes trains the vision tower's pretraining stage on object counts; with "
+                "vision_pretraining_steps 0 there is none. Set vision_pretraining_steps > 0."
+            )
         if not isinstance(self.projector_from_probes, bool):
             raise ValueError(f"projector_from_probes must be True or False, got {self.projector_from_probes!r}.")
         if self.projector_from_probes and not self.vision_pretraining_steps:
@@ -509,6 +519,7 @@ def pretrain_recipe_vision_tower(
         learning_rate=recipe.vision_pretraining_learning_rate,
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
+        tallies=recipe.vision_tally_probes,
     )
     if recipe.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)
@@ -527,6 +538,7 @@ def fit_recipe_projector(
         steps=recipe.projector_probe_steps,
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
+        tallies=recipe.vision_tally_probes,
     )
 
 

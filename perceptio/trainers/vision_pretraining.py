@@ -11,7 +11,7 @@ that names points by letter must find them among the image tokens. The heads are
 stage, so the features must carry the attributes linearly, where the language model's attention can read them.
 
 The held-out probe accuracies (on foreground patches, per object for the pooled shape, on marked patches for the
-letter) are the stage's gate, reported before and after.
+letter, on every patch for the scene's object count) are the stage's gate, reported before and after.
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.scene_rendering import COLOUR_PALETTE, SHAPES, SIZE_NAMES, SceneRender, render_scenes
+from ..data.scene_rendering import (
+    COLOUR_PALETTE,
+    DEFAULT_SAMPLING_CONFIG,
+    SHAPES,
+    SIZE_NAMES,
+    SceneRender,
+    render_scenes,
+)
 from ..data.synthetic_tasks import POINT_LETTERS, make_relative_depth_sample
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
 from .pretraining_loop import run_pretraining_steps
@@ -39,6 +46,17 @@ BACKGROUND = -1
 NUM_MARKER_CLASSES = len(POINT_LETTERS) + 1
 # Objects covering fewer patches than this are left out of the pooled-shape objective: one patch shows no outline.
 MIN_POOLED_PATCHES = 2
+# The tally probes: for each, the attribute columns (of colour, shape, size) an object must share with the patch's own
+# object to be counted, as the count questions group objects; "objects" counts every visible object of the scene.
+TALLY_GROUPS: dict[str, tuple[int, ...]] = {
+    "colour_tally": (0,),
+    "shape_tally": (1,),
+    "size_shape_tally": (1, 2),
+    "colour_shape_tally": (0, 1),
+    "object_tally": (),
+}
+# A tally's classes: 0 (a background patch, for the attribute tallies) to the most objects a scene holds.
+NUM_TALLY_CLASSES = DEFAULT_SAMPLING_CONFIG.max_objects + 1
 
 
 @dataclass
@@ -47,13 +65,16 @@ class PatchLabelledScenes:
 
     `pixel_values` (S, 3, H, W) as the processor normalises a tile; `patch_objects` (S, P) the index of the object
     most of each patch shows (`BACKGROUND` for none); `object_attributes` (S, max_objects, 3) each object's colour,
-    shape and size ids (padding rows unused); `patch_depth` (S, P) each patch's mean metric depth; `patch_markers`
-    (S, P) the letter index (in `POINT_LETTERS`) of the marked point a patch holds (`BACKGROUND` for none).
+    shape and size ids (padding rows unused); `object_visible` (S, max_objects) whether the object shows any pixel (as
+    the count questions count objects; False on padding rows); `patch_depth` (S, P) each patch's mean metric depth;
+    `patch_markers` (S, P) the letter index (in `POINT_LETTERS`) of the marked point a patch holds (`BACKGROUND` for
+    none).
     """
 
     pixel_values: torch.Tensor
     patch_objects: torch.LongTensor
     object_attributes: torch.LongTensor
+    object_visible: torch.BoolTensor
     patch_depth: torch.Tensor
     patch_markers: torch.LongTensor
 
@@ -115,7 +136,7 @@ def render_patch_labelled_scenes(
         raise ValueError(f"The tile size ({size}) must be a multiple of patch_size ({patch_size}).")
     rng = np.random.default_rng([seed, SCENE_STREAMS[stream]])
     marker_rng = np.random.default_rng([seed, SCENE_STREAMS[stream], MARKER_STREAM])
-    pixel_values, patch_objects, attributes, patch_depth, patch_markers = [], [], [], [], []
+    pixel_values, patch_objects, attributes, visible, patch_depth, patch_markers = [], [], [], [], [], []
     vocabularies = {"colour": tuple(COLOUR_PALETTE), "shape": SHAPES, "size": SIZE_NAMES}
     seeds = [int(rng.integers(2**63 - 1)) for _ in range(num_scenes)]
     scenes = render_scenes(seeds, size, processes)
@@ -133,16 +154,20 @@ def render_patch_labelled_scenes(
                 [[names.index(getattr(obj, name)) for name, names in vocabularies.items()] for obj in scene.objects]
             )
         )
+        visible.append(torch.tensor([obj.visible_pixels > 0 for obj in scene.objects]))
         depth = scene.depth.reshape(size // patch_size, patch_size, size // patch_size, patch_size).mean((1, 3))
         patch_depth.append(torch.from_numpy(depth.reshape(-1).astype(np.float32)))
     max_objects = max(len(rows) for rows in attributes)
     padded = torch.zeros(num_scenes, max_objects, len(vocabularies), dtype=torch.long)
-    for index, rows in enumerate(attributes):
+    padded_visible = torch.zeros(num_scenes, max_objects, dtype=torch.bool)
+    for index, (rows, shown) in enumerate(zip(attributes, visible)):
         padded[index, : len(rows)] = rows
+        padded_visible[index, : len(shown)] = shown
     return PatchLabelledScenes(
         torch.stack(pixel_values),
         torch.stack(patch_objects),
         padded,
+        padded_visible,
         torch.stack(patch_depth),
         torch.stack(patch_markers).long(),
     )
@@ -154,23 +179,28 @@ def unmarked_patches(size: int, patch_size: int) -> np.ndarray:
 
 
 class VisionProbeHeads(nn.Module):
-    """Linear probes on patch features: one per attribute (its classes plus background), one for the depth bin and one
-    for the marked point's letter (plus none)."""
+    """Linear probes on patch features: one per attribute (its classes plus background), one for the depth bin, one
+    for the marked point's letter (plus none) and (`tallies`) one per `TALLY_GROUPS` tally."""
 
-    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor):
+    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor, tallies: bool = False):
         super().__init__()
         self.attributes = nn.ModuleDict(
             {name: nn.Linear(hidden_size, num_classes + 1) for name, num_classes in PATCH_ATTRIBUTES.items()}
         )
         self.depth = nn.Linear(hidden_size, NUM_DEPTH_BINS)
         self.marker = nn.Linear(hidden_size, NUM_MARKER_CLASSES)
+        self.tallies = nn.ModuleDict(
+            {name: nn.Linear(hidden_size, NUM_TALLY_CLASSES) for name in TALLY_GROUPS} if tallies else {}
+        )
         self.register_buffer("depth_bin_edges", depth_bin_edges)
 
 
 @dataclass
 class VisionProbeAccuracy:
     """Held-out probe accuracies: per foreground patch for colour, shape, size and depth bin, per object for the
-    pooled shape, per marked patch for the marker letter (None when no held-out scene is marked)."""
+    pooled shape, per marked patch for the marker letter (None when no held-out scene is marked), and for the tally
+    probes (None without them) per foreground patch, averaged over the four attribute tallies, and per patch for the
+    scene's object count."""
 
     colour: float
     shape: float
@@ -178,6 +208,8 @@ class VisionProbeAccuracy:
     depth_bin: float
     pooled_shape: float
     marker_letter: float | None
+    attribute_tally: float | None = None
+    object_tally: float | None = None
 
 
 @dataclass
@@ -202,7 +234,25 @@ def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: tor
     targets["depth_bin"] = torch.bucketize(scenes.patch_depth[indices], edges.to(scenes.patch_depth.device))
     markers = scenes.patch_markers[indices]
     targets["marker"] = torch.where(markers == BACKGROUND, NUM_MARKER_CLASSES - 1, markers)
-    return targets
+    return {**targets, **patch_tallies(scenes, indices)}
+
+
+def patch_tallies(scenes: PatchLabelledScenes, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-patch tally targets (B, P) of `indices`, one per `TALLY_GROUPS` entry: how many visible objects share the
+    group's attributes with the patch's object (0 on background patches; every patch for the object count)."""
+    objects = scenes.patch_objects[indices]
+    attributes = scenes.object_attributes[indices]
+    visible = scenes.object_visible[indices]
+    own = attributes.gather(1, objects.clamp(min=0)[..., None].expand(-1, -1, attributes.shape[-1]))
+    tallies = {}
+    for name, columns in TALLY_GROUPS.items():
+        if not columns:
+            tallies[name] = visible.sum(1, keepdim=True).expand_as(objects)
+            continue
+        shared = (own[:, :, None, list(columns)] == attributes[:, None, :, list(columns)]).all(-1)
+        counted = (shared & visible[:, None, :]).sum(-1)
+        tallies[name] = torch.where(objects == BACKGROUND, 0, counted)
+    return tallies
 
 
 def marked_patches(targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -254,6 +304,8 @@ def probe_losses(
         losses["marker"] = marker_loss
     pooled, shapes = pooled_object_features(features, scenes.patch_objects[indices], scenes.object_attributes[indices])
     losses["pooled_shape"] = nn.functional.cross_entropy(heads.attributes["shape"](pooled), shapes)
+    for name, head in heads.tallies.items():
+        losses[name] = nn.functional.cross_entropy(head(features).flatten(0, 1), targets[name].flatten())
     return losses
 
 
@@ -270,8 +322,11 @@ def probe_accuracy(
     batch_size: int = 64,
 ) -> VisionProbeAccuracy:
     """Held-out accuracy of every probe."""
-    correct = dict.fromkeys(("colour", "shape", "size", "depth_bin", "pooled_shape", "marker_letter"), 0.0)
-    totals = dict.fromkeys(("foreground", "object", "marked"), 0)
+    correct = dict.fromkeys(
+        ("colour", "shape", "size", "depth_bin", "pooled_shape", "marker_letter", "attribute_tally", "object_tally"),
+        0.0,
+    )
+    totals = dict.fromkeys(("foreground", "object", "marked", "patch"), 0)
     for start in range(0, len(scenes), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(scenes)))
         features = patch_features(model, scenes.pixel_values[indices])
@@ -286,13 +341,21 @@ def probe_accuracy(
         correct["pooled_shape"] += (heads.attributes["shape"](pooled).argmax(-1) == shapes).sum().item()
         marked = marked_patches(targets)
         correct["marker_letter"] += ((heads.marker(features).argmax(-1) == targets["marker"]) & marked).sum().item()
+        for name, head in heads.tallies.items():
+            right = head(features).argmax(-1) == targets[name]
+            key = "object_tally" if name == "object_tally" else "attribute_tally"
+            correct[key] += (right if key == "object_tally" else right & foreground).sum().item()
         totals["foreground"] += int(foreground.sum())
         totals["object"] += len(shapes)
         totals["marked"] += int(marked.sum())
+        totals["patch"] += foreground.numel() if heads.tallies else 0
+    attribute_tallies = sum(name != "object_tally" for name in heads.tallies)
     denominators = {
         **dict.fromkeys(correct, totals["foreground"]),
         "pooled_shape": totals["object"],
         "marker_letter": totals["marked"],
+        "attribute_tally": totals["foreground"] * attribute_tallies,
+        "object_tally": totals["patch"],
     }
     return VisionProbeAccuracy(
         **{name: value / denominators[name] if denominators[name] else None for name, value in correct.items()}
@@ -315,8 +378,10 @@ def pretrain_vision_tower(
     weight_decay: float = 0.01,
     seed: int = 0,
     logging_steps: int = 50,
+    tallies: bool = False,
 ) -> VisionPretrainingResult:
-    """Train `model.model.vision_tower` on the patch probes; the rest of the model is untouched."""
+    """Train `model.model.vision_tower` on the patch probes (`tallies`: the tally probes as well); the rest of the
+    model is untouched."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -324,7 +389,10 @@ def pretrain_vision_tower(
         raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate!r}, {weight_decay!r}.")
     torch.manual_seed(seed)
     tower = model.model.vision_tower
-    heads = VisionProbeHeads(model.config.vision_config.hidden_size, depth_bin_edges(train_scenes)).to(model.device)
+    if not isinstance(tallies, bool):
+        raise ValueError(f"tallies must be True or False, got {tallies!r}.")
+    hidden_size = model.config.vision_config.hidden_size
+    heads = VisionProbeHeads(hidden_size, depth_bin_edges(train_scenes), tallies).to(model.device)
     initial = probe_accuracy(model, heads, eval_scenes)
     optimizer = torch.optim.AdamW(
         list(tower.parameters()) + list(heads.parameters()), lr=learning_rate, weight_decay=weight_decay
