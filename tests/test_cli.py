@@ -78,9 +78,10 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-marked-share", "0.5"]) == 0
     assert received["recipe"].vision_marked_share == 0.5
     assert main([*arguments, "--vision-marked-share", "1.5"]) == 2
-    assert received["recipe"].vision_tally_probes is False
-    assert main([*arguments, "--vision-tally-probes"]) == 0
-    assert received["recipe"].vision_tally_probes is True
+    assert received["recipe"].vision_tally_probes == ()
+    assert main([*arguments, "--vision-tally-probes", "shape_tally", "object_tally"]) == 0
+    assert received["recipe"].vision_tally_probes == ("shape_tally", "object_tally")
+    assert main([*arguments, "--vision-tally-probes", "spheres"]) == 2
     assert main([*arguments, "--vision-num-layers", "3"]) == 0
     assert received["recipe"].vision_num_layers == 3
     assert main([*arguments, "--vision-num-layers", "0"]) == 2

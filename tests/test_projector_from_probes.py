@@ -105,15 +105,17 @@ def test_the_letter_probe_is_scored_on_the_cells_of_marked_points(fitted, tiny_p
 def test_the_tally_probes_join_the_projectors_vocabulary(fitted, tiny_pair, cell_scenes):
     assert fitted[2].attribute_tally is None and fitted[2].object_tally is None
     model = copy.deepcopy(tiny_pair[0])
-    result = fit_projector_from_probes(model, *cell_scenes, steps=20, batch_size=16, logging_steps=20, tallies=True)
+    tallies = tuple(TALLY_GROUPS)
+    result = fit_projector_from_probes(model, *cell_scenes, steps=20, batch_size=16, logging_steps=20, tallies=tallies)
     assert 0.0 <= result.attribute_tally <= 1.0 and 0.0 <= result.object_tally <= 1.0
-    num_classes = sum(probe_class_counts(tallies=True).values())
+    num_classes = sum(probe_class_counts(tallies=tallies).values())
     assert num_classes == sum(probe_class_counts().values()) + len(TALLY_GROUPS) * NUM_TALLY_CLASSES
     with torch.no_grad():
         tokens = model.model.get_image_features(pixel_values=cell_scenes[1].pixel_values).pooler_output.flatten(0, 1)
     assert sum(probe_class_counts().values()) < torch.linalg.matrix_rank(tokens, rtol=1e-4) <= num_classes
     with pytest.raises(ValueError, match="tallies"):
         fit_projector_from_probes(model, *cell_scenes, steps=1, tallies=1)
+    assert list(probe_class_counts(tallies=("object_tally", "shape_tally")))[-2:] == ["shape_tally", "object_tally"]
 
 
 def test_background_and_object_cells_get_different_tokens(fitted, cell_scenes):

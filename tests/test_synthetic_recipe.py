@@ -264,14 +264,19 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=10, freeze_vision_tower=True, vision_tower_learning_rate=1e-4)
     with pytest.raises(ValueError, match="question_before_image"):
         SyntheticTinyRecipe(question_before_image="yes")
-    with pytest.raises(ValueError, match="vision_tally_probes"):
-        SyntheticTinyRecipe(vision_tally_probes="yes")
+    for tallies in ("object_tally", ["objects"], ["shape_tally", "shape_tally"], True):
+        with pytest.raises(ValueError, match="vision_tally_probes"):
+            SyntheticTinyRecipe(vision_tally_probes=tallies)
+    assert SyntheticTinyRecipe(vision_tally_probes=["object_tally", "colour_tally"]).vision_tally_probes == (
+        "colour_tally",
+        "object_tally",
+    ), "a list of tallies becomes a tuple in the one order the probes are built in"
     with pytest.raises(ValueError, match="vision_tally_probes trains"):
         SyntheticTinyRecipe(
             vision_pretraining_steps=0,
             freeze_vision_tower=False,
             projector_from_probes=False,
-            vision_tally_probes=True,
+            vision_tally_probes=("object_tally",),
         )
     for share in (-0.5, 2, None):
         with pytest.raises(ValueError, match="vision_marked_share"):

@@ -162,11 +162,16 @@ def test_the_tally_probes_learn_and_are_scored_only_when_asked_for(scenes, tiny_
     train, evaluation = scenes
     without = pretrain_vision_tower(tiny_model, train, evaluation, steps=1)
     assert without.final.attribute_tally is None and without.final.object_tally is None
-    result = pretrain_vision_tower(tiny_model, train, train, steps=60, batch_size=16, logging_steps=60, tallies=True)
+    result = pretrain_vision_tower(
+        tiny_model, train, train, steps=60, batch_size=16, logging_steps=60, tallies=tuple(TALLY_GROUPS)
+    )
     assert result.final.attribute_tally > result.initial.attribute_tally + 0.1
     assert 0.0 <= result.final.object_tally <= 1.0
-    with pytest.raises(ValueError, match="tallies"):
-        pretrain_vision_tower(tiny_model, train, evaluation, steps=1, tallies="yes")
+    only_objects = pretrain_vision_tower(tiny_model, train, evaluation, steps=1, tallies=("object_tally",))
+    assert only_objects.final.attribute_tally is None and 0.0 <= only_objects.final.object_tally <= 1.0
+    for tallies in ("object_tally", ("objects",), True):
+        with pytest.raises(ValueError, match="tallies"):
+            pretrain_vision_tower(tiny_model, train, evaluation, steps=1, tallies=tallies)
 
 
 def test_pooled_features_average_each_object_patches():

@@ -57,10 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--vision-tally-probes",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with --recipe: train the vision tower's patches and the projector's probes to say how many objects share "
-        "their object's colour, shape, size and shape, colour and shape, and how many the scene holds (default: off)",
+        nargs="+",
+        metavar="TALLY",
+        help="with --recipe: tallies the vision tower's patches and the projector's probes learn to say, named as in "
+        "perceptio.trainers.vision_pretraining.TALLY_GROUPS: how many objects share their object's colour "
+        "(colour_tally), shape, size and shape, or colour and shape, or how many the scene holds (object_tally) "
+        "(default: none)",
     )
     parser.add_argument(
         "--vision-num-layers",

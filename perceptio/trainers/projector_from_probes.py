@@ -7,9 +7,9 @@ a frozen pretrained tower read through a projector trained from random with the 
 half of the reading stage's colour questions, and read through its own probes' class probabilities most of them (see
 docs/training.md). This stage fits, on the frozen tower's pixel-shuffled token features, one linear probe per
 attribute (colour, shape, size, each with a background class), one for the depth bin of each token's cell and, when
-the scenes have marked points, one for the letter of a marked point in it (with a none class) and, with `tallies`, the
-vision pretraining's tally probes (how many objects share the cell's object's colour, shape, size and shape, colour
-and shape, and how many the scene holds), each class a one-vs-rest logistic classifier, and writes them into InternVL's projector, unchanged in form, with its
+the scenes have marked points, one for the letter of a marked point in it (with a none class) and the vision
+pretraining's tally probes named in `tallies` (how many objects share the cell's object's colour, shape, size and
+shape, or colour and shape, or how many the scene holds), each class a one-vs-rest logistic classifier, and writes them into InternVL's projector, unchanged in form, with its
 activation set to the sigmoid:
 
 - `layer_norm` is the probes' input normalisation;
@@ -42,6 +42,7 @@ from .vision_pretraining import (
     PATCH_ATTRIBUTES,
     TALLY_GROUPS,
     PatchLabelledScenes,
+    checked_tallies,
     depth_bin_edges,
     marked_patches,
     patch_targets,
@@ -59,8 +60,8 @@ PROBE_ACTIVATION = "sigmoid"
 class ProjectorProbeResult:
     """The probes' training log (step, loss) and held-out accuracies per token cell (foreground cells for colour,
     shape, size and depth bin; all cells for telling object from background; cells holding a marked point for its
-    letter, None when no held-out scene is marked; with the tally probes, foreground cells for the four attribute
-    tallies together and all cells for the object count, None without them)."""
+    letter, None when no held-out scene is marked; foreground cells for the attribute tallies together and all cells
+    for the object count, None for those not fitted)."""
 
     log: list[dict[str, float]]
     colour: float
@@ -73,13 +74,13 @@ class ProjectorProbeResult:
     object_tally: float | None = None
 
 
-def probe_class_counts(with_markers: bool = False, tallies: bool = False) -> dict[str, int]:
+def probe_class_counts(with_markers: bool = False, tallies: tuple[str, ...] = ()) -> dict[str, int]:
     """Each probe's number of classes: every attribute's values plus background, the depth bins, then (`with_markers`)
-    the marked point's letters plus none and (`tallies`) each tally's counts."""
+    the marked point's letters plus none and the counts of each tally named in `tallies`."""
     counts = {**{name: count + 1 for name, count in PATCH_ATTRIBUTES.items()}, "depth_bin": NUM_DEPTH_BINS}
     if with_markers:
         counts["marker"] = NUM_MARKER_CLASSES
-    return {**counts, **dict.fromkeys(TALLY_GROUPS, NUM_TALLY_CLASSES)} if tallies else counts
+    return {**counts, **dict.fromkeys(checked_tallies(tallies), NUM_TALLY_CLASSES)}
 
 
 def has_marked_points(scenes: PatchLabelledScenes) -> bool:
@@ -117,9 +118,9 @@ def token_features(model: PerceptioForConditionalGeneration, pixel_values: torch
 
 class TokenProbes(nn.Module):
     """Layer-normalised linear probes on token features, one per attribute, one for the depth bin, (`with_markers`)
-    one for the marked point's letter and (`tallies`) one per tally."""
+    one for the marked point's letter and one per tally named in `tallies`."""
 
-    def __init__(self, feature_size: int, with_markers: bool = False, tallies: bool = False):
+    def __init__(self, feature_size: int, with_markers: bool = False, tallies: tuple[str, ...] = ()):
         super().__init__()
         self.layer_norm = nn.LayerNorm(feature_size)
         self.heads = nn.ModuleDict(
@@ -163,6 +164,7 @@ def token_probe_accuracy(
     ]
     if attribute_tallies:
         accuracy["attribute_tally"] = float(torch.cat(attribute_tallies).float().mean())
+    if "object_tally" in logits:
         accuracy["object_tally"] = float(correct["object_tally"].float().mean())
     predicted_background = logits["colour"].argmax(-1) == PATCH_ATTRIBUTES["colour"]
     accuracy["background"] = float((predicted_background == ~foreground).float().mean())
@@ -179,7 +181,9 @@ def check_cell_labels(model: PerceptioForConditionalGeneration, scenes: PatchLab
         )
 
 
-def check_projector_width(model: PerceptioForConditionalGeneration, with_markers: bool, tallies: bool) -> None:
+def check_projector_width(
+    model: PerceptioForConditionalGeneration, with_markers: bool, tallies: tuple[str, ...]
+) -> None:
     """The projector's hidden channels must hold one channel per probe class."""
     channels = model.model.multi_modal_projector.linear_1.out_features
     num_classes = sum(probe_class_counts(with_markers, tallies).values())
@@ -230,13 +234,13 @@ def fit_projector_from_probes(
     learning_rate: float = 3e-3,
     seed: int = 0,
     logging_steps: int = 50,
-    tallies: bool = False,
+    tallies: tuple[str, ...] = (),
 ) -> ProjectorProbeResult:
     """Fit token-cell probes on the frozen vision tower and write them into the projector (whose activation becomes
     the sigmoid).
 
     The scenes must be labelled per token cell (`render_patch_labelled_scenes` with the model's `token_cell_size`).
-    A letter probe is fitted when the training scenes have marked points, the tally probes with `tallies`. The
+    A letter probe is fitted when the training scenes have marked points, the tally probes named in `tallies`. The
     vision tower is not changed.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
@@ -244,8 +248,7 @@ def fit_projector_from_probes(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
-    if not isinstance(tallies, bool):
-        raise ValueError(f"tallies must be True or False, got {tallies!r}.")
+    tallies = checked_tallies(tallies)
     with_markers = has_marked_points(train_scenes)
     check_projector_width(model, with_markers, tallies)
     check_cell_labels(model, train_scenes)

@@ -82,6 +82,7 @@ from .vision_pretraining import (
     PatchLabelledScenes,
     VisionPretrainingResult,
     check_marked_share,
+    checked_tallies,
     pretrain_vision_tower,
     render_patch_labelled_scenes,
 )
@@ -135,9 +136,10 @@ class SyntheticTinyRecipe:
     # mark them, whose patches learn the marked point's letter. At 0.5 the image tokens tell a marked point's letter
     # far better, yet relative-depth answers did not improve (docs/training.md), so it is off.
     vision_marked_share: float = 0.0
-    # Train the vision tower's patches (and the projector's probes) to say how many objects share their object's
-    # attributes and how many the scene holds, as count questions ask (see `vision_pretraining`).
-    vision_tally_probes: bool = False
+    # Tallies (names of `TALLY_GROUPS`) the vision tower's patches and the projector's probes learn to say: how many
+    # objects share their object's attributes, or how many the scene holds, as count questions ask (see
+    # `vision_pretraining`).
+    vision_tally_probes: tuple[str, ...] = ()
     freeze_vision_tower: bool = True
     # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
     # (see `projector_from_probes`), fitted in `projector_probe_steps` on the first `projector_probe_scenes` of the
@@ -286,8 +288,7 @@ class SyntheticTinyRecipe:
         check_marked_share(self.vision_marked_share, "vision_marked_share")
         if not isinstance(self.question_before_image, bool):
             raise ValueError(f"question_before_image must be True or False, got {self.question_before_image!r}.")
-        if not isinstance(self.vision_tally_probes, bool):
-            raise ValueError(f"vision_tally_probes must be True or False, got {self.vision_tally_probes!r}.")
+        self.vision_tally_probes = checked_tallies(self.vision_tally_probes, "vision_tally_probes")
         if self.vision_tally_probes and not self.vision_pretraining_steps:
             raise ValueError(
                 "vision_tally_probes trains the vision tower's pretraining stage on object counts; with "

@@ -7,8 +7,12 @@ what pretraining gives InternViT: every patch token is trained to say the colour
 shows (or that it shows none) and how near it is, and the mean of an object's patch tokens is trained to say its shape,
 the attribute a single patch shows least of. On a share of the scenes (`marked_share`) points are marked as the
 relative-depth questions mark them, and the patch under each marked point is trained to say its letter: a question
-that names points by letter must find them among the image tokens. The heads are linear probes, discarded after the
-stage, so the features must carry the attributes linearly, where the language model's attention can read them.
+that names points by letter must find them among the image tokens. With `tallies` (names of `TALLY_GROUPS`), every
+patch is also trained to say how many visible objects of the scene share its object's colour, its shape, its size and
+shape, or its colour and shape, or how many objects the scene holds: a count question names objects by those
+attributes, and a language model that sees only which attribute each image token shows cannot tell two tokens of one
+object from tokens of two. The heads are linear probes, discarded after the stage, so the features must carry the
+attributes linearly, where the language model's attention can read them.
 
 The held-out probe accuracies (on foreground patches, per object for the pooled shape, on marked patches for the
 letter, on every patch for the scene's object count) are the stage's gate, reported before and after.
@@ -180,9 +184,9 @@ def unmarked_patches(size: int, patch_size: int) -> np.ndarray:
 
 class VisionProbeHeads(nn.Module):
     """Linear probes on patch features: one per attribute (its classes plus background), one for the depth bin, one
-    for the marked point's letter (plus none) and (`tallies`) one per `TALLY_GROUPS` tally."""
+    for the marked point's letter (plus none) and one per tally named in `tallies`."""
 
-    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor, tallies: bool = False):
+    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor, tallies: tuple[str, ...] = ()):
         super().__init__()
         self.attributes = nn.ModuleDict(
             {name: nn.Linear(hidden_size, num_classes + 1) for name, num_classes in PATCH_ATTRIBUTES.items()}
@@ -190,7 +194,7 @@ class VisionProbeHeads(nn.Module):
         self.depth = nn.Linear(hidden_size, NUM_DEPTH_BINS)
         self.marker = nn.Linear(hidden_size, NUM_MARKER_CLASSES)
         self.tallies = nn.ModuleDict(
-            {name: nn.Linear(hidden_size, NUM_TALLY_CLASSES) for name in TALLY_GROUPS} if tallies else {}
+            {name: nn.Linear(hidden_size, NUM_TALLY_CLASSES) for name in checked_tallies(tallies)}
         )
         self.register_buffer("depth_bin_edges", depth_bin_edges)
 
@@ -199,8 +203,8 @@ class VisionProbeHeads(nn.Module):
 class VisionProbeAccuracy:
     """Held-out probe accuracies: per foreground patch for colour, shape, size and depth bin, per object for the
     pooled shape, per marked patch for the marker letter (None when no held-out scene is marked), and for the tally
-    probes (None without them) per foreground patch, averaged over the four attribute tallies, and per patch for the
-    scene's object count."""
+    probes per foreground patch, averaged over the attribute tallies, and per patch for the scene's object count (None
+    for those not trained)."""
 
     colour: float
     shape: float
@@ -235,6 +239,17 @@ def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: tor
     markers = scenes.patch_markers[indices]
     targets["marker"] = torch.where(markers == BACKGROUND, NUM_MARKER_CLASSES - 1, markers)
     return {**targets, **patch_tallies(scenes, indices)}
+
+
+def checked_tallies(tallies: tuple[str, ...] | list[str], name: str = "tallies") -> tuple[str, ...]:
+    """`tallies` as a tuple in `TALLY_GROUPS` order; a `ValueError` naming `name` unless it is a list or tuple of
+    distinct tally names."""
+    if isinstance(tallies, str) or not isinstance(tallies, (list, tuple)):
+        raise ValueError(f"{name} must be a list of tally names from {list(TALLY_GROUPS)}, got {tallies!r}.")
+    unknown = [tally for tally in tallies if tally not in TALLY_GROUPS]
+    if unknown or len(set(tallies)) != len(tallies):
+        raise ValueError(f"{name} must name distinct tallies of {list(TALLY_GROUPS)}, got {list(tallies)!r}.")
+    return tuple(tally for tally in TALLY_GROUPS if tally in tallies)
 
 
 def patch_tallies(scenes: PatchLabelledScenes, indices: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -348,7 +363,7 @@ def probe_accuracy(
         totals["foreground"] += int(foreground.sum())
         totals["object"] += len(shapes)
         totals["marked"] += int(marked.sum())
-        totals["patch"] += foreground.numel() if heads.tallies else 0
+        totals["patch"] += foreground.numel() if "object_tally" in heads.tallies else 0
     attribute_tallies = sum(name != "object_tally" for name in heads.tallies)
     denominators = {
         **dict.fromkeys(correct, totals["foreground"]),
@@ -378,9 +393,9 @@ def pretrain_vision_tower(
     weight_decay: float = 0.01,
     seed: int = 0,
     logging_steps: int = 50,
-    tallies: bool = False,
+    tallies: tuple[str, ...] = (),
 ) -> VisionPretrainingResult:
-    """Train `model.model.vision_tower` on the patch probes (`tallies`: the tally probes as well); the rest of the
+    """Train `model.model.vision_tower` on the patch probes and the tally probes named in `tallies`; the rest of the
     model is untouched."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -389,10 +404,8 @@ def pretrain_vision_tower(
         raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate!r}, {weight_decay!r}.")
     torch.manual_seed(seed)
     tower = model.model.vision_tower
-    if not isinstance(tallies, bool):
-        raise ValueError(f"tallies must be True or False, got {tallies!r}.")
     hidden_size = model.config.vision_config.hidden_size
-    heads = VisionProbeHeads(hidden_size, depth_bin_edges(train_scenes), tallies).to(model.device)
+    heads = VisionProbeHeads(hidden_size, depth_bin_edges(train_scenes), checked_tallies(tallies)).to(model.device)
     initial = probe_accuracy(model, heads, eval_scenes)
     optimizer = torch.optim.AdamW(
         list(tower.parameters()) + list(heads.parameters()), lr=learning_rate, weight_decay=weight_decay
