@@ -137,7 +137,7 @@ def test_tallies_count_the_visible_objects_that_share_each_patch_objects_attribu
     scenes = PatchLabelledScenes(
         torch.zeros(1, 3, 4, 4), objects, attributes, visible, torch.ones(1, 5), torch.full((1, 5), BACKGROUND)
     )
-    tallies = patch_tallies(scenes, torch.tensor([0]))
+    tallies = patch_tallies(scenes, torch.tensor([0]), tuple(TALLY_GROUPS))
     assert set(tallies) == set(TALLY_GROUPS)
     assert tallies["colour_tally"].tolist() == [[2, 2, 1, 0, 2]]
     assert tallies["shape_tally"].tolist() == [[3, 3, 3, 0, 3]]
@@ -148,7 +148,7 @@ def test_tallies_count_the_visible_objects_that_share_each_patch_objects_attribu
 
 def test_rendered_scenes_tally_their_visible_objects(scenes):
     train, _ = scenes
-    targets = patch_targets(train, torch.arange(len(train)), depth_bin_edges(train))
+    targets = patch_targets(train, torch.arange(len(train)), depth_bin_edges(train), tuple(TALLY_GROUPS))
     assert torch.equal(targets["object_tally"][:, 0], train.object_visible.sum(1))
     foreground = train.patch_objects != BACKGROUND
     for name in TALLY_GROUPS:

@@ -9,8 +9,8 @@ docs/training.md). This stage fits, on the frozen tower's pixel-shuffled token f
 attribute (colour, shape, size, each with a background class), one for the depth bin of each token's cell and, when
 the scenes have marked points, one for the letter of a marked point in it (with a none class) and the vision
 pretraining's tally probes named in `tallies` (how many objects share the cell's object's colour, shape, size and
-shape, or colour and shape, or how many the scene holds), each class a one-vs-rest logistic classifier, and writes them into InternVL's projector, unchanged in form, with its
-activation set to the sigmoid:
+shape, or colour and shape, or how many the scene holds), each class a one-vs-rest logistic classifier, and writes
+them into InternVL's projector, unchanged in form, with its activation set to the sigmoid:
 
 - `layer_norm` is the probes' input normalisation;
 - the first rows of `linear_1` are the probes, so after the sigmoid a token's first channels are its class
@@ -151,7 +151,8 @@ def token_probe_accuracy(
 ) -> dict[str, float | None]:
     """Held-out accuracy of every probe per token cell."""
     logits = probes(features)
-    targets = patch_targets(scenes, torch.arange(len(scenes)), edges)
+    tallies = tuple(name for name in logits if name in TALLY_GROUPS)
+    targets = patch_targets(scenes, torch.arange(len(scenes)), edges, tallies)
     foreground = scenes.patch_objects != BACKGROUND
     correct = {name: logits[name].argmax(-1) == targets[name] for name in logits}
     marked = marked_patches(targets)
@@ -159,9 +160,7 @@ def token_probe_accuracy(
     accuracy = {name: float(correct[name][foreground].float().mean()) for name in per_cell}
     scored = "marker" in logits and marked.any()
     accuracy["marker_letter"] = float(correct["marker"][marked].float().mean()) if scored else None
-    attribute_tallies = [
-        correct[name][foreground] for name in TALLY_GROUPS if name in logits and name != "object_tally"
-    ]
+    attribute_tallies = [correct[name][foreground] for name in tallies if name != "object_tally"]
     if attribute_tallies:
         accuracy["attribute_tally"] = float(torch.cat(attribute_tallies).float().mean())
     if "object_tally" in logits:
@@ -263,7 +262,8 @@ def fit_projector_from_probes(
 
     def step_loss() -> torch.Tensor:
         indices = torch.randint(len(train_scenes), (batch_size,), generator=generator)
-        return one_vs_rest_loss(probes(train_features[indices]), patch_targets(train_scenes, indices, edges))
+        targets = patch_targets(train_scenes, indices, edges, tallies)
+        return one_vs_rest_loss(probes(train_features[indices]), targets)
 
     log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Fitting the projector's probes")
     accuracy = token_probe_accuracy(probes, eval_features, eval_scenes, edges)

@@ -225,9 +225,11 @@ class VisionPretrainingResult:
     final: VisionProbeAccuracy
 
 
-def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-patch class targets (B, P) of `indices`: each attribute (background = its last class), the depth bin and
-    the marked point's letter (none = its last class)."""
+def patch_targets(
+    scenes: PatchLabelledScenes, indices: torch.Tensor, edges: torch.Tensor, tallies: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Per-patch class targets (B, P) of `indices`: each attribute (background = its last class), the depth bin, the
+    marked point's letter (none = its last class) and each tally named in `tallies`."""
     objects = scenes.patch_objects[indices]
     background = objects == BACKGROUND
     rows = scenes.object_attributes[indices].gather(1, objects.clamp(min=0)[..., None].expand(-1, -1, 3))
@@ -238,7 +240,7 @@ def patch_targets(scenes: PatchLabelledScenes, indices: torch.Tensor, edges: tor
     targets["depth_bin"] = torch.bucketize(scenes.patch_depth[indices], edges.to(scenes.patch_depth.device))
     markers = scenes.patch_markers[indices]
     targets["marker"] = torch.where(markers == BACKGROUND, NUM_MARKER_CLASSES - 1, markers)
-    return {**targets, **patch_tallies(scenes, indices)}
+    return {**targets, **patch_tallies(scenes, indices, tallies)}
 
 
 def checked_tallies(tallies: tuple[str, ...] | list[str], name: str = "tallies") -> tuple[str, ...]:
@@ -252,22 +254,24 @@ def checked_tallies(tallies: tuple[str, ...] | list[str], name: str = "tallies")
     return tuple(tally for tally in TALLY_GROUPS if tally in tallies)
 
 
-def patch_tallies(scenes: PatchLabelledScenes, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-patch tally targets (B, P) of `indices`, one per `TALLY_GROUPS` entry: how many visible objects share the
+def patch_tallies(
+    scenes: PatchLabelledScenes, indices: torch.Tensor, tallies: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Per-patch targets (B, P) of `indices` for each tally named in `tallies`: how many visible objects share the
     group's attributes with the patch's object (0 on background patches; every patch for the object count)."""
     objects = scenes.patch_objects[indices]
     attributes = scenes.object_attributes[indices]
     visible = scenes.object_visible[indices]
     own = attributes.gather(1, objects.clamp(min=0)[..., None].expand(-1, -1, attributes.shape[-1]))
-    tallies = {}
-    for name, columns in TALLY_GROUPS.items():
+    targets = {}
+    for name in tallies:
+        columns = list(TALLY_GROUPS[name])
         if not columns:
-            tallies[name] = visible.sum(1, keepdim=True).expand_as(objects)
+            targets[name] = visible.sum(1, keepdim=True).expand_as(objects)
             continue
-        shared = (own[:, :, None, list(columns)] == attributes[:, None, :, list(columns)]).all(-1)
-        counted = (shared & visible[:, None, :]).sum(-1)
-        tallies[name] = torch.where(objects == BACKGROUND, 0, counted)
-    return tallies
+        shared = (own[:, :, None, columns] == attributes[:, None, :, columns]).all(-1)
+        targets[name] = torch.where(objects == BACKGROUND, 0, (shared & visible[:, None, :]).sum(-1))
+    return targets
 
 
 def marked_patches(targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -345,7 +349,9 @@ def probe_accuracy(
     for start in range(0, len(scenes), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(scenes)))
         features = patch_features(model, scenes.pixel_values[indices])
-        targets = targets_on(patch_targets(scenes, indices, heads.depth_bin_edges), features.device)
+        targets = targets_on(
+            patch_targets(scenes, indices, heads.depth_bin_edges, tuple(heads.tallies)), features.device
+        )
         foreground = (scenes.patch_objects[indices] != BACKGROUND).to(features.device)
         for name, head in heads.attributes.items():
             correct[name] += ((head(features).argmax(-1) == targets[name]) & foreground).sum().item()
@@ -358,8 +364,10 @@ def probe_accuracy(
         correct["marker_letter"] += ((heads.marker(features).argmax(-1) == targets["marker"]) & marked).sum().item()
         for name, head in heads.tallies.items():
             right = head(features).argmax(-1) == targets[name]
-            key = "object_tally" if name == "object_tally" else "attribute_tally"
-            correct[key] += (right if key == "object_tally" else right & foreground).sum().item()
+            if name == "object_tally":
+                correct["object_tally"] += right.sum().item()
+            else:
+                correct["attribute_tally"] += (right & foreground).sum().item()
         totals["foreground"] += int(foreground.sum())
         totals["object"] += len(shapes)
         totals["marked"] += int(marked.sum())
@@ -405,7 +413,7 @@ def pretrain_vision_tower(
     torch.manual_seed(seed)
     tower = model.model.vision_tower
     hidden_size = model.config.vision_config.hidden_size
-    heads = VisionProbeHeads(hidden_size, depth_bin_edges(train_scenes), checked_tallies(tallies)).to(model.device)
+    heads = VisionProbeHeads(hidden_size, depth_bin_edges(train_scenes), tallies).to(model.device)
     initial = probe_accuracy(model, heads, eval_scenes)
     optimizer = torch.optim.AdamW(
         list(tower.parameters()) + list(heads.parameters()), lr=learning_rate, weight_decay=weight_decay
@@ -415,7 +423,8 @@ def pretrain_vision_tower(
     def step_loss() -> torch.Tensor:
         indices = torch.randint(len(train_scenes), (batch_size,), generator=generator)
         features = patch_features(model, train_scenes.pixel_values[indices])
-        targets = targets_on(patch_targets(train_scenes, indices, heads.depth_bin_edges), features.device)
+        targets = patch_targets(train_scenes, indices, heads.depth_bin_edges, tuple(heads.tallies))
+        targets = targets_on(targets, features.device)
         return sum(probe_losses(heads, features, targets, train_scenes, indices).values())
 
     tower.train()
