@@ -78,6 +78,10 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-marked-share", "0.5"]) == 0
     assert received["recipe"].vision_marked_share == 0.5
     assert main([*arguments, "--vision-marked-share", "1.5"]) == 2
+    assert received["recipe"].vision_pretraining_scenes == defaults.vision_pretraining_scenes
+    assert main([*arguments, "--vision-pretraining-scenes", "12000"]) == 0
+    assert received["recipe"].vision_pretraining_scenes == 12000
+    assert main([*arguments, "--vision-pretraining-scenes", "0"]) == 2
     assert received["recipe"].vision_tally_probes == ()
     assert main([*arguments, "--vision-tally-probes", "shape_tally", "object_tally"]) == 0
     assert received["recipe"].vision_tally_probes == ("shape_tally", "object_tally")

@@ -86,6 +86,7 @@ def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
     ]
     vision = saved["vision_pretraining"]
     assert [entry["step"] for entry in vision["log"]] == [1, 2] and 0 <= vision["final"]["pooled_shape"] <= 1
+    assert 0 <= vision["training"]["pooled_shape"] <= 1, "the probes on training scenes show overfitting"
     projector = saved["projector_probes"]
     assert [entry["step"] for entry in projector["log"]] == [1, 2] and 0 <= projector["depth_bin"] <= 1
     assert vision["final"]["marker_letter"] is None and projector["marker_letter"] is None, "no marked scenes"

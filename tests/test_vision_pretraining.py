@@ -192,6 +192,14 @@ def test_pretraining_trains_the_vision_tower_only_and_its_probes_learn(scenes, t
     assert all(torch.equal(value, others[name]) for name, value in tiny_model.named_parameters() if name in others)
 
 
+def test_pretraining_scores_its_probes_on_as_many_training_scenes_as_are_held_out(scenes, tiny_model):
+    train, _ = scenes
+    result = pretrain_vision_tower(tiny_model, train, train.first(12), steps=5, batch_size=8, logging_steps=5)
+    # Held out on the first 12 training scenes, the two scores are of the same scenes.
+    assert result.training == result.final
+    assert len(train.first(12)) == 12 and len(train.first(1000)) == len(train)
+
+
 def test_probe_accuracy_of_constant_heads_is_the_share_of_one_class(scenes, tiny_pair):
     train, evaluation = scenes
     heads = VisionProbeHeads(tiny_pair[0].config.vision_config.hidden_size, depth_bin_edges(train))

@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 2500; 0: none)",
     )
     parser.add_argument(
+        "--vision-pretraining-scenes",
+        type=int,
+        help="with --recipe: rendered scenes the vision tower's pretraining draws its batches from (default 3000); "
+        "fewer than its steps see leaves its probes overfitted",
+    )
+    parser.add_argument(
         "--vision-marked-share",
         type=float,
         help="with --recipe: share of the vision tower's and the projector probes' scenes with points marked as the "
@@ -177,6 +183,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "train_steps": args.train_steps,
         "num_train": args.num_train,
         "vision_pretraining_steps": args.vision_pretraining_steps,
+        "vision_pretraining_scenes": args.vision_pretraining_scenes,
         "vision_marked_share": args.vision_marked_share,
         "vision_tally_probes": args.vision_tally_probes,
         "vision_num_layers": args.vision_num_layers,

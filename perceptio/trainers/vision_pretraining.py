@@ -20,7 +20,7 @@ letter, on every patch for the scene's object count) are the stage's gate, repor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -84,6 +84,10 @@ class PatchLabelledScenes:
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
+
+    def first(self, count: int) -> PatchLabelledScenes:
+        """The first `count` scenes (all of them when there are fewer)."""
+        return PatchLabelledScenes(*(getattr(self, field.name)[:count] for field in fields(self)))
 
 
 def patch_majority(instance_ids: np.ndarray, patch_size: int) -> np.ndarray:
@@ -218,11 +222,14 @@ class VisionProbeAccuracy:
 
 @dataclass
 class VisionPretrainingResult:
-    """The training log (step, loss) and the held-out probe accuracies before and after the stage."""
+    """The training log (step, loss), the held-out probe accuracies before and after the stage, and after it on as
+    many training scenes as are held out: where those beat the held-out ones, the tower has learned its scenes rather
+    than what they show, and more scenes are what it lacks."""
 
     log: list[dict[str, float]]
     initial: VisionProbeAccuracy
     final: VisionProbeAccuracy
+    training: VisionProbeAccuracy
 
 
 def patch_targets(
@@ -430,4 +437,9 @@ def pretrain_vision_tower(
     tower.train()
     log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Pretraining the vision tower")
     tower.eval()
-    return VisionPretrainingResult(log, initial, probe_accuracy(model, heads, eval_scenes))
+    return VisionPretrainingResult(
+        log,
+        initial,
+        probe_accuracy(model, heads, eval_scenes),
+        probe_accuracy(model, heads, train_scenes.first(len(eval_scenes))),
+    )
