@@ -129,7 +129,7 @@ class SyntheticTinyRecipe:
     depth_codebook_dim: int = 32
     depth_num_codes: int = 64
     depth_tokenizer_steps: int = 600
-    vision_pretraining_scenes: int = 3000
+    vision_pretraining_scenes: int = 12000
     vision_pretraining_steps: int = 2500
     vision_pretraining_learning_rate: float = 2e-3
     # The share of the vision tower's (and the projector probes') scenes with points marked as relative-depth questions
