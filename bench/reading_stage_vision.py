@@ -5,8 +5,9 @@ default) with their own and with another image.
 The full recipe takes more than an hour; the reading stage is where these answers are first learned, alone, so it is
 the quicker loop for a question about the vision tower or the reading curriculum (its figures are not the finished
 recipe's). Each arm is the recipe as these experiments started from (`EXPLORATION_START`: a two-layer tower
-without stem or pretraining that trains with the language model, a random projector, the image before the question,
-300 steps on one-object then 400 on two-object scenes) with the arm's overrides: its vision pretraining stage
+without stem or pretraining that trains with the language model, pretrained on 3,000 scenes when an arm turns its
+pretraining on, a random projector, the image before the question, 300 steps on one-object then 400 on two-object
+scenes) with the arm's overrides: its vision pretraining stage
 (`vision_pretraining_steps`, whose held-out probe accuracies are printed), then its reading stage (the
 `reading_curriculum` phases, then the full scenes' reading questions), with SAM2's image encoder frozen as after the
 recipe's grounding stage. The model is saved to `OUTPUT/ARM/model` and scored with `run_synthetic` (what `perceptio
@@ -99,6 +100,7 @@ EXPLORATION_START = {
     "vision_stem_channels": None,
     "vision_num_layers": 2,
     "vision_pretraining_steps": 0,
+    "vision_pretraining_scenes": 3000,
     "freeze_vision_tower": False,
     "projector_from_probes": False,
     "question_before_image": False,
