@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--vision-pretraining-scenes",
         type=int,
-        help="with --recipe: rendered scenes the vision tower's pretraining draws its batches from (default 3000); "
+        help="with --recipe: rendered scenes the vision tower's pretraining draws its batches from (default 12000); "
         "fewer than its steps see leaves its probes overfitted",
     )
     parser.add_argument(
