@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -192,11 +194,18 @@ def test_pretraining_trains_the_vision_tower_only_and_its_probes_learn(scenes, t
     assert all(torch.equal(value, others[name]) for name, value in tiny_model.named_parameters() if name in others)
 
 
-def test_pretraining_scores_its_probes_on_as_many_training_scenes_as_are_held_out(scenes, tiny_model):
-    train, _ = scenes
-    result = pretrain_vision_tower(tiny_model, train, train.first(12), steps=5, batch_size=8, logging_steps=5)
+def test_pretraining_scores_its_probes_on_as_many_training_scenes_as_are_held_out(scenes, tiny_pair):
+    train, evaluation = scenes
+
+    def pretrain(held_out):
+        return pretrain_vision_tower(copy.deepcopy(tiny_pair[0]), train, held_out, steps=5, batch_size=8)
+
     # Held out on the first 12 training scenes, the two scores are of the same scenes.
-    assert result.training == result.final
+    on_training = pretrain(train.first(12))
+    assert on_training.training == on_training.final
+    # Held out on other scenes, training goes the same way and the training score is still of the first 12.
+    held_out = pretrain(evaluation)
+    assert held_out.training == on_training.final and held_out.final != held_out.training
     assert len(train.first(12)) == 12 and len(train.first(1000)) == len(train)
 
 
