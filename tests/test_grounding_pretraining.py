@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -109,6 +110,24 @@ def test_pretraining_trains_sam2_only_and_makes_masks_follow_the_prompt(scenes, 
     assert not any(parameter.requires_grad for parameter in result.prompt_embedding.parameters())
     assert grounding_gate(tiny_model, result.prompt_embedding, evaluation, seed=0) == result.final
     assert json.loads(json.dumps(result.summary()))["final"]["prompt_iou"] == pytest.approx(result.final.prompt_iou)
+
+
+def test_pretraining_gates_as_many_training_scenes_as_are_held_out(scenes, tiny_pair):
+    train, evaluation = scenes
+
+    def pretrain(held_out):
+        return pretrain_grounding_encoder(copy.deepcopy(tiny_pair[0]), train, held_out, steps=3, batch_size=4)
+
+    # Held out on the first 8 training scenes, the two gates are of the same scenes.
+    on_training = pretrain(train.first(8))
+    assert on_training.training == on_training.final
+    # Held out on other scenes, training goes the same way and the training gate is still of the first 8.
+    held_out = pretrain(evaluation)
+    assert held_out.training == on_training.final and held_out.final != held_out.training
+    assert json.loads(json.dumps(held_out.summary()))["training"]["prompt_iou"] == pytest.approx(
+        held_out.training.prompt_iou
+    )
+    assert len(train.first(8)) == 8 and len(train.first(1000)) == len(train)
 
 
 def test_a_prompt_blind_decoder_fails_the_gate(scenes, tiny_pair):

@@ -75,6 +75,7 @@ def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
     grounding = saved["grounding_pretraining"]
     assert 0 <= grounding["final"]["prompt_iou"] <= 1 and [entry["step"] for entry in grounding["log"]] == [1, 2]
     assert 0 <= grounding["final"]["two_object_overlap"] <= 1
+    assert 0 <= grounding["training"]["prompt_iou"] <= 1, "the gate on training scenes shows overfitting"
     seg_attributes = saved["seg_attribute_accuracy"]
     assert seg_attributes["num_seg"] > 0 and set(seg_attributes["accuracy"]) == {"colour", "shape", "size"}
     assert [(entry["objects_per_scene"], entry["step"]) for entry in saved["reading_log"]] == [

@@ -55,6 +55,12 @@ class InstanceSegmentationScenes:
     def __len__(self) -> int:
         return self.sam_pixel_values.shape[0]
 
+    def first(self, count: int) -> InstanceSegmentationScenes:
+        """The first `count` scenes (all of them when there are fewer)."""
+        return InstanceSegmentationScenes(
+            self.sam_pixel_values[:count], self.instance_masks[:count], self.object_attributes[:count]
+        )
+
     def promptable_objects(self, index: int) -> torch.Tensor:
         """Objects of scene `index` that are visible and whose attributes no other object of the scene shares."""
         masks, attributes = self.instance_masks[index], self.object_attributes[index]
@@ -76,17 +82,21 @@ class GroundingGate:
 
 @dataclass
 class GroundingPretrainingResult:
-    """The training log (step, loss), the held-out gate before and after the stage, and the attribute prompts SAM2
-    was trained with (the targets of `loss_seg_prompt`, see `seg_prompt_targets`)."""
+    """The training log (step, loss), the held-out gate before and after the stage, the gate after it on as many
+    training scenes as are held out (where that beats the held-out gate, SAM2 has learned its scenes rather than how
+    to follow a prompt), and the attribute prompts SAM2 was trained with (the targets of `loss_seg_prompt`, see
+    `seg_prompt_targets`)."""
 
     log: list[dict[str, float]]
     initial: GroundingGate
     final: GroundingGate
+    training: GroundingGate
     prompt_embedding: AttributePromptEmbedding
 
     def summary(self) -> dict[str, Any]:
         """The log and gates, for a JSON summary."""
-        return {"log": self.log, "initial": asdict(self.initial), "final": asdict(self.final)}
+        gates = {name: asdict(getattr(self, name)) for name in ("initial", "final", "training")}
+        return {"log": self.log, **gates}
 
 
 class AttributePromptEmbedding(nn.Module):
@@ -296,4 +306,5 @@ def pretrain_grounding_encoder(
     log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Pretraining SAM2 on attribute prompts")
     sam.eval()
     final = grounding_gate(model, prompt_embedding, eval_scenes, seed)
-    return GroundingPretrainingResult(log, initial, final, prompt_embedding.requires_grad_(False))
+    training = grounding_gate(model, prompt_embedding, train_scenes.first(len(eval_scenes)), seed)
+    return GroundingPretrainingResult(log, initial, final, training, prompt_embedding.requires_grad_(False))
