@@ -82,6 +82,14 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-pretraining-scenes", "12000"]) == 0
     assert received["recipe"].vision_pretraining_scenes == 12000
     assert main([*arguments, "--vision-pretraining-scenes", "0"]) == 2
+    assert received["recipe"].grounding_scenes == defaults.grounding_scenes
+    assert main([*arguments, "--grounding-scenes", "500"]) == 0
+    assert received["recipe"].grounding_scenes == 500
+    assert main([*arguments, "--grounding-scenes", "0"]) == 2
+    assert received["recipe"].grounding_schedule == defaults.grounding_schedule
+    assert main([*arguments, "--grounding-schedule", "cosine"]) == 0
+    assert received["recipe"].grounding_schedule == "cosine"
+    assert main([*arguments, "--grounding-schedule", "linear"]) == 2
     assert received["recipe"].vision_tally_probes == ()
     assert main([*arguments, "--vision-tally-probes", "shape_tally", "object_tally"]) == 0
     assert received["recipe"].vision_tally_probes == ("shape_tally", "object_tally")

@@ -159,6 +159,7 @@ def test_candidates_have_one_row_per_prompt(scenes, tiny_pair):
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"image_encoder_learning_rate": -1.0}, "image_encoder_learning_rate"),
         ({"weight_decay": -0.1}, "weight_decay"),
+        ({"schedule": "linear"}, "schedule"),
     ],
 )
 def test_pretraining_settings_are_validated(scenes, tiny_model, arguments, message):

@@ -298,6 +298,8 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_learning_rate=0.0)
     with pytest.raises(ValueError, match="mask_decoder_steps"):
         SyntheticTinyRecipe(mask_decoder_steps=-1)
+    with pytest.raises(ValueError, match="grounding_schedule"):
+        SyntheticTinyRecipe(grounding_schedule="linear")
     with pytest.raises(ValueError, match="mask_decoder_learning_rate"):
         SyntheticTinyRecipe(mask_decoder_learning_rate=0.0)
     with pytest.raises(ValueError, match="vision_num_layers"):

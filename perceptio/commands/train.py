@@ -56,6 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fewer than its steps see leaves its probes overfitted",
     )
     parser.add_argument(
+        "--grounding-scenes",
+        type=int,
+        help="with --recipe: rendered scenes SAM2's grounding pretraining draws its batches from (default 3000)",
+    )
+    parser.add_argument(
+        "--grounding-schedule",
+        help="with --recipe: how the grounding pretraining's learning rates follow its steps: held at their peak "
+        "(constant) or decayed to zero along a half cosine (default constant)",
+    )
+    parser.add_argument(
         "--vision-marked-share",
         type=float,
         help="with --recipe: share of the vision tower's and the projector probes' scenes with points marked as the "
@@ -184,6 +194,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         "num_train": args.num_train,
         "vision_pretraining_steps": args.vision_pretraining_steps,
         "vision_pretraining_scenes": args.vision_pretraining_scenes,
+        "grounding_scenes": args.grounding_scenes,
+        "grounding_schedule": args.grounding_schedule,
         "vision_marked_share": args.vision_marked_share,
         "vision_tally_probes": args.vision_tally_probes,
         "vision_num_layers": args.vision_num_layers,

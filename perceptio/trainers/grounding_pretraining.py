@@ -30,7 +30,7 @@ from ..data.scene_rendering import render_scenes
 from ..data.seg_attributes import SEG_ATTRIBUTES, not_named_ids
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioImageProcessor
 from ..models.perceptio.loss_perceptio import mask_iou
-from .pretraining_loop import run_pretraining_steps
+from .pretraining_loop import run_pretraining_steps, validate_schedule
 
 
 SCENE_STREAMS = {"train": 0, "eval": 1}
@@ -255,6 +255,7 @@ def pretrain_grounding_encoder(
     prompts_per_image: int = 4,
     seed: int = 0,
     logging_steps: int = 50,
+    schedule: str = "constant",
 ) -> GroundingPretrainingResult:
     """Train `model.grounding_encoder` (all of SAM2) on attribute prompts; the rest of the model is untouched.
 
@@ -276,6 +277,7 @@ def pretrain_grounding_encoder(
         )
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+    validate_schedule(schedule)
     sam = model.grounding_encoder
     torch.manual_seed(seed)
     prompt_embedding = AttributePromptEmbedding(sam.config.mask_decoder_config.hidden_size).to(model.device)
@@ -303,7 +305,9 @@ def pretrain_grounding_encoder(
         return sum(model.mask_losses(logits.flatten(0, 1), scores.flatten(0, 1), targets).values())
 
     sam.train()
-    log = run_pretraining_steps(step_loss, optimizer, steps, logging_steps, "Pretraining SAM2 on attribute prompts")
+    log = run_pretraining_steps(
+        step_loss, optimizer, steps, logging_steps, "Pretraining SAM2 on attribute prompts", schedule
+    )
     sam.eval()
     final = grounding_gate(model, prompt_embedding, eval_scenes, seed)
     training = grounding_gate(model, prompt_embedding, train_scenes.first(len(eval_scenes)), seed)

@@ -74,6 +74,7 @@ from .grounding_pretraining import (
     pretrain_grounding_encoder,
     render_instance_scenes,
 )
+from .pretraining_loop import LEARNING_RATE_SCHEDULES
 from .projector_from_probes import ProjectorProbeResult, fit_projector_from_probes, token_cell_size
 from .seg_attribute_accuracy import seg_attribute_accuracy
 from .seg_prompt_targets import add_seg_prompt_column
@@ -154,6 +155,8 @@ class SyntheticTinyRecipe:
     grounding_learning_rate: float = 2e-3
     grounding_image_encoder_learning_rate: float = 5e-4
     grounding_weight_decay: float = 0.1
+    # "constant" or "cosine" (`LEARNING_RATE_SCHEDULES`): how both of the grounding stage's rates follow its steps.
+    grounding_schedule: str = "constant"
     grounding_prompts_per_image: int = 4
     freeze_grounding_encoder: bool = True
     mask_bce_weight: float = 1.0
@@ -314,6 +317,10 @@ class SyntheticTinyRecipe:
                 )
         if not self.grounding_weight_decay >= 0:
             raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
+        if self.grounding_schedule not in LEARNING_RATE_SCHEDULES:
+            raise ValueError(
+                f"grounding_schedule must be one of {LEARNING_RATE_SCHEDULES}, got {self.grounding_schedule!r}."
+            )
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
             raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
         for name in ("seg_attribute_loss_weight", "seg_prompt_loss_weight"):
@@ -487,6 +494,7 @@ def pretrain_recipe_grounding(
         prompts_per_image=recipe.grounding_prompts_per_image,
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
+        schedule=recipe.grounding_schedule,
     )
     model.grounding_encoder.vision_encoder.requires_grad_(False)
     return result
