@@ -72,26 +72,42 @@ def tiny_depth_tokenizer_config(num_codes: int = TINY_NUM_DEPTH_CODES) -> Percep
     )
 
 
-def tiny_sam2_config() -> Sam2Config:
-    """The tiny SAM2: 128² input, ≈0.5M parameters."""
+def tiny_sam2_config(backbone_hidden_size: int = 12, hidden_size: int = 32) -> Sam2Config:
+    """The tiny SAM2: 128² input, ≈0.5M parameters with the default widths. Its Hiera stages are
+    `backbone_hidden_size` channels wide, doubling at each of the four; `hidden_size` is the width of the feature
+    pyramid, the prompt encoder and the mask decoder."""
+    for name, value in (("backbone_hidden_size", backbone_hidden_size), ("hidden_size", hidden_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 4:
+            raise ValueError(f"{name} must be a positive multiple of 4, got {value!r}.")
+    stage_widths = [backbone_hidden_size * 2**stage for stage in range(4)]
     return Sam2Config(
         vision_config={
             "backbone_config": {
                 "model_type": "sam2_hiera_det_model",
-                "hidden_size": 12,
+                "hidden_size": backbone_hidden_size,
                 "blocks_per_stage": [1, 2, 7, 2],
-                "embed_dim_per_stage": [12, 24, 48, 96],
+                "embed_dim_per_stage": stage_widths,
                 "num_attention_heads_per_stage": [1, 2, 4, 8],
                 "window_size_per_stage": [8, 4, 14, 7],
                 "global_attention_blocks": [5, 7, 9],
                 "image_size": [128, 128],
             },
-            "backbone_channel_list": [96, 48, 24, 12],
+            "backbone_channel_list": stage_widths[::-1],
             "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]],
-            "fpn_hidden_size": 32,
+            "fpn_hidden_size": hidden_size,
         },
-        prompt_encoder_config={"hidden_size": 32, "image_size": 128, "patch_size": 16, "mask_input_channels": 8},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 4, "iou_head_hidden_dim": 32},
+        prompt_encoder_config={
+            "hidden_size": hidden_size,
+            "image_size": 128,
+            "patch_size": 16,
+            "mask_input_channels": hidden_size // 4,
+        },
+        mask_decoder_config={
+            "hidden_size": hidden_size,
+            "mlp_dim": 2 * hidden_size,
+            "num_attention_heads": 4,
+            "iou_head_hidden_dim": hidden_size,
+        },
     )
 
 

@@ -354,6 +354,23 @@ def test_the_recipe_sizes_the_vision_tower():
     assert len(model.model.vision_tower.encoder.layer) == 3
 
 
+def test_the_recipe_sizes_sam2_and_its_seg_prompts():
+    recipe = SyntheticTinyRecipe(**SMOKE, sam2_backbone_hidden_size=24, sam2_hidden_size=64)
+    processor = build_recipe_processor(recipe)
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    sam = model.grounding_encoder
+    assert sam.config.vision_config.backbone_config.embed_dim_per_stage == [24, 48, 96, 192]
+    image_embeddings = model.sam_image_embeddings(torch.zeros(1, 3, 128, 128))
+    assert image_embeddings[-1].shape == (1, 64, 8, 8)
+    states = torch.zeros(1, 2, recipe.text_hidden_size)
+    sparse, dense = model.seg_prompt_embeddings(model.text_hidden_fcs(states))
+    logits, _ = model.run_mask_decoder(image_embeddings, sparse, dense)
+    assert logits.shape[:2] == (1, 2) and sparse.shape[-1] == 64
+    for width in (0, 30, 2.0):
+        with pytest.raises(ValueError, match="hidden_size must be a positive multiple of 4"):
+            SyntheticTinyRecipe(sam2_hidden_size=width)
+
+
 def test_the_recipe_sets_the_language_models_heads():
     processor = build_recipe_processor(SyntheticTinyRecipe(**SMOKE))
     tokenizer = PerceptioDepthTokenizer(SyntheticTinyRecipe(**SMOKE).depth_tokenizer_config())

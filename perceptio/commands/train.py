@@ -56,6 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fewer than its steps see leaves its probes overfitted",
     )
     parser.add_argument(
+        "--sam2-backbone-hidden-size",
+        type=int,
+        help="with --recipe: channels of the first of SAM2's four Hiera stages, doubling at each (default 12)",
+    )
+    parser.add_argument(
+        "--sam2-hidden-size",
+        type=int,
+        help="with --recipe: width of SAM2's feature pyramid, prompt encoder and mask decoder (default 32)",
+    )
+    parser.add_argument(
         "--grounding-scenes",
         type=int,
         help="with --recipe: rendered scenes SAM2's grounding pretraining draws its batches from (default 3000)",
@@ -194,6 +204,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         "num_train": args.num_train,
         "vision_pretraining_steps": args.vision_pretraining_steps,
         "vision_pretraining_scenes": args.vision_pretraining_scenes,
+        "sam2_backbone_hidden_size": args.sam2_backbone_hidden_size,
+        "sam2_hidden_size": args.sam2_hidden_size,
         "grounding_scenes": args.grounding_scenes,
         "grounding_schedule": args.grounding_schedule,
         "vision_marked_share": args.vision_marked_share,

@@ -150,6 +150,10 @@ class SyntheticTinyRecipe:
     projector_probe_steps: int = 600
     # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
     vision_tower_learning_rate: float | None = None
+    # Widths of the recipe's SAM2 (see `tiny_sam2_config`): its Hiera's first stage, and its feature pyramid, prompt
+    # encoder and mask decoder.
+    sam2_backbone_hidden_size: int = 12
+    sam2_hidden_size: int = 32
     grounding_scenes: int = 3000
     grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
@@ -317,6 +321,8 @@ class SyntheticTinyRecipe:
                 )
         if not self.grounding_weight_decay >= 0:
             raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
+        # Building the SAM2 configuration refuses widths it cannot take.
+        tiny_sam2_config(self.sam2_backbone_hidden_size, self.sam2_hidden_size)
         if self.grounding_schedule not in LEARNING_RATE_SCHEDULES:
             raise ValueError(
                 f"grounding_schedule must be one of {LEARNING_RATE_SCHEDULES}, got {self.grounding_schedule!r}."
@@ -401,7 +407,7 @@ def build_recipe_model(
     shape and size, so each `[SEG]` state learns to carry what its phrase names.
     """
     vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
-    sam2_config = tiny_sam2_config()
+    sam2_config = tiny_sam2_config(recipe.sam2_backbone_hidden_size, recipe.sam2_hidden_size)
     sam2_config.mask_decoder_config.dynamic_multimask_via_stability = False
     heads = recipe.text_num_attention_heads or max(1, recipe.text_hidden_size // DEFAULT_TEXT_HEAD_CHANNELS)
     config = PerceptioConfig(
