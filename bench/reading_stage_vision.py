@@ -60,7 +60,7 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ from perceptio.trainers.synthetic_recipe import (
     build_recipe_model,
     build_recipe_processor,
     fit_recipe_projector,
+    parse_recipe_override,
     pretrain_recipe_vision_tower,
     reading_curriculum_split,
     reading_split,
@@ -126,17 +127,11 @@ QUESTIONS_SEED_OFFSET = 2000
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`FIELD=VALUE` -> (field, JSON-decoded value); an unknown field or a value that is not JSON is an error."""
-    name, separator, value = text.partition("=")
-    names = [field.name for field in fields(SyntheticTinyRecipe)]
-    if not separator or name not in names:
-        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with FIELD one of: {', '.join(names)}")
+    """`FIELD=VALUE` -> (field, JSON-decoded value), as `parse_recipe_override`, for argparse."""
     try:
-        return name, json.loads(value)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(
-            f"the value of {name} must be JSON (true, 4, [32,64]); got {value!r}"
-        ) from error
+        return parse_recipe_override(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:

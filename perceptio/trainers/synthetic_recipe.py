@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +378,19 @@ class SyntheticTinyRecipe:
             num_codes=self.depth_num_codes,
             dead_code_threshold_steps=20,
         )
+
+
+def parse_recipe_override(text: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` -> (field, JSON-decoded value), for experiments that vary a `SyntheticTinyRecipe` field; an
+    unknown field or a value that is not JSON is a `ValueError`."""
+    name, separator, value = text.partition("=")
+    names = [recipe_field.name for recipe_field in fields(SyntheticTinyRecipe)]
+    if not separator or name not in names:
+        raise ValueError(f"{text!r} is not FIELD=VALUE with FIELD one of: {', '.join(names)}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the value of {name} must be JSON (true, 4, [32,64]); got {value!r}") from error
 
 
 def build_recipe_processor(recipe: SyntheticTinyRecipe) -> PerceptioProcessor:
