@@ -77,8 +77,11 @@ def tiny_sam2_config(backbone_hidden_size: int = 12, hidden_size: int = 32) -> S
     `backbone_hidden_size` channels wide, doubling at each of the four; `hidden_size` is the width of the feature
     pyramid, the prompt encoder and the mask decoder."""
     for name, value in (("backbone_hidden_size", backbone_hidden_size), ("hidden_size", hidden_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 4:
-            raise ValueError(f"{name} must be a positive multiple of 4, got {value!r}.")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if hidden_size % 8:
+        # The mask decoder's upscaling layers have an eighth of its width as channels.
+        raise ValueError(f"hidden_size must be a multiple of 8, got {hidden_size}.")
     stage_widths = [backbone_hidden_size * 2**stage for stage in range(4)]
     return Sam2Config(
         vision_config={

@@ -89,7 +89,7 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert received["recipe"].grounding_schedule == defaults.grounding_schedule
     assert main([*arguments, "--sam2-backbone-hidden-size", "24", "--sam2-hidden-size", "64"]) == 0
     assert (received["recipe"].sam2_backbone_hidden_size, received["recipe"].sam2_hidden_size) == (24, 64)
-    assert main([*arguments, "--sam2-hidden-size", "30"]) == 2
+    assert main([*arguments, "--sam2-hidden-size", "36"]) == 2
     assert main([*arguments, "--grounding-schedule", "cosine"]) == 0
     assert received["recipe"].grounding_schedule == "cosine"
     assert main([*arguments, "--grounding-schedule", "linear"]) == 2

@@ -366,9 +366,11 @@ def test_the_recipe_sizes_sam2_and_its_seg_prompts():
     sparse, dense = model.seg_prompt_embeddings(model.text_hidden_fcs(states))
     logits, _ = model.run_mask_decoder(image_embeddings, sparse, dense)
     assert logits.shape[:2] == (1, 2) and sparse.shape[-1] == 64
-    for width in (0, 30, 2.0):
-        with pytest.raises(ValueError, match="hidden_size must be a positive multiple of 4"):
+    for width in (0, 36, 32.0):
+        with pytest.raises(ValueError, match="hidden_size must be a (positive integer|multiple of 8)"):
             SyntheticTinyRecipe(sam2_hidden_size=width)
+    with pytest.raises(ValueError, match="backbone_hidden_size must be a positive integer"):
+        SyntheticTinyRecipe(sam2_backbone_hidden_size=0)
 
 
 def test_the_recipe_sets_the_language_models_heads():
