@@ -61,6 +61,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     arms = []
     for name, *texts in arguments.arm:
+        if "=" in name:
+            parser.error(f"--arm takes a name before its overrides, got {name!r} first.")
         try:
             overrides = dict(parse_recipe_override(text) for text in texts)
             arm_recipe(overrides, arguments.seed)

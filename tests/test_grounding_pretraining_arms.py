@@ -38,6 +38,7 @@ def test_prints_held_out_and_training_gates_per_arm(bench, capsys, tmp_path):
         ["--arm", "bad", "grounding_steps=0"],
         ["--arm", "bad", "grounding_schedule=cosine"],
         ["--arm", "same", "--arm", "same"],
+        ["--arm", "grounding_scenes=12000"],
     ],
 )
 def test_refuses_what_it_cannot_run(bench, arguments):
