@@ -18,11 +18,10 @@ from tqdm.auto import tqdm
 LEARNING_RATE_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
-def validate_schedule(schedule: str) -> str:
-    """`schedule` if it names one of `LEARNING_RATE_SCHEDULES`."""
+def validate_schedule(schedule: str, name: str = "schedule") -> None:
+    """Refuse a `schedule` (the setting called `name`) that is not one of `LEARNING_RATE_SCHEDULES`."""
     if schedule not in LEARNING_RATE_SCHEDULES:
-        raise ValueError(f"schedule must be one of {LEARNING_RATE_SCHEDULES}, got {schedule!r}.")
-    return schedule
+        raise ValueError(f"{name} must be one of {LEARNING_RATE_SCHEDULES}, got {schedule!r}.")
 
 
 def learning_rate_factor(schedule: str, step: int, steps: int) -> float:

@@ -74,7 +74,7 @@ from .grounding_pretraining import (
     pretrain_grounding_encoder,
     render_instance_scenes,
 )
-from .pretraining_loop import LEARNING_RATE_SCHEDULES
+from .pretraining_loop import validate_schedule
 from .projector_from_probes import ProjectorProbeResult, fit_projector_from_probes, token_cell_size
 from .seg_attribute_accuracy import seg_attribute_accuracy
 from .seg_prompt_targets import add_seg_prompt_column
@@ -323,10 +323,7 @@ class SyntheticTinyRecipe:
             raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
         # Building the SAM2 configuration refuses widths it cannot take.
         tiny_sam2_config(self.sam2_backbone_hidden_size, self.sam2_hidden_size)
-        if self.grounding_schedule not in LEARNING_RATE_SCHEDULES:
-            raise ValueError(
-                f"grounding_schedule must be one of {LEARNING_RATE_SCHEDULES}, got {self.grounding_schedule!r}."
-            )
+        validate_schedule(self.grounding_schedule, "grounding_schedule")
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
             raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
         for name in ("seg_attribute_loss_weight", "seg_prompt_loss_weight"):
