@@ -14,6 +14,8 @@ At the defaults an arm takes about 12 minutes on one core; start several process
     python bench/grounding_pretraining_arms.py --arm recipe --arm scenes-12000 grounding_scenes=12000
     python bench/grounding_pretraining_arms.py --arm cosine 'grounding_schedule="cosine"' --output runs/cosine.json
     python bench/grounding_pretraining_arms.py --arm wide sam2_backbone_hidden_size=24 sam2_hidden_size=64
+    python bench/grounding_pretraining_arms.py --arm coarse grounding_steps=1000 \
+        --arm fine grounding_steps=1000 sam2_patch_stride=2
 """
 
 from __future__ import annotations

@@ -90,6 +90,11 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--sam2-backbone-hidden-size", "24", "--sam2-hidden-size", "64"]) == 0
     assert (received["recipe"].sam2_backbone_hidden_size, received["recipe"].sam2_hidden_size) == (24, 64)
     assert main([*arguments, "--sam2-hidden-size", "36"]) == 2
+    assert received["recipe"].sam2_patch_stride == defaults.sam2_patch_stride
+    assert main([*arguments, "--sam2-patch-stride", "2", "--grounding-steps", "1000"]) == 0
+    assert (received["recipe"].sam2_patch_stride, received["recipe"].grounding_steps) == (2, 1000)
+    assert main([*arguments, "--sam2-patch-stride", "3"]) == 2
+    assert main([*arguments, "--grounding-steps", "0"]) == 2
     assert main([*arguments, "--grounding-schedule", "cosine"]) == 0
     assert received["recipe"].grounding_schedule == "cosine"
     assert main([*arguments, "--grounding-schedule", "linear"]) == 2

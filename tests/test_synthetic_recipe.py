@@ -373,6 +373,21 @@ def test_the_recipe_sizes_sam2_and_its_seg_prompts():
         SyntheticTinyRecipe(sam2_backbone_hidden_size=0)
 
 
+def test_the_recipe_sets_the_resolution_of_sam2s_image_embedding_and_masks():
+    recipe = SyntheticTinyRecipe(**SMOKE, sam2_patch_stride=2)
+    processor = build_recipe_processor(recipe)
+    model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
+    image_embeddings = model.sam_image_embeddings(torch.zeros(1, 3, 128, 128))
+    assert image_embeddings[-1].shape == (1, 32, 16, 16)
+    sparse, dense = model.seg_prompt_embeddings(model.text_hidden_fcs(torch.zeros(1, 1, recipe.text_hidden_size)))
+    assert dense.shape[-2:] == (16, 16), "the prompt encoder's grid follows the image embedding"
+    logits, _ = model.run_mask_decoder(image_embeddings, sparse, dense)
+    assert logits.shape[-2:] == (64, 64)
+    for stride in (3, 32, 0, True):
+        with pytest.raises(ValueError, match="patch_stride must be one of"):
+            SyntheticTinyRecipe(sam2_patch_stride=stride)
+
+
 def test_the_recipe_sets_the_language_models_heads():
     processor = build_recipe_processor(SyntheticTinyRecipe(**SMOKE))
     tokenizer = PerceptioDepthTokenizer(SyntheticTinyRecipe(**SMOKE).depth_tokenizer_config())

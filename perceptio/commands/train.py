@@ -66,6 +66,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: width of SAM2's feature pyramid, prompt encoder and mask decoder (default 32)",
     )
     parser.add_argument(
+        "--sam2-patch-stride",
+        type=int,
+        help="with --recipe: pixels between SAM2's Hiera patches, 1, 2, 4, 8 or 16; its image embedding is 128 / (4 x "
+        "stride) cells a side (default 4: 8 x 8; 2: 16 x 16, for about 2.3 times SAM2's compute)",
+    )
+    parser.add_argument(
+        "--grounding-steps",
+        type=int,
+        help="with --recipe: steps of SAM2's grounding pretraining on attribute prompts (default 2500)",
+    )
+    parser.add_argument(
         "--grounding-scenes",
         type=int,
         help="with --recipe: rendered scenes SAM2's grounding pretraining draws its batches from (default 3000)",
@@ -206,6 +217,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         "vision_pretraining_scenes": args.vision_pretraining_scenes,
         "sam2_backbone_hidden_size": args.sam2_backbone_hidden_size,
         "sam2_hidden_size": args.sam2_hidden_size,
+        "sam2_patch_stride": args.sam2_patch_stride,
+        "grounding_steps": args.grounding_steps,
         "grounding_scenes": args.grounding_scenes,
         "grounding_schedule": args.grounding_schedule,
         "vision_marked_share": args.vision_marked_share,

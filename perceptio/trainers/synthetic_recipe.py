@@ -151,9 +151,10 @@ class SyntheticTinyRecipe:
     # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
     vision_tower_learning_rate: float | None = None
     # Widths of the recipe's SAM2 (see `tiny_sam2_config`): its Hiera's first stage, and its feature pyramid, prompt
-    # encoder and mask decoder.
+    # encoder and mask decoder; and the stride of Hiera's patches (4: an 8 x 8 image embedding, 2: 16 x 16).
     sam2_backbone_hidden_size: int = 12
     sam2_hidden_size: int = 32
+    sam2_patch_stride: int = 4
     grounding_scenes: int = 3000
     grounding_steps: int = 2500
     grounding_learning_rate: float = 2e-3
@@ -322,7 +323,7 @@ class SyntheticTinyRecipe:
         if not self.grounding_weight_decay >= 0:
             raise ValueError(f"grounding_weight_decay must be >= 0, got {self.grounding_weight_decay!r}.")
         # Building the SAM2 configuration refuses widths it cannot take.
-        tiny_sam2_config(self.sam2_backbone_hidden_size, self.sam2_hidden_size)
+        tiny_sam2_config(self.sam2_backbone_hidden_size, self.sam2_hidden_size, self.sam2_patch_stride)
         validate_schedule(self.grounding_schedule, "grounding_schedule")
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
             raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
@@ -417,7 +418,7 @@ def build_recipe_model(
     shape and size, so each `[SEG]` state learns to carry what its phrase names.
     """
     vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
-    sam2_config = tiny_sam2_config(recipe.sam2_backbone_hidden_size, recipe.sam2_hidden_size)
+    sam2_config = tiny_sam2_config(recipe.sam2_backbone_hidden_size, recipe.sam2_hidden_size, recipe.sam2_patch_stride)
     sam2_config.mask_decoder_config.dynamic_multimask_via_stability = False
     heads = recipe.text_num_attention_heads or max(1, recipe.text_hidden_size // DEFAULT_TEXT_HEAD_CHANNELS)
     config = PerceptioConfig(
