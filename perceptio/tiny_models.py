@@ -89,7 +89,7 @@ def tiny_sam2_config(backbone_hidden_size: int = 12, hidden_size: int = 32, patc
     if hidden_size % 8:
         # The mask decoder's upscaling layers have an eighth of its width as channels.
         raise ValueError(f"hidden_size must be a multiple of 8, got {hidden_size}.")
-    if isinstance(patch_stride, bool) or patch_stride not in TINY_SAM2_PATCH_STRIDES:
+    if type(patch_stride) is not int or patch_stride not in TINY_SAM2_PATCH_STRIDES:
         raise ValueError(f"patch_stride must be one of {TINY_SAM2_PATCH_STRIDES}, got {patch_stride!r}.")
     stage_widths = [backbone_hidden_size * 2**stage for stage in range(4)]
     # The feature pyramid keeps Hiera's three finest stages; the last of them is the image embedding.

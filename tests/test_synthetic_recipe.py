@@ -383,7 +383,7 @@ def test_the_recipe_sets_the_resolution_of_sam2s_image_embedding_and_masks():
     assert dense.shape[-2:] == (16, 16), "the prompt encoder's grid follows the image embedding"
     logits, _ = model.run_mask_decoder(image_embeddings, sparse, dense)
     assert logits.shape[-2:] == (64, 64)
-    for stride in (3, 32, 0, True):
+    for stride in (3, 32, 0, True, 2.0):
         with pytest.raises(ValueError, match="patch_stride must be one of"):
             SyntheticTinyRecipe(sam2_patch_stride=stride)
 
