@@ -319,6 +319,9 @@ def test_synthetic_summary_equals_metric_functions(tiny, recorded_predictions, t
         pair = pair_order_counts(predicted, target, num_pairs=1000, margin=0.05, seed=0)
         correct, counted = correct + pair[0], counted + pair[1]
     assert summary["referring"]["ciou"] == pytest.approx(ciou(*zip(*referring_counts)))
+    kinds = [json.loads(row["meta"])["kind"] for row in split if row["task"] == "referring"]
+    assert sum(figures["num_samples"] for figures in summary["referring"]["by_kind"].values()) == len(kinds)
+    assert set(summary["referring"]["by_kind"]) == set(kinds)
     means = np.mean(depth_figures, axis=0)
     assert [summary["depth"][key] for key in ("abs_rel", "rmse", "delta1")] == pytest.approx(list(means))
     assert summary["depth"]["pair_order_accuracy"] == pytest.approx(correct / counted)
@@ -399,6 +402,20 @@ def test_swapped_sentence_margin_has_a_paired_bootstrap_standard_error():
     control = paired_ciou_control(records[:3], records[3:])
     assert control["ciou_se"] == pytest.approx(_reference_bootstrap_se(own), rel=0.15)
     assert control["swapped_expression_margin_se"] == pytest.approx(_reference_bootstrap_se(own, swapped), rel=0.15)
+
+
+def test_referring_figures_are_also_given_per_kind_of_expression():
+    own = [(30, 40), (10, 50), (45, 50), (0, 20), (25, 30)]
+    records = _referring_records(own, [])
+    kinds = ["attributes", "relation", "attributes", "relation", None]
+    for record, kind in zip(records, kinds):
+        record["expression_kind"] = kind
+    by_kind = synthetic_summary(records)["referring"]["by_kind"]
+    assert set(by_kind) == {"attributes", "relation"}, "a row without a kind counts only in the overall figures"
+    assert by_kind["attributes"]["ciou"] == pytest.approx(ciou(*zip(own[0], own[2])))
+    assert by_kind["relation"]["ciou"] == pytest.approx(ciou(*zip(own[1], own[3])))
+    assert by_kind["relation"]["num_samples"] == 2
+    assert synthetic_summary([])["referring"]["by_kind"] == {}
 
 
 def test_follows_sentence_needs_the_own_sentence_to_win_by_two_standard_errors():

@@ -9,7 +9,8 @@ Reads a split of `perceptio.data.synthetic_dataset.build_synthetic_dataset` (a `
   own target: `swapped_expression_ciou`. A model that reads the sentence scores lower there; a model that draws the
   same mask whatever the sentence (a foreground mask) scores the same. `paired_ciou_control` adds bootstrap
   standard errors of the cIoU and of the own sentence's margin over the swapped one (rows resampled in pairs), and
-  `follows_sentence`: that margin exceeds two of its standard errors;
+  `follows_sentence`: that margin exceeds two of its standard errors. `by_kind` gives the figures per kind of
+  expression (the row's `meta` "kind": attributes, plural, conjunction, superlative, relation);
 - every row whose answer has a depth block: the decoded depth against the ground truth converted to the tokenizer's
   space (relative inverse depth 1/z, min-max normalised per image to [-1, 1], larger = nearer) at the original size.
   RMSE and pair-order accuracy are read in that space, AbsRel and delta < 1.25 after `normalized_to_positive` (the
@@ -120,6 +121,7 @@ def synthetic_record(index: int, row: dict[str, Any], prediction) -> dict[str, A
     }
     if task == "referring":
         record["intersection"], record["union"] = referring_counts(targets, prediction)
+        record["expression_kind"] = json.loads(row["meta"]).get("kind")
     if task in ANSWER_TASKS:
         record.update(answer_fields(record["sample_id"], row, prediction.text))
     if prediction.depth is not None:
@@ -341,6 +343,16 @@ def pooled_depth_figures(with_depth: Sequence[dict[str, float | int]]) -> dict[s
     }
 
 
+def referring_summary_by_kind(referring: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The referring figures per kind of expression (attributes, plural, conjunction, superlative, relation), so a
+    cIoU held down by the expressions that need depth or layout, not by the attributes, shows which."""
+    kinds = sorted({record["expression_kind"] for record in referring if record.get("expression_kind")})
+    return {
+        kind: referring_summary([record for record in referring if record.get("expression_kind") == kind])
+        for kind in kinds
+    }
+
+
 def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Referring cIoU/gIoU (and the swapped-sentence control), depth figures over images with a depth block,
     relative-depth accuracy by point count, VQA accuracy, and the swapped-image control."""
@@ -360,6 +372,7 @@ def synthetic_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             **referring_summary(referring),
             "swapped_expression_ciou": referring_summary(swapped)["ciou"],
             **paired_ciou_control(referring, swapped),
+            "by_kind": referring_summary_by_kind(referring),
         },
         "depth": depth,
         "relative_depth": {**choice_summary(relative_depth), "by_num_points": by_points},
