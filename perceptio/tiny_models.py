@@ -73,7 +73,7 @@ def tiny_depth_tokenizer_config(num_codes: int = TINY_NUM_DEPTH_CODES) -> Percep
 
 
 TINY_SAM2_IMAGE_SIZE = 128
-# Hiera halves the resolution between each of its four stages, so its patches must leave an 8-pixel-divisible grid.
+# Hiera halves its grid between each of its four stages, so the patch grid (128 / stride a side) must halve thrice.
 TINY_SAM2_PATCH_STRIDES = (1, 2, 4, 8, 16)
 
 
