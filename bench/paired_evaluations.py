@@ -5,7 +5,7 @@ noise than that, because a question hard for one is mostly hard for the other. T
 `synthetic_samples.jsonl` of two evaluation folders, checks that they hold the same questions, and prints per answer
 task the accuracy of each and the mean paired difference (candidate minus baseline) with its standard error, and for
 referring the cIoU of each and the difference with a bootstrap standard error over the questions (cIoU pools the
-split, so it has no per-question difference). The standard errors are over questions only: the spread between two
+split, so it has no per-question difference), overall and per kind of expression where the samples name it. The standard errors are over questions only: the spread between two
 training runs of one recipe is not in them.
 
     python bench/paired_evaluations.py --baseline runs/synthetic-tiny-eval --candidate runs/heads8-eval
@@ -79,12 +79,27 @@ def pooled_iou(totals: np.ndarray) -> np.ndarray:
     return np.divide(totals[:, 0], totals[:, 1], out=empty, where=totals[:, 1] > 0)
 
 
+def referring_kinds(samples: dict[str, dict]) -> list[str]:
+    """The kinds of referring expression the samples name (`expression_kind`), sorted."""
+    return sorted(
+        {record.get("expression_kind") for record in samples.values() if record["task"] == REFERRING_TASK} - {None}
+    )
+
+
 def paired_ciou(
-    baseline: dict[str, dict], candidate: dict[str, dict], resamples: int, seed: int = BOOTSTRAP_SEED
+    baseline: dict[str, dict],
+    candidate: dict[str, dict],
+    resamples: int,
+    seed: int = BOOTSTRAP_SEED,
+    kind: str | None = None,
 ) -> dict[str, Any]:
     """Both referring cIoUs and their difference, with the standard deviation of the difference over `resamples`
-    bootstrap draws of the questions (the same draw for both)."""
-    keys = [key for key, record in baseline.items() if record["task"] == REFERRING_TASK]
+    bootstrap draws of the questions (the same draw for both); over the expressions of `kind` only, when given."""
+    keys = [
+        key
+        for key, record in baseline.items()
+        if record["task"] == REFERRING_TASK and (kind is None or record.get("expression_kind") == kind)
+    ]
     counts = {
         name: np.array([[samples[key]["intersection"], samples[key]["union"]] for key in keys], dtype=np.float64)
         for name, samples in (("baseline", baseline), ("candidate", candidate))
@@ -140,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     for task in ANSWER_TASKS:
         print(format_row(f"{task} accuracy", paired_accuracy(baseline, candidate, task)))
     print(format_row(f"{REFERRING_TASK} cIoU", paired_ciou(baseline, candidate, arguments.resamples)))
+    for kind in referring_kinds(baseline):
+        figures = paired_ciou(baseline, candidate, arguments.resamples, kind=kind)
+        print(format_row(f"{REFERRING_TASK} cIoU, {kind}", figures))
     return 0
 
 

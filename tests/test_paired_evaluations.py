@@ -39,6 +39,23 @@ def test_prints_the_paired_difference_and_its_standard_error(paired_evaluations,
     assert "n/a" in rows["vqa_shape accuracy"]
 
 
+def test_prints_the_cious_of_each_kind_of_expression_the_samples_name(paired_evaluations, tmp_path, capsys):
+    records = [colour_and_referring([], [(10, 20), (0, 20), (5, 10)]) for _ in range(2)]
+    records[1][0]["intersection"] = 20
+    for samples in records:
+        for record, kind in zip(samples, ["attributes", "relation", None]):
+            record["expression_kind"] = kind
+    baseline, candidate = (write_samples(tmp_path / name, samples) for name, samples in zip("ab", records))
+    assert paired_evaluations.main(["--baseline", str(baseline), "--candidate", str(candidate)]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["referring cIoU, attributes"].startswith(
+        "| referring cIoU, attributes | 1 | 0.500 | 1.000 | +0.500 ± "
+    )
+    assert rows["referring cIoU, relation"].startswith("| referring cIoU, relation | 1 | 0.000 | 0.000 | +0.000 ± ")
+    assert rows["referring cIoU"].startswith("| referring cIoU | 3 | 0.300 | 0.500 | +0.200 ± ")
+    assert not any(name.startswith("referring cIoU, None") for name in rows)
+
+
 def test_an_evaluation_against_itself_differs_by_nothing(paired_evaluations, tmp_path):
     records = colour_and_referring([1, 0, 1, 1, 0], [(3, 9), (5, 6), (0, 4)])
     samples = paired_evaluations.read_samples(write_samples(tmp_path / "a", records))
