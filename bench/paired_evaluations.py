@@ -5,8 +5,8 @@ noise than that, because a question hard for one is mostly hard for the other. T
 `synthetic_samples.jsonl` of two evaluation folders, checks that they hold the same questions, and prints per answer
 task the accuracy of each and the mean paired difference (candidate minus baseline) with its standard error, and for
 referring the cIoU of each and the difference with a bootstrap standard error over the questions (cIoU pools the
-split, so it has no per-question difference), overall and per kind of expression where the samples name it. The standard errors are over questions only: the spread between two
-training runs of one recipe is not in them.
+split, so it has no per-question difference), overall and per kind of expression where the samples name it. The
+standard errors are over questions only: the spread between two training runs of one recipe is not in them.
 
     python bench/paired_evaluations.py --baseline runs/synthetic-tiny-eval --candidate runs/heads8-eval
 """
