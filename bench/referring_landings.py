@@ -29,22 +29,17 @@ from tqdm.auto import tqdm
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.data.scene_rendering import render_scene
+from perceptio.data.synthetic_tasks import ObjectQuery
 from perceptio.evaluation.segmentation_metrics import mask_intersection_union
 
 
 LANDINGS = ("target", "candidate", "other_object", "no_object")
-ATTRIBUTES = ("colour", "shape", "size")
 
 
 def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
     """IoU of two boolean masks (0 when both are empty)."""
     intersection, union = mask_intersection_union(first, second)
     return intersection / union if union else 0.0
-
-
-def has_named_attributes(scene_object, named: dict[str, str | None]) -> bool:
-    """Whether the object has every attribute the phrase names (a `None` attribute is not named)."""
-    return all(named.get(name) in (None, getattr(scene_object, name)) for name in ATTRIBUTES)
 
 
 def landing(predicted: np.ndarray, target_ids: list[int], named: list[dict], scene, landing_iou: float) -> str:
@@ -57,7 +52,7 @@ def landing(predicted: np.ndarray, target_ids: list[int], named: list[dict], sce
     best = int(np.argmax(ious))
     if ious[best] < landing_iou:
         return "no_object"
-    if len(named) == 1 and has_named_attributes(scene.objects[best], named[0]):
+    if len(named) == 1 and ObjectQuery(**named[0]).matches(scene.objects[best]):
         return "candidate"
     return "other_object"
 
@@ -66,7 +61,8 @@ def candidate_count(named: list[dict], scene) -> int | None:
     """The scene's objects with the attributes a one-object phrase names (None for phrases of several objects)."""
     if len(named) != 1:
         return None
-    return sum(has_named_attributes(scene_object, named[0]) for scene_object in scene.objects)
+    query = ObjectQuery(**named[0])
+    return sum(query.matches(scene_object) for scene_object in scene.objects)
 
 
 def rendered_scene(row: dict[str, Any], index: int):
