@@ -19,6 +19,7 @@ from perceptio.data.synthetic_tasks import (
     TASK_NAMES,
     generate_task_sample,
     make_relative_depth_sample,
+    referred_object_facts,
     referring_expressions,
 )
 
@@ -117,6 +118,35 @@ def test_referring_sample_carries_one_mask_per_referred_object(seed):
     np.testing.assert_array_equal(sample.masks, scene.instance_masks[list(ids)])
     assert sample.answer == ("Here it is." if len(ids) == 1 else "Here they are.")
     assert "[SEG]" not in sample.answer
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**40))
+def test_referring_sample_records_each_referred_objects_own_attributes_and_ranks(seed):
+    scene = render_scene(seed, image_size=48)
+    sample = generate_task_sample(scene, "referring", np.random.default_rng(seed))
+    visible = [obj for obj in scene.objects if obj.visible_pixels > 0]
+    assert len(sample.meta["referred"]) == len(sample.meta["object_ids"])
+    for object_id, facts in zip(sample.meta["object_ids"], sample.meta["referred"]):
+        obj = scene.objects[object_id]
+        assert (facts["colour"], facts["shape"], facts["size"]) == (obj.colour, obj.shape, obj.size)
+        assert facts["nearness_rank"] == sum(other.distance < obj.distance for other in visible)
+        assert facts["column_rank"] == sum(other.centroid[0] < obj.centroid[0] for other in visible)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**40))
+def test_a_superlatives_referred_object_has_the_extreme_nearness_rank_among_its_candidates(seed):
+    scene = render_scene(seed, image_size=48)
+    visible = [obj for obj in scene.objects if obj.visible_pixels > 0]
+    for expression in referring_expressions(scene):
+        if expression.kind != "superlative":
+            continue
+        candidates = [obj.object_id for obj in visible if expression.named[0].matches(obj)]
+        ranks = [facts["nearness_rank"] for facts in referred_object_facts(visible, tuple(candidates))]
+        (referred,) = referred_object_facts(visible, expression.object_ids)
+        extreme = min(ranks) if "nearest" in expression.text else max(ranks)
+        assert referred["nearness_rank"] == extreme, expression
 
 
 @settings(max_examples=25, deadline=None)

@@ -18,7 +18,9 @@ Sample schema (the training collator codes against this; it is documented here o
   `depth_block_share` of the other samples).
 - `task` (str): "referring", "relative_depth", "vqa_count", "vqa_colour" or "vqa_shape".
 - `meta` (str): JSON of task facts. referring: `expression`, `kind`, `object_ids`, `named` (per referred object, the
-  `size`, `colour` and `shape` its noun phrase names, `null` for each it does not); relative_depth: `points`
+  `size`, `colour` and `shape` its noun phrase names, `null` for each it does not), `referred` (per referred object,
+  its own `size`, `colour`, `shape`, `nearness_rank` and `column_rank` among the visible objects, 0 = nearest /
+  leftmost); relative_depth: `points`
   ([x, y] pixels), `letters`, `metric_depths`, `answer_letter`, `num_points`, `marker_radius`; vqa_count: `query`,
   `count`, `object_ids`; vqa_colour / vqa_shape: `object_id`, `colour` / `shape`, `phrase`.
 - `scene_seed` (int64): the `render_scene` seed of the sample's scene.

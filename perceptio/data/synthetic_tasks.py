@@ -287,10 +287,14 @@ def _conjunction_expressions(objects: list[SceneObject]) -> list[ReferringExpres
     ]
 
 
+def _visible_objects(scene: SceneRender) -> list[SceneObject]:
+    return [obj for obj in scene.objects if obj.visible_pixels > 0]
+
+
 def referring_expressions(scene: SceneRender, config: TaskConfig = DEFAULT_TASK_CONFIG) -> list[ReferringExpression]:
     """Every unambiguous referring expression of the scene, grouped by kind (attributes, superlative, relation,
     plural, conjunction). Plural answers list objects left to right; conjunctions in the order named."""
-    objects = [obj for obj in scene.objects if obj.visible_pixels > 0]
+    objects = _visible_objects(scene)
     return (
         _attribute_expressions(objects)
         + _superlative_expressions(objects, config)
@@ -298,6 +302,24 @@ def referring_expressions(scene: SceneRender, config: TaskConfig = DEFAULT_TASK_
         + _plural_expressions(objects)
         + _conjunction_expressions(objects)
     )
+
+
+def referred_object_facts(objects: list[SceneObject], object_ids: tuple[int, ...]) -> list[dict[str, object]]:
+    """Per referred object (in `object_ids` order), what it is and where, whatever its phrase names: its `size`,
+    `colour`, `shape`, `nearness_rank` (0 = nearest the camera among `objects`) and `column_rank` (0 = leftmost)."""
+    nearness = [obj.object_id for obj in sorted(objects, key=lambda obj: obj.distance)]
+    columns = list(_left_to_right(objects))
+    by_id = {obj.object_id: obj for obj in objects}
+    return [
+        {
+            "size": by_id[object_id].size,
+            "colour": by_id[object_id].colour,
+            "shape": by_id[object_id].shape,
+            "nearness_rank": nearness.index(object_id),
+            "column_rank": columns.index(object_id),
+        }
+        for object_id in object_ids
+    ]
 
 
 def _empty_masks(scene: SceneRender) -> np.ndarray:
@@ -333,6 +355,7 @@ def make_referring_sample(
             "kind": kind,
             "object_ids": list(expression.object_ids),
             "named": [asdict(query) for query in expression.named],
+            "referred": referred_object_facts(_visible_objects(scene), expression.object_ids),
         },
     )
 
@@ -499,7 +522,7 @@ def make_count_sample(
     scene: SceneRender, rng: np.random.Generator, config: TaskConfig = DEFAULT_TASK_CONFIG
 ) -> TaskSample | None:
     """ "How many ... are there?" over all objects, a shape, a colour, or a size and shape (zero is a valid count)."""
-    objects = [obj for obj in scene.objects if obj.visible_pixels > 0]
+    objects = _visible_objects(scene)
     example = objects[int(rng.integers(len(objects)))]
     # Ask mostly about attributes present in the scene, sometimes about any attribute so zero counts occur.
     if rng.random() < 0.2:
@@ -545,7 +568,7 @@ def _unique_phrases_without(objects: list[SceneObject], attribute: str) -> list[
 def _make_attribute_question(
     scene: SceneRender, rng: np.random.Generator, config: TaskConfig, attribute: str, task: str, template: str
 ) -> TaskSample | None:
-    objects = [obj for obj in scene.objects if obj.visible_pixels > 0]
+    objects = _visible_objects(scene)
     pairs = _unique_phrases_without(objects, attribute)
     if not pairs:
         return None
