@@ -9,13 +9,15 @@ import math
 
 import pytest
 import torch
+from conftest import with_attribute_heads
 from test_trainer import make_sample
 
-from perceptio.data.seg_attributes import SEG_ATTRIBUTE_COLUMN
+from perceptio.data.seg_attributes import SEG_ATTRIBUTE_COLUMN, add_seg_attribute_column, seg_attribute_classes
 from perceptio.models.perceptio.loss_perceptio import seg_prompt_loss
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.grounding_pretraining import AttributePromptEmbedding
 from perceptio.trainers.seg_prompt_targets import PROMPT_TARGET_KINDS, SEG_PROMPT_COLUMN, add_seg_prompt_column
+from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, add_seg_targets
 
 
 def prompt_width(model) -> int:
@@ -53,6 +55,22 @@ def test_targets_are_the_attribute_prompts_of_phrases_that_name_their_object_alo
         else:
             assert targets.isnan().all()
     assert kinds == {True, False}
+
+
+def test_recipe_rows_give_the_heads_their_target_and_the_prompts_the_named_attributes(tiny_pair, labelled_rows):
+    """With the "referred" target the heads learn each object's own attributes and ranks, while the prompt targets
+    stay the grounding stage's prompts of what the phrase names."""
+    rows = labelled_rows.remove_columns(SEG_ATTRIBUTE_COLUMN)
+    prompts = AttributePromptEmbedding(8)
+    recipe = SyntheticTinyRecipe(seg_attribute_target="referred", seg_prompt_loss_weight=1.0)
+    model = with_attribute_heads(tiny_pair[0], seg_attribute_classes("referred"))
+    targets = add_seg_targets(recipe, model, rows, prompts)
+    assert targets[SEG_ATTRIBUTE_COLUMN] == add_seg_attribute_column(rows, "referred")[SEG_ATTRIBUTE_COLUMN]
+    named = add_seg_prompt_column(add_seg_attribute_column(rows, "named"), prompts)
+    for with_targets, expected in zip(targets[SEG_PROMPT_COLUMN], named[SEG_PROMPT_COLUMN]):
+        torch.testing.assert_close(torch.tensor(with_targets), torch.tensor(expected), equal_nan=True)
+    without_heads = add_seg_targets(recipe, tiny_pair[0], rows, prompts)
+    assert SEG_ATTRIBUTE_COLUMN not in without_heads.column_names and SEG_PROMPT_COLUMN in without_heads.column_names
 
 
 def test_targets_need_the_attribute_labels(labelled_rows):

@@ -341,6 +341,10 @@ def test_the_seg_attribute_heads_follow_their_loss_weight():
     assert [head.out_features for head in model.seg_attribute_heads] == seg_attribute_classes()
     without = build_recipe_model(SyntheticTinyRecipe(**SMOKE, seg_attribute_loss_weight=0.0), processor, tokenizer)
     assert without.seg_attribute_heads is None and without.config.seg_attribute_classes is None
+    referred = build_recipe_model(SyntheticTinyRecipe(**SMOKE, seg_attribute_target="referred"), processor, tokenizer)
+    assert [head.out_features for head in referred.seg_attribute_heads] == seg_attribute_classes("referred")
+    with pytest.raises(ValueError, match="must be one of \\('named', 'referred'\\), got 'object'"):
+        SyntheticTinyRecipe(seg_attribute_target="object")
     with pytest.raises(ValueError, match="seg_attribute_loss_weight"):
         SyntheticTinyRecipe(seg_attribute_loss_weight=-1.0)
 

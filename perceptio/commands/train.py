@@ -87,6 +87,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(constant) or decayed to zero along a half cosine (default constant)",
     )
     parser.add_argument(
+        "--seg-attribute-target",
+        help="with --recipe: what the [SEG] attribute heads ask of each [SEG] state: the attributes its phrase names "
+        "(named) or the referred object's own colour, shape, size and nearness and column ranks (referred; "
+        "default named)",
+    )
+    parser.add_argument(
         "--vision-marked-share",
         type=float,
         help="with --recipe: share of the vision tower's and the projector probes' scenes with points marked as the "
@@ -221,6 +227,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "grounding_steps": args.grounding_steps,
         "grounding_scenes": args.grounding_scenes,
         "grounding_schedule": args.grounding_schedule,
+        "seg_attribute_target": args.seg_attribute_target,
         "vision_marked_share": args.vision_marked_share,
         "vision_tally_probes": args.vision_tally_probes,
         "vision_num_layers": args.vision_num_layers,

@@ -51,7 +51,12 @@ from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
 
 from ..data.scene_rendering import metric_depth_to_inverse_depth, validate_num_objects
-from ..data.seg_attributes import SEG_ATTRIBUTE_COLUMN, add_seg_attribute_column, seg_attribute_classes
+from ..data.seg_attributes import (
+    SEG_ATTRIBUTE_COLUMN,
+    add_seg_attribute_column,
+    seg_attribute_classes,
+    validate_seg_attribute_target,
+)
 from ..data.synthetic_dataset import build_synthetic_dataset
 from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
 from ..data.task_weights import validate_task_weights
@@ -167,6 +172,9 @@ class SyntheticTinyRecipe:
     mask_bce_weight: float = 1.0
     mask_dice_weight: float = 2.0
     seg_attribute_loss_weight: float = 1.0
+    # What the `[SEG]` attribute heads ask of each `[SEG]` state (`SEG_ATTRIBUTE_TARGETS`): "named", the attributes
+    # its phrase names; "referred", the referred object's own attributes and its nearness and column ranks.
+    seg_attribute_target: str = "named"
     seg_prompt_loss_weight: float = 0.0
     mask_decoder_steps: int = 2000
     mask_decoder_learning_rate: float = 1e-3
@@ -327,6 +335,7 @@ class SyntheticTinyRecipe:
         validate_schedule(self.grounding_schedule, "grounding_schedule")
         if self.mask_bce_weight < 0 or self.mask_dice_weight < 0:
             raise ValueError("mask_bce_weight and mask_dice_weight must be >= 0.")
+        validate_seg_attribute_target(self.seg_attribute_target)
         for name in ("seg_attribute_loss_weight", "seg_prompt_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
@@ -414,8 +423,8 @@ def build_recipe_model(
 
     Its SAM2 decodes one mask per `[SEG]` (no candidates to rank with an IoU head trained from scratch) and its mask
     loss leans on Dice: with BCE-heavy weights a from-scratch decoder settles on empty masks, objects being a few
-    percent of the image. With `seg_attribute_loss_weight` > 0 it has `seg_attribute_heads` for the scenes' colour,
-    shape and size, so each `[SEG]` state learns to carry what its phrase names.
+    percent of the image. With `seg_attribute_loss_weight` > 0 it has `seg_attribute_heads` for the labels of
+    `seg_attribute_target`, so each `[SEG]` state learns to carry what its phrase names (or which object it refers to).
     """
     vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
     sam2_config = tiny_sam2_config(recipe.sam2_backbone_hidden_size, recipe.sam2_hidden_size, recipe.sam2_patch_stride)
@@ -448,7 +457,9 @@ def build_recipe_model(
         mask_bce_weight=recipe.mask_bce_weight,
         mask_dice_weight=recipe.mask_dice_weight,
         lm_loss_reduction=recipe.lm_loss_reduction,
-        seg_attribute_classes=seg_attribute_classes() if recipe.seg_attribute_loss_weight else None,
+        seg_attribute_classes=(
+            seg_attribute_classes(recipe.seg_attribute_target) if recipe.seg_attribute_loss_weight else None
+        ),
         seg_attribute_loss_weight=recipe.seg_attribute_loss_weight,
         seg_prompt_loss_weight=recipe.seg_prompt_loss_weight,
         vision_stem_channels=recipe.vision_stem_channels,
@@ -754,13 +765,13 @@ def add_seg_targets(
 ) -> Dataset:
     """`rows` with the `[SEG]` targets the model trains on: `seg_attributes` for its attribute heads, and
     `seg_prompt_targets` from `prompt_embedding` while `recipe.seg_prompt_loss_weight` > 0."""
-    with_prompts = prompt_embedding is not None and recipe.seg_prompt_loss_weight > 0
-    if model.seg_attribute_heads is None and not with_prompts:
-        return rows
-    rows = add_seg_attribute_column(rows)
-    if with_prompts:
-        rows = add_seg_prompt_column(rows, prompt_embedding)
-    return rows if model.seg_attribute_heads is not None else rows.remove_columns(SEG_ATTRIBUTE_COLUMN)
+    if prompt_embedding is not None and recipe.seg_prompt_loss_weight > 0:
+        # The grounding stage's prompts embed the attributes a phrase names, whatever the heads' target.
+        with_named = add_seg_attribute_column(rows, "named")
+        rows = add_seg_prompt_column(with_named, prompt_embedding).remove_columns(SEG_ATTRIBUTE_COLUMN)
+    if model.seg_attribute_heads is not None:
+        rows = add_seg_attribute_column(rows, recipe.seg_attribute_target)
+    return rows
 
 
 def run_synthetic_tiny_recipe(

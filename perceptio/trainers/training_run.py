@@ -131,21 +131,15 @@ def build_train_dataset(data_args, model):
 
 
 def label_seg_attributes(synthetic, head_classes: list[int]):
-    """The synthetic rows with their `seg_attributes` column, the targets of the model's `[SEG]` attribute heads.
+    """The synthetic rows with their `seg_attributes` column, the targets of the model's `[SEG]` attribute heads:
+    named or referred attributes (`SEG_ATTRIBUTE_TARGETS`), whichever the heads' classes are sized for.
 
     Raises:
-        ValueError: the heads' classes are not those of the synthetic scenes' attributes (`SEG_ATTRIBUTES`), so the
-            labels could not train them.
+        ValueError: the heads' classes are those of no target, so no labels could train them.
     """
-    from perceptio.data.seg_attributes import SEG_ATTRIBUTES, add_seg_attribute_column, seg_attribute_classes
+    from perceptio.data.seg_attributes import add_seg_attribute_column, seg_attribute_target_for_classes
 
-    if list(head_classes) != seg_attribute_classes():
-        raise ValueError(
-            f"The model's [SEG] attribute heads have {list(head_classes)} classes, but the synthetic scenes label "
-            f"{list(SEG_ATTRIBUTES)} with {seg_attribute_classes()} classes; train a model whose "
-            "config.seg_attribute_classes match, or one without attribute heads."
-        )
-    return add_seg_attribute_column(synthetic)
+    return add_seg_attribute_column(synthetic, seg_attribute_target_for_classes(head_classes))
 
 
 def with_common_seg_attribute_column(task_datasets: dict) -> dict:
