@@ -96,8 +96,8 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--sam2-patch-stride", "3"]) == 2
     assert main([*arguments, "--grounding-steps", "0"]) == 2
     assert received["recipe"].seg_attribute_target == defaults.seg_attribute_target
-    assert main([*arguments, "--seg-attribute-target", "referred"]) == 0
-    assert received["recipe"].seg_attribute_target == "referred"
+    assert main([*arguments, "--seg-attribute-target", "named"]) == 0
+    assert received["recipe"].seg_attribute_target == "named"
     assert main([*arguments, "--seg-attribute-target", "phrase"]) == 2
     assert main([*arguments, "--grounding-schedule", "cosine"]) == 0
     assert received["recipe"].grounding_schedule == "cosine"

@@ -337,12 +337,13 @@ def test_the_seg_attribute_heads_follow_their_loss_weight():
     processor = build_recipe_processor(recipe)
     tokenizer = PerceptioDepthTokenizer(recipe.depth_tokenizer_config())
     model = build_recipe_model(recipe, processor, tokenizer)
-    assert model.config.seg_attribute_classes == seg_attribute_classes()
-    assert [head.out_features for head in model.seg_attribute_heads] == seg_attribute_classes()
+    assert recipe.seg_attribute_target == "referred"
+    assert model.config.seg_attribute_classes == seg_attribute_classes("referred")
+    assert [head.out_features for head in model.seg_attribute_heads] == seg_attribute_classes("referred")
     without = build_recipe_model(SyntheticTinyRecipe(**SMOKE, seg_attribute_loss_weight=0.0), processor, tokenizer)
     assert without.seg_attribute_heads is None and without.config.seg_attribute_classes is None
-    referred = build_recipe_model(SyntheticTinyRecipe(**SMOKE, seg_attribute_target="referred"), processor, tokenizer)
-    assert [head.out_features for head in referred.seg_attribute_heads] == seg_attribute_classes("referred")
+    named = build_recipe_model(SyntheticTinyRecipe(**SMOKE, seg_attribute_target="named"), processor, tokenizer)
+    assert [head.out_features for head in named.seg_attribute_heads] == seg_attribute_classes("named")
     with pytest.raises(ValueError, match="must be one of \\('named', 'referred'\\), got 'object'"):
         SyntheticTinyRecipe(seg_attribute_target="object")
     with pytest.raises(ValueError, match="seg_attribute_loss_weight"):

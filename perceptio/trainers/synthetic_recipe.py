@@ -174,7 +174,7 @@ class SyntheticTinyRecipe:
     seg_attribute_loss_weight: float = 1.0
     # What the `[SEG]` attribute heads ask of each `[SEG]` state (`SEG_ATTRIBUTE_TARGETS`): "named", the attributes
     # its phrase names; "referred", the referred object's own attributes and its nearness and column ranks.
-    seg_attribute_target: str = "named"
+    seg_attribute_target: str = "referred"
     seg_prompt_loss_weight: float = 0.0
     mask_decoder_steps: int = 2000
     mask_decoder_learning_rate: float = 1e-3
