@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--seg-attribute-target",
         help="with --recipe: what the [SEG] attribute heads ask of each [SEG] state: the attributes its phrase names "
         "(named) or the referred object's own colour, shape, size and nearness and column ranks (referred; "
-        "default named)",
+        "default referred)",
     )
     parser.add_argument(
         "--vision-marked-share",

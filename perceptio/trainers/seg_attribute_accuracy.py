@@ -65,15 +65,14 @@ def seg_attribute_accuracy(
     # The `[SEG]`s come before any depth block, so their states are the same without it, and no depth codes are needed.
     with_masks = with_masks.map(lambda row: {"use_depth_block": False}, desc="No depth blocks")
     collator = PerceptioDataCollator(processor, num_depth_tokens=model.config.num_depth_tokens)
-    predictions, labels = [], []
+    predictions, labels, kinds = [], [], []
     model.eval()
     for start in range(0, len(with_masks), batch_size):
-        batch = collator([with_masks[index] for index in range(start, min(start + batch_size, len(with_masks)))])
+        rows_of_batch = [with_masks[index] for index in range(start, min(start + batch_size, len(with_masks)))]
+        batch = collator(rows_of_batch)
         predictions.append(_head_predictions(model, batch))
         labels.append(torch.cat(batch[SEG_ATTRIBUTE_COLUMN]))
-    kinds = [
-        json.loads(meta).get("kind") for meta, masks in zip(with_masks["meta"], with_masks["masks"]) for _ in masks
-    ]
+        kinds += [json.loads(row["meta"]).get("kind") for row in rows_of_batch for _ in row["masks"]]
     return _accuracy(torch.cat(predictions), torch.cat(labels), seg_attribute_names(target), kinds)
 
 
