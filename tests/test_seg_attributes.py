@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import with_attribute_heads
 from hypothesis import given
 from hypothesis import strategies as st
 from test_trainer import make_sample
@@ -212,6 +213,9 @@ def test_seg_attribute_accuracy_needs_heads_and_rows_with_masks(tiny_pair, tiny_
         seg_attribute_accuracy(tiny_pair[0], processor, labelled_rows)
     with pytest.raises(ValueError, match="heads have \\[4, 3\\] classes"):
         seg_attribute_accuracy(tiny_attribute_model, processor, labelled_rows)
+    referred = with_attribute_heads(tiny_pair[0], seg_attribute_classes("referred"))
+    scored = seg_attribute_accuracy(referred, processor, labelled_rows.select(range(12)), batch_size=4)
+    assert list(scored.accuracy) == seg_attribute_names("referred"), "rows labelled by name are relabelled"
     answers = labelled_rows.filter(lambda task: task != "referring", input_columns="task")
     config = copy.deepcopy(tiny_pair[0].config)
     config.seg_attribute_classes = seg_attribute_classes()

@@ -2,7 +2,7 @@
 
 The mask can only follow the sentence through the `[SEG]` state, so whether that state carries the phrase is the
 first thing to check when masks ignore their sentence. This scores the model's own `seg_attribute_heads` on the
-teacher-forced `[SEG]` states of rows with a `seg_attributes` column, per attribute, beside the majority-class prior
+teacher-forced `[SEG]` states of synthetic referring rows, labelled for the heads' target, per attribute, beside the majority-class prior
 of the same labels (what a state that carries nothing of the phrase scores), overall and per kind of referring
 expression (a superlative's `[SEG]` must resolve depth order, a relation's the layout).
 """
@@ -60,8 +60,10 @@ def seg_attribute_accuracy(
     with_masks = rows_with_masks(rows)
     if not len(with_masks):
         raise ValueError("No row has masks, so there is no [SEG] to score.")
-    if SEG_ATTRIBUTE_COLUMN not in with_masks.column_names:
-        with_masks = add_seg_attribute_column(with_masks, target)
+    # Labelled afresh, so the labels are always those of the heads' target.
+    if SEG_ATTRIBUTE_COLUMN in with_masks.column_names:
+        with_masks = with_masks.remove_columns(SEG_ATTRIBUTE_COLUMN)
+    with_masks = add_seg_attribute_column(with_masks, target)
     # The `[SEG]`s come before any depth block, so their states are the same without it, and no depth codes are needed.
     with_masks = with_masks.map(lambda row: {"use_depth_block": False}, desc="No depth blocks")
     collator = PerceptioDataCollator(processor, num_depth_tokens=model.config.num_depth_tokens)
