@@ -171,11 +171,8 @@ def test_the_heads_teach_the_seg_states_what_their_phrases_name(
     """Overfit one batch of real referring rows on the attribute term alone, with the heads frozen at their random
     init: only the language model learns, and its [SEG] states come to carry each phrase's attributes (or, for the
     "referred" target, each referred object's attributes and ranks)."""
-    model, processor = copy.deepcopy(tiny_pair[0]), tiny_pair[1]
-    config = copy.deepcopy(model.config)
-    config.seg_attribute_classes = seg_attribute_classes(target)
-    with_heads = type(model)(config)
-    with_heads.load_state_dict(model.state_dict(), strict=False)
+    model, processor = tiny_pair
+    with_heads = with_attribute_heads(model, seg_attribute_classes(target))
     rows = labelled_rows.select([i for i, task in enumerate(labelled_rows["task"]) if task == "referring"][:8])
     rows = add_seg_attribute_column(rows.remove_columns(SEG_ATTRIBUTE_COLUMN), target)
     collator = PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer, max_num_tiles=1)
