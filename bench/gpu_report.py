@@ -122,7 +122,11 @@ class Report:
     def add(self, measurement: str, setting: str, value: str, reference: str = "", ratio: str = "") -> None:
         if measurement not in MEASUREMENTS:
             raise ValueError(f"Unknown measurement {measurement!r}; the table has {MEASUREMENTS}.")
-        self.rows.append(Row(measurement, setting, value, reference, ratio))
+        row = Row(measurement, setting, value, reference, ratio)
+        self.rows.append(row)
+        # Each row as it is measured, so a run stopped at its time limit still reports what it measured.
+        cells = " | ".join(getattr(row, column) for column in COLUMNS)
+        print(f"[{time.perf_counter() - self.start:5.0f} s] {cells}", flush=True)
 
     def unavailable(self, measurement: str, setting: str, reason: str) -> None:
         print(f"{measurement} ({setting}) unavailable: {reason}", flush=True)

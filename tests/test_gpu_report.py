@@ -67,8 +67,15 @@ def test_missing_compile_support_gives_one_line_and_an_unavailable_cell(gpu_repo
             "decode", "batch 1", lambda c=compiled: gpu_report.measure_decode(report, model, plain, 1, c, 1e9)
         )
     assert [row.value == gpu_report.UNAVAILABLE for row in report.rows if row.measurement == "decode"] == [False, True]
-    lines = [line for line in capsys.readouterr().out.splitlines() if "unavailable" in line]
-    assert len(lines) == 1 and "CompileConfig" in lines[0]
+    notices = [line for line in capsys.readouterr().out.splitlines() if "unavailable:" in line]
+    assert len(notices) == 1 and "CompileConfig" in notices[0]
+
+
+def test_each_row_is_printed_as_it_is_measured(gpu_report, capsys):
+    report = gpu_report.Report(tiny_settings(gpu_report))
+    report.attempt("prefill", "1 tiles", lambda: report.add("prefill", "1 tile", "3.0 ms"))
+    printed = capsys.readouterr().out
+    assert printed.startswith("[") and printed.rstrip().endswith("prefill | 1 tile | 3.0 ms |  |")
 
 
 def test_rows_past_the_budget_are_skipped(gpu_report, capsys):
