@@ -197,7 +197,7 @@ class SyntheticTinyRecipe:
     reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
     question_before_image: bool = True
-    train_steps: int = 2200
+    train_steps: int = 3200
     batch_size: int = 16
     learning_rate: float = 1e-3
     lm_loss_reduction: str = "segment"
