@@ -21,9 +21,10 @@ does; the tiny model too, so `--tiny` runs the same dtypes on CPU), and measured
    `bench/training_objectives.py`). It runs last: LoRA wraps the
    model's modules in place.
 
-A feature this machine lacks (static cache, compile, a CUDA peak-memory counter) gives one line saying so and an
-"unavailable" cell instead of a crash; rows that would run past `--budget-s` are skipped the same way (the training
-step keeps `--training-reserve-s`). `bench/gpu_report_requirements.md` lists what must be installed.
+Each row is printed as soon as it is measured, and the whole table at the end. A feature this machine lacks (static
+cache, compile, a CUDA peak-memory counter) gives one line saying so and an "unavailable" cell instead of a crash;
+rows that would run past `--budget-s` are skipped the same way (the training step keeps `--training-reserve-s`).
+`bench/gpu_report_requirements.md` lists what must be installed, and `bench/gpu_wheels.sh` downloads it.
 
     python bench/gpu_report.py                 # perceptio-8b on cuda: about 8 minutes on one H200
     python bench/gpu_report.py --tiny          # the tiny test model on CPU in seconds (checks the table, not speed)

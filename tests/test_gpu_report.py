@@ -100,3 +100,10 @@ def test_an_older_transformers_gives_one_line_and_status_2():
     assert result.returncode == 2 and not result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "transformers 4.50.0 is older than" in lines[0] and "requirements" in lines[0]
+
+
+def test_wheel_script_refuses_a_malformed_python_version(tmp_path):
+    script = SCRIPT.with_name("gpu_wheels.sh")
+    result = subprocess.run(["bash", str(script), str(tmp_path / "wheels"), "312"], capture_output=True, text=True)
+    assert result.returncode == 2 and "must look like 3.12" in result.stderr
+    assert not (tmp_path / "wheels").exists(), "nothing is downloaded for a refused version"
