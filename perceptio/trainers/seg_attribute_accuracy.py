@@ -1,10 +1,10 @@
-"""How well a model's `[SEG]` states carry what their phrases name, measured on held-out referring rows.
+"""How well a model's `[SEG]` states carry what their phrases name or refer to, measured on held-out referring rows.
 
 The mask can only follow the sentence through the `[SEG]` state, so whether that state carries the phrase is the
 first thing to check when masks ignore their sentence. This scores the model's own `seg_attribute_heads` on the
-teacher-forced `[SEG]` states of synthetic referring rows, labelled for the heads' target, per attribute, beside the majority-class prior
-of the same labels (what a state that carries nothing of the phrase scores), overall and per kind of referring
-expression (a superlative's `[SEG]` must resolve depth order, a relation's the layout).
+teacher-forced `[SEG]` states of synthetic referring rows, labelled for the heads' target, per attribute, beside the
+majority-class prior of the same labels (what a state that carries nothing of the phrase scores), overall and per
+kind of referring expression (a superlative's `[SEG]` must resolve depth order, a relation's the layout).
 """
 
 from __future__ import annotations
