@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,27 @@ def test_eval_offers_the_one_evaluation_task_list():
     assert tuple(task.choices) == EVALUATION_TASKS == tuple(EVALUATION_DEFAULT_SPLITS)
     assert runners.EVALUATION_TASKS is EVALUATION_TASKS
     assert set(MODEL_CARD_TASKS) == set(EVALUATION_TASKS)  # a model card can name every benchmark
+
+
+def test_train_help_shows_each_recipe_default_from_the_recipe(capsys, monkeypatch):
+    import dataclasses
+
+    import perceptio.trainers.synthetic_recipe as recipe_module
+
+    changed = {"train_steps": 1234, "num_train": 4321, "text_num_attention_heads": 6, "question_before_image": False}
+    changed_recipe = dataclasses.replace(recipe_module.SyntheticTinyRecipe(), **changed)
+    monkeypatch.setattr(recipe_module, "SyntheticTinyRecipe", lambda: changed_recipe)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    lines = {" ".join(block.split()).split()[0]: " ".join(block.split()) for block in re.split(r"\n  (?=--)", options)}
+    assert lines["--train-steps"].endswith("(default: 1234)")
+    assert lines["--num-train"].endswith("(default: 4321)")
+    assert lines["--text-num-attention-heads"].endswith("(default: 6)")
+    assert lines["--question-before-image,"].endswith("(default: off)")
+    assert lines["--vision-stem-channels"].endswith("(default: 32,64)")
+    assert lines["--seed"].endswith("(default: 0)")
+    assert "default" not in lines["--output-dir"]
 
 
 def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ Runs unchanged under `accelerate launch` / DeepSpeed: the Trainer reads the dist
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from typing import Any
 
 
 EXAMPLE = """example:
@@ -17,6 +19,40 @@ EXAMPLE = """example:
   perceptio train --recipe synthetic-tiny --no-question-before-image --output-dir runs/image-first
 """
 RECIPES = ("synthetic-tiny",)
+# Options whose recipe default is a property that resolves the field (None there means "derive it").
+RESOLVED_RECIPE_DEFAULTS = {"text_num_attention_heads": "attention_heads"}
+
+
+class RecipeDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Ends the help of each option that overrides a recipe setting with that setting's default, read from
+    `SyntheticTinyRecipe` only when help is shown, so each default is written once and `perceptio --help` stays fast."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = recipe_default(action.dest)
+        if default is None or not action.help:
+            return action.help
+        return f"{action.help} (default: {format_recipe_default(default)})"
+
+
+def recipe_default(name: str) -> Any:
+    """The default `SyntheticTinyRecipe` gives setting `name` (resolved where `RESOLVED_RECIPE_DEFAULTS` says so), or
+    None when no setting has that name."""
+    from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe
+
+    recipe = SyntheticTinyRecipe()
+    name = RESOLVED_RECIPE_DEFAULTS.get(name, name)
+    if name not in {field.name for field in fields(recipe)} and name not in RESOLVED_RECIPE_DEFAULTS.values():
+        return None
+    return getattr(recipe, name)
+
+
+def format_recipe_default(value: Any) -> str:
+    """A default as the option takes it: booleans as on/off, lists comma-separated, an empty tuple as none."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value) or "none"
+    return str(value)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train Perceptio with PerceptioTrainer. The YAML file has sections training (TrainingArguments), "
         "model, data and loss; see examples/configs/.",
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RecipeDefaultsHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML configuration file (sections: training, model, data, loss)")
@@ -42,61 +78,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--num-train",
         type=int,
-        help="with --recipe: questions in the training split the reading and main stages draw from (default 10000)",
+        help="with --recipe: questions in the training split the reading and main stages draw from",
     )
     parser.add_argument(
         "--vision-pretraining-steps",
         type=int,
-        help="with --recipe: steps of dense patch-label pretraining of the vision tower (default 2500; 0: none)",
+        help="with --recipe: steps of dense patch-label pretraining of the vision tower, 0 for none",
     )
     parser.add_argument(
         "--vision-pretraining-scenes",
         type=int,
-        help="with --recipe: rendered scenes the vision tower's pretraining draws its batches from (default 12000); "
+        help="with --recipe: rendered scenes the vision tower's pretraining draws its batches from; "
         "fewer than its steps see leaves its probes overfitted",
     )
     parser.add_argument(
         "--sam2-backbone-hidden-size",
         type=int,
-        help="with --recipe: channels of the first of SAM2's four Hiera stages, doubling at each (default 12)",
+        help="with --recipe: channels of the first of SAM2's four Hiera stages, doubling at each",
     )
     parser.add_argument(
         "--sam2-hidden-size",
         type=int,
-        help="with --recipe: width of SAM2's feature pyramid, prompt encoder and mask decoder (default 32)",
+        help="with --recipe: width of SAM2's feature pyramid, prompt encoder and mask decoder",
     )
     parser.add_argument(
         "--sam2-patch-stride",
         type=int,
         help="with --recipe: pixels between SAM2's Hiera patches, 1, 2, 4, 8 or 16; its image embedding is 128 / (4 x "
-        "stride) cells a side (default 4: 8 x 8; 2: 16 x 16, for about 2.3 times SAM2's compute)",
+        "stride) cells a side: 8 x 8 at 4, 16 x 16 at 2 for about 2.3 times SAM2's compute",
     )
     parser.add_argument(
         "--grounding-steps",
         type=int,
-        help="with --recipe: steps of SAM2's grounding pretraining on attribute prompts (default 2500)",
+        help="with --recipe: steps of SAM2's grounding pretraining on attribute prompts",
     )
     parser.add_argument(
         "--grounding-scenes",
         type=int,
-        help="with --recipe: rendered scenes SAM2's grounding pretraining draws its batches from (default 3000)",
+        help="with --recipe: rendered scenes SAM2's grounding pretraining draws its batches from",
     )
     parser.add_argument(
         "--grounding-schedule",
         help="with --recipe: how the grounding pretraining's learning rates follow its steps: held at their peak "
-        "(constant) or decayed to zero along a half cosine (default constant)",
+        "(constant) or decayed to zero along a half cosine (cosine)",
     )
     parser.add_argument(
         "--seg-attribute-target",
         help="with --recipe: what the [SEG] attribute heads ask of each [SEG] state: the attributes its phrase names "
-        "(named) or the referred object's own colour, shape, size and nearness and column ranks (referred; "
-        "default referred)",
+        "(named) or the referred object's own colour, shape, size and nearness and column ranks (referred)",
     )
     parser.add_argument(
         "--vision-marked-share",
         type=float,
         help="with --recipe: share of the vision tower's and the projector probes' scenes with points marked as the "
-        "relative-depth questions mark them, whose patches learn the marked point's letter (default 0: none)",
+        "relative-depth questions mark them, whose patches learn the marked point's letter, 0 for none",
     )
     parser.add_argument(
         "--vision-tally-probes",
@@ -104,43 +139,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="TALLY",
         help="with --recipe: tallies the vision tower's patches and the projector's probes learn to say, named as in "
         "perceptio.trainers.vision_pretraining.TALLY_GROUPS: how many objects share their object's colour "
-        "(colour_tally), shape, size and shape, or colour and shape, or how many the scene holds (object_tally) "
-        "(default: none)",
+        "(colour_tally), shape, size and shape, or colour and shape, or how many the scene holds (object_tally)",
     )
     parser.add_argument(
         "--vision-num-layers",
         type=int,
-        help="with --recipe: transformer layers of the vision tower (default 4)",
+        help="with --recipe: transformer layers of the vision tower",
     )
     parser.add_argument(
         "--text-num-attention-heads",
         type=int,
-        help="with --recipe: attention heads of the language model, dividing its width of 192 (default 4)",
+        help="with --recipe: attention heads of the language model, dividing its width",
     )
     parser.add_argument(
         "--seg-prompt-loss-weight",
         type=float,
         help="with --recipe: weight of loss_seg_prompt, which pulls each [SEG] prompt toward the grounding stage's "
-        "attribute prompt of its phrase (default 0: off)",
+        "attribute prompt of its phrase, 0 for none",
     )
     parser.add_argument(
         "--mask-decoder-steps",
         type=int,
         help="with --recipe: steps of the final stage that trains only the [SEG] projection and SAM2's mask decoder "
-        "(0: skip it)",
+        "(0 skips it)",
     )
     parser.add_argument(
         "--vision-stem-channels",
         type=parse_stem_channels,
         help="with --recipe: widths of the vision tower's convolutional stem, comma-separated (for the recipe's "
-        "8-pixel patches, two; default 32,64), or none for InternViT's single patch convolution",
+        "8-pixel patches, two), or none for InternViT's single patch convolution",
     )
     parser.add_argument(
         "--freeze-vision-tower",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps (which must be > 0; "
-        "the default); --no-freeze-vision-tower trains it on with the rest",
+        help="with --recipe: keep the vision tower fixed after --vision-pretraining-steps (which must be > 0); "
+        "--no-freeze-vision-tower trains it on with the rest",
     )
     parser.add_argument(
         "--vision-tower-learning-rate",
@@ -155,21 +189,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --recipe: after --vision-pretraining-steps (which must be > 0), start the multimodal projector "
         "from linear probes of each image token's colour, shape, size and depth bin (and, with --vision-marked-share, "
         "a marked point's letter), so image tokens are a fixed "
-        "vocabulary the language model binds easily (the default; --no-projector-from-probes starts it at random)",
+        "vocabulary the language model binds easily (--no-projector-from-probes starts it at random)",
     )
     parser.add_argument(
         "--question-before-image",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --recipe: prompts put the question before the image, so image tokens can attend to it "
-        "(the default; --no-question-before-image puts the image first, as InternVL and Sa2VA do)",
+        "(--no-question-before-image puts the image first, as InternVL and Sa2VA do)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="with --recipe: the seed everything follows from")
+    parser.add_argument("--seed", type=int, help="with --recipe: the seed everything follows from")
     parser.add_argument(
         "--num-threads",
         type=int,
-        help="with --recipe: torch CPU threads (default 2, as the embedded checkpoint was trained: the same seed and "
-        "thread count give the same weights)",
+        help="with --recipe: torch CPU threads; the same seed and thread count give the same weights (the embedded "
+        "checkpoint was trained with the default)",
     )
     parser.add_argument(
         "--resume",
@@ -215,8 +249,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         raise ValueError("--recipe needs --output-dir (where the recipe writes its data, model and summary).")
     if args.resume is not None:
         raise ValueError("--resume applies to --config runs; a recipe reruns from its seed.")
-    recipe = SyntheticTinyRecipe(seed=args.seed)
     overrides = {
+        "seed": args.seed,
         "train_steps": args.train_steps,
         "num_train": args.num_train,
         "vision_pretraining_steps": args.vision_pretraining_steps,
@@ -240,7 +274,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "projector_from_probes": args.projector_from_probes,
         "num_threads": args.num_threads,
     }
-    recipe = replace(recipe, **{name: value for name, value in overrides.items() if value is not None})
+    recipe = SyntheticTinyRecipe(**{name: value for name, value in overrides.items() if value is not None})
     if args.vision_stem_channels is not None:
         recipe = replace(recipe, vision_stem_channels=args.vision_stem_channels or None)
     summary = run_synthetic_tiny_recipe(args.output_dir, recipe, ablation=args.ablation)

@@ -371,6 +371,12 @@ class SyntheticTinyRecipe:
         return self.render_processes or os.cpu_count() or 1
 
     @property
+    def attention_heads(self) -> int:
+        """The language model's attention heads: `text_num_attention_heads`, or one per `DEFAULT_TEXT_HEAD_CHANNELS`
+        of `text_hidden_size` when it is None."""
+        return self.text_num_attention_heads or max(1, self.text_hidden_size // DEFAULT_TEXT_HEAD_CHANNELS)
+
+    @property
     def image_seq_length(self) -> int:
         """Image tokens per tile: the patch grid after InternVL's 2× pixel shuffle."""
         return (self.image_size // self.vision_patch_size // 2) ** 2
@@ -429,7 +435,7 @@ def build_recipe_model(
     vocabulary = processor.spatial_vocabulary.with_num_depth_tokens(depth_tokenizer.config.num_tokens)
     sam2_config = tiny_sam2_config(recipe.sam2_backbone_hidden_size, recipe.sam2_hidden_size, recipe.sam2_patch_stride)
     sam2_config.mask_decoder_config.dynamic_multimask_via_stability = False
-    heads = recipe.text_num_attention_heads or max(1, recipe.text_hidden_size // DEFAULT_TEXT_HEAD_CHANNELS)
+    heads = recipe.attention_heads
     config = PerceptioConfig(
         text_config={
             "model_type": "qwen2",
