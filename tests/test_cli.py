@@ -162,6 +162,10 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert not received["recipe"].question_before_image
     assert main([*arguments, "--no-projector-from-probes"]) == 0
     assert not received["recipe"].projector_from_probes
+    assert not received["recipe"].projector_position_probes
+    assert main([*arguments, "--projector-position-probes"]) == 0
+    assert received["recipe"].projector_position_probes
+    assert main([*arguments, "--projector-position-probes", "--no-projector-from-probes"]) == 2
     assert main([*arguments, "--vision-pretraining-steps", "5"]) == 0
     assert received["recipe"].projector_from_probes and received["recipe"].freeze_vision_tower
     unfrozen = [*no_pretraining, "--no-freeze-vision-tower"]

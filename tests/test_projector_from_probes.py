@@ -12,6 +12,7 @@ from perceptio.trainers.projector_from_probes import (
     probe_class_counts,
     token_cell_size,
     token_features,
+    token_grid_side,
     vision_patch_size,
 )
 from perceptio.trainers.vision_pretraining import (
@@ -116,6 +117,52 @@ def test_the_tally_probes_join_the_projectors_vocabulary(fitted, tiny_pair, cell
     with pytest.raises(ValueError, match="tallies"):
         fit_projector_from_probes(model, *cell_scenes, steps=1, tallies=1)
     assert list(probe_class_counts(tallies=("object_tally", "shape_tally")))[-2:] == ["shape_tally", "object_tally"]
+
+
+def column_readout_accuracy(tokens: torch.Tensor, side: int) -> float:
+    """How often a least-squares linear readout, fitted on the first half of the images' tokens, names the column of
+    a token of the second half."""
+    images, cells, _ = tokens.shape
+    columns = torch.nn.functional.one_hot(torch.arange(cells) % side, side).float().expand(images, -1, -1)
+    inputs = torch.cat([tokens, torch.ones(images, cells, 1)], -1)
+    half = images // 2
+    weights = torch.linalg.lstsq(inputs[:half].flatten(0, 1), columns[:half].flatten(0, 1)).solution
+    predicted = (inputs[half:].flatten(0, 1) @ weights).argmax(-1)
+    return float((predicted == columns[half:].flatten(0, 1).argmax(-1)).float().mean())
+
+
+@pytest.fixture(scope="module")
+def tower_that_knows_positions(tiny_pair):
+    """The tiny model with random position embeddings in its vision tower (it starts them at zero), so the tower's
+    features say where each patch is, as a pretrained tower's do."""
+    model = copy.deepcopy(tiny_pair[0])
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.position_embeddings.normal_(
+            std=0.5, generator=torch.Generator().manual_seed(0)
+        )
+    return model
+
+
+def test_the_position_probes_make_each_image_token_say_its_column(fitted, tower_that_knows_positions, cell_scenes):
+    assert fitted[2].row is None and fitted[2].column is None
+    with_positions, without = copy.deepcopy(tower_that_knows_positions), copy.deepcopy(tower_that_knows_positions)
+    result = fit_projector_from_probes(
+        with_positions, *cell_scenes, steps=60, batch_size=16, logging_steps=20, positions=True
+    )
+    fit_projector_from_probes(without, *cell_scenes, steps=60, batch_size=16, logging_steps=20)
+    side = token_grid_side(cell_scenes[1])
+    assert result.row > 0.9 and result.column > 0.9
+    counts = probe_class_counts(grid_side=side)
+    assert (counts["row"], counts["column"]) == (side, side) and list(counts)[-2:] == ["row", "column"]
+    pixel_values = cell_scenes[1].pixel_values
+    with torch.no_grad():
+        tokens = {
+            name: model.model.get_image_features(pixel_values=pixel_values).pooler_output
+            for name, model in (("with", with_positions), ("without", without))
+        }
+    assert column_readout_accuracy(tokens["with"], side) > column_readout_accuracy(tokens["without"], side) + 0.2
+    with pytest.raises(ValueError, match="positions"):
+        fit_projector_from_probes(with_positions, *cell_scenes, steps=1, positions="yes")
 
 
 def test_background_and_object_cells_get_different_tokens(fitted, cell_scenes):

@@ -293,6 +293,10 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=0, freeze_vision_tower=False, projector_from_probes=True)
     with pytest.raises(ValueError, match="projector_from_probes"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, projector_from_probes="yes")
+    with pytest.raises(ValueError, match="projector_position_probes"):
+        SyntheticTinyRecipe(projector_position_probes=1)
+    with pytest.raises(ValueError, match="set that too"):
+        SyntheticTinyRecipe(projector_from_probes=False, projector_position_probes=True)
     with pytest.raises(ValueError, match="projector_probe_steps"):
         SyntheticTinyRecipe(vision_pretraining_steps=10, projector_from_probes=True, projector_probe_steps=0)
     with pytest.raises(ValueError, match="vision_pretraining_learning_rate"):

@@ -192,6 +192,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vocabulary the language model binds easily (--no-projector-from-probes starts it at random)",
     )
     parser.add_argument(
+        "--projector-position-probes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --recipe and --projector-from-probes: probes of each image token's row and column join the "
+        "projector's, so every image token also says where its cell is",
+    )
+    parser.add_argument(
         "--question-before-image",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -272,6 +279,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "vision_tower_learning_rate": args.vision_tower_learning_rate,
         "question_before_image": args.question_before_image,
         "projector_from_probes": args.projector_from_probes,
+        "projector_position_probes": args.projector_position_probes,
         "num_threads": args.num_threads,
     }
     recipe = SyntheticTinyRecipe(**{name: value for name, value in overrides.items() if value is not None})

@@ -153,6 +153,9 @@ class SyntheticTinyRecipe:
     projector_from_probes: bool = True
     projector_probe_scenes: int = 1000
     projector_probe_steps: int = 600
+    # Probes of each token cell's row and column as well, so every image token also says where its cell is (see
+    # `projector_from_probes`): relations ("left of") and column ranks need the layout the other probes drop.
+    projector_position_probes: bool = False
     # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
     vision_tower_learning_rate: float | None = None
     # Widths of the recipe's SAM2 (see `tiny_sam2_config`): its Hiera's first stage, and its feature pyramid, prompt
@@ -312,6 +315,12 @@ class SyntheticTinyRecipe:
             )
         if not isinstance(self.projector_from_probes, bool):
             raise ValueError(f"projector_from_probes must be True or False, got {self.projector_from_probes!r}.")
+        if not isinstance(self.projector_position_probes, bool):
+            raise ValueError(
+                f"projector_position_probes must be True or False, got {self.projector_position_probes!r}."
+            )
+        if self.projector_position_probes and not self.projector_from_probes:
+            raise ValueError("projector_position_probes adds probes to projector_from_probes's; set that too.")
         if self.projector_from_probes and not self.vision_pretraining_steps:
             raise ValueError(
                 "projector_from_probes reads the attributes a pretrained vision tower has learned; with "
@@ -563,6 +572,7 @@ def pretrain_recipe_vision_tower(
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
         tallies=recipe.vision_tally_probes,
+        positions=recipe.projector_position_probes,
     )
     if recipe.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)
