@@ -28,6 +28,7 @@ from perceptio.trainers.synthetic_recipe import (
     ablate,
     build_recipe_model,
     build_recipe_processor,
+    fit_recipe_projector,
     pretrain_recipe_grounding,
     pretrain_recipe_vision_tower,
     reading_curriculum_split,
@@ -509,6 +510,12 @@ def test_vision_marked_share_marks_points_in_the_vision_stages_scenes():
     assert all((scenes.patch_markers >= 0).any(1).float().mean() > 0.5 for scenes in (train, evaluation))
     plain, _ = render_recipe_vision_scenes(SyntheticTinyRecipe(**SMOKE), build_recipe_processor(recipe), 6, 16)
     assert (plain.patch_markers < 0).all() and torch.equal(plain.patch_objects, train.patch_objects)
+
+
+def test_the_recipe_fits_position_probes_into_its_projector_when_asked(tmp_path):
+    recipe, _, processor, model = _stage_inputs(tmp_path, projector_position_probes=True)
+    result = fit_recipe_projector(recipe, model, processor)
+    assert result.row is not None and result.column is not None
 
 
 def test_question_before_image_gives_a_processor_that_asks_first_and_trains():

@@ -572,7 +572,6 @@ def pretrain_recipe_vision_tower(
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
         tallies=recipe.vision_tally_probes,
-        positions=recipe.projector_position_probes,
     )
     if recipe.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)
@@ -592,6 +591,7 @@ def fit_recipe_projector(
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
         tallies=recipe.vision_tally_probes,
+        positions=recipe.projector_position_probes,
     )
 
 
