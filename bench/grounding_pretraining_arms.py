@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from perceptio.models.perceptio import PerceptioDepthTokenizer
+from perceptio.trainers.recipe_compute import subnormals_flushed, torch_threads
 from perceptio.trainers.synthetic_recipe import (
     SyntheticTinyRecipe,
     build_recipe_model,
     build_recipe_processor,
     parse_recipe_override,
     pretrain_recipe_grounding,
-    subnormals_flushed,
-    torch_threads,
 )
 
 

@@ -16,12 +16,13 @@ import argparse
 import copy
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
-from perceptio.trainers.projector_from_probes import fit_projector_from_probes, token_cell_size, token_grid_side
-from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, render_recipe_vision_scenes
+from perceptio.trainers.projector_from_probes import token_cell_size, token_grid_side
+from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, fit_recipe_projector, render_recipe_vision_scenes
 
 
 def linear_readout_accuracy(tokens: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
@@ -38,18 +39,11 @@ def linear_readout_accuracy(tokens: torch.Tensor, targets: torch.Tensor, num_cla
     return float((predicted == targets.repeat(images - half)).float().mean())
 
 
-def measure_arm(model, train_scenes, held_out, recipe: SyntheticTinyRecipe, positions: bool) -> dict[str, object]:
-    """Fit the projector's probes (with or without the position probes) on a copy of `model` and score its tokens."""
+def measure_arm(model, processor, held_out, recipe: SyntheticTinyRecipe, positions: bool) -> dict[str, object]:
+    """Fit the recipe's projector probes (with or without the position probes) on a copy of `model` and score the
+    tokens of the `held_out` scenes."""
     arm = copy.deepcopy(model)
-    result = fit_projector_from_probes(
-        arm,
-        train_scenes,
-        held_out,
-        steps=recipe.projector_probe_steps,
-        seed=recipe.seed,
-        logging_steps=recipe.logging_steps,
-        positions=positions,
-    )
+    result = fit_recipe_projector(replace(recipe, projector_position_probes=positions), arm, processor)
     with torch.no_grad():
         tokens = arm.model.get_image_features(pixel_values=held_out.pixel_values.to(arm.device)).pooler_output.cpu()
     side = token_grid_side(held_out)
@@ -90,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model.eval()
-    scenes = render_recipe_vision_scenes(recipe, processor, recipe.projector_probe_scenes, token_cell_size(model))
+    # The probes' own held-out scenes: one training scene is rendered alongside, unused.
+    _, held_out = render_recipe_vision_scenes(recipe, processor, 1, token_cell_size(model))
     for positions in (False, True):
-        print(json.dumps(measure_arm(model, *scenes, recipe, positions)))
+        print(json.dumps(measure_arm(model, processor, held_out, recipe, positions)))
     return 0
 
 

@@ -78,6 +78,7 @@ from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.evaluation.runners import RunSettings, run_synthetic
 from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.models.perceptio import PerceptioDepthTokenizer
+from perceptio.trainers.recipe_compute import subnormals_flushed, torch_threads
 from perceptio.trainers.synthetic_recipe import (
     SyntheticTinyRecipe,
     build_recipe_model,
@@ -88,8 +89,6 @@ from perceptio.trainers.synthetic_recipe import (
     reading_curriculum_split,
     reading_split,
     render_recipe_scenes,
-    subnormals_flushed,
-    torch_threads,
     train_recipe_reading_stage,
 )
 

@@ -21,6 +21,7 @@ from perceptio.data.seg_attributes import seg_attribute_classes, seg_attribute_n
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.tiny_models import tiny_sam2_config
 from perceptio.trainers.grounding_pretraining import AttributePromptEmbedding
+from perceptio.trainers.recipe_compute import recipe_device
 from perceptio.trainers.synthetic_recipe import (
     ABLATIONS,
     DEPTH_LOSS_WEIGHT_FIELDS,
@@ -33,7 +34,6 @@ from perceptio.trainers.synthetic_recipe import (
     pretrain_recipe_vision_tower,
     reading_curriculum_split,
     reading_split,
-    recipe_device,
     referring_rows_with_masks,
     render_recipe_vision_scenes,
     run_synthetic_tiny_recipe,

@@ -35,12 +35,10 @@ Ablations train with the same data, steps and seed:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -81,6 +79,7 @@ from .grounding_pretraining import (
 )
 from .pretraining_loop import validate_schedule
 from .projector_from_probes import ProjectorProbeResult, fit_projector_from_probes, token_cell_size
+from .recipe_compute import recipe_device, subnormals_flushed, torch_threads
 from .seg_attribute_accuracy import seg_attribute_accuracy
 from .seg_prompt_targets import add_seg_prompt_column
 from .trainer_perceptio import PerceptioTrainer
@@ -810,37 +809,6 @@ def run_synthetic_tiny_recipe(
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
     with subnormals_flushed(), torch_threads(recipe.num_threads):
         return _run_recipe(Path(output_dir), recipe, ablation)
-
-
-def recipe_device() -> torch.device:
-    """Where the recipe computes, every stage alike: the GPU when one is present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Compute with `count` torch CPU threads while the recipe runs, then restore the caller's setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def subnormals_flushed() -> Iterator[None]:
-    """Flush subnormal floats to zero on the CPU while the recipe runs.
-
-    As the tiny model grows confident, its softmaxes produce subnormal floats, which CPUs process many times slower:
-    without this, training slowed from 3.7 to 0.4 steps a second within 600 steps. No figure depends on values below
-    1e-38.
-    """
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) -> dict[str, Any]:
