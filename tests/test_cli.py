@@ -166,6 +166,12 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--projector-position-probes"]) == 0
     assert received["recipe"].projector_position_probes
     assert main([*arguments, "--projector-position-probes", "--no-projector-from-probes"]) == 2
+    assert not received["recipe"].vision_position_probes
+    assert main([*arguments, "--vision-position-probes"]) == 0
+    assert received["recipe"].vision_position_probes
+    untrained_tower = [*no_pretraining, "--no-freeze-vision-tower", "--no-projector-from-probes"]
+    assert main([*arguments, *untrained_tower]) == 0
+    assert main([*arguments, *untrained_tower, "--vision-position-probes"]) == 2
     assert main([*arguments, "--vision-pretraining-steps", "5"]) == 0
     assert received["recipe"].projector_from_probes and received["recipe"].freeze_vision_tower
     unfrozen = [*no_pretraining, "--no-freeze-vision-tower"]

@@ -12,13 +12,13 @@ from perceptio.trainers.projector_from_probes import (
     probe_class_counts,
     token_cell_size,
     token_features,
-    token_grid_side,
     vision_patch_size,
 )
 from perceptio.trainers.vision_pretraining import (
     BACKGROUND,
     NUM_TALLY_CLASSES,
     TALLY_GROUPS,
+    label_grid_side,
     render_patch_labelled_scenes,
 )
 
@@ -150,7 +150,7 @@ def test_the_position_probes_make_each_image_token_say_its_column(fitted, tower_
         with_positions, *cell_scenes, steps=60, batch_size=16, logging_steps=20, positions=True
     )
     fit_projector_from_probes(without, *cell_scenes, steps=60, batch_size=16, logging_steps=20)
-    side = token_grid_side(cell_scenes[1])
+    side = label_grid_side(cell_scenes[1])
     assert result.row > 0.9 and result.column > 0.9
     counts = probe_class_counts(grid_side=side)
     assert (counts["row"], counts["column"]) == (side, side) and list(counts)[-2:] == ["row", "column"]

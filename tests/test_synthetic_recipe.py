@@ -296,6 +296,15 @@ def test_recipe_settings_are_validated():
         SyntheticTinyRecipe(vision_pretraining_steps=10, projector_from_probes="yes")
     with pytest.raises(ValueError, match="projector_position_probes"):
         SyntheticTinyRecipe(projector_position_probes=1)
+    with pytest.raises(ValueError, match="vision_position_probes must be True or False"):
+        SyntheticTinyRecipe(vision_position_probes="yes")
+    with pytest.raises(ValueError, match="vision_position_probes trains"):
+        SyntheticTinyRecipe(
+            vision_position_probes=True,
+            vision_pretraining_steps=0,
+            freeze_vision_tower=False,
+            projector_from_probes=False,
+        )
     with pytest.raises(ValueError, match="set that too"):
         SyntheticTinyRecipe(projector_from_probes=False, projector_position_probes=True)
     with pytest.raises(ValueError, match="projector_probe_steps"):
@@ -516,6 +525,14 @@ def test_the_recipe_fits_position_probes_into_its_projector_when_asked(tmp_path)
     recipe, _, processor, model = _stage_inputs(tmp_path, projector_position_probes=True)
     result = fit_recipe_projector(recipe, model, processor)
     assert result.row is not None and result.column is not None
+
+
+def test_the_recipe_pretrains_its_tower_on_where_each_patch_is_when_asked(tmp_path):
+    recipe, _, processor, model = _stage_inputs(tmp_path, vision_position_probes=True)
+    result = pretrain_recipe_vision_tower(recipe, model, processor)
+    assert result.final.row is not None and result.final.column is not None
+    recipe, _, processor, model = _stage_inputs(tmp_path)
+    assert pretrain_recipe_vision_tower(recipe, model, processor).final.column is None
 
 
 def test_question_before_image_gives_a_processor_that_asks_first_and_trains():

@@ -18,10 +18,12 @@ from perceptio.trainers.vision_pretraining import (
     NUM_MARKER_CLASSES,
     NUM_TALLY_CLASSES,
     PATCH_ATTRIBUTES,
+    POSITION_PROBES,
     TALLY_GROUPS,
     PatchLabelledScenes,
     VisionProbeHeads,
     balanced_marker_loss,
+    cell_position_targets,
     depth_bin_edges,
     patch_majority,
     patch_tallies,
@@ -174,6 +176,30 @@ def test_the_tally_probes_learn_and_are_scored_only_when_asked_for(scenes, tiny_
     for tallies in ("object_tally", ("objects",), True):
         with pytest.raises(ValueError, match="tallies"):
             pretrain_vision_tower(tiny_model, train, evaluation, steps=1, tallies=tallies)
+
+
+def test_cell_position_targets_are_the_row_major_row_and_column():
+    targets = cell_position_targets(2, 3)
+    assert set(targets) == set(POSITION_PROBES)
+    assert targets["row"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2]] * 2
+    assert targets["column"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2]] * 2
+
+
+def test_the_position_probes_teach_the_tower_where_each_patch_is(scenes, tiny_pair):
+    train, evaluation = scenes
+    # The tiny tower starts its position embeddings at zero, as InternVL does: only a target that needs them moves them.
+    without = pretrain_vision_tower(copy.deepcopy(tiny_pair[0]), train, evaluation, steps=1)
+    assert without.final.row is None and without.final.column is None
+    model = copy.deepcopy(tiny_pair[0])
+    result = pretrain_vision_tower(
+        model, train, evaluation, steps=80, batch_size=16, logging_steps=80, learning_rate=5e-3, positions=True
+    )
+    side = train.patch_objects.shape[1] ** 0.5
+    assert result.initial.column < 2 / side, "near chance before"
+    assert result.final.column > 0.6 and result.final.row > 0.8, "from chance (1 in 16) in 80 steps"
+    assert model.model.vision_tower.embeddings.position_embeddings.abs().sum() > 0
+    with pytest.raises(ValueError, match="positions"):
+        pretrain_vision_tower(model, train, evaluation, steps=1, positions="yes")
 
 
 def test_pooled_features_average_each_object_patches():

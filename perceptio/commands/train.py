@@ -142,6 +142,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(colour_tally), shape, size and shape, or colour and shape, or how many the scene holds (object_tally)",
     )
     parser.add_argument(
+        "--vision-position-probes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --recipe: the vision tower's patches also learn to say their row and column in the patch grid",
+    )
+    parser.add_argument(
         "--vision-num-layers",
         type=int,
         help="with --recipe: transformer layers of the vision tower",
@@ -271,6 +277,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         "seg_attribute_target": args.seg_attribute_target,
         "vision_marked_share": args.vision_marked_share,
         "vision_tally_probes": args.vision_tally_probes,
+        "vision_position_probes": args.vision_position_probes,
         "vision_num_layers": args.vision_num_layers,
         "text_num_attention_heads": args.text_num_attention_heads,
         "seg_prompt_loss_weight": args.seg_prompt_loss_weight,

@@ -145,6 +145,10 @@ class SyntheticTinyRecipe:
     # objects share their object's attributes, or how many the scene holds, as count questions ask (see
     # `vision_pretraining`).
     vision_tally_probes: tuple[str, ...] = ()
+    # Train the vision tower's patches to say their row and column in the patch grid too (see `vision_pretraining`):
+    # without it the tower keeps a patch's column only in part, and the projector's position probes can pass on no
+    # more than the tower keeps.
+    vision_position_probes: bool = False
     freeze_vision_tower: bool = True
     # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
     # (see `projector_from_probes`), fitted in `projector_probe_steps` on the first `projector_probe_scenes` of the
@@ -310,6 +314,13 @@ class SyntheticTinyRecipe:
         if self.vision_tally_probes and not self.vision_pretraining_steps:
             raise ValueError(
                 "vision_tally_probes trains the vision tower's pretraining stage on object counts; with "
+                "vision_pretraining_steps 0 there is none. Set vision_pretraining_steps > 0."
+            )
+        if not isinstance(self.vision_position_probes, bool):
+            raise ValueError(f"vision_position_probes must be True or False, got {self.vision_position_probes!r}.")
+        if self.vision_position_probes and not self.vision_pretraining_steps:
+            raise ValueError(
+                "vision_position_probes trains the vision tower's pretraining stage on where each patch is; with "
                 "vision_pretraining_steps 0 there is none. Set vision_pretraining_steps > 0."
             )
         if not isinstance(self.projector_from_probes, bool):
@@ -571,6 +582,7 @@ def pretrain_recipe_vision_tower(
         seed=recipe.seed,
         logging_steps=recipe.logging_steps,
         tallies=recipe.vision_tally_probes,
+        positions=recipe.vision_position_probes,
     )
     if recipe.freeze_vision_tower:
         model.model.vision_tower.requires_grad_(False)

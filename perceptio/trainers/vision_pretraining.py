@@ -11,15 +11,19 @@ that names points by letter must find them among the image tokens. With `tallies
 patch is also trained to say how many visible objects of the scene share its object's colour, its shape, its size and
 shape, or its colour and shape, or how many objects the scene holds: a count question names objects by those
 attributes, and a language model that sees only which attribute each image token shows cannot tell two tokens of one
-object from tokens of two. The heads are linear probes, discarded after the stage, so the features must carry the
-attributes linearly, where the language model's attention can read them.
+object from tokens of two. With `positions`, every patch is also trained to say its row and its column in the patch
+grid: nothing else in the stage asks where a patch is, and the layout questions (left of, the leftmost) need it. The
+heads are linear probes, discarded after the stage, so the features must carry the attributes linearly, where the
+language model's attention can read them.
 
 The held-out probe accuracies (on foreground patches, per object for the pooled shape, on marked patches for the
-letter, on every patch for the scene's object count) are the stage's gate, reported before and after.
+letter, on every patch for the scene's object count and for the row and column) are the stage's gate, reported
+before and after.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -61,6 +65,8 @@ TALLY_GROUPS: dict[str, tuple[int, ...]] = {
 }
 # A tally's classes: 0 (a background patch, for the attribute tallies) to the most objects a scene holds.
 NUM_TALLY_CLASSES = DEFAULT_SAMPLING_CONFIG.max_objects + 1
+# The probes of where a patch (or token cell) lies in its square grid, each with one class per row (column).
+POSITION_PROBES = ("row", "column")
 
 
 @dataclass
@@ -88,6 +94,17 @@ class PatchLabelledScenes:
     def first(self, count: int) -> PatchLabelledScenes:
         """The first `count` scenes (all of them when there are fewer)."""
         return PatchLabelledScenes(*(getattr(self, field.name)[:count] for field in fields(self)))
+
+
+def label_grid_side(scenes: PatchLabelledScenes) -> int:
+    """The side of the square grid of patches (or token cells) `scenes` are labelled on."""
+    return math.isqrt(scenes.patch_objects.shape[1])
+
+
+def cell_position_targets(num_images: int, grid_side: int) -> dict[str, torch.Tensor]:
+    """Each grid cell's row and column (num_images, grid_side ** 2), in the row-major order of the patches."""
+    cells = torch.arange(grid_side**2).expand(num_images, -1)
+    return {"row": cells // grid_side, "column": cells % grid_side}
 
 
 def patch_majority(instance_ids: np.ndarray, patch_size: int) -> np.ndarray:
@@ -188,9 +205,12 @@ def unmarked_patches(size: int, patch_size: int) -> np.ndarray:
 
 class VisionProbeHeads(nn.Module):
     """Linear probes on patch features: one per attribute (its classes plus background), one for the depth bin, one
-    for the marked point's letter (plus none) and one per tally named in `tallies`."""
+    for the marked point's letter (plus none), one per tally named in `tallies` and (`grid_side` > 0) one for the
+    patch's row and one for its column in a patch grid of that side."""
 
-    def __init__(self, hidden_size: int, depth_bin_edges: torch.Tensor, tallies: tuple[str, ...] = ()):
+    def __init__(
+        self, hidden_size: int, depth_bin_edges: torch.Tensor, tallies: tuple[str, ...] = (), grid_side: int = 0
+    ):
         super().__init__()
         self.attributes = nn.ModuleDict(
             {name: nn.Linear(hidden_size, num_classes + 1) for name, num_classes in PATCH_ATTRIBUTES.items()}
@@ -200,6 +220,9 @@ class VisionProbeHeads(nn.Module):
         self.tallies = nn.ModuleDict(
             {name: nn.Linear(hidden_size, NUM_TALLY_CLASSES) for name in checked_tallies(tallies)}
         )
+        self.positions = nn.ModuleDict(
+            {name: nn.Linear(hidden_size, grid_side) for name in (POSITION_PROBES if grid_side else ())}
+        )
         self.register_buffer("depth_bin_edges", depth_bin_edges)
 
 
@@ -207,8 +230,8 @@ class VisionProbeHeads(nn.Module):
 class VisionProbeAccuracy:
     """Held-out probe accuracies: per foreground patch for colour, shape, size and depth bin, per object for the
     pooled shape, per marked patch for the marker letter (None when no held-out scene is marked), and for the tally
-    probes per foreground patch, averaged over the attribute tallies, and per patch for the scene's object count (None
-    for those not trained)."""
+    probes per foreground patch, averaged over the attribute tallies, and per patch for the scene's object count, and
+    per patch for its row and its column (None for those not trained)."""
 
     colour: float
     shape: float
@@ -218,6 +241,8 @@ class VisionProbeAccuracy:
     marker_letter: float | None
     attribute_tally: float | None = None
     object_tally: float | None = None
+    row: float | None = None
+    column: float | None = None
 
 
 @dataclass
@@ -248,6 +273,16 @@ def patch_targets(
     markers = scenes.patch_markers[indices]
     targets["marker"] = torch.where(markers == BACKGROUND, NUM_MARKER_CLASSES - 1, markers)
     return {**targets, **patch_tallies(scenes, indices, tallies)}
+
+
+def probe_targets(
+    heads: VisionProbeHeads, scenes: PatchLabelledScenes, indices: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The per-patch targets (B, P) of every probe `heads` holds, for the scenes at `indices`."""
+    targets = patch_targets(scenes, indices, heads.depth_bin_edges, tuple(heads.tallies))
+    if heads.positions:
+        targets.update(cell_position_targets(len(indices), label_grid_side(scenes)))
+    return targets
 
 
 def checked_tallies(tallies: tuple[str, ...] | list[str], name: str = "tallies") -> tuple[str, ...]:
@@ -332,6 +367,8 @@ def probe_losses(
     losses["pooled_shape"] = nn.functional.cross_entropy(heads.attributes["shape"](pooled), shapes)
     for name, head in heads.tallies.items():
         losses[name] = nn.functional.cross_entropy(head(features).flatten(0, 1), targets[name].flatten())
+    for name, head in heads.positions.items():
+        losses[name] = nn.functional.cross_entropy(head(features).flatten(0, 1), targets[name].flatten())
     return losses
 
 
@@ -349,16 +386,24 @@ def probe_accuracy(
 ) -> VisionProbeAccuracy:
     """Held-out accuracy of every probe."""
     correct = dict.fromkeys(
-        ("colour", "shape", "size", "depth_bin", "pooled_shape", "marker_letter", "attribute_tally", "object_tally"),
+        (
+            "colour",
+            "shape",
+            "size",
+            "depth_bin",
+            "pooled_shape",
+            "marker_letter",
+            "attribute_tally",
+            "object_tally",
+            *POSITION_PROBES,
+        ),
         0.0,
     )
-    totals = dict.fromkeys(("foreground", "object", "marked", "patch"), 0)
+    totals = dict.fromkeys(("foreground", "object", "marked", "patch", "positioned"), 0)
     for start in range(0, len(scenes), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(scenes)))
         features = patch_features(model, scenes.pixel_values[indices])
-        targets = targets_on(
-            patch_targets(scenes, indices, heads.depth_bin_edges, tuple(heads.tallies)), features.device
-        )
+        targets = targets_on(probe_targets(heads, scenes, indices), features.device)
         foreground = (scenes.patch_objects[indices] != BACKGROUND).to(features.device)
         for name, head in heads.attributes.items():
             correct[name] += ((head(features).argmax(-1) == targets[name]) & foreground).sum().item()
@@ -375,10 +420,13 @@ def probe_accuracy(
                 correct["object_tally"] += right.sum().item()
             else:
                 correct["attribute_tally"] += (right & foreground).sum().item()
+        for name, head in heads.positions.items():
+            correct[name] += (head(features).argmax(-1) == targets[name]).sum().item()
         totals["foreground"] += int(foreground.sum())
         totals["object"] += len(shapes)
         totals["marked"] += int(marked.sum())
         totals["patch"] += foreground.numel() if "object_tally" in heads.tallies else 0
+        totals["positioned"] += foreground.numel() if heads.positions else 0
     attribute_tallies = sum(name != "object_tally" for name in heads.tallies)
     denominators = {
         **dict.fromkeys(correct, totals["foreground"]),
@@ -386,6 +434,7 @@ def probe_accuracy(
         "marker_letter": totals["marked"],
         "attribute_tally": totals["foreground"] * attribute_tallies,
         "object_tally": totals["patch"],
+        **dict.fromkeys(POSITION_PROBES, totals["positioned"]),
     }
     return VisionProbeAccuracy(
         **{name: value / denominators[name] if denominators[name] else None for name, value in correct.items()}
@@ -409,18 +458,22 @@ def pretrain_vision_tower(
     seed: int = 0,
     logging_steps: int = 50,
     tallies: tuple[str, ...] = (),
+    positions: bool = False,
 ) -> VisionPretrainingResult:
-    """Train `model.model.vision_tower` on the patch probes and the tally probes named in `tallies`; the rest of the
-    model is untouched."""
+    """Train `model.model.vision_tower` on the patch probes, the tally probes named in `tallies` and, with
+    `positions`, the probes of each patch's row and column; the rest of the model is untouched."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("logging_steps", logging_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0 or not weight_decay >= 0:
         raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate!r}, {weight_decay!r}.")
+    if not isinstance(positions, bool):
+        raise ValueError(f"positions must be True or False, got {positions!r}.")
     torch.manual_seed(seed)
     tower = model.model.vision_tower
     hidden_size = model.config.vision_config.hidden_size
-    heads = VisionProbeHeads(hidden_size, depth_bin_edges(train_scenes), tallies).to(model.device)
+    grid_side = label_grid_side(train_scenes) if positions else 0
+    heads = VisionProbeHeads(hidden_size, depth_bin_edges(train_scenes), tallies, grid_side).to(model.device)
     initial = probe_accuracy(model, heads, eval_scenes)
     optimizer = torch.optim.AdamW(
         list(tower.parameters()) + list(heads.parameters()), lr=learning_rate, weight_decay=weight_decay
@@ -430,8 +483,7 @@ def pretrain_vision_tower(
     def step_loss() -> torch.Tensor:
         indices = torch.randint(len(train_scenes), (batch_size,), generator=generator)
         features = patch_features(model, train_scenes.pixel_values[indices])
-        targets = patch_targets(train_scenes, indices, heads.depth_bin_edges, tuple(heads.tallies))
-        targets = targets_on(targets, features.device)
+        targets = targets_on(probe_targets(heads, train_scenes, indices), features.device)
         return sum(probe_losses(heads, features, targets, train_scenes, indices).values())
 
     tower.train()
