@@ -157,7 +157,8 @@ class SyntheticTinyRecipe:
     projector_probe_scenes: int = 1000
     projector_probe_steps: int = 600
     # Probes of each token cell's row and column as well, so every image token also says where its cell is (see
-    # `projector_from_probes`): relations ("left of") and column ranks need the layout the other probes drop.
+    # `projector_from_probes`). Through the recipe it cost shape answers and helped no layout question
+    # (docs/training.md), so it is off.
     projector_position_probes: bool = False
     # The trainable vision tower's peak rate in the reading and main stages; None: `learning_rate`, as the rest.
     vision_tower_learning_rate: float | None = None
