@@ -365,9 +365,7 @@ def probe_losses(
         losses["marker"] = marker_loss
     pooled, shapes = pooled_object_features(features, scenes.patch_objects[indices], scenes.object_attributes[indices])
     losses["pooled_shape"] = nn.functional.cross_entropy(heads.attributes["shape"](pooled), shapes)
-    for name, head in heads.tallies.items():
-        losses[name] = nn.functional.cross_entropy(head(features).flatten(0, 1), targets[name].flatten())
-    for name, head in heads.positions.items():
+    for name, head in (*heads.tallies.items(), *heads.positions.items()):
         losses[name] = nn.functional.cross_entropy(head(features).flatten(0, 1), targets[name].flatten())
     return losses
 
@@ -385,20 +383,7 @@ def probe_accuracy(
     batch_size: int = 64,
 ) -> VisionProbeAccuracy:
     """Held-out accuracy of every probe."""
-    correct = dict.fromkeys(
-        (
-            "colour",
-            "shape",
-            "size",
-            "depth_bin",
-            "pooled_shape",
-            "marker_letter",
-            "attribute_tally",
-            "object_tally",
-            *POSITION_PROBES,
-        ),
-        0.0,
-    )
+    correct = dict.fromkeys((field.name for field in fields(VisionProbeAccuracy)), 0.0)
     totals = dict.fromkeys(("foreground", "object", "marked", "patch", "positioned"), 0)
     for start in range(0, len(scenes), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(scenes)))
