@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         processor = build_recipe_processor(recipe)
         towers = pretrained_towers(recipe, processor)
+    # The probes' own held-out scenes, the same for every tower: one training scene is rendered alongside, unused.
+    cell_size = token_cell_size(next(iter(towers.values()))[0])
+    _, held_out = render_recipe_vision_scenes(recipe, processor, 1, cell_size)
     for name, (model, pretraining_accuracy) in towers.items():
-        # The probes' own held-out scenes: one training scene is rendered alongside, unused.
-        _, held_out = render_recipe_vision_scenes(recipe, processor, 1, token_cell_size(model))
         for positions in (False, True):
             arm = measure_arm(model, processor, held_out, recipe, positions)
             print(json.dumps({"tower": name, "tower_probe_accuracy": pretraining_accuracy, **arm}))

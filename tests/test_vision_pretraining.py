@@ -187,7 +187,7 @@ def test_cell_position_targets_are_the_row_major_row_and_column():
 
 def test_the_position_probes_teach_the_tower_where_each_patch_is(scenes, tiny_pair):
     train, evaluation = scenes
-    # The tiny tower starts its position embeddings at zero, as InternVL does: only a target that needs them moves them.
+    # The tiny tower starts its position embeddings at zero, as InternVL does: its patches start not knowing where they are.
     without = pretrain_vision_tower(copy.deepcopy(tiny_pair[0]), train, evaluation, steps=1)
     assert without.final.row is None and without.final.column is None
     model = copy.deepcopy(tiny_pair[0])
