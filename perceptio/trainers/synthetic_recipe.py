@@ -146,8 +146,9 @@ class SyntheticTinyRecipe:
     # `vision_pretraining`).
     vision_tally_probes: tuple[str, ...] = ()
     # Train the vision tower's patches to say their row and column in the patch grid too (see `vision_pretraining`):
-    # without it the tower keeps a patch's column only in part, and the projector's position probes can pass on no
-    # more than the tower keeps.
+    # without it the tower keeps a patch's column only in part. With the projector's position probes every image
+    # token then says its row and column exactly, yet through the recipe no layout question gained and shape answers
+    # fell (docs/training.md), so it is off.
     vision_position_probes: bool = False
     freeze_vision_tower: bool = True
     # After vision pretraining, start the projector from linear probes of each token cell's attributes and depth bin
