@@ -29,7 +29,8 @@ run's `dataset_cache` into OUTPUT to reuse its scenes). An arm computes with the
 `--oracle-tokens` replaces the vision tower's image tokens with perfect ones: each is the area-weighted sum of
 learned embeddings of the colour, shape and size of what covers its cell of the image, from the re-rendered scene
 (the arms need `vision_pretraining_steps=0`). What such an arm does not answer, the language model does not bind,
-whatever the tower. With the question before the image:
+whatever the tower. `--oracle-centres` also marks each object on the token holding its centroid. With the question
+before the image:
 
     python bench/reading_stage_vision.py --output-dir runs/oracle --oracle-tokens \
         --base vision_pretraining_steps=0 'reading_curriculum=[[1,100,["vqa_colour"]],[1,200],[2,400]]' \
@@ -158,6 +159,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="the arms trained now read oracle image tokens (learned embeddings of the colour, shape and size of "
         "what covers each token's cell, from the rendered scene) instead of their vision tower's",
     )
+    parser.add_argument(
+        "--oracle-centres",
+        action="store_true",
+        help="with --oracle-tokens: the token whose cell holds an object's centroid also says so, with that "
+        "object's attributes at full weight (one token per object, for counting)",
+    )
     parser.add_argument("--questions", type=int, default=200, help="held-out questions per reading task")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation call")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,6 +172,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("questions", "batch_size"):
         if getattr(arguments, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(arguments, name)}.")
+    if arguments.oracle_centres and not arguments.oracle_tokens:
+        parser.error("--oracle-centres marks objects in the oracle's tokens; it needs --oracle-tokens.")
     if arguments.oracle_tokens and arguments.tower_from is not None:
         parser.error("--oracle-tokens replaces the vision tower; it cannot take one with --tower-from.")
     if arguments.tower_from is not None and not (
@@ -232,20 +241,29 @@ def load_pretrained_tower(model, recipe: SyntheticTinyRecipe, source: Path) -> d
 class OracleImageTokens(nn.Module):
     """Perfect image tokens: each token is the area-weighted sum, over what covers its cell of the image, of learned
     embeddings of each object's colour, shape and size, or of the background. With them in place of the vision
-    tower's, what the language model fails to answer is not for want of image features."""
+    tower's, what the language model fails to answer is not for want of image features.
 
-    def __init__(self, hidden_size: int):
+    With `centres`, each object is also marked once: the token whose cell holds the object's centroid adds a learned
+    centre embedding and the object's attribute embeddings at full weight, so one token per object says it is there
+    (what counting needs, where an object's other tokens cover one to many cells)."""
+
+    def __init__(self, hidden_size: int, centres: bool = False):
         super().__init__()
         self.attributes = nn.ModuleList(nn.Embedding(len(values), hidden_size) for values in SEG_ATTRIBUTES.values())
         self.background = nn.Parameter(torch.zeros(hidden_size))
         for table in self.attributes:
             nn.init.normal_(table.weight, std=0.5)
+        self.centre = nn.Parameter(torch.randn(hidden_size) * 0.5) if centres else None
 
-    def forward(self, cover: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    def forward(self, cover: torch.Tensor, attributes: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """`cover` (tokens, objects + 1): the share of each token's cell each object (then the background) covers;
-        `attributes` (objects, 3): each object's class ids of `SEG_ATTRIBUTES` (colour, shape, size)."""
+        `attributes` (objects, 3): each object's class ids of `SEG_ATTRIBUTES` (colour, shape, size); `centres`
+        (tokens, objects): 1 where a token's cell holds an object's centroid (used with `centres` only)."""
         objects = sum(table(attributes[:, index]) for index, table in enumerate(self.attributes))
-        return cover[:, :-1] @ objects + cover[:, -1:] * self.background
+        tokens = cover[:, :-1] @ objects + cover[:, -1:] * self.background
+        if self.centre is not None:
+            tokens = tokens + centres @ (objects + self.centre)
+        return tokens
 
 
 def image_key(pixel_values: torch.Tensor) -> str:
@@ -254,15 +272,25 @@ def image_key(pixel_values: torch.Tensor) -> str:
 
 
 def scene_labels(scene_seed: int, recipe: SyntheticTinyRecipe, num_objects: int | None) -> tuple[torch.Tensor, ...]:
-    """Re-render a row's scene: each token cell's cover by its objects and the background, and their attributes."""
+    """Re-render a row's scene: each token cell's cover by its objects and the background, their attributes, and the
+    cell holding each visible object's centroid (`OracleImageTokens.forward`'s arguments)."""
     scene = render_scene(scene_seed, recipe.image_size, num_objects=num_objects)
     cell = 2 * recipe.vision_patch_size  # InternVL's pixel shuffle joins 2x2 patches into one token
     masks = scene.instance_masks.astype(np.float32)
     count, height, width = masks.shape
     cover = masks.reshape(count, height // cell, cell, width // cell, cell).mean((2, 4)).reshape(count, -1).T
     cover = np.concatenate([cover, 1.0 - cover.sum(1, keepdims=True)], axis=1)
+    centres = np.zeros((cover.shape[0], count), dtype=np.float32)
+    for index, mask in enumerate(masks):
+        rows, columns = np.nonzero(mask)
+        if len(rows):
+            centres[int(rows.mean()) // cell * (width // cell) + int(columns.mean()) // cell, index] = 1.0
     attributes = [named_attribute_ids({name: getattr(obj, name) for name in SEG_ATTRIBUTES}) for obj in scene.objects]
-    return torch.from_numpy(cover), torch.tensor(attributes, dtype=torch.long).reshape(-1, 3)
+    return (
+        torch.from_numpy(cover),
+        torch.tensor(attributes, dtype=torch.long).reshape(-1, 3),
+        torch.from_numpy(centres),
+    )
 
 
 def oracle_label_table(
@@ -313,6 +341,7 @@ def train_arm(
     recipe: SyntheticTinyRecipe,
     tower_from: Path | None = None,
     oracle_questions: Path | None = None,
+    oracle_centres: bool = False,
 ) -> None:
     """The arm's vision pretraining (or its tower copied from `tower_from`, or oracle image tokens for the scenes of
     the reading stage and of `oracle_questions`), its projector's start from probes (with `projector_from_probes`)
@@ -323,7 +352,7 @@ def train_arm(
         model = build_recipe_model(recipe, processor, PerceptioDepthTokenizer(recipe.depth_tokenizer_config()))
         oracle = None
         if oracle_questions is not None:
-            oracle = OracleImageTokens(model.config.text_config.hidden_size)
+            oracle = OracleImageTokens(model.config.text_config.hidden_size, centres=oracle_centres)
             sources = oracle_sources(recipe, train_split, oracle_questions, output_dir / "dataset_cache")
             attach_oracle_tokens(model, oracle, oracle_label_table(processor, recipe, sources))
             probes = None
@@ -357,8 +386,9 @@ def score_arm(arm_dir: Path, questions: Path, batch_size: int, recipe: Synthetic
     the arm's probe accuracies (the tower's, and the projector's token-cell probes if it started from them)."""
     model, processor = load_perceptio_checkpoint(str(arm_dir / "model"))
     if (arm_dir / ORACLE_TOKENS_FILE).is_file():
-        oracle = OracleImageTokens(model.config.text_config.hidden_size)
-        oracle.load_state_dict(torch.load(arm_dir / ORACLE_TOKENS_FILE))
+        saved = torch.load(arm_dir / ORACLE_TOKENS_FILE)
+        oracle = OracleImageTokens(model.config.text_config.hidden_size, centres="centre" in saved)
+        oracle.load_state_dict(saved)
         rows = Dataset.load_from_disk(str(questions / "test"))
         attach_oracle_tokens(model, oracle, oracle_label_table(processor, recipe, [(rows, None)]))
     settings = RunSettings(output_dir=arm_dir / "eval", batch_size=batch_size, max_new_tokens=16)
@@ -411,9 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         arm_dir = output_dir / arm
         recipe = arguments.recipes[arm]
         if not (arm_dir / "model").is_dir():
-            train_arm(
-                output_dir, arm_dir, recipe, arguments.tower_from, questions if arguments.oracle_tokens else None
-            )
+            oracle_questions = questions if arguments.oracle_tokens else None
+            train_arm(output_dir, arm_dir, recipe, arguments.tower_from, oracle_questions, arguments.oracle_centres)
         results[arm] = score_arm(arm_dir, questions, arguments.batch_size, recipe)
         overrides = {name: value for name, value in getattr(arguments, arm)}
         source_file = arm_dir / TOWER_SOURCE_FILE

@@ -163,6 +163,31 @@ def test_an_oracle_arm_reads_tokens_made_from_its_scenes_labels(bench, tmp_path,
         model.model.get_image_features(torch.zeros_like(pixel_values[:1]))
 
 
+def test_oracle_centres_mark_each_visible_object_on_one_token(bench):
+    recipe = bench.parse_arguments(["--output-dir", "out", "--variant", *TINY]).recipes["variant"]
+    cover, attributes, centres = bench.scene_labels(7, recipe, None)
+    visible = cover[:, :-1].sum(0) > 0
+    assert torch.equal(centres.sum(0), visible.float()), "one centre token per visible object, none for a hidden one"
+    assert centres.sum() >= 2
+    torch.manual_seed(0)
+    marked = bench.OracleImageTokens(8, centres=True)
+    plain = bench.OracleImageTokens(8)
+    plain.load_state_dict({name: value for name, value in marked.state_dict().items() if name != "centre"})
+    changed = (marked(cover, attributes, centres) - plain(cover, attributes, centres)).abs().sum(1) > 0
+    assert torch.equal(changed, centres.sum(1) > 0), "only the tokens holding a centroid change"
+
+
+def test_an_oracle_arm_with_centres_is_trained_and_rescored_with_them(bench, tmp_path, capsys):
+    arguments = ["--output-dir", str(tmp_path), "--questions", "4", "--arms", "base", "--oracle-tokens"]
+    tiny = [*TINY, "vision_pretraining_steps=0", "question_before_image=true"]
+    assert bench.main([*arguments, "--oracle-centres", "--base", *tiny]) == 0
+    assert "centre" in torch.load(tmp_path / "base" / bench.ORACLE_TOKENS_FILE)
+    assert bench.main([*arguments, "--base", *tiny]) == 0, "a saved arm is rescored with its own oracle's centres"
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--output-dir", str(tmp_path), "--oracle-centres"])
+    assert "it needs --oracle-tokens" in capsys.readouterr().err
+
+
 def test_an_oracle_arm_must_not_pretrain_or_take_a_tower(bench, tmp_path, capsys):
     arguments = ["--output-dir", str(tmp_path), "--oracle-tokens", "--arms", "base"]
     with pytest.raises(SystemExit):
