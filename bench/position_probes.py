@@ -37,7 +37,7 @@ from perceptio.trainers.synthetic_recipe import (
     pretrain_recipe_vision_tower,
     render_recipe_vision_scenes,
 )
-from perceptio.trainers.vision_pretraining import label_grid_side
+from perceptio.trainers.vision_pretraining import cell_position_targets, label_grid_side
 
 
 def linear_readout_accuracy(tokens: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
@@ -62,14 +62,14 @@ def measure_arm(model, processor, held_out, recipe: SyntheticTinyRecipe, positio
     with torch.no_grad():
         tokens = arm.model.get_image_features(pixel_values=held_out.pixel_values.to(arm.device)).pooler_output.cpu()
     side = label_grid_side(held_out)
-    cells = torch.arange(side * side)
+    targets = {name: cells[0] for name, cells in cell_position_targets(1, side).items()}
     return {
         "projector_position_probes": positions,
         "probe_accuracy": {
             name: getattr(result, name) for name in ("colour", "shape", "size", "depth_bin", "row", "column")
         },
-        "token_row_readout": linear_readout_accuracy(tokens, cells // side, side),
-        "token_column_readout": linear_readout_accuracy(tokens, cells % side, side),
+        "token_row_readout": linear_readout_accuracy(tokens, targets["row"], side),
+        "token_column_readout": linear_readout_accuracy(tokens, targets["column"], side),
         "chance": 1 / side,
     }
 

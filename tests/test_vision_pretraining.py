@@ -25,6 +25,7 @@ from perceptio.trainers.vision_pretraining import (
     balanced_marker_loss,
     cell_position_targets,
     depth_bin_edges,
+    label_grid_side,
     patch_majority,
     patch_tallies,
     patch_targets,
@@ -187,16 +188,17 @@ def test_cell_position_targets_are_the_row_major_row_and_column():
 
 def test_the_position_probes_teach_the_tower_where_each_patch_is(scenes, tiny_pair):
     train, evaluation = scenes
-    # The tiny tower starts its position embeddings at zero, as InternVL does: its patches start not knowing where they are.
+    # The tiny tower starts its position embeddings at zero, as InternVL does: its patches start not knowing where
+    # they are.
     without = pretrain_vision_tower(copy.deepcopy(tiny_pair[0]), train, evaluation, steps=1)
     assert without.final.row is None and without.final.column is None
     model = copy.deepcopy(tiny_pair[0])
     result = pretrain_vision_tower(
         model, train, evaluation, steps=80, batch_size=16, logging_steps=80, learning_rate=5e-3, positions=True
     )
-    side = train.patch_objects.shape[1] ** 0.5
+    side = label_grid_side(train)
     assert result.initial.column < 2 / side, "near chance before"
-    assert result.final.column > 0.6 and result.final.row > 0.8, "from chance (1 in 16) in 80 steps"
+    assert result.final.column > 0.6 and result.final.row > 0.8, f"from chance (1 in {side}) in 80 steps"
     assert model.model.vision_tower.embeddings.position_embeddings.abs().sum() > 0
     with pytest.raises(ValueError, match="positions"):
         pretrain_vision_tower(model, train, evaluation, steps=1, positions="yes")
