@@ -471,6 +471,19 @@ def test_reading_curriculum_phases_render_scenes_of_their_object_count(tmp_path)
     assert all(len(render_scene(seed, recipe.image_size, num_objects=2).objects) == 2 for seed in rows["scene_seed"])
 
 
+def test_the_curriculum_asks_about_absent_attributes_as_often_as_the_recipe_says(tmp_path):
+    def zero_counts(share):
+        recipe = SyntheticTinyRecipe(
+            **{**SMOKE, "reading_curriculum_scenes": 60, "reading_count_random_query_share": share}
+        )
+        rows = reading_curriculum_split(recipe, 1, tmp_path / str(share))
+        return sum(task == "vqa_count" and answer == "0" for task, answer in zip(rows["task"], rows["answer"]))
+
+    assert zero_counts(0.0) == 0 and zero_counts(1.0) >= 5
+    with pytest.raises(ValueError, match="reading_count_random_query_share"):
+        SyntheticTinyRecipe(reading_count_random_query_share=1.5)
+
+
 def test_the_scenes_do_not_depend_on_how_many_processes_render_them(tmp_path):
     rows = {
         processes: reading_curriculum_split(

@@ -1,6 +1,7 @@
 """Tasks on synthetic scenes and the dataset builder: one right answer per question, disjoint reproducible splits."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from perceptio.data.synthetic_tasks import (
     DEFAULT_TASK_CONFIG,
     DEPTH_REQUEST,
     TASK_NAMES,
+    TaskConfig,
     generate_task_sample,
     make_relative_depth_sample,
     referred_object_facts,
@@ -203,6 +205,28 @@ def test_vqa_answers_follow_from_the_scene(seed):
         phrase = shape.prompt.removesuffix(f" {DEPTH_REQUEST}")[len("What shape is the ") : -1]
         assert parse_phrase(phrase)["shape"] is None
         assert shape.answer == single(scene.objects, phrase).shape.capitalize()
+
+
+def one_object_count_answers(config, num_scenes=40):
+    return [
+        generate_task_sample(
+            render_scene(seed, 48, num_objects=1), "vqa_count", np.random.default_rng(seed), config
+        ).answer
+        for seed in range(num_scenes)
+    ]
+
+
+def test_count_random_query_share_sets_how_often_a_count_names_an_absent_attribute():
+    # In a one-object scene a question built from the object's own attributes always counts 1.
+    assert "0" not in one_object_count_answers(replace(CONFIG, count_random_query_share=0.0))
+    default_zeros = one_object_count_answers(CONFIG).count("0")
+    assert one_object_count_answers(replace(CONFIG, count_random_query_share=1.0)).count("0") > default_zeros + 5
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_count_random_query_share_must_be_a_probability(share):
+    with pytest.raises(ValueError, match="count_random_query_share"):
+        TaskConfig(count_random_query_share=share)
 
 
 def test_unknown_task_raises_value_error():

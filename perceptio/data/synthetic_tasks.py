@@ -89,6 +89,9 @@ class TaskConfig:
     max_point_set_attempts: int = 30
     depth_block_share: float = 0.3
     """Share of non-relative-depth samples whose target also includes a depth block."""
+    count_random_query_share: float = 0.2
+    """Share of count questions about attributes drawn at random rather than from an object in the scene, so that
+    zero counts occur."""
 
     def __post_init__(self) -> None:
         low, high = self.point_count_range
@@ -99,7 +102,7 @@ class TaskConfig:
         for name in ("left_right_margin", "distance_margin", "depth_margin", "surface_smoothness"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("object_point_probability", "depth_block_share"):
+        for name in ("object_point_probability", "depth_block_share", "count_random_query_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -524,8 +527,7 @@ def make_count_sample(
     """ "How many ... are there?" over all objects, a shape, a colour, or a size and shape (zero is a valid count)."""
     objects = _visible_objects(scene)
     example = objects[int(rng.integers(len(objects)))]
-    # Ask mostly about attributes present in the scene, sometimes about any attribute so zero counts occur.
-    if rng.random() < 0.2:
+    if rng.random() < config.count_random_query_share:
         example_shape = SHAPES[int(rng.integers(len(SHAPES)))]
         example_colour = tuple(COLOUR_PALETTE)[int(rng.integers(len(COLOUR_PALETTE)))]
         example_size = SIZE_NAMES[int(rng.integers(len(SIZE_NAMES)))]

@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from ..data.seg_attributes import (
     validate_seg_attribute_target,
 )
 from ..data.synthetic_dataset import build_synthetic_dataset
-from ..data.synthetic_tasks import TASK_NAMES, without_depth_block
+from ..data.synthetic_tasks import DEFAULT_TASK_CONFIG, TASK_NAMES, without_depth_block
 from ..data.task_weights import validate_task_weights
 from ..models.perceptio import (
     PerceptioConfig,
@@ -202,6 +202,8 @@ class SyntheticTinyRecipe:
         (2, 400),
     )
     reading_curriculum_scenes: int = 4500
+    # Zero counts are rare in the mixture; the curriculum's scenes can ask about absent attributes more often.
+    reading_count_random_query_share: float = DEFAULT_TASK_CONFIG.count_random_query_share
     reading_steps: int = 500
     reading_tasks: tuple[str, ...] = READING_TASKS
     question_before_image: bool = True
@@ -287,6 +289,10 @@ class SyntheticTinyRecipe:
         ):
             raise ValueError(f"render_processes must be a positive integer or None, got {self.render_processes!r}.")
         self.reading_curriculum = tuple(self._validated_reading_phase(phase) for phase in self.reading_curriculum)
+        if not 0.0 <= self.reading_count_random_query_share <= 1.0:
+            raise ValueError(
+                f"reading_count_random_query_share must be in [0, 1], got {self.reading_count_random_query_share!r}."
+            )
         if self.reading_curriculum and not self.reading_curriculum_scenes:
             raise ValueError("reading_curriculum_scenes must be > 0 when reading_curriculum has phases.")
         if self.vision_pretraining_steps and not self.vision_pretraining_scenes:
@@ -632,7 +638,8 @@ def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
 
 def reading_curriculum_split(recipe: SyntheticTinyRecipe, num_objects: int, cache_dir: Path) -> Dataset:
     """A curriculum phase's data: `recipe.reading_curriculum_scenes` questions of the reading tasks (equal shares)
-    on scenes of exactly `num_objects` objects, without depth blocks."""
+    on scenes of exactly `num_objects` objects, without depth blocks; `recipe.reading_count_random_query_share` of
+    the count questions name attributes drawn at random."""
     dataset = build_synthetic_dataset(
         recipe.reading_curriculum_scenes,
         0,
@@ -643,6 +650,7 @@ def reading_curriculum_split(recipe: SyntheticTinyRecipe, num_objects: int, cach
         num_proc=recipe.num_render_processes,
         cache_dir=str(cache_dir),
         num_objects=num_objects,
+        task_config=replace(DEFAULT_TASK_CONFIG, count_random_query_share=recipe.reading_count_random_query_share),
     )
     return dataset["train"].map(without_depth_block, desc="No depth blocks")
 
