@@ -37,7 +37,8 @@ from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.evaluation.runners import RunSettings, run_synthetic
 from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.evaluation.runners.synthetic import ANSWER_TASKS
-from perceptio.trainers.synthetic_recipe import ABLATIONS, SyntheticTinyRecipe, run_synthetic_tiny_recipe
+from perceptio.trainers.synthetic_recipe import ABLATIONS, run_synthetic_tiny_recipe
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
 POINT_COUNTS = (2, 3, 4, 5)

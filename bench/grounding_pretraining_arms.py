@@ -29,13 +29,8 @@ from typing import Any
 
 from perceptio.models.perceptio import PerceptioDepthTokenizer
 from perceptio.trainers.recipe_compute import subnormals_flushed, torch_threads
-from perceptio.trainers.synthetic_recipe import (
-    SyntheticTinyRecipe,
-    build_recipe_model,
-    build_recipe_processor,
-    parse_recipe_override,
-    pretrain_recipe_grounding,
-)
+from perceptio.trainers.synthetic_recipe import build_recipe_model, build_recipe_processor, pretrain_recipe_grounding
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe, parse_recipe_override
 
 
 # What every arm computes with unless it overrides them: one thread (one process per core) and one rendering process.

@@ -30,13 +30,13 @@ from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration
 from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.trainers.projector_from_probes import token_cell_size
 from perceptio.trainers.synthetic_recipe import (
-    SyntheticTinyRecipe,
     build_recipe_model,
     build_recipe_processor,
     fit_recipe_projector,
     pretrain_recipe_vision_tower,
     render_recipe_vision_scenes,
 )
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 from perceptio.trainers.vision_pretraining import cell_position_targets, label_grid_side
 
 

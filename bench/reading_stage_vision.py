@@ -81,17 +81,16 @@ from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_check
 from perceptio.models.perceptio import PerceptioDepthTokenizer
 from perceptio.trainers.recipe_compute import subnormals_flushed, torch_threads
 from perceptio.trainers.synthetic_recipe import (
-    SyntheticTinyRecipe,
     build_recipe_model,
     build_recipe_processor,
     fit_recipe_projector,
-    parse_recipe_override,
     pretrain_recipe_vision_tower,
     reading_curriculum_split,
     reading_split,
     render_recipe_scenes,
     train_recipe_reading_stage,
 )
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe, parse_recipe_override
 
 
 ARMS = ("base", "variant")

@@ -24,11 +24,11 @@ import torch
 
 from perceptio.models.perceptio import PerceptioDepthTokenizer
 from perceptio.trainers.synthetic_recipe import (
-    SyntheticTinyRecipe,
     build_recipe_model,
     build_recipe_processor,
     pretrain_recipe_vision_tower,
 )
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
 # The probes the table shows: shape per patch and per object, size, depth bin and colour.

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from perceptio.data.scene_rendering import SHAPES, render_scene
 from perceptio.models.perceptio import PerceptioDepthTokenizer, PerceptioImageProcessor
-from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, build_recipe_model, build_recipe_processor
+from perceptio.trainers.synthetic_recipe import build_recipe_model, build_recipe_processor
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
 # Disjoint seed ranges, so no held-out scene is a training scene.

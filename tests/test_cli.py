@@ -54,7 +54,7 @@ def test_eval_offers_the_one_evaluation_task_list():
 def test_train_help_shows_each_recipe_default_from_the_recipe(capsys, monkeypatch):
     import dataclasses
 
-    import perceptio.trainers.synthetic_recipe as recipe_module
+    import perceptio.trainers.synthetic_recipe_settings as recipe_module
 
     changed = {"train_steps": 1234, "num_train": 4321, "text_num_attention_heads": 6, "question_before_image": False}
     changed_recipe = dataclasses.replace(recipe_module.SyntheticTinyRecipe(), **changed)

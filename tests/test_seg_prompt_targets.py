@@ -17,7 +17,8 @@ from perceptio.models.perceptio.loss_perceptio import seg_prompt_loss
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.grounding_pretraining import AttributePromptEmbedding
 from perceptio.trainers.seg_prompt_targets import PROMPT_TARGET_KINDS, SEG_PROMPT_COLUMN, add_seg_prompt_column
-from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, add_seg_targets
+from perceptio.trainers.synthetic_recipe import add_seg_targets
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
 def prompt_width(model) -> int:

@@ -24,8 +24,6 @@ from perceptio.trainers.grounding_pretraining import AttributePromptEmbedding
 from perceptio.trainers.recipe_compute import recipe_device
 from perceptio.trainers.synthetic_recipe import (
     ABLATIONS,
-    DEPTH_LOSS_WEIGHT_FIELDS,
-    SyntheticTinyRecipe,
     ablate,
     build_recipe_model,
     build_recipe_processor,
@@ -41,6 +39,7 @@ from perceptio.trainers.synthetic_recipe import (
     train_recipe_model,
     train_recipe_reading_stage,
 )
+from perceptio.trainers.synthetic_recipe_settings import DEPTH_LOSS_WEIGHT_FIELDS, SyntheticTinyRecipe
 
 
 SMOKE = dict(

@@ -8,7 +8,8 @@ import re
 import pytest
 from conftest import bench_script
 
-from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, build_recipe_processor
+from perceptio.trainers.synthetic_recipe import build_recipe_processor
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from test_export import run_isolated_script
 
 from perceptio.hub_cards.export_perceptio import export_pretrained
 from perceptio.models.perceptio import PerceptioConfig, PerceptioForConditionalGeneration
-from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe
+from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
 def with_stem(model: PerceptioForConditionalGeneration, channels: list[int]) -> PerceptioForConditionalGeneration:

@@ -37,7 +37,7 @@ class RecipeDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
 def recipe_default(name: str) -> Any:
     """The default `SyntheticTinyRecipe` gives setting `name` (resolved where `RESOLVED_RECIPE_DEFAULTS` says so), or
     None when no setting has that name."""
-    from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe
+    from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
     recipe = SyntheticTinyRecipe()
     name = RESOLVED_RECIPE_DEFAULTS.get(name, name)
@@ -256,7 +256,8 @@ def run_recipe(args: argparse.Namespace) -> int:
     """Run the named recipe end to end and print where its model and summary are."""
     from dataclasses import replace
 
-    from perceptio.trainers.synthetic_recipe import SyntheticTinyRecipe, run_synthetic_tiny_recipe
+    from perceptio.trainers.synthetic_recipe import run_synthetic_tiny_recipe
+    from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
     if args.output_dir is None:
         raise ValueError("--recipe needs --output-dir (where the recipe writes its data, model and summary).")
