@@ -262,6 +262,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if not arguments.learning_rate > 0:
         parser.error(f"--learning-rate must be > 0, got {arguments.learning_rate}.")
+    for name in ("questions", "held_out"):
+        if getattr(arguments, name) < 2:
+            parser.error(f"--{name.replace('_', '-')} must be at least 2 (each is scored with another's image).")
     if arguments.seed < 0:
         parser.error(f"--seed must be a non-negative integer, got {arguments.seed}.")
     arguments.eval_every = arguments.eval_every or max(1, arguments.steps // 8)

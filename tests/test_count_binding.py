@@ -56,7 +56,11 @@ def test_class_words_make_the_objects_tokens_the_language_models_word_embeddings
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--steps", "0"], "must be a positive integer"), (["--learning-rate", "0"], "--learning-rate must be > 0")],
+    [
+        (["--steps", "0"], "must be a positive integer"),
+        (["--learning-rate", "0"], "--learning-rate must be > 0"),
+        (["--held-out", "1"], "--held-out must be at least 2"),
+    ],
 )
 def test_bad_settings_are_refused_with_what_was_wrong(bench, option, message, capsys):
     with pytest.raises(SystemExit):
