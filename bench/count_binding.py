@@ -149,14 +149,23 @@ def count_questions(output_dir: Path, recipe: SyntheticTinyRecipe, kind: str, to
     return rendered.select(range(total))
 
 
+def evaluation_batches(count: int) -> list[range]:
+    """Consecutive batches of `EVALUATION_BATCH_SIZE` rows; a last batch of one row joins the one before, so every
+    row has another in its batch whose image it can take."""
+    starts = list(range(0, count, EVALUATION_BATCH_SIZE))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    return [range(start, end) for start, end in zip(starts, [*starts[1:], count])]
+
+
 def answer_scores(model, collator, rows: Dataset, other_image: bool) -> AnswerScores:
-    """Answer loss and exact-answer accuracy on `rows`, each with its own image or (`other_image`) the next row's
-    in its batch."""
+    """Answer loss and exact-answer accuracy on `rows`, each with its own image or (`other_image`) the image of the
+    row before it in its batch (the first row takes the last one's)."""
     losses, right = [], []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(rows), EVALUATION_BATCH_SIZE):
-            batch = collator([rows[index] for index in range(start, min(len(rows), start + EVALUATION_BATCH_SIZE))])
+        for indices in evaluation_batches(len(rows)):
+            batch = collator([rows[index] for index in indices])
             pixel_values = batch["pixel_values"].roll(1, 0) if other_image else batch["pixel_values"]
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values

@@ -31,6 +31,13 @@ def test_a_fit_prints_and_saves_each_evaluation_with_both_images(bench, tmp_path
     assert figures["settings"]["kind"] == "all"
 
 
+@pytest.mark.parametrize(("count", "sizes"), [(2, [2]), (64, [64]), (65, [65]), (66, [64, 2]), (300, [64] * 4 + [44])])
+def test_every_evaluation_batch_holds_another_row_to_take_an_image_from(bench, count, sizes):
+    batches = bench.evaluation_batches(count)
+    assert [len(batch) for batch in batches] == sizes
+    assert [index for batch in batches for index in batch] == list(range(count))
+
+
 def test_the_kinds_split_the_count_questions_by_whether_they_name_an_attribute(bench):
     assert bench.asks_for_all_objects(json.dumps({"query": {"size": None, "colour": None, "shape": None}}))
     assert not bench.asks_for_all_objects(json.dumps({"query": {"size": None, "colour": "red", "shape": None}}))
