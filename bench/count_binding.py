@@ -46,6 +46,7 @@ from perceptio.data.seg_attributes import SEG_ATTRIBUTES
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.models.perceptio import PerceptioDepthTokenizer
+from perceptio.models.perceptio.loss_perceptio import per_sample_lm_loss
 from perceptio.models.perceptio.processing_perceptio import IGNORE_INDEX
 from perceptio.trainers.collator_perceptio import PerceptioDataCollator
 from perceptio.trainers.recipe_compute import subnormals_flushed, torch_threads
@@ -169,12 +170,11 @@ def answer_scores(model, collator, rows: Dataset, other_image: bool) -> AnswerSc
             pixel_values = batch["pixel_values"].roll(1, 0) if other_image else batch["pixel_values"]
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values
-            ).logits[:, :-1]
+            ).logits
+            losses += per_sample_lm_loss(logits, batch["labels"])[0].tolist()
             labels = batch["labels"][:, 1:]
             answer = labels != IGNORE_INDEX
-            token_losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-            losses += ((token_losses * answer).sum(1) / answer.sum(1)).tolist()
-            right += ((logits.argmax(-1) == labels) | ~answer).all(1).tolist()
+            right += ((logits[:, :-1].argmax(-1) == labels) | ~answer).all(1).tolist()
     model.train()
     return AnswerScores(loss=sum(losses) / len(losses), accuracy=sum(right) / len(right))
 
