@@ -12,10 +12,12 @@ synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perc
   the own and with another image is read from this split too.
 
 An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
-checkpoint's own run can stand as the `full` arm). Each arm takes about as long as the recipe (about 75 minutes on
-two CPU cores) and computes with the recipe's two threads, as the shipped checkpoint's run did, so every arm starts
-from the same weights, so arms run one after another; separate `--arms` runs into one output folder merge when rerun
-with all of them.
+checkpoint's own run can stand as the `full` arm). The arms share every stage before the main stage, where the
+ablations first act: the first arm trained saves them in `OUTPUT/shared-stages` and the others start their main
+stage from there; every arm computes the same weights whichever arm saved them. The first arm takes about as long as the
+recipe (about 80 minutes on two CPU cores), each other about 45. Arms compute with the recipe's two threads, as the
+shipped checkpoint's run did, so they run one after another; separate `--arms` runs into one output folder merge
+when rerun with all of them.
 
     python bench/ablation_table.py --output-dir runs/ablations
     python bench/ablation_table.py --output-dir runs/ablations --arms full no-depth-tokens
@@ -37,7 +39,7 @@ from perceptio.data.synthetic_tasks import DEFAULT_TASK_CONFIG
 from perceptio.evaluation.runners import RunSettings, run_synthetic
 from perceptio.evaluation.runners.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.evaluation.runners.synthetic import ANSWER_TASKS
-from perceptio.trainers.synthetic_recipe import ABLATIONS, run_synthetic_tiny_recipe
+from perceptio.trainers.synthetic_recipe import ABLATIONS, reading_stage_ablation, run_synthetic_tiny_recipe
 from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
@@ -93,6 +95,13 @@ def share_rendered_dataset(output_dir: Path, arm_dir: Path) -> None:
     caches = sorted(output_dir.glob("*/dataset_cache"))
     if caches and not (arm_dir / "dataset_cache").exists():
         shutil.copytree(caches[0], arm_dir / "dataset_cache")
+
+
+def shared_stages_folder(output_dir: Path, recipe: SyntheticTinyRecipe, arm: str) -> Path:
+    """Where `arm` finds the stages before its main stage: one folder for every arm whose reading stage trains under
+    no ablation, and one of its own for an arm whose ablation changes the reading rows."""
+    reading_ablation = reading_stage_ablation(recipe, arm)
+    return output_dir / ("shared-stages" if reading_ablation == "full" else f"shared-stages-{reading_ablation}")
 
 
 def evaluate_arm(arm_dir: Path, questions: Path, batch_size: int) -> dict:
@@ -166,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         arm_dir = output_dir / arm
         if not (arm_dir / "model").is_dir():
             share_rendered_dataset(output_dir, arm_dir)
-            run_synthetic_tiny_recipe(arm_dir, recipe, ablation=arm)
+            shared = shared_stages_folder(output_dir, recipe, arm)
+            run_synthetic_tiny_recipe(arm_dir, recipe, ablation=arm, shared_stages_dir=shared)
         results = evaluate_arm(arm_dir, questions, arguments.batch_size)
         (arm_dir / "ablation_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         rows.append(table_row(arm, results))

@@ -77,8 +77,8 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
 
     received = {}
 
-    def record(output_dir, recipe, ablation):
-        received.update(recipe=recipe, ablation=ablation)
+    def record(output_dir, recipe, ablation, shared_stages_dir):
+        received.update(recipe=recipe, ablation=ablation, shared_stages_dir=shared_stages_dir)
         return {"timings": {"total_s": 0.0}}
 
     monkeypatch.setattr(recipe_module, "run_synthetic_tiny_recipe", record)
@@ -86,6 +86,11 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--vision-pretraining-steps", "7"]) == 0
     recipe = received["recipe"]
     assert recipe.vision_pretraining_steps == 7 and recipe.seed == 3
+    assert received["shared_stages_dir"] is None
+    assert main([*arguments, "--ablation", "no-seg", "--shared-stages-dir", str(tmp_path / "shared")]) == 0
+    assert received["shared_stages_dir"] == str(tmp_path / "shared") and received["ablation"] == "no-seg"
+    config_run = ["train", "--config", str(tmp_path / "run.yaml"), "--shared-stages-dir", str(tmp_path / "shared")]
+    assert main(config_run) == 2, "a recipe-only option on a --config run is refused"
     defaults = recipe_module.SyntheticTinyRecipe()
     assert recipe.train_steps == defaults.train_steps
     assert main([*arguments, "--train-steps", "5"]) == 0

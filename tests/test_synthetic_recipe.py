@@ -22,6 +22,7 @@ from perceptio.data.synthetic_dataset import build_synthetic_dataset
 from perceptio.tiny_models import tiny_sam2_config
 from perceptio.trainers.grounding_pretraining import AttributePromptEmbedding
 from perceptio.trainers.recipe_compute import recipe_device
+from perceptio.trainers.recipe_shared_stages import load_pre_main_stages
 from perceptio.trainers.synthetic_recipe import (
     ABLATIONS,
     ablate,
@@ -32,6 +33,7 @@ from perceptio.trainers.synthetic_recipe import (
     pretrain_recipe_vision_tower,
     reading_curriculum_split,
     reading_split,
+    reading_stage_ablation,
     referring_rows_with_masks,
     render_recipe_vision_scenes,
     run_synthetic_tiny_recipe,
@@ -101,11 +103,45 @@ def test_recipe_smoke_run_trains_saves_reloads_and_reproduces(tmp_path):
     assert model.config.num_depth_tokens == 64 and processor.image_seq_length == 64
     assert (tmp_path / "dataset" / "test").is_dir()
     assert saved["recipe"]["num_threads"] == SMOKE["num_threads"]
+    assert saved["shared_stages"] is None
     run_synthetic_tiny_recipe(tmp_path / "again", SyntheticTinyRecipe(**SMOKE))
     first, again = (load_file(folder / "model" / "model.safetensors") for folder in (tmp_path, tmp_path / "again"))
     assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first), (
         "the same seed and thread count must give the same weights"
     )
+
+
+def test_runs_sharing_the_stages_before_the_main_stage_compute_the_same_weights(tmp_path):
+    shared = tmp_path / "shared"
+    saving = run_synthetic_tiny_recipe(tmp_path / "saving", SyntheticTinyRecipe(**SMOKE), shared_stages_dir=shared)
+    assert saving["shared_stages"] == {"folder": str(shared), "loaded": False}
+    assert not shared.with_name("shared.partial").exists()
+    loading = run_synthetic_tiny_recipe(tmp_path / "loading", SyntheticTinyRecipe(**SMOKE), shared_stages_dir=shared)
+    assert loading["shared_stages"] == {"folder": str(shared), "loaded": True}
+    summaries = [json.loads((tmp_path / run / "recipe_summary.json").read_text()) for run in ("saving", "loading")]
+    for report in ("vision_pretraining", "projector_probes", "grounding_pretraining", "reading_log", "training_log"):
+        assert summaries[0][report] == summaries[1][report], report
+    assert summaries[1]["timings"]["vision_s"] == summaries[0]["timings"]["vision_s"], "the saving run's timings"
+    saved, loaded = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("saving", "loading"))
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[name], loaded[name]) for name in saved), (
+        "a run must compute the same weights whether it saved the shared stages or loaded them"
+    )
+    with pytest.raises(ValueError, match=r"train_steps differ"):
+        load_pre_main_stages(shared, SyntheticTinyRecipe(**{**SMOKE, "train_steps": 3}), "full")
+    with pytest.raises(ValueError, match="this run's is 'no-seg'"):
+        load_pre_main_stages(shared, SyntheticTinyRecipe(**SMOKE), "no-seg")
+    assert load_pre_main_stages(tmp_path / "nothing-saved", SyntheticTinyRecipe(**SMOKE), "full") is None
+
+
+def test_only_a_reading_stage_with_referring_rows_trains_under_an_ablation():
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    assert {reading_stage_ablation(recipe, ablation) for ablation in ABLATIONS} == {"full"}
+    with_referring = SyntheticTinyRecipe(**SMOKE, reading_tasks=("vqa_colour", "referring"))
+    assert reading_stage_ablation(with_referring, "no-seg") == "no-seg"
+    assert reading_stage_ablation(with_referring, "no-seg-attribute-loss") == "no-seg-attribute-loss"
+    assert reading_stage_ablation(with_referring, "depth-lm-only") == "full"
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        reading_stage_ablation(recipe, "no-vision")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

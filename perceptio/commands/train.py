@@ -16,6 +16,8 @@ EXAMPLE = """example:
   accelerate launch --num_processes 8 -m perceptio.cli train --config examples/configs/perceptio-8b-lora.yaml
   perceptio train --recipe synthetic-tiny --output-dir runs/synthetic-tiny      # the embedded checkpoint's recipe
   perceptio train --recipe synthetic-tiny --ablation no-depth-tokens --output-dir runs/ablation-no-depth
+  perceptio train --recipe synthetic-tiny --ablation no-seg --output-dir runs/ablation-no-seg \
+      --shared-stages-dir runs/shared-stages      # a second arm starts at the main stage
   perceptio train --recipe synthetic-tiny --no-question-before-image --output-dir runs/image-first
 """
 RECIPES = ("synthetic-tiny",)
@@ -73,6 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ablation",
         default="full",
         help="with --recipe: full, no-depth-tokens, no-seg, depth-lm-only or no-seg-attribute-loss",
+    )
+    parser.add_argument(
+        "--shared-stages-dir",
+        help="with --recipe: a folder for the stages before the main stage, which no ablation changes: the first run "
+        "saves them there, later runs with the same settings (other ablations) start their main stage from them",
     )
     parser.add_argument("--train-steps", type=int, help="with --recipe: override the recipe's training steps")
     parser.add_argument(
@@ -245,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `perceptio train` with the parsed arguments; returns the exit status."""
     if args.recipe is not None:
         return run_recipe(args)
+    if args.shared_stages_dir is not None:
+        raise ValueError("--shared-stages-dir applies to --recipe runs, not to --config ones.")
     from perceptio.trainers.training_config import load_training_config
     from perceptio.trainers.training_run import train_perceptio
 
@@ -293,7 +302,9 @@ def run_recipe(args: argparse.Namespace) -> int:
     recipe = SyntheticTinyRecipe(**{name: value for name, value in overrides.items() if value is not None})
     if args.vision_stem_channels is not None:
         recipe = replace(recipe, vision_stem_channels=args.vision_stem_channels or None)
-    summary = run_synthetic_tiny_recipe(args.output_dir, recipe, ablation=args.ablation)
+    summary = run_synthetic_tiny_recipe(
+        args.output_dir, recipe, ablation=args.ablation, shared_stages_dir=args.shared_stages_dir
+    )
     print(
         f"Recipe {args.recipe} ({args.ablation}) done in {summary['timings']['total_s'] / 60:.1f} min; model in "
         f"{args.output_dir}/model, summary in {args.output_dir}/recipe_summary.json. Evaluate it with "

@@ -31,6 +31,10 @@ Ablations train with the same data, steps and seed:
   reconstruction weights 0).
 - `no-seg-attribute-loss`: the `[SEG]` attribute heads are built (so the initialisation is the same) but
   `loss_seg_attribute` is weighted 0.
+
+Ablations act from the main stage on, so the arms of one recipe share every stage before it: with a
+`shared_stages_dir`, the first arm saves them and the others start their main stage from them
+(`recipe_shared_stages`).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from .grounding_pretraining import (
 )
 from .projector_from_probes import ProjectorProbeResult, fit_projector_from_probes, token_cell_size
 from .recipe_compute import recipe_device, subnormals_flushed, torch_threads
+from .recipe_shared_stages import PreMainStages, load_pre_main_stages, save_pre_main_stages
 from .seg_attribute_accuracy import seg_attribute_accuracy
 from .seg_prompt_targets import add_seg_prompt_column
 from .synthetic_recipe_settings import (
@@ -476,10 +481,21 @@ def add_seg_targets(
     return rows
 
 
+def reading_stage_ablation(recipe: SyntheticTinyRecipe, ablation: str) -> str:
+    """The ablation the reading stage trains under: `ablation` where it changes the reading rows (`no-seg` and
+    `no-seg-attribute-loss` with referring among `recipe.reading_tasks`), else `full`. The reading rows carry no depth
+    blocks, so the depth ablations never act there, and every arm of a recipe shares the stages before the main one."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
+    acts_on_seg = ablation in ("no-seg", "no-seg-attribute-loss") and "referring" in recipe.reading_tasks
+    return ablation if acts_on_seg else "full"
+
+
 def run_synthetic_tiny_recipe(
     output_dir: str | Path,
     recipe: SyntheticTinyRecipe | None = None,
     ablation: str = "full",
+    shared_stages_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the whole recipe; save `output_dir/model` (model + processor), `output_dir/dataset` (the validation and
     test splits, for `perceptio eval synthetic`) and `output_dir/recipe_summary.json`.
@@ -488,29 +504,35 @@ def run_synthetic_tiny_recipe(
     its pretraining, how well the `[SEG]` states carry their phrase on the test split (`seg_attribute_accuracy`,
     beside the majority prior), and the reading-stage, main-stage and mask-decoder-stage training logs.
 
+    With `shared_stages_dir`, the stages before the main stage are loaded from that folder when a run with the same
+    recipe saved them there, and saved there otherwise (see `recipe_shared_stages`); the summary's
+    `shared_stages` says which, and the loaded stages' timings are those of the run that trained them.
+
     It computes with `recipe.num_threads` torch threads whatever `OMP_NUM_THREADS` says: the same seed and thread
     count give the same weights, another count other weights.
     """
     recipe = recipe if recipe is not None else SyntheticTinyRecipe()
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
+    shared = Path(shared_stages_dir) if shared_stages_dir is not None else None
     with subnormals_flushed(), torch_threads(recipe.num_threads):
-        return _run_recipe(Path(output_dir), recipe, ablation)
+        return _run_recipe(Path(output_dir), recipe, ablation, shared)
 
 
-def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) -> dict[str, Any]:
-    output_dir.mkdir(parents=True, exist_ok=True)
+def train_pre_main_stages(
+    recipe: SyntheticTinyRecipe,
+    processor: PerceptioProcessor,
+    train_split: Dataset,
+    output_dir: Path,
+    reading_ablation: str,
+) -> PreMainStages:
+    """The stages before the main stage: the depth tokenizer, a new model, the vision tower's pretraining, the
+    projector from probes, SAM2's grounding pretraining (then frozen, with `recipe.freeze_grounding_encoder`) and the
+    reading stage."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    dataset = render_recipe_scenes(recipe, output_dir / "dataset_cache")
-    DatasetDict({split: dataset[split] for split in EVALUATION_SPLITS}).save_to_disk(str(output_dir / "dataset"))
-    timings["dataset_s"] = time.perf_counter() - started
-    tokenizer_started = time.perf_counter()
-    depth_tokenizer, tokenizer_evaluation = train_recipe_tokenizer(
-        recipe, dataset["train"], output_dir / "depth_tokenizer"
-    )
-    timings["depth_tokenizer_s"] = time.perf_counter() - tokenizer_started
-    processor = build_recipe_processor(recipe)
+    depth_tokenizer, tokenizer_evaluation = train_recipe_tokenizer(recipe, train_split, output_dir / "depth_tokenizer")
+    timings["depth_tokenizer_s"] = time.perf_counter() - started
     model = build_recipe_model(recipe, processor, depth_tokenizer).to(recipe_device())
     vision_started = time.perf_counter()
     vision = pretrain_recipe_vision_tower(recipe, model, processor) if recipe.vision_pretraining_steps else None
@@ -521,9 +543,57 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     timings["grounding_s"] = time.perf_counter() - grounding_started
     if recipe.freeze_grounding_encoder:
         model.grounding_encoder.requires_grad_(False)
-    model_started = time.perf_counter()
-    reading_log = train_recipe_reading_stage(recipe, model, processor, dataset["train"], output_dir, ablation)
-    timings["reading_s"] = time.perf_counter() - model_started
+    reading_started = time.perf_counter()
+    reading_log = train_recipe_reading_stage(recipe, model, processor, train_split, output_dir, reading_ablation)
+    timings["reading_s"] = time.perf_counter() - reading_started
+    reports = {
+        "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
+        "vision_pretraining": asdict(vision) if vision is not None else None,
+        "projector_probes": asdict(projector) if projector is not None else None,
+        "grounding_pretraining": grounding.summary(),
+        "reading_log": reading_log,
+    }
+    return PreMainStages(model, grounding.prompt_embedding, reports, timings)
+
+
+def pre_main_stages(
+    recipe: SyntheticTinyRecipe,
+    processor: PerceptioProcessor,
+    train_split: Dataset,
+    output_dir: Path,
+    reading_ablation: str,
+    shared: Path | None,
+) -> tuple[PreMainStages, bool]:
+    """The stages before the main stage, loaded from `shared` when they are there, else trained (and saved there);
+    with whether they were loaded.
+
+    The run that saves them goes on from the saved copy too: SAM2's kernels round by where their tensors lie in
+    memory, so a loaded model and the one it was saved from part in the last bits within a few mask-decoder steps,
+    and every run that shares the folder must start its main stage from the same state, whichever run saved it.
+    """
+    stages = load_pre_main_stages(shared, recipe, reading_ablation) if shared is not None else None
+    if stages is not None:
+        logger.info("Starting the main stage from the stages saved in %s.", shared)
+        return stages, True
+    stages = train_pre_main_stages(recipe, processor, train_split, output_dir, reading_ablation)
+    if shared is None:
+        return stages, False
+    save_pre_main_stages(shared, recipe, reading_ablation, stages)
+    return load_pre_main_stages(shared, recipe, reading_ablation), False
+
+
+def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str, shared: Path | None) -> dict[str, Any]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dataset = render_recipe_scenes(recipe, output_dir / "dataset_cache")
+    DatasetDict({split: dataset[split] for split in EVALUATION_SPLITS}).save_to_disk(str(output_dir / "dataset"))
+    timings = {"dataset_s": time.perf_counter() - started}
+    processor = build_recipe_processor(recipe)
+    reading_ablation = reading_stage_ablation(recipe, ablation)
+    stages, loaded = pre_main_stages(recipe, processor, dataset["train"], output_dir, reading_ablation, shared)
+    timings.update(stages.timings)
+    model = stages.model.to(recipe_device())
+    main_started = time.perf_counter()
     log = train_recipe_model(
         recipe,
         model,
@@ -531,9 +601,9 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
         dataset["train"],
         output_dir / "trainer",
         ablation,
-        prompt_embedding=grounding.prompt_embedding,
+        prompt_embedding=stages.prompt_embedding,
     )
-    timings["model_s"] = time.perf_counter() - model_started
+    timings["model_s"] = stages.timings["reading_s"] + time.perf_counter() - main_started
     mask_decoder_started = time.perf_counter()
     mask_decoder_log = (
         train_recipe_mask_decoder_stage(
@@ -552,17 +622,19 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str) ->
     )
     model.save_pretrained(output_dir / "model")
     processor.save_pretrained(output_dir / "model")
+    reports = stages.reports
     summary = {
         "recipe": asdict(recipe),
         "ablation": ablation,
+        "shared_stages": {"folder": str(shared), "loaded": loaded} if shared is not None else None,
         "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
         "timings": timings,
-        "depth_tokenizer_evaluation": tokenizer_evaluation.to_dict(),
-        "vision_pretraining": asdict(vision) if vision is not None else None,
-        "projector_probes": asdict(projector) if projector is not None else None,
-        "grounding_pretraining": grounding.summary(),
+        "depth_tokenizer_evaluation": reports["depth_tokenizer_evaluation"],
+        "vision_pretraining": reports["vision_pretraining"],
+        "projector_probes": reports["projector_probes"],
+        "grounding_pretraining": reports["grounding_pretraining"],
         "seg_attribute_accuracy": asdict(seg_attributes) if seg_attributes is not None else None,
-        "reading_log": reading_log,
+        "reading_log": reports["reading_log"],
         "training_log": log,
         "mask_decoder_log": mask_decoder_log,
     }
