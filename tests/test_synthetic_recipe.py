@@ -131,6 +131,8 @@ def test_runs_sharing_the_stages_before_the_main_stage_compute_the_same_weights(
     with pytest.raises(ValueError, match="this run's is 'no-seg'"):
         load_pre_main_stages(shared, SyntheticTinyRecipe(**SMOKE), "no-seg")
     assert load_pre_main_stages(tmp_path / "nothing-saved", SyntheticTinyRecipe(**SMOKE), "full") is None
+    with pytest.raises(ValueError, match="holds files but no saved stages"):
+        load_pre_main_stages(tmp_path / "saving", SyntheticTinyRecipe(**SMOKE), "full")
 
 
 def test_only_a_reading_stage_with_referring_rows_trains_under_an_ablation():

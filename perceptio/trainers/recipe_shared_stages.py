@@ -46,8 +46,8 @@ class PreMainStages:
 def save_pre_main_stages(
     folder: str | Path, recipe: SyntheticTinyRecipe, reading_ablation: str, stages: PreMainStages
 ) -> None:
-    """Write `stages` to `folder`, complete or not at all: an interrupted save leaves no folder a later run would
-    take for finished."""
+    """Write `stages` to `folder` (new or empty), complete or not at all: an interrupted save leaves no folder a later
+    run would take for finished."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -65,7 +65,8 @@ def save_pre_main_stages(
         "timings": stages.timings,
     }
     (partial / STAGES_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder.is_dir():
+        folder.rmdir()
     partial.rename(folder)
 
 
@@ -76,6 +77,10 @@ def load_pre_main_stages(
     when they were trained with another recipe or reading-stage ablation."""
     folder = Path(folder)
     if not (folder / STAGES_FILE).is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ValueError(
+                f"{folder} holds files but no saved stages ({STAGES_FILE}); give a new or empty shared-stages folder."
+            )
         return None
     record = json.loads((folder / STAGES_FILE).read_text(encoding="utf-8"))
     check_same_training(folder, record, recipe, reading_ablation)
