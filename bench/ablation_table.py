@@ -14,10 +14,10 @@ synthetic-tiny --ablation ARM` runs), evaluated with `run_synthetic` (what `perc
 An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interrupted table resumes, and the shipped
 checkpoint's own run can stand as the `full` arm). The arms share every stage before the main stage, where the
 ablations first act: the first arm trained saves them in `OUTPUT/shared-stages` and the others start their main
-stage from there; every arm computes the same weights whichever arm saved them. The first arm takes about as long as the
-recipe (80 to 100 minutes on two CPU cores), each other about 40 minutes less (45 to 60). Arms compute with the recipe's two threads, as the
-shipped checkpoint's run did, so they run one after another; separate `--arms` runs into one output folder merge
-when rerun with all of them.
+stage from there; every arm computes the same weights whichever arm saved them. The first arm takes about as long
+as the recipe (80 to 100 minutes on two CPU cores), each other about 40 minutes less (43 to 60). Arms compute with
+the recipe's two threads, as the shipped checkpoint's run did, so they run one after another; separate `--arms` runs
+into one output folder merge when rerun with all of them.
 
     python bench/ablation_table.py --output-dir runs/ablations
     python bench/ablation_table.py --output-dir runs/ablations --arms full no-depth-tokens

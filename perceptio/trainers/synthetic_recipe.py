@@ -622,19 +622,14 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str, sh
     )
     model.save_pretrained(output_dir / "model")
     processor.save_pretrained(output_dir / "model")
-    reports = stages.reports
     summary = {
         "recipe": asdict(recipe),
         "ablation": ablation,
         "shared_stages": {"folder": str(shared), "loaded": loaded} if shared is not None else None,
         "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
         "timings": timings,
-        "depth_tokenizer_evaluation": reports["depth_tokenizer_evaluation"],
-        "vision_pretraining": reports["vision_pretraining"],
-        "projector_probes": reports["projector_probes"],
-        "grounding_pretraining": reports["grounding_pretraining"],
+        **stages.reports,
         "seg_attribute_accuracy": asdict(seg_attributes) if seg_attributes is not None else None,
-        "reading_log": reports["reading_log"],
         "training_log": log,
         "mask_decoder_log": mask_decoder_log,
     }
