@@ -229,9 +229,8 @@ def test_mask_decoder_stage_trains_only_the_seg_projection_and_mask_decoder(tmp_
     model.grounding_encoder.vision_encoder.requires_grad_(False)
     trainable_before = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     before = copy.deepcopy(model.state_dict())
-    log = train_recipe_mask_decoder_stage(recipe, model, processor, train_split, tmp_path / "stage")
+    log = train_recipe_mask_decoder_stage(recipe, model, processor, train_split)
     assert [entry["step"] for entry in log] == [1, 2] and all(entry["loss_mask"] > 0 for entry in log)
-    assert all(key.startswith("loss_lm/referring") or not key.startswith("loss_lm/") for entry in log for key in entry)
     changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
     assert changed and all(
         name.startswith(("text_hidden_fcs.", "grounding_encoder.mask_decoder.")) for name in changed
@@ -245,7 +244,7 @@ def test_mask_decoder_stage_trains_nothing_without_masks(tmp_path, caplog):
     recipe, train_split, processor, model = _stage_inputs(tmp_path)
     before = copy.deepcopy(model.state_dict())
     with caplog.at_level(logging.WARNING, logger="perceptio.trainers.synthetic_recipe"):
-        log = train_recipe_mask_decoder_stage(recipe, model, processor, ablate(train_split, "no-seg"), tmp_path / "s")
+        log = train_recipe_mask_decoder_stage(recipe, model, processor, ablate(train_split, "no-seg"))
     assert log == [] and "trains nothing" in caplog.text
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
 

@@ -19,8 +19,8 @@ on attribute prompts, see `grounding_pretraining`) stays frozen throughout when 
 the mask can only follow the sentence through the `[SEG]` states the language model writes.
 
 A last stage (`mask_decoder_steps`) trains only `text_hidden_fcs` and SAM2's mask decoder on the referring rows, every
-other weight frozen: the decoder learns to read the `[SEG]` prompts the language model now writes, while the text
-answers and depth blocks stay exactly as the main stage left them.
+other weight frozen: the decoder learns to read the `[SEG]` prompts the language model now writes (computed once per
+row, `mask_decoder_stage`), while the text answers and depth blocks stay exactly as the main stage left them.
 
 Ablations train with the same data, steps and seed:
 
@@ -75,6 +75,7 @@ from .grounding_pretraining import (
     pretrain_grounding_encoder,
     render_instance_scenes,
 )
+from .mask_decoder_stage import MaskDecoderStageSettings, collect_seg_states, train_mask_decoder_on_seg_states
 from .projector_from_probes import ProjectorProbeResult, fit_projector_from_probes, token_cell_size
 from .recipe_compute import recipe_device, subnormals_flushed, torch_threads
 from .recipe_shared_stages import PreMainStages, load_pre_main_stages, save_pre_main_stages
@@ -430,16 +431,16 @@ def train_recipe_mask_decoder_stage(
     model: PerceptioForConditionalGeneration,
     processor: PerceptioProcessor,
     train_split: Dataset,
-    output_dir: Path,
 ) -> list[dict[str, Any]]:
     """The mask-decoder stage: `text_hidden_fcs` and SAM2's mask decoder alone train on the referring rows for
-    `recipe.mask_decoder_steps` at `recipe.mask_decoder_learning_rate`; every other weight stays as the main stage
-    left it, so the text answers and depth blocks do not change.
+    `recipe.mask_decoder_steps` at `recipe.mask_decoder_learning_rate` (warmup, then cosine, as the main stage);
+    every other weight stays as the main stage left it, so the text answers and depth blocks do not change.
 
     The main stage keeps SAM2 frozen (its prompts are still learning what to carry); here the decoder learns to read
     the `[SEG]` prompts the language model now writes. `train_split` is the split the main stage trained on (an
-    ablation's own), so each `[SEG]` state is the one generation produces. Returns the stage's log, empty when no
-    referring row has a mask (the `no-seg` ablation): then nothing trains.
+    ablation's own), so each `[SEG]` state is the one generation produces; being frozen here, they are computed once
+    (`mask_decoder_stage`). Returns the stage's log, empty when no referring row has a mask (the `no-seg` ablation):
+    then nothing trains.
     """
     rows = referring_rows_with_masks(train_split)
     if not len(rows):
@@ -450,10 +451,18 @@ def train_recipe_mask_decoder_stage(
     model.text_hidden_fcs.requires_grad_(True)
     model.grounding_encoder.mask_decoder.requires_grad_(True)
     rows = add_depth_code_column(rows, model.depth_tokenizer)
+    collator = PerceptioDataCollator(processor, depth_tokenizer=model.depth_tokenizer)
+    settings = MaskDecoderStageSettings(
+        steps=recipe.mask_decoder_steps,
+        learning_rate=recipe.mask_decoder_learning_rate,
+        batch_size=recipe.batch_size,
+        warmup_steps=int(recipe.warmup_ratio * recipe.mask_decoder_steps),
+        logging_steps=recipe.logging_steps,
+        seed=recipe.seed,
+    )
     try:
-        return run_recipe_trainer(
-            recipe, model, processor, rows, output_dir, recipe.mask_decoder_steps, recipe.mask_decoder_learning_rate
-        )
+        states = collect_seg_states(model, collator, rows, recipe.batch_size)
+        return train_mask_decoder_on_seg_states(model, states, settings)
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name in trainable)
@@ -606,9 +615,7 @@ def _run_recipe(output_dir: Path, recipe: SyntheticTinyRecipe, ablation: str, sh
     timings["model_s"] = stages.timings["reading_s"] + time.perf_counter() - main_started
     mask_decoder_started = time.perf_counter()
     mask_decoder_log = (
-        train_recipe_mask_decoder_stage(
-            recipe, model, processor, ablate(dataset["train"], ablation), output_dir / "mask-decoder"
-        )
+        train_recipe_mask_decoder_stage(recipe, model, processor, ablate(dataset["train"], ablation))
         if recipe.mask_decoder_steps
         else []
     )

@@ -558,6 +558,13 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             losses["loss_seg_prompt"] = self.seg_prompt_loss(seg_hidden, seg_prompt_targets)
         if gt_masks is None:
             return masks, losses
+        return masks, {**losses, **self.predicted_mask_losses(masks, gt_masks)}
+
+    def predicted_mask_losses(
+        self, masks: PerceptioMaskOutput, gt_masks: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`loss_mask` and `loss_mask_iou` of a batch's predicted masks (`predict_masks`) against each sample's
+        ground-truth masks (num_seg, H, W), one per `[SEG]` in order."""
         candidates = torch.cat(masks.candidate_logits)
         low_res = tuple(candidates.shape[-2:])
         # Samples' masks may come at different image sizes: bring each to the logits' size before stacking.
@@ -568,7 +575,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
                 if len(sample_masks)
             ]
         )
-        return masks, {**losses, **self.mask_losses(candidates, torch.cat(masks.candidate_scores), targets)}
+        return self.mask_losses(candidates, torch.cat(masks.candidate_scores), targets)
 
     def seg_attribute_loss(self, seg_hidden: list[torch.Tensor], seg_attributes: list[torch.Tensor]) -> torch.Tensor:
         """`loss_seg_attribute`: the attribute heads on the `[SEG]` states (per sample (num_seg, hidden)) against
