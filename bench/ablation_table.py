@@ -15,7 +15,7 @@ An arm whose `OUTPUT/ARM/model` exists is evaluated, not retrained (so an interr
 checkpoint's own run can stand as the `full` arm). The arms share every stage before the main stage, where the
 ablations first act: the first arm trained saves them in `OUTPUT/shared-stages` and the others start their main
 stage from there; every arm computes the same weights whichever arm saved them. The first arm takes about as long
-as the recipe (80 to 100 minutes on two CPU cores), each other about 40 minutes less (43 to 60). Arms compute with
+as the recipe (65 to 90 minutes on two CPU cores), each other about 40 minutes less (35 to 50). Arms compute with
 the recipe's two threads, as the shipped checkpoint's run did, so they run one after another; separate `--arms` runs
 into one output folder merge when rerun with all of them.
 

@@ -6,7 +6,7 @@ tower, projector, SAM2 and reading stage, to the last bit. A shared-stages folde
 the first run that computes them: the model, which of its weights are frozen, the grounding stage's attribute prompts
 (the targets of `loss_seg_prompt`), the stages' reports and timings, and the recipe and reading-stage ablation they
 were trained with. A later run with the same recipe and reading-stage ablation starts its main stage from there,
-about 40 minutes sooner on two CPU cores (of the recipe's 80 to 100). The run that saves the folder goes on from the
+about 40 minutes sooner on two CPU cores (of the recipe's 65 to 90). The run that saves the folder goes on from the
 saved copy too, so every run that shares it computes the same weights, whichever run saved it. A run without the
 folder goes on from the model in memory instead, and SAM2's kernels round by where their tensors lie in memory, so
 its weights can part from those of the folder's runs in the last bits (in a few-step test, from the mask-decoder
