@@ -76,6 +76,8 @@ def collect_seg_states(
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), desc="[SEG] states"):
             batch = collator([rows[index] for index in range(start, min(start + batch_size, len(rows)))])
+            if "pixel_values" not in batch:
+                raise ValueError(f"Rows {start} to {start + batch_size - 1} have no image; a [SEG] segments an image.")
             hidden = model.model(
                 input_ids=batch["input_ids"].to(device),
                 pixel_values=batch["pixel_values"].to(device),
