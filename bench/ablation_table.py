@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -91,10 +90,13 @@ def relative_depth_questions(output_dir: Path, per_point_count: int, image_size:
 
 
 def share_rendered_dataset(output_dir: Path, arm_dir: Path) -> None:
-    """Start an arm with another arm's dataset cache when there is one: every arm renders the same scenes."""
+    """Start an arm with a link to another arm's dataset cache when there is one: every arm renders the same scenes,
+    and one recipe's cache holds gigabytes (each pass over the training rows writes a copy with their images), so the
+    arms read and add to one cache instead of copying it."""
     caches = sorted(output_dir.glob("*/dataset_cache"))
     if caches and not (arm_dir / "dataset_cache").exists():
-        shutil.copytree(caches[0], arm_dir / "dataset_cache")
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        (arm_dir / "dataset_cache").symlink_to(caches[0].resolve(), target_is_directory=True)
 
 
 def shared_stages_folder(output_dir: Path, recipe: SyntheticTinyRecipe, arm: str) -> Path:

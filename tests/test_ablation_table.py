@@ -25,3 +25,17 @@ def test_arms_share_one_folder_unless_their_ablation_changes_the_reading_rows(be
     assert folders["no-seg"] == output / "shared-stages-no-seg"
     assert folders["no-seg-attribute-loss"] == output / "shared-stages-no-seg-attribute-loss"
     assert {folders[arm] for arm in ("full", "no-depth-tokens", "depth-lm-only")} == {output / "shared-stages"}
+
+
+def test_arms_after_the_first_link_to_its_dataset_cache_instead_of_copying_it(bench, tmp_path):
+    first = tmp_path / "full" / "dataset_cache"
+    first.mkdir(parents=True)
+    (first / "scenes.arrow").write_text("rendered")
+    bench.share_rendered_dataset(tmp_path, tmp_path / "no-seg")
+    bench.share_rendered_dataset(tmp_path, tmp_path / "depth-lm-only")
+    for arm in ("no-seg", "depth-lm-only"):
+        cache = tmp_path / arm / "dataset_cache"
+        assert cache.is_symlink() and cache.resolve() == first.resolve()
+    assert (tmp_path / "depth-lm-only" / "dataset_cache" / "scenes.arrow").read_text() == "rendered"
+    bench.share_rendered_dataset(tmp_path, tmp_path / "full")
+    assert not first.is_symlink(), "an arm's own cache stays as it is"
