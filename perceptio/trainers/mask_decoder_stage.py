@@ -78,12 +78,13 @@ def collect_seg_states(
             batch = collator([rows[index] for index in range(start, min(start + batch_size, len(rows)))])
             if "pixel_values" not in batch:
                 raise ValueError(f"Rows {start} to {start + batch_size - 1} have no image; a [SEG] segments an image.")
+            input_ids = batch["input_ids"].to(device)
             hidden = model.model(
-                input_ids=batch["input_ids"].to(device),
+                input_ids=input_ids,
                 pixel_values=batch["pixel_values"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
             ).last_hidden_state
-            seg_positions = batch["input_ids"].to(device) == seg_token_id
+            seg_positions = input_ids == seg_token_id
             for row in range(hidden.shape[0]):
                 states = hidden[row][seg_positions[row]]
                 if states.shape[0] == 0:
