@@ -19,7 +19,8 @@ share vectors, as a pretrained model's aligned image tokens and words roughly do
     python bench/count_binding.py --output-dir runs/count-binding --kind objects --questions 64 --steps 400
     python bench/count_binding.py --output-dir runs/count-binding --kind attribute --questions 2000 --steps 1500
 
-The figures go to `OUTPUT/KIND-QUESTIONS[-class-words].json`.
+The figures go to `OUTPUT/KIND-QUESTIONS[-class-words][-headsN][-lrX][-seedN].json` (the settings that differ from
+their defaults).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
 
 
 KINDS = ("objects", "attribute", "all")
+DEFAULT_LEARNING_RATE = 1e-3
 # The share of rendered count questions of each kind (about one in five asks for all objects), with a margin, so
 # one rendering holds enough of the kind asked for.
 RENDERED_PER_QUESTION = {"objects": 5.5, "attribute": 1.35, "all": 1.05}
@@ -181,7 +183,9 @@ def answer_scores(model, collator, rows: Dataset, other_image: bool) -> AnswerSc
 
 def fit(arguments: argparse.Namespace) -> list[Evaluation]:
     """Train the oracle arm's language model on the held-in questions; the evaluations along the way."""
-    recipe = SyntheticTinyRecipe(seed=arguments.seed, **ORACLE_SETTINGS)
+    recipe = SyntheticTinyRecipe(
+        seed=arguments.seed, text_num_attention_heads=arguments.text_num_attention_heads, **ORACLE_SETTINGS
+    )
     with subnormals_flushed(), torch_threads(recipe.num_threads):
         rows = count_questions(arguments.output_dir, recipe, arguments.kind, arguments.questions + arguments.held_out)
         held_in = rows.select(range(arguments.questions))
@@ -260,12 +264,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=positive, default=300, help="held-out questions scored")
     parser.add_argument("--steps", type=positive, default=400)
     parser.add_argument("--batch-size", type=positive, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's, constant")
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="AdamW's, constant")
     parser.add_argument("--eval-every", type=positive, help="steps between evaluations (default: an eighth of them)")
     parser.add_argument(
         "--class-words",
         action="store_true",
         help="the oracle's attribute embeddings are the language model's embeddings of the attribute names",
+    )
+    parser.add_argument(
+        "--text-num-attention-heads",
+        type=positive,
+        help="the language model's attention heads (default: the recipe's); must divide its width",
     )
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
@@ -280,6 +289,21 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return arguments
 
 
+def figures_name(arguments: argparse.Namespace) -> str:
+    """The figures' file name: the kind and question count, then each setting that differs from its default, so
+    fits with other settings do not overwrite each other."""
+    parts = [arguments.kind, str(arguments.questions)]
+    if arguments.class_words:
+        parts.append("class-words")
+    if arguments.text_num_attention_heads is not None:
+        parts.append(f"heads{arguments.text_num_attention_heads}")
+    if arguments.learning_rate != DEFAULT_LEARNING_RATE:
+        parts.append(f"lr{arguments.learning_rate:g}")
+    if arguments.seed != 0:
+        parts.append(f"seed{arguments.seed}")
+    return "-".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     try:
@@ -287,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"count_binding.py: {error}", file=sys.stderr)
         return 1
-    name = f"{arguments.kind}-{arguments.questions}{'-class-words' if arguments.class_words else ''}.json"
+    name = f"{figures_name(arguments)}.json"
     arguments.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(arguments).items()}
     figures = {"settings": settings, "evaluations": [asdict(evaluation) for evaluation in evaluations]}

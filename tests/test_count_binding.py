@@ -62,11 +62,32 @@ def test_class_words_make_the_objects_tokens_the_language_models_word_embeddings
 
 
 @pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ([], "attribute-64"),
+        (["--class-words", "--kind", "objects"], "objects-64-class-words"),
+        (
+            ["--text-num-attention-heads", "8", "--learning-rate", "3e-4", "--seed", "2"],
+            "attribute-64-heads8-lr0.0003-seed2",
+        ),
+    ],
+)
+def test_fits_with_other_settings_save_their_figures_under_other_names(bench, options, name):
+    assert bench.figures_name(bench.parse_arguments(["--output-dir", "out", *options])) == name
+
+
+def test_the_heads_asked_for_reach_the_recipes_language_model(bench, tmp_path, capsys):
+    assert bench.main(["--output-dir", str(tmp_path), "--text-num-attention-heads", "7"]) == 1
+    assert "text_num_attention_heads must be None or a positive integer dividing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("option", "message"),
     [
         (["--steps", "0"], "must be a positive integer"),
         (["--learning-rate", "0"], "--learning-rate must be > 0"),
         (["--held-out", "1"], "--held-out must be at least 2"),
+        (["--text-num-attention-heads", "0"], "must be a positive integer"),
     ],
 )
 def test_bad_settings_are_refused_with_what_was_wrong(bench, option, message, capsys):
