@@ -45,8 +45,10 @@ Overrides are `FIELD=VALUE` with a JSON value (`true`, `4`, `[32,64]`, `null`), 
 
 `--tower-from ARM_DIR` skips the vision pretraining of the arms trained in the call: each takes the vision tower of
 an earlier arm's saved model instead (an arm whose tower was pretrained and frozen, so its saved tower is the
-pretrained one, with the same tower settings), and that arm's probe accuracies. The tower then stays frozen, or
-trains on at `vision_tower_learning_rate` with `freeze_vision_tower=false`. Two curricula on one four-layer tower
+pretrained one, with the same tower settings), and that arm's probe accuracies. A `perceptio train --recipe
+synthetic-tiny` run's folder serves as well (its tower is pretrained and frozen by default; its probes are in
+`recipe_summary.json`). The tower then stays frozen, or trains on at `vision_tower_learning_rate` with
+`freeze_vision_tower=false`. Two curricula on one four-layer tower
 then take 15 minutes each instead of 42:
 
     python bench/reading_stage_vision.py --output-dir runs/colour300 --arms variant \
@@ -119,6 +121,9 @@ DEFAULT_OVERRIDES = {
 PROJECTOR_PROBES_FILE = "projector_probes.json"
 # Where an arm trained with --tower-from records the folder its tower came from.
 TOWER_SOURCE_FILE = "tower_from.txt"
+# An arm's held-out tower probe accuracies; a recipe run keeps them in its summary instead.
+ARM_PROBES_FILE = "vision_probes.json"
+RECIPE_SUMMARY_FILE = "recipe_summary.json"
 # Where an arm trained with --oracle-tokens keeps its oracle token embeddings (the saved model has no place for them).
 ORACLE_TOKENS_FILE = "oracle_tokens.pt"
 # Disjoint from the recipe's own splits, which are drawn from the recipe seed.
@@ -149,8 +154,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tower-from",
         type=Path,
-        help="an earlier arm's folder whose saved (pretrained, frozen) vision tower the arms trained now start from, "
-        "instead of pretraining their own",
+        help="an earlier arm's folder, or a `perceptio train --recipe synthetic-tiny` run's, whose saved (pretrained, "
+        "frozen) vision tower the arms trained now start from, instead of pretraining their own",
     )
     parser.add_argument(
         "--oracle-tokens",
@@ -176,10 +181,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     if arguments.oracle_tokens and arguments.tower_from is not None:
         parser.error("--oracle-tokens replaces the vision tower; it cannot take one with --tower-from.")
     if arguments.tower_from is not None and not (
-        (arguments.tower_from / "model").is_dir() and (arguments.tower_from / "vision_probes.json").is_file()
+        (arguments.tower_from / "model").is_dir()
+        and any((arguments.tower_from / name).is_file() for name in (ARM_PROBES_FILE, RECIPE_SUMMARY_FILE))
     ):
         parser.error(
-            f"--tower-from {arguments.tower_from} must be an arm folder holding model/ and vision_probes.json."
+            f"--tower-from {arguments.tower_from} must be an arm folder holding model/ and {ARM_PROBES_FILE}, or a "
+            f"recipe run's folder holding model/ and {RECIPE_SUMMARY_FILE}."
         )
     try:
         arguments.recipes = {
@@ -234,7 +241,20 @@ def load_pretrained_tower(model, recipe: SyntheticTinyRecipe, source: Path) -> d
             f"vision_hidden_size, vision_stem_channels): {error}"
         ) from error
     model.model.vision_tower.requires_grad_(not recipe.freeze_vision_tower)
-    return json.loads((source / "vision_probes.json").read_text(encoding="utf-8"))
+    return tower_probes(source)
+
+
+def tower_probes(source: Path) -> dict[str, float]:
+    """The held-out probe accuracies of the tower saved in `source`: an arm's `vision_probes.json`, or the final
+    probes of a recipe run's vision pretraining in its `recipe_summary.json`."""
+    if (source / ARM_PROBES_FILE).is_file():
+        return json.loads((source / ARM_PROBES_FILE).read_text(encoding="utf-8"))
+    summary = json.loads((source / RECIPE_SUMMARY_FILE).read_text(encoding="utf-8"))
+    if not (summary.get("vision_pretraining") or {}).get("final"):
+        raise ValueError(
+            f"{source / RECIPE_SUMMARY_FILE} records no vision pretraining: its run has no pretrained tower."
+        )
+    return summary["vision_pretraining"]["final"]
 
 
 class OracleImageTokens(nn.Module):
@@ -370,7 +390,7 @@ def train_arm(
         if not (arm_dir / "dataset_cache").exists():
             (arm_dir / "dataset_cache").symlink_to((output_dir / "dataset_cache").resolve(), target_is_directory=True)
         train_recipe_reading_stage(recipe, model, processor, train_split, arm_dir)
-        (arm_dir / "vision_probes.json").write_text(json.dumps(probes, indent=2), encoding="utf-8")
+        (arm_dir / ARM_PROBES_FILE).write_text(json.dumps(probes, indent=2), encoding="utf-8")
         if tower_from is not None:
             (arm_dir / TOWER_SOURCE_FILE).write_text(str(tower_from), encoding="utf-8")
         if oracle is not None:
@@ -392,7 +412,7 @@ def score_arm(arm_dir: Path, questions: Path, batch_size: int, recipe: Synthetic
         attach_oracle_tokens(model, oracle, oracle_label_table(processor, recipe, [(rows, None)]))
     settings = RunSettings(output_dir=arm_dir / "eval", batch_size=batch_size, max_new_tokens=16)
     summary = run_synthetic(model, processor, str(questions), settings, split="test")
-    probes = json.loads((arm_dir / "vision_probes.json").read_text(encoding="utf-8"))
+    probes = json.loads((arm_dir / ARM_PROBES_FILE).read_text(encoding="utf-8"))
     projector_file = arm_dir / PROJECTOR_PROBES_FILE
     projector = json.loads(projector_file.read_text(encoding="utf-8")) if projector_file.is_file() else None
     return {"swapped_image": summary["swapped_image"], "vision_probes": probes, "projector_probes": projector}

@@ -4,6 +4,7 @@ swapped-image control."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,26 @@ def test_an_arm_takes_its_tower_from_an_earlier_arm_instead_of_pretraining(bench
     assert results["projector_probes"] is None
 
 
+def test_an_arm_takes_its_tower_from_a_recipe_runs_folder_with_the_probes_of_its_summary(bench, tmp_path, capsys):
+    pretrained = [*TINY, "vision_pretraining_scenes=6", "vision_pretraining_steps=2", "freeze_vision_tower=true"]
+    first = ["--output-dir", str(tmp_path / "first"), "--questions", "4", "--arms", "base", "--base", *pretrained]
+    assert bench.main(first) == 0
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "first" / "base" / "model", run / "model")
+    probes = json.loads((tmp_path / "first" / "base" / "vision_probes.json").read_text())
+    summary = {"vision_pretraining": {"log": [], "initial": {}, "final": probes, "training": {}}}
+    (run / "recipe_summary.json").write_text(json.dumps(summary))
+    second = ["--output-dir", str(tmp_path / "second"), "--questions", "4", "--arms", "variant"]
+    assert bench.main([*second, "--tower-from", str(run), "--variant", *pretrained, "reading_curriculum=[[1,2]]"]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "second" / "variant" / "reading_results.json").read_text())
+    assert results["tower_from"] == str(run) and results["vision_probes"] == probes
+    (run / "recipe_summary.json").write_text(json.dumps({"vision_pretraining": None}))
+    third = ["--output-dir", str(tmp_path / "third"), "--questions", "4", "--arms", "variant"]
+    with pytest.raises(ValueError, match="records no vision pretraining"):
+        bench.main([*third, "--tower-from", str(run), "--variant", *pretrained, "reading_curriculum=[[1,2]]"])
+
+
 def test_an_arm_starts_its_projector_from_probes_of_its_tower(bench, tmp_path, capsys):
     arm = [*TINY, "vision_pretraining_scenes=6", "vision_pretraining_steps=2", "freeze_vision_tower=true"]
     arm += ["projector_from_probes=true", "projector_probe_scenes=6", "projector_probe_steps=3"]
@@ -124,7 +145,7 @@ def test_an_arm_starts_its_projector_from_probes_of_its_tower(bench, tmp_path, c
 def test_a_tower_source_that_is_no_arm_or_does_not_fit_is_refused(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_arguments(["--output-dir", str(tmp_path), "--tower-from", str(tmp_path / "nothing")])
-    assert "must be an arm folder holding model/ and vision_probes.json" in capsys.readouterr().err
+    assert "must be an arm folder holding model/ and vision_probes.json, or a recipe run's" in capsys.readouterr().err
     pretrained = [*TINY, "vision_pretraining_steps=2", "vision_pretraining_scenes=6", "freeze_vision_tower=true"]
     assert (
         bench.main(["--output-dir", str(tmp_path), "--questions", "4", "--arms", "base", "--base", *pretrained]) == 0
