@@ -75,9 +75,10 @@ def collect_seg_states(
     device = model.device
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), desc="[SEG] states"):
-            batch = collator([rows[index] for index in range(start, min(start + batch_size, len(rows)))])
+            indices = range(start, min(start + batch_size, len(rows)))
+            batch = collator([rows[index] for index in indices])
             if "pixel_values" not in batch:
-                raise ValueError(f"Rows {start} to {start + batch_size - 1} have no image; a [SEG] segments an image.")
+                raise ValueError(f"Rows {start} to {indices[-1]} have no image; a [SEG] segments an image.")
             input_ids = batch["input_ids"].to(device)
             hidden = model.model(
                 input_ids=input_ids,
