@@ -137,3 +137,10 @@ def test_an_empty_stage_is_refused(stage):
     )
     with pytest.raises(ValueError, match="no rows"):
         train_mask_decoder_on_seg_states(model, SegStateRows([], [], []), settings)
+
+
+def test_rows_without_an_image_are_refused_naming_them(stage):
+    model, collator, rows = stage
+    imageless = rows.select(range(3)).map(lambda row: {"image": None})
+    with pytest.raises(ValueError, match="Rows 0 to 2 have no image"):
+        collect_seg_states(model, collator, imageless, batch_size=4)
