@@ -162,6 +162,19 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--no-freeze-vision-tower", "--vision-tower-learning-rate", "1e-4"]) == 0
     assert received["recipe"].vision_tower_learning_rate == 1e-4
     assert main([*arguments, "--no-freeze-vision-tower", "--vision-tower-learning-rate", "0"]) == 2
+    assert received["recipe"].reading_learning_rate is None, "the reading stage at the main stage's rate by default"
+    assert main([*arguments, "--reading-learning-rate", "3e-4"]) == 0
+    assert received["recipe"].reading_rate == 3e-4
+    assert main([*arguments, "--reading-learning-rate", "0"]) == 2
+    curriculum = '[[1,200],[3,700,["vqa_count"]]]'
+    assert main([*arguments, "--set", f"reading_curriculum={curriculum}", "--set", "reading_steps=0"]) == 0
+    assert received["recipe"].reading_curriculum == ((1, 200), (3, 700, ("vqa_count",)))
+    assert received["recipe"].reading_steps == 0
+    assert main([*arguments, "--set", "reading_phases=[[1,2]]"]) == 2, "an unknown setting"
+    assert main([*arguments, "--set", "reading_steps=many"]) == 2, "a value that is not JSON"
+    assert main([*arguments, "--set", "reading_curriculum=[[0,5]]"]) == 2, "a value the recipe refuses"
+    assert main([*arguments, "--set", "seed=4"]) == 2, "--seed already sets it"
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--set", "reading_steps=3"]) == 2
     assert received["recipe"].question_before_image, "the question first by default, as the embedded checkpoint"
     assert main([*arguments, "--no-question-before-image"]) == 0
     assert not received["recipe"].question_before_image

@@ -214,6 +214,26 @@ def test_a_trainable_vision_tower_steps_at_its_own_rate_in_the_language_stages(t
     assert largest_step("model.language_model.") > 1e-4
 
 
+def test_the_reading_stage_steps_at_its_own_rate(tmp_path):
+    recipe, train, processor, model = _stage_inputs(tmp_path, reading_learning_rate=1e-8)
+    language_model = "model.language_model."
+    before = {name: value.clone() for name, value in model.state_dict().items() if name.startswith(language_model)}
+    log = train_recipe_reading_stage(recipe, model, processor, train, tmp_path, "full")
+    largest_step = max((model.state_dict()[name] - value).abs().max().item() for name, value in before.items())
+    # Adam moves a weight by about its rate per step: five reading steps at 1e-8 against the main stage's 1e-3.
+    assert 0 < largest_step < 1e-7
+    assert max(entry["learning_rate"] for entry in log) <= 1e-8
+    assert recipe.reading_rate == 1e-8 and SyntheticTinyRecipe(learning_rate=5e-4).reading_rate == 5e-4
+    main_log = train_recipe_model(recipe, model, processor, train, tmp_path / "trainer")
+    assert max(entry["learning_rate"] for entry in main_log) > 1e-4, "the main stage keeps learning_rate"
+
+
+@pytest.mark.parametrize("rate", [0, -1e-3, True, "3e-4"])
+def test_the_reading_rate_is_validated(rate):
+    with pytest.raises(ValueError, match="reading_learning_rate must be a positive number or None"):
+        SyntheticTinyRecipe(reading_learning_rate=rate)
+
+
 def _stage_inputs(tmp_path, **settings):
     recipe = SyntheticTinyRecipe(**{**SMOKE, **settings})
     dataset = build_synthetic_dataset(
@@ -505,6 +525,13 @@ def test_reading_curriculum_phases_render_scenes_of_their_object_count(tmp_path)
     assert len(rows) == recipe.reading_curriculum_scenes and set(rows["task"]) <= set(recipe.reading_tasks)
     assert not any(rows["use_depth_block"]) and not any("depth" in prompt for prompt in rows["prompt"])
     assert all(len(render_scene(seed, recipe.image_size, num_objects=2).objects) == 2 for seed in rows["scene_seed"])
+
+
+def test_a_phase_naming_tasks_renders_all_its_questions_for_them(tmp_path):
+    recipe = SyntheticTinyRecipe(**SMOKE)
+    rows = reading_curriculum_split(recipe, 3, tmp_path, ("vqa_count",))
+    assert len(rows) == recipe.reading_curriculum_scenes and set(rows["task"]) == {"vqa_count"}
+    assert all(len(render_scene(seed, recipe.image_size, num_objects=3).objects) == 3 for seed in rows["scene_seed"])
 
 
 def test_the_curriculum_asks_about_absent_attributes_as_often_as_the_recipe_says(tmp_path):

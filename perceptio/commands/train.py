@@ -196,6 +196,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "not frozen (default: the stages' own rate)",
     )
     parser.add_argument(
+        "--reading-learning-rate",
+        type=float,
+        help="with --recipe: peak learning rate of the reading stage's phases (default: the main stage's)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="recipe_settings",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="with --recipe: any other recipe setting, its value as JSON (repeatable), e.g. "
+        "reading_curriculum='[[1,200],[2,400],[3,700,[\"vqa_count\"]]]'",
+    )
+    parser.add_argument(
         "--projector-from-probes",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -254,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
         return run_recipe(args)
     if args.shared_stages_dir is not None:
         raise ValueError("--shared-stages-dir applies to --recipe runs, not to --config ones.")
+    if args.recipe_settings:
+        raise ValueError("--set applies to --recipe runs; a --config run takes its settings from the YAML file.")
     from perceptio.trainers.training_config import load_training_config
     from perceptio.trainers.training_run import train_perceptio
 
@@ -266,7 +282,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from perceptio.trainers.synthetic_recipe import run_synthetic_tiny_recipe
-    from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe
+    from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe, parse_recipe_override
 
     if args.output_dir is None:
         raise ValueError("--recipe needs --output-dir (where the recipe writes its data, model and summary).")
@@ -294,12 +310,18 @@ def run_recipe(args: argparse.Namespace) -> int:
         "mask_decoder_steps": args.mask_decoder_steps,
         "freeze_vision_tower": args.freeze_vision_tower,
         "vision_tower_learning_rate": args.vision_tower_learning_rate,
+        "reading_learning_rate": args.reading_learning_rate,
         "question_before_image": args.question_before_image,
         "projector_from_probes": args.projector_from_probes,
         "projector_position_probes": args.projector_position_probes,
         "num_threads": args.num_threads,
     }
-    recipe = SyntheticTinyRecipe(**{name: value for name, value in overrides.items() if value is not None})
+    settings = dict(parse_recipe_override(text) for text in args.recipe_settings)
+    given_twice = sorted(name for name, value in overrides.items() if value is not None and name in settings)
+    if given_twice:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in given_twice)
+        raise ValueError(f"--set {', '.join(given_twice)}: {options} already sets it; give each setting once.")
+    recipe = SyntheticTinyRecipe(**{name: value for name, value in overrides.items() if value is not None}, **settings)
     if args.vision_stem_channels is not None:
         recipe = replace(recipe, vision_stem_channels=args.vision_stem_channels or None)
     summary = run_synthetic_tiny_recipe(

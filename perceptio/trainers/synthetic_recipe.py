@@ -307,17 +307,19 @@ def reading_split(recipe: SyntheticTinyRecipe, train_split: Dataset) -> Dataset:
     return rows.map(without_depth_block, desc="No depth blocks")
 
 
-def reading_curriculum_split(recipe: SyntheticTinyRecipe, num_objects: int, cache_dir: Path) -> Dataset:
-    """A curriculum phase's data: `recipe.reading_curriculum_scenes` questions of the reading tasks (equal shares)
-    on scenes of exactly `num_objects` objects, without depth blocks; `recipe.reading_count_random_query_share` of
-    the count questions name attributes drawn at random."""
+def reading_curriculum_split(
+    recipe: SyntheticTinyRecipe, num_objects: int, cache_dir: Path, tasks: tuple[str, ...] | None = None
+) -> Dataset:
+    """A curriculum phase's data: `recipe.reading_curriculum_scenes` questions of `tasks` (default: the reading
+    tasks; equal shares) on scenes of exactly `num_objects` objects, without depth blocks;
+    `recipe.reading_count_random_query_share` of the count questions name attributes drawn at random."""
     dataset = build_synthetic_dataset(
         recipe.reading_curriculum_scenes,
         0,
         0,
         image_size=recipe.image_size,
         seed=recipe.seed,
-        tasks=dict.fromkeys(recipe.reading_tasks, 1.0),
+        tasks=dict.fromkeys(tasks or recipe.reading_tasks, 1.0),
         num_proc=recipe.num_render_processes,
         cache_dir=str(cache_dir),
         num_objects=num_objects,
@@ -334,8 +336,8 @@ def train_recipe_reading_stage(
     output_dir: Path,
     ablation: str = "full",
 ) -> list[dict[str, Any]]:
-    """The reading stage: each `reading_curriculum` phase (on its tasks' rows alone when it names tasks), then
-    `reading_steps` on the full scenes' reading rows.
+    """The reading stage: each `reading_curriculum` phase (on questions of its own tasks alone when it names tasks),
+    then `reading_steps` on the full scenes' reading rows, all at `recipe.reading_rate`.
 
     Each phase has its own warmup and cosine schedule. Log entries carry `objects_per_scene` (0: the full scenes).
     """
@@ -343,15 +345,17 @@ def train_recipe_reading_stage(
     for num_objects, steps, *only in (*recipe.reading_curriculum, (0, recipe.reading_steps)):
         if not steps:
             continue
+        tasks = only[0] if only else None
         if num_objects:
-            rows = reading_curriculum_split(recipe, num_objects, output_dir / "dataset_cache")
+            rows = reading_curriculum_split(recipe, num_objects, output_dir / "dataset_cache", tasks)
         else:
             rows = reading_split(recipe, train_split)
         name = f"reading-{num_objects}-objects" if num_objects else "reading"
-        if only:
-            rows = rows.filter(lambda task: task in only[0], input_columns="task", desc="The phase's tasks")
-            name = f"{name}-{'-'.join(only[0])}"
-        phase_log = train_recipe_model(recipe, model, processor, rows, output_dir / name, ablation, steps)
+        if tasks:
+            name = f"{name}-{'-'.join(tasks)}"
+        phase_log = train_recipe_model(
+            recipe, model, processor, rows, output_dir / name, ablation, steps, learning_rate=recipe.reading_rate
+        )
         log.extend({**entry, "objects_per_scene": num_objects} for entry in phase_log)
     return log
 
@@ -365,10 +369,12 @@ def train_recipe_model(
     ablation: str = "full",
     max_steps: int | None = None,
     prompt_embedding: AttributePromptEmbedding | None = None,
+    learning_rate: float | None = None,
 ) -> list[dict[str, Any]]:
     """Train every trainable weight of the tiny model (the depth tokenizer, and SAM2 as the recipe freezes it, stay
-    fixed) on `train_split` for `max_steps` (default `recipe.train_steps`); with `prompt_embedding` (the grounding
-    stage's) and `recipe.seg_prompt_loss_weight` > 0, also toward its prompts (`loss_seg_prompt`)."""
+    fixed) on `train_split` for `max_steps` (default `recipe.train_steps`) at `learning_rate` (default
+    `recipe.learning_rate`); with `prompt_embedding` (the grounding stage's) and `recipe.seg_prompt_loss_weight` > 0,
+    also toward its prompts (`loss_seg_prompt`)."""
     if ablation == "depth-lm-only":
         for name in DEPTH_LOSS_WEIGHT_FIELDS:
             setattr(model.config, name, 0.0)
@@ -377,7 +383,8 @@ def train_recipe_model(
     max_steps = recipe.train_steps if max_steps is None else max_steps
     train_split = add_depth_code_column(ablate(train_split, ablation), model.depth_tokenizer)
     train_split = add_seg_targets(recipe, model, train_split, prompt_embedding)
-    return run_recipe_trainer(recipe, model, processor, train_split, output_dir, max_steps, recipe.learning_rate)
+    learning_rate = recipe.learning_rate if learning_rate is None else learning_rate
+    return run_recipe_trainer(recipe, model, processor, train_split, output_dir, max_steps, learning_rate)
 
 
 def vision_tower_rates(recipe: SyntheticTinyRecipe) -> dict[str, float]:
