@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from perceptio import PerceptioDepthTokenizer, PerceptioForConditionalGeneration, PerceptioProcessor
+from perceptio.checkpoint_loading import load_perceptio_checkpoint
 from perceptio.data.scene_rendering import render_scene
 from perceptio.data.seg_attributes import seg_attribute_classes, seg_attribute_names
 from perceptio.data.synthetic_dataset import build_synthetic_dataset
@@ -122,6 +123,11 @@ def test_runs_sharing_the_stages_before_the_main_stage_compute_the_same_weights(
     for report in ("vision_pretraining", "projector_probes", "grounding_pretraining", "reading_log", "training_log"):
         assert summaries[0][report] == summaries[1][report], report
     assert summaries[1]["timings"]["vision_s"] == summaries[0]["timings"]["vision_s"], "the saving run's timings"
+    _, before_main_stage = load_perceptio_checkpoint(str(shared / "model"))
+    assert (
+        before_main_stage.tokenizer.get_vocab()
+        == build_recipe_processor(SyntheticTinyRecipe(**SMOKE)).tokenizer.get_vocab()
+    )
     saved, loaded = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("saving", "loading"))
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[name], loaded[name]) for name in saved), (
         "a run must compute the same weights whether it saved the shared stages or loaded them"

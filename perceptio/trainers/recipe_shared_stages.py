@@ -3,7 +3,8 @@
 No ablation acts before the main stage (the reading stage's rows carry no depth blocks and, unless `reading_tasks`
 holds referring, no `[SEG]`), so the ablation arms of one recipe and seed train the same depth tokenizer, vision
 tower, projector, SAM2 and reading stage, to the last bit. A shared-stages folder keeps what those stages leave after
-the first run that computes them: the model, which of its weights are frozen, the grounding stage's attribute prompts
+the first run that computes them: the model (with the recipe's processor, so it can be evaluated as it stands before
+the main stage), which of its weights are frozen, the grounding stage's attribute prompts
 (the targets of `loss_seg_prompt`), the stages' reports and timings, and the recipe and reading-stage ablation they
 were trained with. A later run with the same recipe and reading-stage ablation starts its main stage from there,
 about 40 minutes sooner on two CPU cores (of the recipe's 65 to 90). The run that saves the folder goes on from the
@@ -23,7 +24,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ..models.perceptio import PerceptioForConditionalGeneration
+from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
 from .grounding_pretraining import AttributePromptEmbedding
 from .synthetic_recipe_settings import SyntheticTinyRecipe
 
@@ -45,15 +46,21 @@ class PreMainStages:
 
 
 def save_pre_main_stages(
-    folder: str | Path, recipe: SyntheticTinyRecipe, reading_ablation: str, stages: PreMainStages
+    folder: str | Path,
+    recipe: SyntheticTinyRecipe,
+    reading_ablation: str,
+    stages: PreMainStages,
+    processor: PerceptioProcessor,
 ) -> None:
     """Write `stages` to `folder` (new or empty), complete or not at all: an interrupted save leaves no folder a later
-    run would take for finished."""
+    run would take for finished. The model is saved with `processor`, so `perceptio eval` can score it as it stands
+    before the main stage."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     stages.model.save_pretrained(partial / MODEL_FOLDER)
+    processor.save_pretrained(partial / MODEL_FOLDER)
     prompt_weights = {
         name: tensor.detach().cpu().contiguous() for name, tensor in stages.prompt_embedding.state_dict().items()
     }

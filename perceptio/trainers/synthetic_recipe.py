@@ -594,7 +594,7 @@ def pre_main_stages(
     stages = train_pre_main_stages(recipe, processor, train_split, output_dir, reading_ablation)
     if shared is None:
         return stages, False
-    save_pre_main_stages(shared, recipe, reading_ablation, stages)
+    save_pre_main_stages(shared, recipe, reading_ablation, stages, processor)
     return load_pre_main_stages(shared, recipe, reading_ablation), False
 
 
