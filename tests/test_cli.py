@@ -174,6 +174,7 @@ def test_recipe_overrides_reach_the_recipe(tmp_path, monkeypatch):
     assert main([*arguments, "--set", "reading_steps=many"]) == 2, "a value that is not JSON"
     assert main([*arguments, "--set", "reading_curriculum=[[0,5]]"]) == 2, "a value the recipe refuses"
     assert main([*arguments, "--set", "seed=4"]) == 2, "--seed already sets it"
+    assert main([*arguments, "--vision-stem-channels", "16,32", "--set", "vision_stem_channels=[16,32]"]) == 2
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--set", "reading_steps=3"]) == 2
     assert received["recipe"].question_before_image, "the question first by default, as the embedded checkpoint"
     assert main([*arguments, "--no-question-before-image"]) == 0

@@ -279,8 +279,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_recipe(args: argparse.Namespace) -> int:
     """Run the named recipe end to end and print where its model and summary are."""
-    from dataclasses import replace
-
     from perceptio.trainers.synthetic_recipe import run_synthetic_tiny_recipe
     from perceptio.trainers.synthetic_recipe_settings import SyntheticTinyRecipe, parse_recipe_override
 
@@ -316,14 +314,16 @@ def run_recipe(args: argparse.Namespace) -> int:
         "projector_position_probes": args.projector_position_probes,
         "num_threads": args.num_threads,
     }
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if args.vision_stem_channels is not None:
+        # The option's "none" is an empty list; the recipe's is None.
+        given["vision_stem_channels"] = args.vision_stem_channels or None
     settings = dict(parse_recipe_override(text) for text in args.recipe_settings)
-    given_twice = sorted(name for name, value in overrides.items() if value is not None and name in settings)
+    given_twice = sorted(given.keys() & settings.keys())
     if given_twice:
         options = ", ".join(f"--{name.replace('_', '-')}" for name in given_twice)
         raise ValueError(f"--set {', '.join(given_twice)}: {options} already sets it; give each setting once.")
-    recipe = SyntheticTinyRecipe(**{name: value for name, value in overrides.items() if value is not None}, **settings)
-    if args.vision_stem_channels is not None:
-        recipe = replace(recipe, vision_stem_channels=args.vision_stem_channels or None)
+    recipe = SyntheticTinyRecipe(**given, **settings)
     summary = run_synthetic_tiny_recipe(
         args.output_dir, recipe, ablation=args.ablation, shared_stages_dir=args.shared_stages_dir
     )
