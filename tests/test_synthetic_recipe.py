@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -36,13 +37,19 @@ from perceptio.trainers.synthetic_recipe import (
     reading_split,
     reading_stage_ablation,
     referring_rows_with_masks,
+    render_recipe_scenes,
     render_recipe_vision_scenes,
     run_synthetic_tiny_recipe,
+    train_pre_main_stages,
     train_recipe_mask_decoder_stage,
     train_recipe_model,
     train_recipe_reading_stage,
 )
-from perceptio.trainers.synthetic_recipe_settings import DEPTH_LOSS_WEIGHT_FIELDS, SyntheticTinyRecipe
+from perceptio.trainers.synthetic_recipe_settings import (
+    DEPTH_LOSS_WEIGHT_FIELDS,
+    MAIN_STAGE_FIELDS,
+    SyntheticTinyRecipe,
+)
 
 
 SMOKE = dict(
@@ -132,13 +139,40 @@ def test_runs_sharing_the_stages_before_the_main_stage_compute_the_same_weights(
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[name], loaded[name]) for name in saved), (
         "a run must compute the same weights whether it saved the shared stages or loaded them"
     )
-    with pytest.raises(ValueError, match=r"train_steps differ"):
-        load_pre_main_stages(shared, SyntheticTinyRecipe(**{**SMOKE, "train_steps": 3}), "full")
+    with pytest.raises(ValueError, match=r"grounding_steps differ"):
+        load_pre_main_stages(shared, SyntheticTinyRecipe(**{**SMOKE, "grounding_steps": 3}), "full")
+    main_stage_changed = {"train_steps": 3, "mask_decoder_steps": 1, "mask_decoder_learning_rate": 5e-4}
+    assert load_pre_main_stages(shared, SyntheticTinyRecipe(**{**SMOKE, **main_stage_changed}), "full") is not None
+    assert load_pre_main_stages(
+        shared, SyntheticTinyRecipe(**SMOKE, learning_rate=5e-4, reading_learning_rate=1e-3), "full"
+    )
+    with pytest.raises(ValueError, match=r"reading_learning_rate \(learning_rate where it is unset\) differ"):
+        load_pre_main_stages(shared, SyntheticTinyRecipe(**SMOKE, learning_rate=5e-4), "full")
     with pytest.raises(ValueError, match="this run's is 'no-seg'"):
         load_pre_main_stages(shared, SyntheticTinyRecipe(**SMOKE), "no-seg")
     assert load_pre_main_stages(tmp_path / "nothing-saved", SyntheticTinyRecipe(**SMOKE), "full") is None
     with pytest.raises(ValueError, match="holds files but no saved stages"):
         load_pre_main_stages(tmp_path / "saving", SyntheticTinyRecipe(**SMOKE), "full")
+
+
+class ReadRecordingRecipe(SyntheticTinyRecipe):
+    """A recipe that records which of its settings are read."""
+
+    def __getattribute__(self, name):
+        if name in {setting.name for setting in dataclasses.fields(SyntheticTinyRecipe)}:
+            object.__getattribute__(self, "__dict__").setdefault("_read", set()).add(name)
+        return object.__getattribute__(self, name)
+
+
+def test_the_stages_before_the_main_stage_read_none_of_the_settings_runs_sharing_them_may_change(tmp_path):
+    recipe = ReadRecordingRecipe(**SMOKE, reading_learning_rate=1e-3)
+    recipe.__dict__["_read"] = set()  # what validating the settings read
+    dataset = render_recipe_scenes(recipe, tmp_path / "cache")
+    processor = build_recipe_processor(recipe)
+    train_pre_main_stages(recipe, processor, dataset["train"], tmp_path, reading_stage_ablation(recipe, "full"))
+    read = recipe.__dict__["_read"]
+    assert {"reading_learning_rate", "grounding_steps", "reading_steps"} <= read
+    assert not read & set(MAIN_STAGE_FIELDS), "a setting in MAIN_STAGE_FIELDS is read before the main stage"
 
 
 def test_only_a_reading_stage_with_referring_rows_trains_under_an_ablation():

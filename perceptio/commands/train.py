@@ -79,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--shared-stages-dir",
         help="with --recipe: a folder for the stages before the main stage, which no ablation changes: the first run "
-        "saves them there, later runs with the same settings (other ablations) start their main stage from them",
+        "saves them there, later runs with the same settings (other ablations, or other main-stage steps and rates) "
+        "start their main stage from them",
     )
     parser.add_argument("--train-steps", type=int, help="with --recipe: override the recipe's training steps")
     parser.add_argument(

@@ -6,7 +6,8 @@ tower, projector, SAM2 and reading stage, to the last bit. A shared-stages folde
 the first run that computes them: the model (with the recipe's processor, so it can be evaluated as it stands before
 the main stage), which of its weights are frozen, the grounding stage's attribute prompts
 (the targets of `loss_seg_prompt`), the stages' reports and timings, and the recipe and reading-stage ablation they
-were trained with. A later run with the same recipe and reading-stage ablation starts its main stage from there,
+were trained with. A later run with the same reading-stage ablation and the same settings for those stages (its
+main stage's steps and rates may differ, `MAIN_STAGE_FIELDS`) starts its main stage from there,
 about 40 minutes sooner on two CPU cores (of the recipe's 65 to 90). The run that saves the folder goes on from the
 saved copy too, so every run that shares it computes the same weights, whichever run saved it. A run without the
 folder goes on from the model in memory instead, and SAM2's kernels round by where their tensors lie in memory, so
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..models.perceptio import PerceptioForConditionalGeneration, PerceptioProcessor
 from .grounding_pretraining import AttributePromptEmbedding
-from .synthetic_recipe_settings import SyntheticTinyRecipe
+from .synthetic_recipe_settings import MAIN_STAGE_FIELDS, SyntheticTinyRecipe
 
 
 STAGES_FILE = "stages.json"
@@ -102,18 +103,33 @@ def load_pre_main_stages(
     return PreMainStages(model, prompt_embedding, record["reports"], record["timings"])
 
 
+def pre_main_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The recipe settings (as `asdict` gives them, or as a shared-stages folder saved them) that the stages before
+    the main stage read: all but `MAIN_STAGE_FIELDS`, with `reading_learning_rate` resolved to the reading stage's
+    rate, so a run that sets it to the saved run's `learning_rate` can change `learning_rate` and share the stages."""
+    # A JSON round trip turns tuples into lists, so both sides are compared as JSON.
+    settings = json.loads(json.dumps(settings))
+    reading_rate = settings.get("reading_learning_rate")
+    settings["reading_learning_rate"] = settings["learning_rate"] if reading_rate is None else reading_rate
+    return {name: value for name, value in settings.items() if name not in MAIN_STAGE_FIELDS}
+
+
 def check_same_training(
     folder: Path, record: dict[str, Any], recipe: SyntheticTinyRecipe, reading_ablation: str
 ) -> None:
-    """A `ValueError` unless `record` was trained with `recipe` and `reading_ablation`."""
-    # A JSON round trip turns tuples into lists, so compare both sides as JSON.
-    wanted = json.loads(json.dumps(asdict(recipe)))
-    saved = record["recipe"]
+    """A `ValueError` unless `record` was trained with `recipe`'s settings for the stages before the main stage and
+    with `reading_ablation`."""
+    wanted = pre_main_settings(asdict(recipe))
+    saved = pre_main_settings(record["recipe"])
     differing = sorted(name for name in wanted.keys() | saved.keys() if wanted.get(name) != saved.get(name))
     if differing:
+        named = [
+            f"{name} (learning_rate where it is unset)" if name == "reading_learning_rate" else name
+            for name in differing
+        ]
         raise ValueError(
-            f"{folder} holds stages trained with other recipe settings ({', '.join(differing)} differ); "
-            "give each recipe its own shared-stages folder."
+            f"{folder} holds stages trained with other recipe settings ({', '.join(named)} differ; only "
+            f"{', '.join(MAIN_STAGE_FIELDS)} may); give each recipe its own shared-stages folder."
         )
     if record["reading_ablation"] != reading_ablation:
         raise ValueError(

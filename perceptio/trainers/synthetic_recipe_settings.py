@@ -41,6 +41,10 @@ RECIPE_TASK_WEIGHTS = {
 # Channels per attention head of the language model when the recipe does not set its head count.
 DEFAULT_TEXT_HEAD_CHANNELS = 48
 DEPTH_LOSS_WEIGHT_FIELDS = loss_weight_fields("depth")
+# Settings that only the main stage and the stages after it read (the reading stage trains at `reading_rate`): runs
+# that differ in these alone train the same stages before the main stage, so they can share them
+# (`recipe_shared_stages`).
+MAIN_STAGE_FIELDS = ("learning_rate", "train_steps", "mask_decoder_steps", "mask_decoder_learning_rate")
 
 
 def check_optional_rate(value: Any, name: str) -> None:
