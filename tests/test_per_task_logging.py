@@ -1,4 +1,5 @@
-"""PerceptioTrainer's per-task language-model loss logs (`loss_lm/<task>`), on the tiny model and rendered samples.
+"""PerceptioTrainer's per-task language-model loss logs (`loss_lm/<task>`, `loss_answer/<task>`), on the tiny model and
+rendered samples.
 
 Run as `torchrun --nproc_per_node 2 tests/test_per_task_logging.py OUT.json` (or plainly, one process with gradient
 accumulation 2 over the same global batch), this file is also the worker of the two-process check.
@@ -28,7 +29,7 @@ from perceptio.data.synthetic_tasks import TASK_NAMES
 from perceptio.models.perceptio import loss_perceptio, modeling_perceptio
 from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS, next_token_losses, per_sample_lm_loss
 from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
-from perceptio.trainers.trainer_perceptio import TASK_LOSS_PREFIX, PerceptioTrainer
+from perceptio.trainers.trainer_perceptio import TASK_ANSWER_LOSS_PREFIX, TASK_LOSS_PREFIX, PerceptioTrainer
 
 
 IMAGE_SIDE = 64
@@ -46,8 +47,18 @@ def task_samples(tasks: Sequence[str]) -> list[dict]:
     return rows
 
 
-def task_logs(entry: dict) -> dict[str, float]:
-    return {name: value for name, value in entry.items() if name.startswith(TASK_LOSS_PREFIX)}
+def task_logs(entry: dict, prefix: str = TASK_LOSS_PREFIX) -> dict[str, float]:
+    return {name: value for name, value in entry.items() if name.startswith(prefix)}
+
+
+def outside_depth_block(targets: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Whether each target lies outside the span from `<DEPTH_START>` to `<DEPTH_END>` (both included)."""
+    start, end = tokenizer.convert_tokens_to_ids(["<DEPTH_START>", "<DEPTH_END>"])
+    outside = torch.ones_like(targets, dtype=torch.bool)
+    starts, ends = (targets == start).nonzero().flatten(), (targets == end).nonzero().flatten()
+    for first, last in zip(starts.tolist(), ends.tolist()):
+        outside[first : last + 1] = False
+    return outside
 
 
 def training_logs(trainer: PerceptioTrainer) -> list[dict]:
@@ -121,14 +132,15 @@ def test_a_few_steps_log_the_lm_loss_of_exactly_the_tasks_present(tiny_model, co
 
 @pytest.mark.parametrize("reduction", ["token", "segment"])
 def test_per_task_value_is_the_window_mean_of_each_samples_own_cross_entropy(
-    tiny_model, collator, tmp_path, reduction
+    tiny_pair, tiny_model, collator, tmp_path, reduction
 ):
     tasks = ["vqa_count", "vqa_colour", "vqa_count", "relative_depth"]
-    samples = task_samples(tasks)
+    # With depth blocks, so that the answer losses leave them out.
+    samples = [dict(sample, use_depth_block=True) for sample in task_samples(tasks)]
     # However loss_lm averages, the per-task logs are the same per-sample means.
     tiny_model.config.lm_loss_reduction = reduction
     reference = copy.deepcopy(tiny_model).eval()
-    expected = {}
+    expected, expected_answers = {}, {}
     for task, sample in zip(tasks, samples):
         # Computed independently: one sample per forward (no padding), boolean selection of the supervised targets.
         batch = collator([sample])
@@ -137,6 +149,9 @@ def test_per_task_value_is_the_window_mean_of_each_samples_own_cross_entropy(
         targets = batch["labels"][0, 1:]
         supervised = targets != -100
         expected.setdefault(task, []).append(F.cross_entropy(logits[supervised].float(), targets[supervised]).item())
+        answer = supervised & outside_depth_block(targets, tiny_pair[1].tokenizer)
+        assert 0 < answer.sum() < supervised.sum(), "each sample has a depth block and an answer"
+        expected_answers.setdefault(task, []).append(F.cross_entropy(logits[answer].float(), targets[answer]).item())
     # One logging window of two micro-batches (gradient accumulation 2): no optimizer step between the forwards.
     trainer = PerceptioTrainer(
         model=tiny_model,
@@ -146,8 +161,9 @@ def test_per_task_value_is_the_window_mean_of_each_samples_own_cross_entropy(
     )
     trainer.train()
     (logged,) = training_logs(trainer)
-    means = {TASK_LOSS_PREFIX + task: sum(values) / len(values) for task, values in expected.items()}
-    assert task_logs(logged) == {name: pytest.approx(mean, rel=1e-4) for name, mean in means.items()}
+    for prefix, per_task in ((TASK_LOSS_PREFIX, expected), (TASK_ANSWER_LOSS_PREFIX, expected_answers)):
+        means = {prefix + task: sum(values) / len(values) for task, values in per_task.items()}
+        assert task_logs(logged, prefix) == {name: pytest.approx(mean, rel=1e-4) for name, mean in means.items()}
 
 
 def test_segment_averaging_computes_the_cross_entropy_once_per_step(tiny_model, collator, tmp_path, monkeypatch):
@@ -216,7 +232,7 @@ def run_worker(tmp_path: Path, name: str, processes: int) -> dict[str, float]:
     result = subprocess.run(command, capture_output=True, text=True, timeout=DDP_TIMEOUT_SECONDS, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
     (logged,) = [entry for entry in json.loads(output.read_text()) if "loss" in entry]
-    return task_logs(logged)
+    return {**task_logs(logged), **task_logs(logged, TASK_ANSWER_LOSS_PREFIX)}
 
 
 @pytest.mark.slow
@@ -224,7 +240,9 @@ def test_two_processes_log_the_same_per_task_losses_as_one(tmp_path):
     # Each process sees one of the two samples, so only one of them knows the custom task name.
     distributed = run_worker(tmp_path, "ddp", processes=2)
     single = run_worker(tmp_path, "single", processes=1)
-    assert set(distributed) == {TASK_LOSS_PREFIX + "referring", TASK_LOSS_PREFIX + CUSTOM_TASK}
+    assert set(distributed) == {
+        prefix + task for prefix in (TASK_LOSS_PREFIX, TASK_ANSWER_LOSS_PREFIX) for task in ("referring", CUSTOM_TASK)
+    }
     assert distributed == {name: pytest.approx(value, rel=1e-4) for name, value in single.items()}
 
 

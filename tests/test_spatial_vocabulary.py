@@ -15,7 +15,12 @@ from test_trainer import make_sample, training_args  # noqa: E402  (the shared t
 from transformers import LogitsProcessor
 
 from perceptio.models.perceptio.generation_perceptio import PerceptioSpatialGrammarLogitsProcessor
-from perceptio.models.perceptio.loss_perceptio import LOSS_TERMS, segment_averaged_lm_loss
+from perceptio.models.perceptio.loss_perceptio import (
+    LOSS_TERMS,
+    next_token_losses,
+    per_sample_losses,
+    segment_averaged_lm_loss,
+)
 from perceptio.models.perceptio.spatial_vocabulary_perceptio import (
     PerceptioSpatialVocabulary,
     spatial_tokens,
@@ -269,6 +274,10 @@ def test_segment_averaged_lm_loss_of_a_segmentation_only_vocabulary_is_per_sampl
     assert torch.equal(
         segment_averaged_lm_loss(logits, labels, vocabulary), segment_averaged_lm_loss(logits, labels, None)
     )
+    # Nothing is a depth block's, so each sample's answer loss is its whole loss.
+    per_sample = per_sample_losses(*next_token_losses(logits, labels), labels, vocabulary)
+    assert per_sample.answer_tokens.tolist() == per_sample.lm_tokens.tolist() == [3, 4]
+    assert torch.equal(per_sample.answer, per_sample.lm)
 
 
 class ForceTokens(LogitsProcessor):

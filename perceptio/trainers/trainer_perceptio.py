@@ -8,8 +8,10 @@ TensorBoard and W&B show them next to `loss`. A non-finite term stops training w
 
 It also logs the language-model loss per task, so a task that does not learn shows early: `loss_lm/<task>` is the
 mean over the window's samples of that task of each sample's next-token cross-entropy over its own supervised tokens
-(shifted as the model's `loss_function` shifts them). Samples weigh equally, and so do the tokens of a sample,
-whatever averaging the model's `loss_lm` uses, so the per-task values need not average to `loss_lm`. The task names
+(shifted as the model's `loss_function` shifts them), and `loss_answer/<task>` the same over the tokens outside the
+sample's depth block (its `[SEG]`s and text answer), which in `loss_lm/<task>` a 64-code depth block would hide.
+Samples weigh equally, and so do the tokens of a sample, whatever averaging the model's `loss_lm` uses, so the
+per-task values need not average to `loss_lm`. The task names
 come from the batch's `tasks` list, which the trainer's copy of `PerceptioDataCollator` adds (`return_tasks=True`)
 and `compute_loss` pops before the forward. The per-sample losses come from the forward
 (`return_lm_loss_per_sample=True`, which reuses the per-token cross-entropy of `loss_lm` when it averages by segment)
@@ -43,6 +45,7 @@ from perceptio.trainers.collator_perceptio import NO_TASK, PerceptioDataCollator
 logger = logging.getLogger(__name__)
 
 TASK_LOSS_PREFIX = "loss_lm/"
+TASK_ANSWER_LOSS_PREFIX = "loss_answer/"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,7 +105,8 @@ class PerceptioTrainer(Trainer):
         self._component_means = WindowMeans(loss_term_names())
         # Task name -> column of `_task_stats`; starts with the synthetic tasks, grows with any other name seen.
         self._task_index = {name: index for index, name in enumerate(TASK_NAMES)}
-        # (2, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples.
+        # (4, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples, then
+        # the same for the answer losses (outside the depth block).
         self._task_stats: torch.Tensor | None = None
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -188,27 +192,31 @@ class PerceptioTrainer(Trainer):
             return
         for row in rows:
             self._task_index.setdefault(tasks[row], len(self._task_index))
-        losses, counts = outputs.lm_loss_per_sample, outputs.lm_tokens_per_sample
-        if losses is None:
+        per_sample = [
+            getattr(outputs, f"{kind}_{what}_per_sample", None)
+            for kind in ("lm", "answer")
+            for what in ("loss", "tokens")
+        ]
+        if any(value is None for value in per_sample):
             raise ValueError(
-                "The model output has no lm_loss_per_sample; PerceptioTrainer's per-task logs need a Perceptio model "
-                "called with labels and return_lm_loss_per_sample=True."
+                "The model output has no lm_loss_per_sample or answer_loss_per_sample; PerceptioTrainer's per-task "
+                "logs need a Perceptio model called with labels and return_lm_loss_per_sample=True."
             )
+        lm, lm_tokens, answer, answer_tokens = per_sample
+        # A sample with no token of a kind has no mean loss of that kind and is not counted for it.
+        values = torch.stack([lm, (lm_tokens > 0).float(), answer, (answer_tokens > 0).float()])
         if self._task_stats is None or self._task_stats.shape[1] < len(self._task_index):
-            grown = torch.zeros(2, len(self._task_index), device=losses.device)
+            grown = torch.zeros(len(values), len(self._task_index), device=values.device)
             if self._task_stats is not None:
                 grown[:, : self._task_stats.shape[1]] = self._task_stats
             self._task_stats = grown
-        # A sample with no supervised token has no mean loss and is not counted. Python indices, not an index
-        # tensor, so that no host-to-device copy waits for the forward.
-        supervised = (counts > 0).float()
+        # Python indices, not an index tensor, so that no host-to-device copy waits for the forward.
         for row in rows:
-            column = self._task_index[tasks[row]]
-            self._task_stats[0, column] += losses[row]
-            self._task_stats[1, column] += supervised[row]
+            self._task_stats[:, self._task_index[tasks[row]]] += values[:, row]
 
     def _task_loss_means(self) -> dict[str, float]:
-        """`loss_lm/<task>` of the window, summed over processes before dividing; called by every process at once."""
+        """`loss_lm/<task>` and `loss_answer/<task>` of the window, summed over processes before dividing; called by
+        every process at once."""
         local_names = list(self._task_index)
         names = local_names
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
@@ -216,14 +224,18 @@ class PerceptioTrainer(Trainer):
             gathered_names = [None] * self.args.world_size
             torch.distributed.all_gather_object(gathered_names, local_names)
             names = list(dict.fromkeys(name for process_names in gathered_names for name in process_names))
-        stats = torch.zeros(2, len(names), device=self.args.device)
+        stats = torch.zeros(4, len(names), device=self.args.device)
         if self._task_stats is not None:
             columns = torch.tensor([names.index(name) for name in local_names])
             stats[:, columns.to(stats.device)] = self._task_stats.to(stats.device)
-        sums, counts = nested_gather(stats[None], self.args.parallel_mode).sum(0).tolist()
+        sums, counts, answer_sums, answer_counts = nested_gather(stats[None], self.args.parallel_mode).sum(0).tolist()
         return {
-            f"{TASK_LOSS_PREFIX}{name}": round(total / count, 6)
-            for name, total, count in zip(names, sums, counts)
+            f"{prefix}{name}": round(total / count, 6)
+            for prefix, totals, numbers in (
+                (TASK_LOSS_PREFIX, sums, counts),
+                (TASK_ANSWER_LOSS_PREFIX, answer_sums, answer_counts),
+            )
+            for name, total, count in zip(names, totals, numbers)
             if count > 0
         }
 
@@ -264,4 +276,4 @@ def _component(outputs, name: str) -> torch.Tensor:
     return value
 
 
-__all__ = ["TASK_LOSS_PREFIX", "NonFiniteLossError", "PerceptioTrainer", "WindowMeans"]
+__all__ = ["TASK_ANSWER_LOSS_PREFIX", "TASK_LOSS_PREFIX", "NonFiniteLossError", "PerceptioTrainer", "WindowMeans"]

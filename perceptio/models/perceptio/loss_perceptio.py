@@ -198,6 +198,31 @@ def per_sample_mean(token_losses: torch.Tensor, supervised: torch.Tensor) -> tup
     return token_losses.sum(1) / counts.clamp_min(1), counts
 
 
+class PerSampleLosses(NamedTuple):
+    """Each sample's mean next-token cross-entropy over all its supervised tokens (`lm`) and over those outside its
+    depth block (`answer`: its `[SEG]`s and text, which a long depth block would otherwise hide), detached, with the
+    number of tokens of each; a mean is 0 where its count is."""
+
+    lm: torch.Tensor
+    lm_tokens: torch.Tensor
+    answer: torch.Tensor
+    answer_tokens: torch.Tensor
+
+
+def per_sample_losses(
+    token_losses: torch.Tensor,
+    supervised: torch.Tensor,
+    labels: torch.LongTensor,
+    vocabulary: PerceptioSpatialVocabulary | None,
+) -> PerSampleLosses:
+    """`PerSampleLosses` from the output of `next_token_losses` and the unshifted labels (B, T); without a vocabulary
+    no token is a depth block's."""
+    token_losses = token_losses.detach()
+    targets = labels[:, 1:].to(token_losses.device)
+    answer = supervised & ~vocabulary.is_depth_block_token(targets) if vocabulary is not None else supervised
+    return PerSampleLosses(*per_sample_mean(token_losses, supervised), *per_sample_mean(token_losses * answer, answer))
+
+
 def segment_averaged_lm_loss(
     logits: torch.Tensor, labels: torch.LongTensor, vocabulary: PerceptioSpatialVocabulary | None
 ) -> torch.Tensor:

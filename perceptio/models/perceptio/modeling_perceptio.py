@@ -19,6 +19,7 @@ from .generation_perceptio import PerceptioGenerationMixin
 from .loss_perceptio import (
     LOSS_TERMS,
     UNLABELLED_SEG_ATTRIBUTE,
+    PerSampleLosses,
     depth_code_logits,
     depth_code_targets,
     depth_count_loss,
@@ -28,8 +29,7 @@ from .loss_perceptio import (
     loss_term_names,
     mask_iou_prediction_loss,
     next_token_losses,
-    per_sample_lm_loss,
-    per_sample_mean,
+    per_sample_losses,
     resize_masks_to_logits,
     seg_attribute_loss,
     seg_prompt_loss,
@@ -63,6 +63,10 @@ class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
         (0 when it has none), detached; the trainer's per-task `loss_lm/<task>` logs read it.
     lm_tokens_per_sample (`torch.LongTensor` of shape `(batch,)`, *optional*): alongside, each sample's number of
         supervised tokens.
+    answer_loss_per_sample (`torch.FloatTensor` of shape `(batch,)`, *optional*): alongside, the same mean over the
+        supervised tokens outside the sample's depth block (its `[SEG]`s and text answer), which its depth block's
+        codes would otherwise outweigh; the trainer's `loss_answer/<task>` logs read it.
+    answer_tokens_per_sample (`torch.LongTensor` of shape `(batch,)`, *optional*): alongside, their number.
     pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, the low-res mask logits (num_seg, h, w) of its
         `[SEG]` tokens: the best-IoU mask of SAM2's multimask output, or its single mask when
         `config.sam2_multimask_output` is False.
@@ -72,6 +76,8 @@ class PerceptioCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
     loss_dict: dict[str, torch.FloatTensor] | None = None
     lm_loss_per_sample: torch.FloatTensor | None = None
     lm_tokens_per_sample: torch.LongTensor | None = None
+    answer_loss_per_sample: torch.FloatTensor | None = None
+    answer_tokens_per_sample: torch.LongTensor | None = None
     pred_masks: list[torch.FloatTensor] | None = None
     pred_mask_scores: list[torch.FloatTensor] | None = None
 
@@ -363,7 +369,7 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             sample uses its ground-truth codes decoded by the depth tokenizer instead.
         labels (`torch.LongTensor`, *optional*): next-token targets, -100 outside the assistant answer.
         return_lm_loss_per_sample (`bool`, defaults to False): with labels, also return `lm_loss_per_sample` and
-            `lm_tokens_per_sample` (free with `lm_loss_reduction="segment"`, which already has each token's
+            `lm_tokens_per_sample`, `answer_loss_per_sample` and `answer_tokens_per_sample` (free with `lm_loss_reduction="segment"`, which already has each token's
             cross-entropy; one more cross-entropy pass with "token").
         seg_attributes (`list[torch.LongTensor]`, *optional*): per sample, (num_seg, A) class ids of what each
             `[SEG]`'s phrase names, one column per `config.seg_attribute_classes` entry, -100 where unlabelled; the
@@ -410,26 +416,32 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
             loss_dict=loss_dict,
-            lm_loss_per_sample=None if per_sample is None else per_sample[0],
-            lm_tokens_per_sample=None if per_sample is None else per_sample[1],
+            lm_loss_per_sample=None if per_sample is None else per_sample.lm,
+            lm_tokens_per_sample=None if per_sample is None else per_sample.lm_tokens,
+            answer_loss_per_sample=None if per_sample is None else per_sample.answer,
+            answer_tokens_per_sample=None if per_sample is None else per_sample.answer_tokens,
             pred_masks=masks.mask_logits if masks is not None else None,
             pred_mask_scores=masks.mask_scores if masks is not None else None,
         )
 
     def language_model_loss(
         self, logits: torch.Tensor, labels: torch.LongTensor, return_per_sample: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, PerSampleLosses | None]:
         """`loss_lm`, averaged as `config.lm_loss_reduction` says, and when asked each sample's (detached) mean
-        next-token cross-entropy with its number of supervised tokens (`per_sample_lm_loss`)."""
+        next-token cross-entropy over all its supervised tokens and over its answer outside the depth block
+        (`PerSampleLosses`)."""
         reduction = self.config.lm_loss_reduction
+        vocabulary = self.config.spatial_vocabulary
         if reduction == "segment":
             token_losses, supervised = next_token_losses(logits, labels)
-            loss = segment_mean(token_losses, supervised, labels, self.config.spatial_vocabulary)
-            return loss, per_sample_mean(token_losses.detach(), supervised) if return_per_sample else None
+            loss = segment_mean(token_losses, supervised, labels, vocabulary)
+            return loss, per_sample_losses(token_losses, supervised, labels, vocabulary) if return_per_sample else None
         if reduction == "token":
             # transformers' own loss keeps "token" identical to InternVL's; the per-sample means need their own pass.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-            return loss, per_sample_lm_loss(logits.detach(), labels) if return_per_sample else None
+            if not return_per_sample:
+                return loss, None
+            return loss, per_sample_losses(*next_token_losses(logits.detach(), labels), labels, vocabulary)
         raise ValueError(f"config.lm_loss_reduction must be one of {LM_LOSS_REDUCTIONS}, got {reduction!r}.")
 
     def depth_token_losses(
