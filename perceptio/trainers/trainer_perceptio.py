@@ -84,8 +84,8 @@ class PerceptioTrainer(Trainer):
 
     Use it exactly like `transformers.Trainer`, with `PerceptioDataCollator` as `data_collator`. Because the
     collator reads the raw sample schema (image, prompt, masks, depth, ...), `remove_unused_columns` is turned off,
-    and the trainer uses a copy of the collator with `return_tasks=True` for the per-task `loss_lm/<task>` logs (the
-    caller's collator is left as it was). Any other collator may add the same `tasks` list (one name per sample,
+    and the trainer uses a copy of the collator with `return_tasks=True` for the per-task `loss_lm/<task>` and
+    `loss_answer/<task>` logs (the caller's collator is left as it was). Any other collator may add the same `tasks` list (one name per sample,
     `""` for none) to get them.
 
     Logged components are means over the micro-batches of the logging window, so they equal the Trainer's `loss`
