@@ -143,9 +143,8 @@ def test_runs_sharing_the_stages_before_the_main_stage_compute_the_same_weights(
         load_pre_main_stages(shared, SyntheticTinyRecipe(**{**SMOKE, "grounding_steps": 3}), "full")
     main_stage_changed = {"train_steps": 3, "mask_decoder_steps": 1, "mask_decoder_learning_rate": 5e-4}
     assert load_pre_main_stages(shared, SyntheticTinyRecipe(**{**SMOKE, **main_stage_changed}), "full") is not None
-    assert load_pre_main_stages(
-        shared, SyntheticTinyRecipe(**SMOKE, learning_rate=5e-4, reading_learning_rate=1e-3), "full"
-    )
+    main_rate_changed = SyntheticTinyRecipe(**SMOKE, learning_rate=5e-4, reading_learning_rate=1e-3)
+    assert load_pre_main_stages(shared, main_rate_changed, "full") is not None
     with pytest.raises(ValueError, match=r"reading_learning_rate \(learning_rate where it is unset\) differ"):
         load_pre_main_stages(shared, SyntheticTinyRecipe(**SMOKE, learning_rate=5e-4), "full")
     with pytest.raises(ValueError, match="this run's is 'no-seg'"):
@@ -155,11 +154,14 @@ def test_runs_sharing_the_stages_before_the_main_stage_compute_the_same_weights(
         load_pre_main_stages(tmp_path / "saving", SyntheticTinyRecipe(**SMOKE), "full")
 
 
+RECIPE_SETTINGS = frozenset(setting.name for setting in dataclasses.fields(SyntheticTinyRecipe))
+
+
 class ReadRecordingRecipe(SyntheticTinyRecipe):
     """A recipe that records which of its settings are read."""
 
     def __getattribute__(self, name):
-        if name in {setting.name for setting in dataclasses.fields(SyntheticTinyRecipe)}:
+        if name in RECIPE_SETTINGS:
             object.__getattribute__(self, "__dict__").setdefault("_read", set()).add(name)
         return object.__getattribute__(self, name)
 

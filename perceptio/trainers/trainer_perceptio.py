@@ -11,8 +11,7 @@ mean over the window's samples of that task of each sample's next-token cross-en
 (shifted as the model's `loss_function` shifts them), and `loss_answer/<task>` the same over the tokens outside the
 sample's depth block (its `[SEG]`s and text answer), which in `loss_lm/<task>` a 64-code depth block would hide.
 Samples weigh equally, and so do the tokens of a sample, whatever averaging the model's `loss_lm` uses, so the
-per-task values need not average to `loss_lm`. The task names
-come from the batch's `tasks` list, which the trainer's copy of `PerceptioDataCollator` adds (`return_tasks=True`)
+per-task values need not average to `loss_lm`. The task names come from the batch's `tasks` list, which the trainer's copy of `PerceptioDataCollator` adds (`return_tasks=True`)
 and `compute_loss` pops before the forward. The per-sample losses come from the forward
 (`return_lm_loss_per_sample=True`, which reuses the per-token cross-entropy of `loss_lm` when it averages by segment)
 and accumulate on the device, with no host sync; at logging, the per-task sums and counts of all processes are summed
@@ -46,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 TASK_LOSS_PREFIX = "loss_lm/"
 TASK_ANSWER_LOSS_PREFIX = "loss_answer/"
+# Rows of the per-task window sums: LM loss sum, its sample count, answer loss sum, its sample count.
+TASK_STAT_ROWS = 4
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,8 +86,8 @@ class PerceptioTrainer(Trainer):
     Use it exactly like `transformers.Trainer`, with `PerceptioDataCollator` as `data_collator`. Because the
     collator reads the raw sample schema (image, prompt, masks, depth, ...), `remove_unused_columns` is turned off,
     and the trainer uses a copy of the collator with `return_tasks=True` for the per-task `loss_lm/<task>` and
-    `loss_answer/<task>` logs (the caller's collator is left as it was). Any other collator may add the same `tasks` list (one name per sample,
-    `""` for none) to get them.
+    `loss_answer/<task>` logs (the caller's collator is left as it was). Any other collator may add the same `tasks`
+    list (one name per sample, `""` for none) to get them.
 
     Logged components are means over the micro-batches of the logging window, so they equal the Trainer's `loss`
     convention under gradient accumulation (the model sets `accepts_loss_kwargs = False`: each micro-batch loss is a
@@ -105,7 +106,7 @@ class PerceptioTrainer(Trainer):
         self._component_means = WindowMeans(loss_term_names())
         # Task name -> column of `_task_stats`; starts with the synthetic tasks, grows with any other name seen.
         self._task_index = {name: index for index, name in enumerate(TASK_NAMES)}
-        # (4, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples, then
+        # (TASK_STAT_ROWS, len(_task_index)): per task, the window's sum of per-sample LM losses and its number of samples, then
         # the same for the answer losses (outside the depth block).
         self._task_stats: torch.Tensor | None = None
 
@@ -193,9 +194,13 @@ class PerceptioTrainer(Trainer):
         for row in rows:
             self._task_index.setdefault(tasks[row], len(self._task_index))
         per_sample = [
-            getattr(outputs, f"{kind}_{what}_per_sample", None)
-            for kind in ("lm", "answer")
-            for what in ("loss", "tokens")
+            getattr(outputs, name, None)
+            for name in (
+                "lm_loss_per_sample",
+                "lm_tokens_per_sample",
+                "answer_loss_per_sample",
+                "answer_tokens_per_sample",
+            )
         ]
         if any(value is None for value in per_sample):
             raise ValueError(
@@ -206,7 +211,7 @@ class PerceptioTrainer(Trainer):
         # A sample with no token of a kind has no mean loss of that kind and is not counted for it.
         values = torch.stack([lm, (lm_tokens > 0).float(), answer, (answer_tokens > 0).float()])
         if self._task_stats is None or self._task_stats.shape[1] < len(self._task_index):
-            grown = torch.zeros(len(values), len(self._task_index), device=values.device)
+            grown = torch.zeros(TASK_STAT_ROWS, len(self._task_index), device=values.device)
             if self._task_stats is not None:
                 grown[:, : self._task_stats.shape[1]] = self._task_stats
             self._task_stats = grown
@@ -224,7 +229,7 @@ class PerceptioTrainer(Trainer):
             gathered_names = [None] * self.args.world_size
             torch.distributed.all_gather_object(gathered_names, local_names)
             names = list(dict.fromkeys(name for process_names in gathered_names for name in process_names))
-        stats = torch.zeros(4, len(names), device=self.args.device)
+        stats = torch.zeros(TASK_STAT_ROWS, len(names), device=self.args.device)
         if self._task_stats is not None:
             columns = torch.tensor([names.index(name) for name in local_names])
             stats[:, columns.to(stats.device)] = self._task_stats.to(stats.device)

@@ -368,9 +368,10 @@ class PerceptioForConditionalGeneration(PerceptioGenerationMixin, InternVLForCon
             (larger = nearer) that its depth block encodes, the target of the soft-merged reconstruction; `None` for a
             sample uses its ground-truth codes decoded by the depth tokenizer instead.
         labels (`torch.LongTensor`, *optional*): next-token targets, -100 outside the assistant answer.
-        return_lm_loss_per_sample (`bool`, defaults to False): with labels, also return `lm_loss_per_sample` and
-            `lm_tokens_per_sample`, `answer_loss_per_sample` and `answer_tokens_per_sample` (free with `lm_loss_reduction="segment"`, which already has each token's
-            cross-entropy; one more cross-entropy pass with "token").
+        return_lm_loss_per_sample (`bool`, defaults to False): with labels, also return `lm_loss_per_sample`,
+            `lm_tokens_per_sample`, `answer_loss_per_sample` and `answer_tokens_per_sample` (free with
+            `lm_loss_reduction="segment"`, which already has each token's cross-entropy; one more cross-entropy pass
+            with "token").
         seg_attributes (`list[torch.LongTensor]`, *optional*): per sample, (num_seg, A) class ids of what each
             `[SEG]`'s phrase names, one column per `config.seg_attribute_classes` entry, -100 where unlabelled; the
             targets of `loss_seg_attribute` (needs `seg_attribute_heads`).
